@@ -1,0 +1,22 @@
+# Everything runs in .venv, made and filled here, so a fresh clone needs only python3 and make.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test codegen clean
+.DEFAULT_GOAL := test
+
+$(VENV)/installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: $(VENV)/installed
+	$(PY) -m pytest
+
+codegen: $(VENV)/installed
+	$(VENV)/bin/symgrad codegen
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Turns derivations into code: lowering index notation to arrays, printing, rendering, writing."""

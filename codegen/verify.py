@@ -1,0 +1,110 @@
+"""Finite-difference gradient checks, for generated kernels and for any NumPy layer.
+
+    from codegen.verify import check_gradient
+    result = check_gradient(f, x, analytic)   # f: array -> float, analytic: df/dx at x
+    assert result.ok, result.report()
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from derive.gradients import TARGETS
+from derive.reduction import REDUCTIONS
+
+EPS = 1e-6
+
+
+def numerical_gradient(f, x, eps=EPS):
+    """df/dx by central differences (f(x + h) - f(x - h)) / 2h, one coordinate at a time, in float64."""
+    x = np.array(x, dtype=np.float64)
+    grad = np.empty_like(x)
+    for index in np.ndindex(x.shape):
+        saved = x[index]
+        x[index] = saved + eps
+        above = f(x)
+        x[index] = saved - eps
+        below = f(x)
+        x[index] = saved
+        grad[index] = (above - below) / (2 * eps)
+    return grad
+
+
+@dataclass(frozen=True)
+class GradientCheck:
+    """The outcome of comparing an analytic gradient with central differences."""
+
+    analytic: np.ndarray
+    numeric: np.ndarray
+    tol: float
+
+    @property
+    def error(self):
+        """max |analytic - numeric| relative to the larger of the two gradients' max norms."""
+        scale = max(np.max(np.abs(self.analytic), initial=0.0), np.max(np.abs(self.numeric), initial=0.0))
+        gap = np.max(np.abs(self.analytic - self.numeric), initial=0.0)
+        return float(gap / scale) if scale > 0 else float(gap)
+
+    @property
+    def worst(self):
+        """The index where analytic and numeric differ most."""
+        gap = np.abs(self.analytic - self.numeric)
+        return tuple(int(v) for v in np.unravel_index(np.argmax(gap), gap.shape)) if gap.size else ()
+
+    @property
+    def ok(self):
+        return bool(np.all(np.isfinite(self.analytic))) and self.error <= self.tol
+
+    def report(self):
+        """One line: the error against the tolerance and the worst entry, analytic beside numeric."""
+        verdict = "OK" if self.ok else "FAILED"
+        if not self.analytic.size:
+            return f"{verdict}: empty gradient"
+        at = self.worst
+        return (f"{verdict}: relative error {self.error:.2e} (tolerance {self.tol:.0e}); worst at index "
+                f"{at}: analytic {self.analytic[at]:.10g} vs numeric {self.numeric[at]:.10g}")
+
+
+def check_gradient(f, x, analytic, *, eps=EPS, tol=1e-6):
+    """Compare analytic (df/dx at x) with central differences of the scalar function f."""
+    analytic = np.asarray(analytic, dtype=np.float64)
+    if analytic.shape != np.shape(x):
+        raise ValueError(f"analytic gradient has shape {analytic.shape}, x has {np.shape(x)}")
+    return GradientCheck(analytic, numerical_gradient(f, x, eps), tol)
+
+
+def check_layer(make_layer, x, upstream, *, tol=1e-6):
+    """Check layer.backward(upstream) against d sum(forward(x) * upstream)/dx."""
+    layer = make_layer()
+    layer.forward(x)
+    analytic = layer.backward(upstream)
+    return check_gradient(lambda z: float(np.sum(make_layer().forward(z) * upstream)), x, analytic, tol=tol)
+
+
+def check_loss(make_loss, x, target, upstream=None, *, tol=1e-6):
+    """Check loss.backward() (or backward(upstream) when unreduced) against its loss's differences."""
+    loss = make_loss()
+    loss.forward(x, target)
+    analytic = loss.backward() if upstream is None else loss.backward(upstream)
+    weight = 1.0 if upstream is None else upstream
+    return check_gradient(lambda z: float(np.sum(make_loss().forward(z, target) * weight)), x, analytic, tol=tol)
+
+
+def sample_target(kind, shape, rng):
+    """Integer labels, or non-negative rows that need not sum to 1 (PyTorch accepts them)."""
+    n, classes = shape
+    return rng.integers(0, classes, n) if kind == "labels" else rng.uniform(0.0, 1.0, shape)
+
+
+def check_op(op, cls, rng, shape=(4, 5)):
+    """[(variant, GradientCheck)] for every variant of a catalog op's generated class, in float64."""
+    x = rng.uniform(*op.domain, shape)
+    if op.kind == "layer":
+        return [("", check_layer(cls, x, rng.standard_normal(shape), tol=op.tol))]
+    checks = []
+    for kind in TARGETS:
+        target = sample_target(kind, shape, rng)
+        for reduction in REDUCTIONS:
+            upstream = rng.standard_normal(shape[0]) if reduction == "none" else None
+            checks.append((f"{kind}, {reduction}", check_loss(lambda: cls(reduction=reduction), x, target,
+                                                              upstream, tol=op.tol)))
+    return checks

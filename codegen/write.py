@@ -1,0 +1,57 @@
+"""Writing the generated package atomically: all of it succeeds, or the folder is left untouched."""
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def stage(files, parent):
+    """A new temporary folder beside parent's target holding files (same file system, so os.replace is atomic)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".symgrad-", dir=parent))
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def import_package(folder):
+    """Import the package staged in folder under a private name, leaving sys.modules as it was."""
+    name = f"_symgrad_staged_{abs(hash(str(folder)))}"
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+            del sys.modules[key]
+    return module
+
+
+def publish(staged, out):
+    """Move the staged files into out, replacing only those whose content changed; drop stale modules.
+
+    Returns the names of the files written or removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    changed = []
+    names = {path.name for path in staged.iterdir()}
+    for path in sorted(staged.iterdir()):
+        target = out / path.name
+        if not target.exists() or target.read_bytes() != path.read_bytes():
+            os.replace(path, target)
+            changed.append(path.name)
+    for stale in sorted(out.glob("*.py")):
+        if stale.name not in names:
+            stale.unlink()
+            changed.append(stale.name)
+    shutil.rmtree(staged)
+    return changed
+
+
+def differences(files, out):
+    """Names of files whose committed copy in out differs from files, or is missing or extra."""
+    present = {path.name for path in out.glob("*.py")} if out.is_dir() else set()
+    return sorted({name for name, text in files.items()
+                   if name not in present or (out / name).read_text() != text} | (present - set(files)))

@@ -1,0 +1,40 @@
+"""Numerically stable rewrites, each an identity (tests check every one preserves the value).
+
+The kernels evaluate what these return; the derivations differentiate the plain forms."""
+import sympy as sp
+
+from derive.symbols import ClassMax
+
+
+def split_logs(expr):
+    """log(a/b) = log a - log b and log(exp u) = u: log p never forms p, which underflows."""
+    return sp.expand_log(expr, force=True)
+
+
+def shift_by_max(expr):
+    """sum_k exp(x_k) = exp(M) sum_k exp(x_k - M) with M = max_k x_k: no exp overflows."""
+    def shifted(total):
+        (index, lower, upper), = total.limits
+        exponent = total.function.args[0]
+        shift = ClassMax(_indexed_base(exponent, index))
+        return sp.exp(shift) * sp.Sum(sp.exp(exponent - shift), (index, lower, upper))
+    return expr.replace(lambda e: isinstance(e, sp.Sum) and isinstance(e.function, sp.exp), shifted)
+
+
+def _indexed_base(exponent, index):
+    """The base of the one array the exponent indexes with index (the row to take the max of)."""
+    bases = {e.base for e in exponent.atoms(sp.Indexed) if index in e.indices}
+    if len(bases) != 1:
+        raise ValueError(f"shift_by_max: cannot tell which row to take the max of in exp({exponent})")
+    return bases.pop()
+
+
+REWRITES = (("split logs", split_logs), ("shift by the row max", shift_by_max),
+            ("split logs", split_logs), ("combine exponentials", sp.powsimp))
+
+
+def stable(expr):
+    """expr with every rewrite of REWRITES applied in order."""
+    for _, rewrite in REWRITES:
+        expr = rewrite(expr)
+    return expr

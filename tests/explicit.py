@@ -1,0 +1,32 @@
+"""The same quantities with explicit symbols x_0..x_{K-1}, to check general-K results against."""
+import sympy as sp
+
+from derive.symbols import ClassMax, K
+
+
+def explicit_symbols(name, size):
+    return sp.symbols(f"{name}_0:{size}", real=True)
+
+
+def softmax_row(xs):
+    """[p_0, ..., p_{K-1}] written out with the explicit symbols xs."""
+    total = sum(sp.exp(v) for v in xs)
+    return [sp.exp(v) / total for v in xs]
+
+
+def at_explicit_size(expr, size, arrays, extra=None):
+    """expr at K = size with sums expanded and every x[a] replaced by arrays['x'][a]."""
+    expr = expr.subs(K, size).doit()
+    return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name in arrays,
+                        lambda e: arrays[e.base.name][int(e.indices[0])]).subs(extra or {})
+
+
+def is_zero(expr, xs):
+    """Whether expr vanishes identically: exponentials become positive symbols, then rational cancel."""
+    bases = {sp.exp(v): sp.Symbol(f"e_{v}", positive=True) for v in xs}
+    return sp.cancel(sp.expand(sp.powsimp(expr)).subs(bases)) == 0
+
+
+def max_of(values):
+    """ClassMax of the explicit row, for substituting into stable forms."""
+    return lambda expr: expr.replace(lambda e: isinstance(e, ClassMax), lambda e: sp.Max(*values))
