@@ -4,15 +4,22 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from codegen.lower import AtLabel, Squeeze, lower, split_at_label
+from codegen.lower import AtLabel, Squeeze, lower, lower_tensor, split_at_label
 from codegen.printer import print_code
-from derive.gradients import TARGETS, layer_backward, loss_forward, loss_gradient
+from derive import backprop, optim
+from derive.gradients import layer_backward, loss_forward, loss_gradient, mean_weight, variants
 from derive.reduction import REDUCTIONS, row_weight
 from derive.stability import stable
-from derive.symbols import g, i, j, n, r
+from derive.algebra import contract
+from derive.symbols import i, j, k, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
-ARG_ORDER = ("x", "c", "t", "y", "p", "g")
+ARG_ORDER = ("x", "c", "t", "mask", "w", "pw", "y", "p", "W", "b", "g", "eps", "slope", "margin", "l2",
+             "K_in", "param", "grad", "velocity", "lr", "momentum")
+# How a loss kernel reads the sizes its formulas use from a full-size argument {a}: N loss entries
+# (rows or elements) and K classes.
+SIZES = {"row": {"N": "{a}.shape[0]", "K": "{a}.shape[-1]"}, "element": {"N": "{a}.size", "K": "{a}.shape[-1]"}}
+FULL_SIZE = ("x", "p", "t", "y")
 
 
 @dataclass(frozen=True)
@@ -24,6 +31,7 @@ class Kernel:
     derivation: str                # the index-notation result it prints, for the reader
     outputs: tuple                 # ((name, array expression), ...) in return order
     at_label: sp.Expr = None       # added to outputs[0] at each row's label, if any
+    sizes: dict = None             # {size symbol: how to read it from the arguments}
 
 
 def layer_kernels(op):
@@ -32,30 +40,64 @@ def layer_kernels(op):
     return (Kernel("forward", f"y = {op.summary}.", f"y_i = {sp.sstr(op.forward)}",
                    (("y", lower(stable(op.forward), i)),)),
             Kernel("backward", "dx = g times the Jacobian of y (a vector-Jacobian product).",
-                   f"dx_j = {sp.sstr(backward)}", (("dx", lower(backward, j)),)))
+                   f"dx_j = {sp.sstr(backward)}", (("dx", lower(stable(backward), j)),)))
 
 
-def loss_kernels(op):
-    """forward_<target>(x, target) -> (L, saved...) and backward_<target>(saved, g) -> dx."""
-    kernels = []
-    for target in TARGETS:
-        loss = loss_forward(op, target)
-        saved = tuple((base.name, lower(stable(definition), i)) for base, definition in op.saved)
-        kernels.append(Kernel(f"forward_{target}", f"Per-sample loss L and saved quantities, {target}.",
-                              f"L = {sp.sstr(loss)}", (("L", Squeeze(lower(stable(loss), j))),) + saved))
-        gradient = g * loss_gradient(op, target)
-        dense, at_label = split_at_label(gradient, j) if target == "labels" else (gradient, None)
-        kernels.append(Kernel(f"backward_{target}", f"dL/dx with row weight g, {target}.",
-                              f"dx_j = {sp.sstr(gradient)}", (("dx", lower(dense, j)),),
-                              None if at_label is None else lower(at_label, j)))
-    return tuple(kernels)
+def loss_kernels(op, target, variant):
+    """forward_<target>_<variant>(x, target, options) -> (L, saved..., total) and its backward."""
+    values = variants(op, target)[variant]
+    index = j if op.granularity == "row" else i
+    loss = loss_forward(op, target, values)
+    per_entry = lower(stable(loss), index)
+    saved = tuple((base.name, lower(stable(definition), i)) for base, definition in op.saved)
+    # a row's weight depends on its row (its label, its mask) but for a number: sum only that over N
+    omega = mean_weight(op, target, values)
+    weights = contract(over_batch(omega)) if omega.is_number else lower(over_batch(omega), n)
+    suffix = f"{target}_{variant}"
+    forward = Kernel(f"forward_{suffix}", f"Losses L, what backward needs, and the mean's total ({target}, {variant}).",
+                     f"L = {sp.sstr(loss)}",
+                     (("L", Squeeze(per_entry) if op.granularity == "row" else per_entry),) + saved
+                     + (("total", weights),), sizes=SIZES[op.granularity])
+    gradient = loss_gradient(op, target, values)
+    dense, at_label = split_at_label(stable(gradient), j) if target == "labels" else (stable(gradient), None)
+    backward = Kernel(f"backward_{suffix}", f"dL/dx times each entry's weight g ({target}, {variant}).",
+                      f"dx_j = {sp.sstr(gradient)}", (("dx", lower(dense, j)),),
+                      None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity])
+    return forward, backward
 
 
-def reductions():
-    """[{name, value, weight}]: the batch loss from L and each row's weight g, printed."""
+def reductions(granularity):
+    """[{name, value, weight}]: the reduced loss from L and each entry's weight g, printed."""
     return [{"name": name, "value": print_code(lower(reduced, n)),
-             "weight": print_code(lower(row_weight(reduced), r, column=True))}
+             "weight": print_code(lower(row_weight(reduced), r, column=granularity == "row"))}
             for name, reduced in REDUCTIONS.items()]
+
+
+def linear_kernels(op):
+    """forward, backward (with and without the L2 term), the penalty and the init bound of Linear."""
+    grads = backprop.linear_backward()
+    with_l2 = dict(grads, W=grads["W"] + backprop.l2_gradient())
+    outputs = lambda g: (("dx", lower_tensor(g["x"], (n, k))), ("dW", lower_tensor(g["W"], (k, j))),  # noqa: E731
+                         ("db", lower_tensor(g["b"], (j,))))
+    derivation = "; ".join(f"d{name} = {sp.sstr(value)}" for name, value in grads.items())
+    return (Kernel("forward", "y = x @ W + b.", f"y_nj = {sp.sstr(op.forward)}",
+                   (("y", lower_tensor(op.forward, (n, j))),)),
+            Kernel("backward", "dx, dW, db from the upstream gradient g (BP2, BP4, BP3).", derivation,
+                   outputs(grads)),
+            Kernel("backward_l2", "dx, dW, db with the L2 penalty's gradient added to dW.",
+                   f"{derivation}; dW += {sp.sstr(backprop.l2_gradient())}", outputs(with_l2)),
+            Kernel("penalty", "The L2 penalty l2 * sum(W**2).", f"P = {sp.sstr(backprop.l2_penalty())}",
+                   (("P", lower_tensor(backprop.l2_penalty(), ())),)),
+            Kernel("init_bound", "PyTorch's init bound for W and b: 1/sqrt(in_features).",
+                   f"bound = {sp.sstr(backprop.init_bound())}", (("bound", backprop.init_bound()),)))
+
+
+def sgd_kernel():
+    """One SGD step with momentum: the new velocity and parameter."""
+    velocity, update = optim.sgd_velocity(), optim.sgd_update()
+    return Kernel("sgd_step", "One step of SGD with momentum (torch.optim.SGD).",
+                  f"v' = {sp.sstr(velocity)}; param' = {sp.sstr(update)}",
+                  (("velocity_next", velocity), ("param_next", update.subs(sp.Symbol("velocity_next"), velocity))))
 
 
 def kernel_code(kernel):
@@ -66,8 +108,12 @@ def kernel_code(kernel):
     lines = [(str(lhs), print_code(rhs)) for lhs, rhs in temporaries]
     lines += [(name, print_code(expr)) for name, expr in zip(names, reduced)]
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
+    used = {s.name for e in exprs for s in e.free_symbols}
+    args = arguments(exprs, uses_label)
+    full = next((a for a in FULL_SIZE if a in args), None)
     return {"name": kernel.name, "doc": kernel.doc, "derivation": kernel.derivation,
-            "args": arguments(exprs, uses_label), "lines": lines, "uses_label": uses_label,
+            "args": args, "lines": lines, "uses_label": uses_label,
+            "sizes": [(name, how.format(a=full)) for name, how in (kernel.sizes or {}).items() if name in used],
             "at_label": None if kernel.at_label is None else print_code(reduced[-1]),
             "returns": names}
 
@@ -75,6 +121,7 @@ def kernel_code(kernel):
 def arguments(exprs, uses_label):
     """The free arrays of exprs in ARG_ORDER, with the label c when a row's label is used."""
     free = {s.name for e in exprs for s in e.free_symbols} | ({"c"} if uses_label else set())
+    free -= {"N", "K", total.name}
     unknown = free - set(ARG_ORDER)
     if unknown:
         raise ValueError(f"kernel uses names outside the naming contract: {sorted(unknown)}")

@@ -51,8 +51,8 @@ def codegen(catalog, out):
 
 def summary(reports):
     """The table make codegen prints: one line per operation."""
-    lines = [f"{'operation':<24}{'kernels':>8}{'max rel error':>16}  status"]
+    lines = [f"{'operation':<30}{'kernels':>8}{'max rel error':>16}  status"]
     for report in reports:
-        lines.append(f"{report.name:<24}{report.kernels:>8}{report.error:>16.2e}  {'OK' if report.ok else 'FAILED'}")
+        lines.append(f"{report.name:<30}{report.kernels:>8}{report.error:>16.2e}  {'OK' if report.ok else 'FAILED'}")
         lines.extend(f"    {failure}" for failure in report.failures)
     return "\n".join(lines)

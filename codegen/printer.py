@@ -1,10 +1,10 @@
 """The one printer: SymPy's NumPyPrinter with the array operations of codegen.lower added."""
 from sympy.printing.numpy import NumPyPrinter
-from sympy.printing.precedence import precedence
+from sympy.printing.precedence import PRECEDENCE, precedence
 
 
 class KernelPrinter(NumPyPrinter):
-    """Prints as np.<name> and knows the row/batch reductions."""
+    """Prints as np.<name>, comparisons as operators, and knows the row/batch reductions."""
 
     def __init__(self):
         super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
@@ -21,6 +21,34 @@ class KernelPrinter(NumPyPrinter):
             return f"{base}**{expr.exp}"
         return super()._print_Pow(expr, rational)
 
+    def _print_Relational(self, expr):
+        left, right = (self.parenthesize(arg, precedence(expr)) for arg in expr.args)
+        return f"{left} {expr.rel_op} {right}"
+
+    def _print_Piecewise(self, expr):
+        # np.where evaluates both branches; the rewrites of derive.stability keep both finite
+        (value, condition), *rest = expr.args
+        if not rest:
+            return self._print(value)
+        otherwise = self._print(type(expr)(*rest)) if len(rest) > 1 or rest[0][1] is not True else self._print(rest[0][0])
+        return f"np.where({self._print(condition)}, {self._print(value)}, {otherwise})"
+
+    def _print_Max(self, expr):
+        return self._fold("np.maximum", expr.args)
+
+    def _print_Min(self, expr):
+        return self._fold("np.minimum", expr.args)
+
+    def _fold(self, function, args):
+        first, *rest = args
+        text = self._print(first)
+        for arg in rest:
+            text = f"{function}({text}, {self._print(arg)})"
+        return text
+
+    def _print_Abs(self, expr):
+        return f"np.abs({self._print(expr.args[0])})"
+
     def _print_RowSum(self, expr):
         return f"np.sum({self._print(expr.args[0])}, axis=-1, keepdims=True)"
 
@@ -30,14 +58,27 @@ class KernelPrinter(NumPyPrinter):
     def _print_AtLabel(self, expr):
         return f"{self._print(expr.args[0])}[rows, c]"
 
+    def _print_LabelEntry(self, expr):
+        return f"{self._print(expr.args[0])}[c]"
+
     def _print_BatchSum(self, expr):
         return f"np.sum({self._print(expr.args[0])})"
+
+    def _print_AxisSum(self, expr):
+        return f"np.sum({self._print(expr.args[0])}, axis={expr.args[1]})"
 
     def _print_Column(self, expr):
         return f"{self._print(expr.args[0])}[:, None]"
 
     def _print_Squeeze(self, expr):
         return f"np.squeeze({self._print(expr.args[0])}, axis=-1)"
+
+    def _print_MatMul(self, expr):
+        left, right = (self.parenthesize(arg, PRECEDENCE["Mul"]) for arg in expr.args)
+        return f"{left} @ {right}"
+
+    def _print_Transpose(self, expr):
+        return f"{self.parenthesize(expr.args[0], PRECEDENCE['Func'], strict=True)}.T"
 
 
 def print_code(expr):

@@ -3,8 +3,11 @@ import hashlib
 from pathlib import Path
 
 import jinja2
+import sympy as sp
 
-from codegen.kernels import kernel_code, layer_kernels, loss_kernels, reductions
+from codegen.kernels import kernel_code, layer_kernels, linear_kernels, loss_kernels, reductions, sgd_kernel
+from codegen.printer import print_code
+from derive.gradients import variants
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -12,6 +15,9 @@ TEMPLATES = ROOT / "templates"
 GENERATOR = ("derive/*.py", "codegen/lower.py", "codegen/printer.py", "codegen/kernels.py",
              "codegen/render.py", "templates/*.jinja")
 CATALOG_SOURCE = "derive/catalog.py"
+# Loss targets: how forward recognises each kind, and how it checks and prepares it.
+KIND_TESTS = {"labels": 'target.dtype.kind in "iu"', "dense": 'target.dtype.kind == "f"'}
+TARGET_DOCS = {"labels": "integer class labels of shape (N,)", "dense": "a float array of x's shape"}
 
 
 def environment():
@@ -42,12 +48,73 @@ def render(env, template, source, generator, context):
                                              digest=digest, **context)
 
 
+def param_context(param):
+    """A constructor option as the templates use it."""
+    checks = {"scalar": param.name, "class_weights": param.name, "element_weights": param.name,
+              "ignore_index": f"int({param.name})"}
+    return {"name": param.name, "default": repr(param.default), "check": checks[param.kind]}
+
+
+def with_calls(code, op):
+    """A kernel's code plus how a class passes each argument: options from self, arrays by name."""
+    sources = {param.symbol.name: f"self.{param.name}" for param in op.params if param.kind == "scalar"}
+    call = [sources.get(arg, arg) for arg in code["args"]]
+    saved = [(arg, sources.get(arg, arg)) for arg in code["args"] if arg != "g"]
+    return dict(code, call=call, saved=saved)
+
+
+def plain_condition(op, target):
+    """When the plain kernel applies: every option at its neutral value (Python source)."""
+    tests = {"scalar": lambda p: f"self.{p.name} == {print_code(p.neutral)}",
+             "class_weights": lambda p: f"self.{p.name} is None",
+             "element_weights": lambda p: f"self.{p.name} is None",
+             "ignore_index": lambda p: f"not np.any(target == self.{p.name})"}
+    return " and ".join(tests[p.kind](p) for p in op.params
+                        if p.neutral is not None and (p.kind != "ignore_index" or target == "labels"))
+
+
+def general_preparation(op, target):
+    """Lines that turn the options into the general kernel's arrays."""
+    lines = {"class_weights": lambda p: f"{p.symbol.name} = class_weights(self.{p.name}, x, \"{p.name}\")",
+             "element_weights": lambda p: f"{p.symbol.name} = element_weights(self.{p.name}, x, \"{p.name}\")",
+             "ignore_index": lambda p: f"c, {p.symbol.name} = kept_labels(c, self.{p.name}, x.dtype)"}
+    return [lines[p.kind](p) for p in op.params if p.kind in lines
+            and (p.kind != "ignore_index" or target == "labels")]
+
+
+def loss_context(op):
+    """Paths through a loss's forward: per target kind, the plain kernel then the general one."""
+    by_target = []
+    for target in op.targets:
+        paths = []
+        for variant in variants(op, target):
+            forward, backward = (with_calls(kernel_code(k), op) for k in loss_kernels(op, target, variant))
+            general = variant == "general"
+            paths.append({"forward": forward, "backward": backward,
+                          "condition": None if general else plain_condition(op, target) or None,
+                          "prepare": general_preparation(op, target) if general else []})
+        by_target.append((target, paths))
+    has_ignore = any(p.kind == "ignore_index" for p in op.params)
+    prepare = {"labels": f"c = label_column(target, x{', self.ignore_index' if has_ignore else ''})",
+               "dense": f"t = {'probability_rows' if op.granularity == 'row' else 'same_shape'}(target, x)"}
+    checks = sorted({prepare[t].split(" = ")[1].split("(")[0] for t in op.targets}
+                    | {line.split(" = ")[1].split("(")[0] for _, paths in by_target for path in paths
+                       for line in path["prepare"]})
+    return {"op": op, "params": [param_context(p) for p in op.params],
+            "paths": [path for _, paths in by_target for path in paths], "by_target": by_target,
+            "kind_tests": KIND_TESTS, "checks": checks,
+            "prepare": prepare, "target_doc": " or ".join(TARGET_DOCS[t] for t in op.targets)}
+
+
 def op_context(op):
     """What an op's template needs: the op and its printed kernels."""
     if op.kind == "layer":
-        forward, backward = (kernel_code(k) for k in layer_kernels(op))
-        return {"op": op, "forward": forward, "backward": backward}
-    return {"op": op, "kernels": [kernel_code(k) for k in loss_kernels(op)], "reductions": reductions()}
+        forward, backward = (with_calls(kernel_code(k), op) for k in layer_kernels(op))
+        return {"op": op, "forward": forward, "backward": backward, "params": [param_context(p) for p in op.params],
+                "vector": op.forward.has(sp.Sum)}
+    if op.kind == "linear":
+        return {"op": op, "kernels": [kernel_code(k) for k in linear_kernels(op)]}
+    return loss_context(op)
 
 
 def render_package(catalog):
@@ -56,7 +123,11 @@ def render_package(catalog):
     ops = list(catalog.values())
     exports = [{"name": op.name, "module": op.module} for op in ops]
     files = {"__init__.py": render(env, "package.py.jinja", CATALOG_SOURCE, generator, {"ops": exports}),
-             "_checks.py": render(env, "checks.py.jinja", "templates/checks.py.jinja", generator, {})}
+             "_checks.py": render(env, "checks.py.jinja", "templates/checks.py.jinja", generator, {}),
+             "_base.py": render(env, "base.py.jinja", "derive/reduction.py", generator,
+                                {"reductions": {g: reductions(g) for g in ("row", "element")}}),
+             "network.py": render(env, "network.py.jinja", "derive/optim.py", generator,
+                                  {"sgd": kernel_code(sgd_kernel())})}
     for op in ops:
         files[f"{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
                                           generator, op_context(op))

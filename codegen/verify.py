@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from derive.gradients import TARGETS
 from derive.reduction import REDUCTIONS
 
 EPS = 1e-6
@@ -80,6 +79,27 @@ def check_layer(make_layer, x, upstream, *, tol=1e-6):
     return check_gradient(lambda z: float(np.sum(make_layer().forward(z) * upstream)), x, analytic, tol=tol)
 
 
+def check_parameters(layer, x, upstream, *, tol=1e-6):
+    """[(name, GradientCheck)] for each parameter of layer: its d-attribute after backward against
+    differences of sum(forward(x) * upstream) + penalty() in that parameter."""
+    def objective():
+        return float(np.sum(layer.forward(x) * upstream) + (layer.penalty() if hasattr(layer, "penalty") else 0))
+
+    layer.forward(x)
+    layer.backward(upstream)
+    checks = []
+    for name in layer.params:
+        analytic, value = getattr(layer, "d" + name), getattr(layer, name)
+
+        def at(v, name=name, value=value):
+            setattr(layer, name, v)
+            result = objective()
+            setattr(layer, name, value)
+            return result
+        checks.append((name, check_gradient(at, value, analytic, tol=tol)))
+    return checks
+
+
 def check_loss(make_loss, x, target, upstream=None, *, tol=1e-6):
     """Check loss.backward() (or backward(upstream) when unreduced) against its loss's differences."""
     loss = make_loss()
@@ -90,21 +110,50 @@ def check_loss(make_loss, x, target, upstream=None, *, tol=1e-6):
 
 
 def sample_target(kind, shape, rng):
-    """Integer labels, or non-negative rows that need not sum to 1 (PyTorch accepts them)."""
-    n, classes = shape
-    return rng.integers(0, classes, n) if kind == "labels" else rng.uniform(0.0, 1.0, shape)
+    """Integer labels, or non-negative values of x's shape (rows need not sum to 1: PyTorch accepts them)."""
+    return rng.integers(0, shape[-1], shape[0]) if kind == "labels" else rng.uniform(0.0, 1.0, shape)
+
+
+def example_options(op, shape, rng):
+    """Constructor options other than the defaults, to exercise every option's derivative."""
+    values = {"class_weights": lambda p: rng.uniform(0.5, 2.0, shape[-1]),
+              "element_weights": lambda p: rng.uniform(0.5, 2.0, shape),
+              "ignore_index": lambda p: p.default, "scalar": lambda p: p.example}
+    return {p.name: values[p.kind](p) for p in op.params}
+
+
+def with_ignored_row(target, op):
+    """target with its first label set to the op's ignore_index, where the op has one."""
+    ignore = [p.default for p in op.params if p.kind == "ignore_index"]
+    if not ignore or target.dtype.kind not in "iu" or len(target) < 2:
+        return target
+    target = target.copy()
+    target[0] = ignore[0]
+    return target
 
 
 def check_op(op, cls, rng, shape=(4, 5)):
-    """[(variant, GradientCheck)] for every variant of a catalog op's generated class, in float64."""
+    """[(variant, GradientCheck)] for every variant of a catalog op's generated class, in float64:
+    default options and example ones, every target kind and reduction."""
     x = rng.uniform(*op.domain, shape)
+    option_sets = [{}] + ([example_options(op, shape, rng)] if op.params else [])
+    if op.kind == "linear":
+        layer = cls(shape[1], 3, l2=0.1, rng=rng)
+        upstream = rng.standard_normal((shape[0], 3))
+        return ([("dx", check_layer(lambda: layer, x, upstream, tol=op.tol))]
+                + check_parameters(layer, x, upstream, tol=op.tol))
     if op.kind == "layer":
-        return [("", check_layer(cls, x, rng.standard_normal(shape), tol=op.tol))]
+        return [(f"{options or 'defaults'}", check_layer(lambda: cls(**options), x, rng.standard_normal(shape),
+                                                         tol=op.tol)) for options in option_sets]
     checks = []
-    for kind in TARGETS:
-        target = sample_target(kind, shape, rng)
-        for reduction in REDUCTIONS:
-            upstream = rng.standard_normal(shape[0]) if reduction == "none" else None
-            checks.append((f"{kind}, {reduction}", check_loss(lambda: cls(reduction=reduction), x, target,
-                                                              upstream, tol=op.tol)))
+    for kind in op.targets:
+        for options in option_sets:
+            target = sample_target(kind, shape, rng)
+            target = with_ignored_row(target, op) if options else target
+            for reduction in REDUCTIONS:
+                upstream = rng.standard_normal(shape[0] if op.granularity == "row" else shape)
+                label = f"{kind}, {reduction}, {'options' if options else 'defaults'}"
+                make = lambda: cls(**options, reduction=reduction)  # noqa: E731
+                checks.append((label, check_loss(make, x, target, upstream if reduction == "none" else None,
+                                                 tol=op.tol)))
     return checks

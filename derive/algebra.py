@@ -1,5 +1,7 @@
-"""The simplification pass SymPy lacks for index notation: contracting Kronecker deltas in
-sums, and writing a result in terms of a saved quantity such as p = softmax(x)."""
+"""The simplification passes SymPy lacks for index notation: contracting Kronecker deltas in sums,
+a convention for derivatives at kinks, and writing a result in terms of a saved quantity."""
+from functools import reduce
+
 import sympy as sp
 
 
@@ -12,11 +14,13 @@ def contract(expr):
     expr = expr.func(*[contract(arg) for arg in expr.args]) if expr.args else expr
     if not isinstance(expr, sp.Sum):
         return expr
-    if len(expr.limits) != 1:
-        raise ValueError(f"contract: one summation index per Sum expected, got {expr.limits}")
+    if len(expr.limits) > 1:
+        # SymPy merges nested sums; contract them one index at a time, innermost first
+        inner, *outer = expr.limits
+        return contract(sp.Sum(contract(sp.Sum(expr.function, inner)), *outer))
     index, lower, upper = expr.limits[0]
-    return sp.Add(*[_sum_term(term, index, lower, upper)
-                    for term in sp.Add.make_args(sp.expand_mul(expr.function))])
+    summand = sp.expand_mul(deltas_out_of_piecewise(expr.function))
+    return sp.Add(*[_sum_term(term, index, lower, upper) for term in sp.Add.make_args(summand)])
 
 
 def _sum_term(term, index, lower, upper):
@@ -45,22 +49,54 @@ def _delta_partner(factor, index):
     return None
 
 
+def deltas_out_of_piecewise(expr):
+    """Piecewise((d a, c), (d b, True)) = d Piecewise((a, c), (b, True)) for a factor d common to all
+    branches, so that a Kronecker delta inside a piecewise derivative can contract."""
+    def pulled(piecewise):
+        common = reduce(sp.gcd, [value for value, _ in piecewise.args])
+        if common in (0, 1):
+            return piecewise
+        return common * sp.Piecewise(*[(sp.cancel(value / common), cond) for value, cond in piecewise.args])
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), pulled)
+
+
+def at_kinks(expr):
+    """Heaviside(u) as 1 for u > 0 and 0 otherwise: the derivative of max(0, u) at its kink is taken
+    as 0, PyTorch's convention for relu and the subgradient the seeds' hinge loss uses."""
+    return expr.replace(lambda e: isinstance(e, sp.Heaviside),
+                        lambda e: sp.Piecewise((1, e.args[0] > 0), (0, True)))
+
+
 def in_terms_of(expr, saved, definition, index):
-    """Rewrite expr using saved[e] wherever definition (a quotient num(index)/den whose
-    denominator is the same for every index, as softmax's is) appears at any index e."""
-    numerator, denominator = sp.fraction(definition)
+    """Rewrite expr using saved[e] wherever definition (over index) appears at any index e.
+
+    Three forms of definition: element-wise f(x_index), replaced where it stands; a quotient
+    num(index)/den whose denominator is the same for every index (softmax); the log of such a
+    quotient (log softmax), whose quotient is exp(saved)."""
+    if not definition.has(sp.Sum):
+        at = sp.Wild("at")
+        return expr.replace(definition.subs(index, at), lambda at: saved[at])
+    if isinstance(definition, sp.log):
+        return _in_terms_of_quotient(expr, lambda at: sp.exp(saved[at]), definition.args[0], index)
+    return _in_terms_of_quotient(expr, lambda at: saved[at], definition, index)
+
+
+def _in_terms_of_quotient(expr, replacement, quotient, index):
+    numerator, denominator = sp.fraction(quotient)
     if denominator.has(index):
-        raise ValueError(f"in_terms_of: the denominator of {definition} depends on {index}")
+        raise ValueError(f"in_terms_of: the denominator of {quotient} depends on {index}")
     scale = sp.Dummy("scale")
     at = sp.Wild("at")
     rewritten = contract(sp.expand_mul(expr).subs(denominator, scale).replace(
-        numerator.subs(index, at), lambda at: saved[at] * scale))
+        numerator.subs(index, at), lambda at: replacement(at) * scale))
     rewritten = contract(sp.expand(sp.powsimp(rewritten)))
     if rewritten.has(scale):
-        raise ValueError(f"in_terms_of: {expr} is not a function of {saved} alone")
+        raise ValueError(f"in_terms_of: {expr} is not a function of the saved quantity alone")
     return rewritten
 
 
 def tidy(expr, leading):
-    """expr with the factor leading pulled in front, the form a reader expects: p_i (delta_ij - p_j)."""
-    return leading * sp.expand(sp.cancel(expr / leading))
+    """expr with the factor leading pulled in front, the form a reader expects: p_i (delta_ij - p_j);
+    expr itself where leading does not divide it."""
+    rest = sp.cancel(expr / leading)
+    return expr if sp.denom(rest).has(leading) else leading * sp.factor_terms(sp.expand(rest))

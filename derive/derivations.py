@@ -6,7 +6,7 @@ import sympy as sp
 from derive.reduction import REDUCTIONS, row_weight
 from derive.softmax import (cross_entropy_gradient, softmax, softmax_jacobian, softmax_jacobian_cases,
                             target_sum_is_one)
-from derive.symbols import L, i, j, k, n, over_classes, p, t, x
+from derive.symbols import N, i, j, k, over_classes, p, t, total, x
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ def softmax_cross_entropy_steps():
     return [Step(sp.Symbol("L"), -over_classes(t[k] * sp.log(p[k]), k), "definition, p = softmax(x)"),
             Step(dL, cross_entropy_gradient(), "chain rule, contraction of a Kronecker delta"),
             Step(dL, reduced, "substitution: the target row sums to 1"),
-            Step(mean, REDUCTIONS["mean"], "batch mean"),
-            Step(sp.Derivative(mean, x[j]), row_weight(REDUCTIONS["mean"]) * reduced,
+            Step(mean, REDUCTIONS["mean"].subs(total, N), "batch mean"),
+            Step(sp.Derivative(mean, x[j]), row_weight(REDUCTIONS["mean"]).subs(total, N) * reduced,
                  "chain rule: each row weighs 1/N in the mean")]
 
 

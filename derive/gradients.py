@@ -1,20 +1,47 @@
-"""Derivations of any catalog entry: a layer's vector-Jacobian product, a loss's gradient."""
+"""Derivations of any catalog entry: a layer's vector-Jacobian product, a loss's gradient, and the
+variants a kernel is generated for (options at their neutral values, or in general)."""
 import sympy as sp
 
-from derive.algebra import contract, in_terms_of, tidy
-from derive.symbols import c, dy, i, j, t, x
+from derive.algebra import at_kinks, contract, in_terms_of, tidy
+from derive.functions import as_sigmoid
+from derive.symbols import c, dy, g, i, j, t, x
 
-TARGETS = ("labels", "probs")
+TARGETS = ("labels", "dense")
+
+
+def neutralize(expr, values):
+    """expr with each symbol, or every entry of each IndexedBase, replaced by its value in values."""
+    for symbol, value in values.items():
+        if isinstance(symbol, sp.IndexedBase):
+            expr = expr.replace(lambda e, s=symbol: isinstance(e, sp.Indexed) and e.base == s, lambda e, v=value: v)
+        else:
+            expr = expr.subs(symbol, value)
+    return expr
+
+
+def variants(op, target):
+    """{variant: substitutions}: "plain" with every option neutral, "general" with options as given."""
+    fixed = {param.symbol: param.neutral for param in op.params if param.kind == "ignore_index"
+             and target != "labels"}
+    plain = {param.symbol: param.neutral for param in op.params if param.neutral is not None}
+    if plain == fixed:
+        return {"plain": plain}
+    return {"plain": plain, "general": fixed}
 
 
 def with_target(expr, target):
-    """expr for integer labels (t_k = delta(k, c)) or for probability rows (t_k as it is)."""
-    if target == "probs":
+    """expr for integer labels (t_k = delta(k, c)) or for a dense target (t as it is)."""
+    if target == "dense":
         return expr
     if target != "labels":
         raise ValueError(f"unknown target kind {target!r}; expected one of {TARGETS}")
     at = sp.Wild("at")
     return contract(expr.replace(t[at], lambda at: sp.KroneckerDelta(at, c)))
+
+
+def derivative(expr, wrt):
+    """d expr / d wrt with kinks by convention, deltas contracted and sigmoids named."""
+    return as_sigmoid(contract(at_kinks(sp.diff(expr, wrt))))
 
 
 def saved_form(expr, op):
@@ -24,18 +51,27 @@ def saved_form(expr, op):
     return expr
 
 
-def layer_backward(op):
-    """dx_j = sum_i g_i dy_i/dx_j, contracted and written with the saved output."""
-    vjp = contract(sp.Sum(dy[i] * sp.diff(op.forward, x[j]), op.index_range(i)))
-    leading = op.saved[0][0][j]
-    return tidy(saved_form(vjp, op), leading)
+def layer_backward(op, values=None):
+    """dx_j = sum_i g_i dy_i/dx_j, contracted and written with what the forward saved."""
+    forward = neutralize(op.forward, values or {})
+    vjp = saved_form(derivative(sp.Sum(dy[i] * forward, op.index_range(i)), x[j]), op)
+    # a vector op reads best with its saved output in front, y_j (g_j - sum_i g_i y_i), an
+    # element-wise one with the upstream gradient in front, g_j y_j (1 - y_j)
+    return tidy(vjp, op.saved[0][0][j] if op.saved and op.forward.has(sp.Sum) else dy[j])
 
 
-def loss_forward(op, target):
-    """The per-sample loss for the target kind."""
-    return with_target(op.forward, target)
+def loss_forward(op, target, values=None):
+    """The loss of a row (or of element i) for the target kind and option values."""
+    return with_target(neutralize(op.forward, values or {}), target)
 
 
-def loss_gradient(op, target):
-    """dL/dx_j for the target kind, written with the saved quantities."""
-    return saved_form(contract(sp.diff(loss_forward(op, target), x[j])), op)
+def loss_gradient(op, target, values=None):
+    """dL/dx_j times the upstream weight: g for a per-row loss, g_i summed over elements otherwise."""
+    loss = loss_forward(op, target, values)
+    objective = g * loss if op.granularity == "row" else sp.Sum(dy[i] * loss, op.index_range(i))
+    return saved_form(derivative(objective, x[j]), op)
+
+
+def mean_weight(op, target, values=None):
+    """Each loss entry's weight in the mean (1 but for PyTorch's class-weighted mean)."""
+    return with_target(neutralize(op.mean_weight.get(target, sp.Integer(1)), values or {}), target)

@@ -5,10 +5,11 @@ so every row's gradient (p - y) is scaled by 1/N and the step size does not grow
 import sympy as sp
 
 from derive.algebra import contract
-from derive.symbols import G, L, N, n, over_batch, r
+from derive.symbols import G, L, n, over_batch, r, total
 
+# total is the sum of every entry's weight in the mean: N, or PyTorch's sum of class weights.
 REDUCTIONS = {
-    "mean": over_batch(L[n]) / N,
+    "mean": over_batch(L[n]) / total,
     "sum": over_batch(L[n]),
     "none": L[n],
 }

@@ -9,7 +9,11 @@ assumed to lie in that range, which is what lets a Kronecker delta contract a su
                                                       reduction's weight of one row of a loss
     L[n]  per-sample loss of row n              G[n]  upstream gradient of an unreduced loss
     i, j, k, m  class indices                   n, r  batch indices
-    K  class count                              N  batch size
+    K  class count                              N  number of loss entries (rows or elements)
+    total  the mean's denominator, sum_n of each entry's weight (N unless classes are weighted)
+    w[k]  class weight (pos_weight: pw[k])      mask  1 for a row whose label is kept, 0 if ignored
+    eps  label smoothing                        margin, slope  hinge margin, LeakyReLU slope
+    X[n, k], W[k, j], b[j]  a linear layer's input, weight and bias; l2 its penalty factor
 """
 import sympy as sp
 
@@ -19,10 +23,18 @@ i, j, k, m = sp.symbols("i j k m", integer=True)
 n, r = sp.symbols("n r", integer=True)
 c = sp.Symbol("c", integer=True)
 g = sp.Symbol("g")
+total = sp.Symbol("total", positive=True)
+mask = sp.Symbol("mask")
+eps = sp.Symbol("eps")
+margin = sp.Symbol("margin", positive=True)
+slope = sp.Symbol("slope")
+l2 = sp.Symbol("l2")
 
 x, y, t, p = (sp.IndexedBase(name) for name in "xytp")
 dy = sp.IndexedBase("g")
 L, G = sp.IndexedBase("L"), sp.IndexedBase("G")
+w, pw = sp.IndexedBase("w"), sp.IndexedBase("pw")
+X, W, b = sp.IndexedBase("x"), sp.IndexedBase("W"), sp.IndexedBase("b")
 
 
 def over_classes(expr, index):

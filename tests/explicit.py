@@ -16,9 +16,9 @@ def softmax_row(xs):
 
 def at_explicit_size(expr, size, arrays, extra=None):
     """expr at K = size with sums expanded and every x[a] replaced by arrays['x'][a]."""
-    expr = expr.subs(K, size).doit()
+    expr = expr.subs(K, size).subs(extra or {}).doit()
     return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name in arrays,
-                        lambda e: arrays[e.base.name][int(e.indices[0])]).subs(extra or {})
+                        lambda e: arrays[e.base.name][int(e.indices[0])])
 
 
 def is_zero(expr, xs):
@@ -30,3 +30,13 @@ def is_zero(expr, xs):
 def max_of(values):
     """ClassMax of the explicit row, for substituting into stable forms."""
     return lambda expr: expr.replace(lambda e: isinstance(e, ClassMax), lambda e: sp.Max(*values))
+
+
+def at_point(expr, size, arrays, scalars=None):
+    """expr at K = size with every array entry and scalar replaced by the given numbers, to 50 digits;
+    ClassMax becomes the max of its row, sigmoid its definition."""
+    from derive.functions import sigmoid
+    expr = at_explicit_size(expr, size, arrays, scalars)
+    expr = expr.replace(lambda e: isinstance(e, ClassMax), lambda e: sp.Max(*arrays[e.args[0].name]))
+    expr = expr.replace(sigmoid, lambda u: 1 / (1 + sp.exp(-u)))
+    return sp.N(expr, 50)

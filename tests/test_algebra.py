@@ -53,7 +53,7 @@ def test_in_terms_of_writes_softmax_as_p():
 
 
 def test_in_terms_of_refuses_what_p_cannot_express():
-    with pytest.raises(ValueError, match="not a function of p"):
+    with pytest.raises(ValueError, match="not a function of the saved quantity"):
         in_terms_of(sp.exp(2 * x[j]) / over_classes(sp.exp(x[m]), m) + over_classes(sp.exp(x[m]), m), p,
                     softmax(i), i)
 

@@ -4,13 +4,13 @@ import pytest
 import sympy as sp
 
 from derive.catalog import CATALOG
-from derive.gradients import layer_backward, loss_gradient
+from derive.gradients import layer_backward, loss_forward, loss_gradient, variants
 from derive.reduction import REDUCTIONS, row_weight
 from derive.softmax import (cross_entropy, cross_entropy_gradient, softmax, softmax_jacobian,
                             softmax_jacobian_cases, sparse_target, target_sum_is_one)
 from derive.stability import REWRITES, stable
-from derive.symbols import G, N, c, dy, i, j, p, r, t, x, y
-from tests.explicit import at_explicit_size, explicit_symbols, is_zero, max_of, softmax_row
+from derive.symbols import G, K, c, dy, eps, g, i, j, margin, mask, p, r, slope, t, total, x, y
+from tests.explicit import at_explicit_size, at_point, explicit_symbols, is_zero, max_of, softmax_row
 
 SIZES = [2, 3, 4, 5, 6]
 
@@ -54,53 +54,96 @@ def test_reduced_gradient_holds_when_the_targets_sum_to_one(size):
     reduced = target_sum_is_one(cross_entropy_gradient())
     assert sp.expand(reduced - (p[j] - t[j])) == 0
     for b in range(size):
-        general = at_explicit_size(reduced.subs(j, b), size, {"p": ps, "t": ts}, on_simplex)
+        general = at_explicit_size(reduced.subs(j, b), size, {"p": ps, "t": ts}).subs(on_simplex)
         assert is_zero(general - sp.diff(loss, xs[b]).subs(on_simplex), xs), b
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_integer_label_gradient_is_p_minus_one_hot(size):
+def test_integer_label_gradient_is_p_minus_one_hot():
     op = CATALOG["SoftmaxCrossEntropy"]
-    assert sp.expand(loss_gradient(op, "labels") - (p[j] - sp.KroneckerDelta(j, c))) == 0
-    xs = explicit_symbols("x", size)
-    ps = softmax_row(xs)
-    for label in range(size):
-        for b in range(size):
-            general = at_explicit_size(loss_gradient(op, "labels").subs({j: b, c: label}), size, {"p": ps})
-            assert is_zero(general - sp.diff(-sp.log(ps[label]), xs[b]), xs), (label, b)
+    plain = variants(op, "labels")["plain"]
+    assert sp.expand(loss_gradient(op, "labels", plain) - g * (p[j] - sp.KroneckerDelta(j, c))) == 0
 
 
-@pytest.mark.parametrize("size", SIZES)
-def test_softmax_backward_is_the_vector_jacobian_product(size):
-    xs, gs = explicit_symbols("x", size), explicit_symbols("g", size)
-    ys = softmax_row(xs)
-    backward = layer_backward(CATALOG["Softmax"])
-    assert sp.expand(backward - y[j] * (dy[j] - sp.Sum(dy[i] * y[i], (i, 0, sp.Symbol("K", integer=True,
-                                                                                    positive=True) - 1)))) == 0
-    for b in range(size):
-        general = at_explicit_size(backward.subs(j, b), size, {"y": ys, "g": gs})
-        explicit = sum(ga * sp.diff(ya, xs[b]) for ga, ya in zip(gs, ys))
-        assert is_zero(general - explicit, xs), b
+def test_softmax_backward_is_y_times_g_minus_its_weighted_sum():
+    expected = y[j] * (dy[j] - sp.Sum(dy[i] * y[i], (i, 0, K - 1)))
+    assert sp.expand(layer_backward(CATALOG["Softmax"]) - expected) == 0
 
 
 def test_row_weights_of_the_reductions():
-    assert row_weight(REDUCTIONS["mean"]) == 1 / N
+    assert row_weight(REDUCTIONS["mean"]) == 1 / total
     assert row_weight(REDUCTIONS["sum"]) == 1
     assert row_weight(REDUCTIONS["none"]) == G[r]
 
 
-@pytest.mark.parametrize("name, rewrite", REWRITES, ids=[name for name, _ in REWRITES])
-@pytest.mark.parametrize("expr", [softmax(i), cross_entropy(), cross_entropy(sparse_target())],
-                         ids=["softmax", "cross_entropy", "cross_entropy_labels"])
-def test_each_stability_rewrite_keeps_the_value(name, rewrite, expr):
-    size, rng = 4, np.random.default_rng(1)
-    xs, ts = explicit_symbols("x", size), explicit_symbols("t", size)
-    values = {s: sp.Float(float(v), 50) for s, v in [*zip(xs, rng.normal(0, 30, size)), *zip(ts, rng.uniform(0, 1, size))]}
+def point(size, rng, label):
+    """Random arrays and option values for one explicit check."""
+    arrays = {"x": [sp.Float(v, 50) for v in rng.uniform(-3, 3, size)],
+              "t": [sp.Float(v, 50) for v in rng.uniform(0, 1, size)],
+              "w": [sp.Float(v, 50) for v in rng.uniform(0.5, 2, size)],
+              "pw": [sp.Float(v, 50) for v in rng.uniform(0.5, 2, size)],
+              "g": [sp.Float(v, 50) for v in rng.normal(size=size)]}
+    scalars = {c: label, eps: sp.Float(0.2, 50), mask: 1, margin: sp.Float(0.7, 50), slope: sp.Float(0.1, 50)}
+    return arrays, scalars
+
+
+def explicit_gradient(expr, size, arrays, scalars, at):
+    """d expr/dx_at, differentiated after writing expr out with explicit symbols x_0..x_{K-1}."""
+    xs = explicit_symbols("x", size)
+    written_out = at_explicit_size(expr, size, dict(arrays, x=list(xs)), scalars)
+    return at_point(sp.diff(written_out, xs[at]), size, {}, dict(zip(xs, arrays["x"])))
+
+
+CASES = [(op, target, variant) for op in CATALOG.values() if op.kind == "loss" for target in op.targets
+         for variant in variants(op, target)] + [(op, None, None) for op in CATALOG.values() if op.kind == "layer"]
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+@pytest.mark.parametrize("op, target, variant", CASES,
+                         ids=[f"{op.name}-{target}-{variant}" if target else op.name for op, target, variant in CASES])
+def test_every_derived_gradient_matches_explicit_differentiation(op, target, variant, size):
+    """The general-K result of each catalog entry against differentiating it written out at K = size."""
+    rng = np.random.default_rng(size)
+    arrays, scalars = point(size, rng, label=size - 1)
+    if op.kind == "loss" and op.granularity == "row":  # g is then one row's weight, not an array
+        scalars[g] = sp.Float(1.3, 50)
+    saved = {base.name: [at_point(d.subs(i, a), size, arrays, scalars) for a in range(size)]
+             for base, d in op.saved}
+    if op.kind == "layer":
+        objective = sp.Sum(dy[i] * op.forward, (i, 0, K - 1))
+        general = layer_backward(op)
+    else:
+        values = variants(op, target)[variant]
+        loss = loss_forward(op, target, values)
+        objective = g * loss if op.granularity == "row" else sp.Sum(dy[i] * loss, (i, 0, K - 1))
+        general = loss_gradient(op, target, values)
     for at in range(size):
-        before = at_explicit_size(expr.subs({i: at, c: at}), size, {"x": xs, "t": ts})
-        after = max_of(xs)(at_explicit_size(rewrite(expr).subs({i: at, c: at}), size, {"x": xs, "t": ts}))
-        before, after = sp.N(before.subs(values), 50), sp.N(after.subs(values), 50)
-        assert abs(before - after) <= 1e-40 * max(1, abs(before)), (at, before, after)
+        derived = at_point(general.subs(j, at), size, dict(arrays, **saved), scalars)
+        expected = explicit_gradient(objective, size, arrays, scalars, at)
+        assert abs(derived - expected) <= 1e-20 * max(1, abs(expected)), (at, derived, expected)
+
+
+def forward_expressions():
+    """(label, expr) of everything a kernel evaluates in a stable form: forwards and saved quantities."""
+    for op in CATALOG.values():
+        if op.kind == "layer":
+            yield op.name, op.forward
+        for target in op.targets:
+            for variant, values in variants(op, target).items():
+                yield f"{op.name}-{target}-{variant}", loss_forward(op, target, values)
+        for base, definition in op.saved:
+            yield f"{op.name}-{base}", definition
+
+
+@pytest.mark.parametrize("name, rewrite", REWRITES, ids=[name for name, _ in REWRITES])
+@pytest.mark.parametrize("label, expr", list(forward_expressions()), ids=lambda v: v if isinstance(v, str) else "")
+def test_each_stability_rewrite_keeps_the_value(label, expr, name, rewrite):
+    size, rng = 4, np.random.default_rng(1)
+    arrays, scalars = point(size, rng, label=1)
+    arrays["x"] = [sp.Float(v, 50) for v in rng.normal(0, 30, size)]
+    for at in range(size):
+        before = at_point(expr.subs(i, at), size, arrays, scalars)
+        after = at_point(rewrite(expr).subs(i, at), size, arrays, scalars)
+        assert abs(before - after) <= 1e-20 * max(1, abs(before)), (at, before, after)
 
 
 def test_stable_forms_stay_finite_where_the_plain_ones_overflow():

@@ -1,43 +1,37 @@
 """Every generated kernel, parametrized over the catalog: gradients, references, dtypes, stability."""
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import generated
-from codegen.verify import check_op, sample_target
+from codegen.verify import check_op, example_options, sample_target, with_ignored_row
 from derive.catalog import CATALOG
-from derive.gradients import TARGETS
 from derive.reduction import REDUCTIONS
+from tests import references
 
 OPS = list(CATALOG.values())
 LAYERS = [op for op in OPS if op.kind == "layer"]
 LOSSES = [op for op in OPS if op.kind == "loss"]
 ids = lambda ops: [op.name for op in ops]  # noqa: E731
 GENERATED = Path(generated.__file__).parent
+LOSS_CASES = [(op, kind, options) for op in LOSSES for kind in op.targets
+              for options in ((False, True) if op.params else (False,))]
 
 
-def reference_softmax(x):
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def reference_cross_entropy(x, target, reduction):
-    """torch.nn.functional.cross_entropy's definition, written plainly in float64."""
-    log_p = np.log(reference_softmax(x.astype(np.float64)))
-    rows = np.eye(x.shape[1])[target] if target.dtype.kind in "iu" else target
-    losses = -(rows * log_p).sum(axis=1)
-    return {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
-
-
-REFERENCE_LAYERS = {"Softmax": reference_softmax}
-REFERENCE_LOSSES = {"SoftmaxCrossEntropy": reference_cross_entropy}
+def loss_case(op, kind, with_options, shape, rng, dtype=np.float64):
+    """(x, target, options) for one loss, options PyTorch's defaults or examples of every option."""
+    x = rng.uniform(*op.domain, shape).astype(dtype)
+    target = sample_target(kind, shape, rng)
+    options = example_options(op, shape, rng) if with_options and op.params else {}
+    return x, with_ignored_row(target, op) if options else target, options
 
 
 def test_every_catalog_entry_is_exported_and_has_a_reference():
-    assert sorted(generated.__all__) == sorted(CATALOG)
-    assert set(REFERENCE_LAYERS) | set(REFERENCE_LOSSES) == set(CATALOG)
+    assert set(generated.__all__) == set(CATALOG) | {"Sequential", "SGD"}
+    assert set(references.LAYERS) | set(references.LOSSES) | {"Linear"} == set(CATALOG)
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (3, 5), (6, 3), (2, 11)])
@@ -48,59 +42,93 @@ def test_gradients_match_finite_differences(op, shape):
         assert check.ok, f"{op.name} {variant} {shape}: {check.report()}"
 
 
+@pytest.mark.parametrize("op", OPS, ids=ids(OPS))
+def test_gradients_near_saturation(op):
+    """Inputs at ten times the usual domain: large logits, saturated sigmoids and tanh."""
+    wide = replace(op, domain=tuple(10 * v for v in op.domain), tol=1e-5)
+    for variant, check in check_op(wide, getattr(generated, op.name), np.random.default_rng(7), (3, 4)):
+        assert check.ok, f"{op.name} {variant}: {check.report()}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("op", LAYERS, ids=ids(LAYERS))
-def test_layers_work_on_any_leading_shape(op):
+def test_layers_match_the_reference_keep_the_dtype_and_any_shape(op, dtype):
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 3, (2, 3, 5)).astype(dtype)
+    for options in ({}, example_options(op, x.shape, rng)):
+        layer = getattr(generated, op.name)(**options)
+        y = layer.forward(x)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert layer.backward(np.ones_like(x)).dtype == dtype
+        expected = references.LAYERS[op.name](x.astype(np.float64), **options)
+        assert np.allclose(y, expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", LAYERS, ids=ids(LAYERS))
+def test_layers_backward_on_any_leading_shape_equals_the_flat_one(op):
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(2, 3, 4))
-    layer = getattr(generated, op.name)()
-    assert np.allclose(layer.forward(x), REFERENCE_LAYERS[op.name](x))
-    upstream = rng.normal(size=x.shape)
-    flat = getattr(generated, op.name)()
+    x, upstream = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 3, 4))
+    layer, flat = getattr(generated, op.name)(), getattr(generated, op.name)()
+    layer.forward(x)
     flat.forward(x.reshape(-1, 4))
     assert np.allclose(layer.backward(upstream), flat.backward(upstream.reshape(-1, 4)).reshape(x.shape))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("op", LAYERS, ids=ids(LAYERS))
-def test_layers_keep_the_dtype_and_match_the_reference(op, dtype):
-    x = np.random.default_rng(4).normal(size=(5, 7)).astype(dtype)
-    layer = getattr(generated, op.name)()
-    y = layer.forward(x)
-    assert y.dtype == dtype and layer.backward(np.ones_like(x)).dtype == dtype
-    assert np.allclose(y, REFERENCE_LAYERS[op.name](x.astype(np.float64)), rtol=1e-5 if dtype == np.float32 else 1e-12)
-
-
 @pytest.mark.parametrize("reduction", list(REDUCTIONS))
-@pytest.mark.parametrize("kind", TARGETS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("op", LOSSES, ids=ids(LOSSES))
-def test_losses_keep_the_dtype_and_match_the_reference(op, dtype, kind, reduction):
+@pytest.mark.parametrize("op, kind, options", LOSS_CASES,
+                         ids=[f"{op.name}-{kind}-{'options' if o else 'defaults'}" for op, kind, o in LOSS_CASES])
+def test_losses_match_the_reference_and_keep_the_dtype(op, kind, options, dtype, reduction):
     rng = np.random.default_rng(5)
-    x = rng.normal(0, 3, (6, 4)).astype(dtype)
-    target = sample_target(kind, x.shape, rng)
-    loss = getattr(generated, op.name)(reduction=reduction)
+    x, target, values = loss_case(op, kind, options, (6, 4), rng, dtype)
+    loss = getattr(generated, op.name)(**values, reduction=reduction)
     value = loss.forward(x, target)
-    expected_shape = (6,) if reduction == "none" else ()
+    expected_shape = () if reduction != "none" else (6,) if op.granularity == "row" else x.shape
     assert np.shape(value) == expected_shape and value.dtype == dtype
-    grad = loss.backward(np.ones(6, dtype) if reduction == "none" else None)
+    grad = loss.backward(np.ones(expected_shape, dtype) if reduction == "none" else None)
     assert grad.dtype == dtype and grad.shape == x.shape
-    reference = REFERENCE_LOSSES[op.name](x, target, reduction)
-    assert np.allclose(value, reference, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    reference = references.LOSSES[op.name](x.astype(np.float64), target, reduction, **values)
+    assert np.allclose(value, reference, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+def test_linear_matches_x_at_w_plus_b_and_keeps_its_dtype():
+    rng = np.random.default_rng(8)
+    for dtype in (np.float32, np.float64):
+        layer = generated.Linear(4, 3, rng=rng, dtype=dtype)
+        x = rng.normal(size=(5, 4)).astype(dtype)
+        y = layer.forward(x)
+        assert y.dtype == dtype and np.allclose(y, x @ layer.W + layer.b, rtol=1e-6)
+        assert layer.backward(np.ones_like(y)).dtype == dtype and layer.dW.dtype == dtype
+
+
+def test_linear_init_follows_pytorch_bounds():
+    layer = generated.Linear(16, 1000, rng=0)
+    assert np.abs(layer.W).max() <= 0.25 and np.abs(layer.W).max() > 0.24
+    assert layer.W.shape == (16, 1000) and layer.b.shape == (1000,)
+
+
+def test_linear_penalty_is_l2_sum_of_squares():
+    layer = generated.Linear(3, 2, l2=0.5, rng=1)
+    assert np.isclose(layer.penalty(), 0.5 * np.sum(layer.W ** 2))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("op", OPS, ids=ids(OPS))
-def test_extreme_logits_give_finite_values_and_gradients(op, dtype):
-    x = np.array([[1e4, -1e4, 0.0, 1e4], [-1e4, -1e4, -1e4, -1e4], [3.0, 1e4, -1e4, 2.0]], dtype)
-    if op.kind == "layer":
-        layer = getattr(generated, op.name)()
-        outputs = [layer.forward(x), layer.backward(np.ones_like(x))]
-    else:
-        loss = getattr(generated, op.name)()
-        outputs = []
-        for kind in TARGETS:
-            target = sample_target(kind, x.shape, np.random.default_rng(0))
-            outputs += [loss.forward(x, target), loss.backward()]
+def test_extreme_inputs_give_finite_values_and_gradients(op, dtype):
+    big = 1e4 if dtype == np.float64 else 100.0
+    x = np.array([[big, -big, 0.0, big], [-big, -big, -big, -big], [3.0, big, -big, 2.0]], dtype)
+    rng = np.random.default_rng(0)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        if op.kind in ("layer", "linear"):
+            layer = getattr(generated, op.name)(*((4, 2) if op.kind == "linear" else ()),
+                                                **({"dtype": dtype} if op.kind == "linear" else {}))
+            y = layer.forward(x)
+            outputs = [y, layer.backward(np.ones_like(y))]
+        else:
+            outputs = []
+            for kind in op.targets:
+                loss = getattr(generated, op.name)()
+                outputs += [loss.forward(x, sample_target(kind, x.shape, rng)), loss.backward()]
     assert all(np.all(np.isfinite(out)) for out in outputs)
 
 
@@ -114,20 +142,33 @@ def test_seed_000_worked_example(rows):
     assert np.allclose(loss.backward(), np.tile([0.1, 0.2, -0.75, 0.4, 0.05], (rows, 1)) / rows)
 
 
+def test_seed_004_sigmoid_mse_gradient_vanishes_where_cross_entropy_does_not():
+    """At a saturated wrong output (a near 0, y = 1) MSE after a sigmoid barely moves; BCE does."""
+    z, y = np.array([[-8.0]]), np.array([[1.0]])
+    sigmoid, mse = generated.Sigmoid(), generated.MeanSquaredError()
+    mse.forward(sigmoid.forward(z), y)
+    through_mse = sigmoid.backward(mse.backward())
+    bce = generated.BinaryCrossEntropyWithLogits()
+    bce.forward(z, y)
+    a = 1 / (1 + np.exp(8.0))
+    assert np.isclose(through_mse, 2 * (a - 1) * a * (1 - a)) and abs(through_mse) < 1e-3
+    assert np.isclose(bce.backward(), a - 1)
+
+
 @pytest.mark.parametrize("op", OPS, ids=ids(OPS))
 def test_inputs_are_not_modified(op):
     rng = np.random.default_rng(6)
     x = rng.normal(size=(4, 3))
     before = x.copy()
-    if op.kind == "layer":
-        layer = getattr(generated, op.name)()
-        layer.forward(x)
-        g = rng.normal(size=x.shape)
+    if op.kind in ("layer", "linear"):
+        layer = getattr(generated, op.name)(*((3, 2) if op.kind == "linear" else ()))
+        y = layer.forward(x)
+        g = rng.normal(size=y.shape)
         g_before = g.copy()
         layer.backward(g)
         assert np.array_equal(g, g_before)
     else:
-        for kind in TARGETS:
+        for kind in op.targets:
             target = sample_target(kind, x.shape, rng)
             target_before = target.copy()
             loss = getattr(generated, op.name)()
@@ -139,8 +180,10 @@ def test_inputs_are_not_modified(op):
 
 @pytest.mark.parametrize("op", OPS, ids=ids(OPS))
 def test_backward_before_forward_is_refused(op):
+    cls = getattr(generated, op.name)
+    instance = cls(3, 2) if op.kind == "linear" else cls()
     with pytest.raises(RuntimeError, match="before forward"):
-        getattr(generated, op.name)().backward(*([np.ones((2, 3))] if op.kind == "layer" else []))
+        instance.backward(*([np.ones((2, 3))] if op.kind != "loss" else []))
 
 
 @pytest.mark.parametrize("target, message", [
@@ -160,25 +203,28 @@ def test_non_float_logits_are_refused():
         generated.SoftmaxCrossEntropy().forward(np.zeros((2, 3), dtype=int), np.array([0, 1]))
 
 
-def python_loops(source):
-    """Line numbers of for/while loops and comprehensions in source: kernels must be vectorized."""
+def kernel_loops(source):
+    """Line numbers of loops and comprehensions inside the module-level kernel functions."""
     loops = (ast.For, ast.While, ast.ListComp, ast.GeneratorExp, ast.SetComp, ast.DictComp)
-    return [node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, loops)]
+    kernels = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)]
+    return [node.lineno for kernel in kernels for node in ast.walk(kernel) if isinstance(node, loops)]
 
 
 @pytest.mark.parametrize("path", sorted(GENERATED.glob("*.py")), ids=lambda p: p.name)
-def test_generated_code_has_no_python_loops(path):
-    assert python_loops(path.read_text()) == []
+def test_generated_kernels_have_no_python_loops(path):
+    assert kernel_loops(path.read_text()) == []
 
 
 def test_the_loop_finder_finds_loops():
-    assert python_loops("def f(x):\n    for n in range(3):\n        x += n\n    return [v for v in x]\n") == [2, 4]
+    source = "def f(x):\n    for n in range(3):\n        x += n\n    return [v for v in x]\n"
+    assert kernel_loops(source) == [2, 4]
 
 
 @pytest.mark.parametrize("path", sorted(GENERATED.glob("*.py")), ids=lambda p: p.name)
 def test_generated_code_imports_numpy_alone(path):
-    imports = {alias.name.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
-               if isinstance(node, ast.Import) for alias in node.names}
-    imports |= {node.module.split(".")[0] for node in ast.walk(ast.parse(path.read_text()))
+    tree = ast.parse(path.read_text())
+    imports = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    imports |= {node.module.split(".")[0] for node in ast.walk(tree)
                 if isinstance(node, ast.ImportFrom) and node.level == 0}
     assert imports <= {"numpy"}

@@ -1,0 +1,49 @@
+"""Functions SymPy lacks, declared the SymPy way (like its tanh): a definition and a derivative rule
+that tests check against differentiating the definition."""
+import sympy as sp
+
+
+class sigmoid(sp.Function):
+    """The logistic function 1 / (1 + exp(-u))."""
+
+    nargs = 1
+
+    def fdiff(self, argindex=1):
+        # d/du 1/(1 + e^-u) = e^-u/(1 + e^-u)^2 = sigmoid(u) (1 - sigmoid(u)); tests check it
+        return self * (1 - self)
+
+    def _eval_rewrite_as_exp(self, u, **kwargs):
+        return 1 / (1 + sp.exp(-u))
+
+    def _latex(self, printer):
+        return r"\sigma\left(%s\right)" % printer._print(self.args[0])
+
+
+def as_sigmoid(expr):
+    """expr with every product holding e^u/(1 + e^u), or 1/(1 + e^-u), written with sigmoid(u)."""
+    # products first, so that e^u/(1 + e^u) is seen whole before its denominator alone is
+    expr = expr.replace(lambda e: isinstance(e, sp.Mul), _named)
+    return expr.replace(lambda e: _logistic_denominator(e) is not None, _named)
+
+
+def _logistic_denominator(factor):
+    """u if factor is 1/(1 + e^u), else None."""
+    if isinstance(factor, sp.Pow) and factor.exp == -1 and isinstance(factor.base, sp.Add):
+        rest = factor.base - 1
+        if isinstance(rest, sp.exp):
+            return rest.args[0]
+    return None
+
+
+def _named(expr):
+    factors = list(sp.Mul.make_args(expr))
+    for position, factor in enumerate(factors):
+        u = _logistic_denominator(factor)
+        if u is None:
+            continue
+        others = factors[:position] + factors[position + 1:]
+        if sp.exp(u) in others:  # e^u/(1 + e^u) = sigmoid(u)
+            others.remove(sp.exp(u))
+            return sp.Mul(*others) * sigmoid(u)
+        return sp.Mul(*others) * sigmoid(-u)  # 1/(1 + e^u) = sigmoid(-u)
+    return expr

@@ -1,0 +1,74 @@
+"""Plain NumPy definitions of every catalog operation, written from the formulas (PyTorch's, for the
+losses), in float64. The generated kernels are compared with these; none of this is generated."""
+import numpy as np
+
+
+def softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(x):
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def log_sigmoid(x):
+    return -np.logaddexp(0, -x)
+
+
+def reduce(losses, reduction, total=None):
+    return {"mean": losses.sum() / (losses.size if total is None else total), "sum": losses.sum(),
+            "none": losses}[reduction]
+
+
+def cross_entropy(x, target, reduction, weight=None, ignore_index=-100, label_smoothing=0.0):
+    """torch.nn.functional.cross_entropy: weighted mean over kept rows, label smoothing's eps/K term."""
+    n, k = x.shape
+    log_p = log_softmax(x)
+    weight = np.ones(k) if weight is None else weight
+    if target.dtype.kind == "f":
+        smoothed = target * (1 - label_smoothing) + label_smoothing / k
+        return reduce(-(log_p * smoothed * weight).sum(axis=1), reduction, n)
+    kept = target != ignore_index
+    safe = np.where(kept, target, 0)
+    nll = -weight[safe] * log_p[np.arange(n), safe] * kept
+    smooth = -(log_p * weight).sum(axis=1) * kept
+    losses = (1 - label_smoothing) * nll + label_smoothing / k * smooth
+    return reduce(losses, reduction, (weight[safe] * kept).sum())
+
+
+def binary_cross_entropy_with_logits(x, target, reduction, weight=None, pos_weight=None):
+    weight = 1.0 if weight is None else weight
+    pos_weight = 1.0 if pos_weight is None else pos_weight
+    losses = -weight * (pos_weight * target * log_sigmoid(x) + (1 - target) * log_sigmoid(-x))
+    return reduce(losses, reduction)
+
+
+def mean_squared_error(x, target, reduction):
+    return reduce((x - target) ** 2, reduction)
+
+
+def multiclass_hinge(x, target, reduction, margin=1.0):
+    """Seed 002's SVM loss: sum over j != y of max(0, x_j - x_y + margin)."""
+    rows = np.arange(len(target))
+    margins = np.maximum(0, x - x[rows, target][:, None] + margin)
+    margins[rows, target] = 0
+    return reduce(margins.sum(axis=1), reduction, len(target))
+
+
+LAYERS = {
+    "Sigmoid": lambda x: np.exp(log_sigmoid(x)),
+    "Tanh": np.tanh,
+    "ReLU": lambda x: np.maximum(x, 0),
+    "LeakyReLU": lambda x, negative_slope=0.01: np.where(x > 0, x, negative_slope * x),
+    "Softplus": lambda x: np.logaddexp(0, x),
+    "Softmax": softmax,
+    "LogSoftmax": log_softmax,
+}
+LOSSES = {
+    "SoftmaxCrossEntropy": cross_entropy,
+    "BinaryCrossEntropyWithLogits": binary_cross_entropy_with_logits,
+    "MeanSquaredError": mean_squared_error,
+    "MulticlassHinge": multiclass_hinge,
+}

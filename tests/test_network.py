@@ -1,0 +1,98 @@
+"""A trainable network from generated parts alone: whole-MLP gradients, SGD, and a loss that falls."""
+import numpy as np
+import pytest
+import torch
+
+from codegen.verify import check_gradient
+from generated import SGD, Linear, ReLU, Sequential, SoftmaxCrossEntropy, Tanh
+
+
+def mlp(rng, l2=0.0):
+    return Sequential([Linear(4, 8, l2=l2, rng=rng), Tanh(), Linear(8, 6, l2=l2, rng=rng), ReLU(),
+                       Linear(6, 3, l2=l2, rng=rng)])
+
+
+def blobs(rng, n=300):
+    """Three separable clusters in 4 dimensions."""
+    labels = rng.integers(0, 3, n)
+    centers = np.array([[2.0, 0, 0, 1], [-2.0, 1, 0, 0], [0, -2.0, 2, 0]])
+    return centers[labels] + 0.5 * rng.normal(size=(n, 4)), labels
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.05])
+def test_every_parameter_gradient_of_an_mlp_matches_finite_differences(l2):
+    rng = np.random.default_rng(0)
+    net, loss = mlp(rng, l2), SoftmaxCrossEntropy()
+    x, labels = blobs(rng, 5)
+
+    def objective():
+        return float(loss.forward(net.forward(x), labels) + net.penalty())
+
+    objective()
+    net.backward(loss.backward())
+    for layer, name in net.parameters():
+        value, analytic = getattr(layer, name), getattr(layer, "d" + name).copy()
+
+        def at(v, layer=layer, name=name, value=value):
+            setattr(layer, name, v)
+            result = objective()
+            setattr(layer, name, value)
+            return result
+        result = check_gradient(at, value, analytic)
+        assert result.ok, f"{type(layer).__name__}.{name}: {result.report()}"
+
+
+def test_parameters_lists_each_linear_weight_and_bias():
+    net = mlp(np.random.default_rng(1))
+    assert [(type(layer).__name__, name) for layer, name in net.parameters()] == [
+        ("Linear", "W"), ("Linear", "b")] * 3
+
+
+def test_training_makes_the_loss_fall_and_classifies():
+    rng = np.random.default_rng(2)
+    net, loss = mlp(rng), SoftmaxCrossEntropy()
+    optimizer = SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x, labels = blobs(rng)
+    losses = []
+    for _ in range(60):
+        losses.append(float(loss.forward(net.forward(x), labels)))
+        net.backward(loss.backward())
+        optimizer.step()
+    accuracy = np.mean(np.argmax(net.forward(x), axis=1) == labels)
+    assert losses[-1] < 0.2 * losses[0] and accuracy > 0.95, (losses[0], losses[-1], accuracy)
+
+
+def test_sgd_with_momentum_follows_torch_optim_sgd():
+    rng = np.random.default_rng(3)
+    layer = Linear(3, 2, rng=rng)
+    reference = [torch.tensor(layer.W.copy(), requires_grad=True), torch.tensor(layer.b.copy(), requires_grad=True)]
+    ours = SGD([(layer, "W"), (layer, "b")], lr=0.05, momentum=0.8)
+    theirs = torch.optim.SGD(reference, lr=0.05, momentum=0.8)
+    for _ in range(4):
+        layer.dW, layer.db = rng.normal(size=layer.W.shape), rng.normal(size=layer.b.shape)
+        for tensor, grad in zip(reference, (layer.dW, layer.db)):
+            tensor.grad = torch.tensor(grad)
+        ours.step()
+        theirs.step()
+    np.testing.assert_allclose(layer.W, reference[0].detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(layer.b, reference[1].detach().numpy(), rtol=1e-12)
+
+
+def test_sgd_updates_in_place_so_references_stay_valid():
+    layer = Linear(2, 2, rng=4)
+    weights = layer.W
+    layer.dW, layer.db = np.ones_like(layer.W), np.ones_like(layer.b)
+    SGD([(layer, "W"), (layer, "b")], lr=0.5).step()
+    assert layer.W is weights
+
+
+@pytest.mark.parametrize("kwargs, message", [({"lr": 0.0}, "lr must be positive"),
+                                             ({"lr": 0.1, "momentum": 1.0}, "momentum must be in")])
+def test_sgd_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SGD([], **kwargs)
+
+
+def test_sgd_step_before_backward_names_the_parameter():
+    with pytest.raises(RuntimeError, match="no gradient for Linear.W"):
+        SGD([(Linear(2, 2), "W")], lr=0.1).step()
