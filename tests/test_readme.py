@@ -15,7 +15,7 @@ def test_the_readme_examples_run():
     assert len(blocks) >= 3
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
-    assert namespace["a"].dtype.name == "float32" and namespace["value"].dtype.name == "float32"
+    assert namespace["a"].dtype.name == "float32" and namespace["dlogits"].dtype.name == "float32"
 
 
 def test_python_blocks_finds_each_block():
