@@ -14,7 +14,7 @@ from derive.algebra import contract
 from derive.symbols import i, j, k, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
-ARG_ORDER = ("x", "c", "t", "mask", "w", "pw", "y", "p", "W", "b", "g", "eps", "slope", "margin", "l2",
+ARG_ORDER = ("x", "c", "t", "mask", "w", "pw", "y", "p", "W", "b", "g", "eps", "margin", "l2",
              "K_in", "param", "grad", "velocity", "lr", "momentum")
 # How a loss kernel reads the sizes its formulas use from a full-size argument {a}: N loss entries
 # (rows or elements) and K classes.
@@ -32,15 +32,21 @@ class Kernel:
     outputs: tuple                 # ((name, array expression), ...) in return order
     at_label: sp.Expr = None       # added to outputs[0] at each row's label, if any
     sizes: dict = None             # {size symbol: how to read it from the arguments}
+    params: tuple = ()             # names of the op's own parameters, passed after the arrays
 
 
 def layer_kernels(op):
     """forward(x) -> y and backward(saved, g) -> dx of a layer."""
     backward = layer_backward(op)
     return (Kernel("forward", f"y = {op.summary}.", f"y_i = {sp.sstr(op.forward)}",
-                   (("y", lower(stable(op.forward), i)),)),
+                   (("y", lower(stable(op.forward), i)),), params=param_names(op)),
             Kernel("backward", "dx = g times the Jacobian of y (a vector-Jacobian product).",
-                   f"dx_j = {sp.sstr(backward)}", (("dx", lower(stable(backward), j)),)))
+                   f"dx_j = {sp.sstr(backward)}", (("dx", lower(stable(backward), j)),), params=param_names(op)))
+
+
+def param_names(op):
+    """The op's scalar parameters that kernels take by their own name."""
+    return tuple(p.symbol.name for p in op.params if p.symbol.name not in ARG_ORDER)
 
 
 def loss_kernels(op, target, variant):
@@ -57,12 +63,13 @@ def loss_kernels(op, target, variant):
     forward = Kernel(f"forward_{suffix}", f"Losses L, what backward needs, and the mean's total ({target}, {variant}).",
                      f"L = {sp.sstr(loss)}",
                      (("L", Squeeze(per_entry) if op.granularity == "row" else per_entry),) + saved
-                     + (("total", weights),), sizes=SIZES[op.granularity])
+                     + (("total", weights),), sizes=SIZES[op.granularity], params=param_names(op))
     gradient = loss_gradient(op, target, values)
     dense, at_label = split_at_label(stable(gradient), j) if target == "labels" else (stable(gradient), None)
     backward = Kernel(f"backward_{suffix}", f"dL/dx times each entry's weight g ({target}, {variant}).",
                       f"dx_j = {sp.sstr(gradient)}", (("dx", lower(dense, j)),),
-                      None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity])
+                      None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity],
+                      params=param_names(op))
     return forward, backward
 
 
@@ -109,7 +116,7 @@ def kernel_code(kernel):
     lines += [(name, print_code(expr)) for name, expr in zip(names, reduced)]
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     used = {s.name for e in exprs for s in e.free_symbols}
-    args = arguments(exprs, uses_label)
+    args = arguments(exprs, uses_label, kernel.params)
     full = next((a for a in FULL_SIZE if a in args), None)
     return {"name": kernel.name, "doc": kernel.doc, "derivation": kernel.derivation,
             "args": args, "lines": lines, "uses_label": uses_label,
@@ -118,11 +125,11 @@ def kernel_code(kernel):
             "returns": names}
 
 
-def arguments(exprs, uses_label):
-    """The free arrays of exprs in ARG_ORDER, with the label c when a row's label is used."""
+def arguments(exprs, uses_label, params=()):
+    """The free arrays of exprs in ARG_ORDER, the label c when a row's label is used, then params."""
     free = {s.name for e in exprs for s in e.free_symbols} | ({"c"} if uses_label else set())
     free -= {"N", "K", total.name}
-    unknown = free - set(ARG_ORDER)
+    unknown = free - set(ARG_ORDER) - set(params)
     if unknown:
         raise ValueError(f"kernel uses names outside the naming contract: {sorted(unknown)}")
-    return [name for name in ARG_ORDER if name in free]
+    return [name for name in ARG_ORDER + tuple(params) if name in free]

@@ -1,4 +1,5 @@
 """The one printer: SymPy's NumPyPrinter with the array operations of codegen.lower added."""
+from sympy import Expr, oo
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 
@@ -8,6 +9,13 @@ class KernelPrinter(NumPyPrinter):
 
     def __init__(self):
         super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
+
+    def _print(self, expr, **kwargs):
+        # a constant such as sqrt(2) prints as a Python float: np.sqrt(2) is a float64 scalar that
+        # would turn float32 arrays into float64, a Python float keeps their dtype
+        if isinstance(expr, Expr) and expr.is_number and expr.is_real and not expr.is_Rational:
+            return repr(float(expr))
+        return super()._print(expr, **kwargs)
 
     def _module_format(self, fqn, register=True):
         return "np." + fqn[len("numpy."):] if fqn.startswith("numpy.") else super()._module_format(fqn, register)
@@ -45,6 +53,11 @@ class KernelPrinter(NumPyPrinter):
         for arg in rest:
             text = f"{function}({text}, {self._print(arg)})"
         return text
+
+    def _print_Clip(self, expr):
+        u, lo, hi = expr.args
+        bound = lambda b: "None" if b in (oo, -oo) else self._print(b)  # noqa: E731
+        return f"np.clip({self._print(u)}, {bound(lo)}, {bound(hi)})"
 
     def _print_Abs(self, expr):
         return f"np.abs({self._print(expr.args[0])})"

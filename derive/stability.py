@@ -2,9 +2,10 @@
 
 The kernels evaluate what these return; the derivations differentiate the plain forms."""
 import sympy as sp
-from sympy.codegen.cfunctions import log1p
+from sympy.codegen.cfunctions import expm1, log1p
 
 from derive.functions import sigmoid
+from derive.special import Clip, erf_numpy
 from derive.symbols import ClassMax
 
 
@@ -53,13 +54,50 @@ def logistic(expr):
     return expr.replace(sigmoid(u), stable)
 
 
-REWRITES = (("split logs", split_logs), ("log of a sigmoid", log_of_sigmoid), ("softplus", softplus),
-            ("shift by the row max", shift_by_max), ("split logs", split_logs), ("logistic", logistic),
-            ("combine exponentials", sp.powsimp))
+def exp_minus_one(expr):
+    """c exp(u) - c = c expm1(u): exact near u = 0, where exp(u) - 1 cancels."""
+    def combined(add):
+        terms = list(add.args)
+        for term in terms:
+            scale, rest = term.as_independent(sp.exp, as_Add=False)
+            if isinstance(rest, sp.exp) and -scale in terms:
+                others = [t for t in terms if t is not term]
+                others.remove(-scale)
+                return sp.Add(*others, scale * expm1(rest.args[0]))
+        return add
+    return expr.replace(lambda e: isinstance(e, sp.Add), combined)
+
+
+def clip_branches(expr):
+    """In Piecewise((a(u), u > c), (b(u), True)), b is used only where u <= c, so b(u) = b(min(u, c))
+    there, and a(u) = a(max(u, c)): then np.where, which evaluates both, never overflows an exp."""
+    def clipped(piecewise):
+        if len(piecewise.args) != 2 or not isinstance(piecewise.args[0][1], (sp.StrictGreaterThan, sp.GreaterThan)):
+            return piecewise
+        (above, condition), (below, _) = piecewise.args
+        u, c = condition.args
+        grows = lambda e: e.has(sp.exp, expm1)  # noqa: E731
+        above = above.xreplace({u: Clip(u, c, sp.oo)}) if grows(above) else above
+        below = below.xreplace({u: Clip(u, -sp.oo, c)}) if grows(below) else below
+        return sp.Piecewise((above, condition), (below, True))
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), clipped)
+
+
+def erf_by_numpy(expr):
+    """erf(u) as derive.special's series and continued fraction: NumPy has no erf."""
+    return expr.replace(lambda e: isinstance(e, sp.erf), lambda e: erf_numpy(e.args[0]))
+
+
+# (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
+REWRITES = (("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
+            ("softplus", softplus, True), ("shift by the row max", shift_by_max, True),
+            ("split logs", split_logs, True), ("logistic", logistic, True),
+            ("combine exponentials", sp.powsimp, True), ("expm1", exp_minus_one, True),
+            ("clip branches", clip_branches, True), ("erf by series and continued fraction", erf_by_numpy, False))
 
 
 def stable(expr):
     """expr with every rewrite of REWRITES applied in order."""
-    for _, rewrite in REWRITES:
+    for _, rewrite, _ in REWRITES:
         expr = rewrite(expr)
     return expr

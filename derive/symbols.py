@@ -30,11 +30,12 @@ margin = sp.Symbol("margin", positive=True)
 slope = sp.Symbol("slope")
 l2 = sp.Symbol("l2")
 
-x, y, t, p = (sp.IndexedBase(name) for name in "xytp")
-dy = sp.IndexedBase("g")
-L, G = sp.IndexedBase("L"), sp.IndexedBase("G")
-w, pw = sp.IndexedBase("w"), sp.IndexedBase("pw")
-X, W, b = sp.IndexedBase("x"), sp.IndexedBase("W"), sp.IndexedBase("b")
+# every array holds real numbers: SymPy then differentiates |x| as sign(x), not through re and im
+x, y, t, p = (sp.IndexedBase(name, real=True) for name in "xytp")
+dy = sp.IndexedBase("g", real=True)
+L, G = sp.IndexedBase("L", real=True), sp.IndexedBase("G", real=True)
+w, pw = sp.IndexedBase("w", real=True), sp.IndexedBase("pw", real=True)
+X, W, b = sp.IndexedBase("x", real=True), sp.IndexedBase("W", real=True), sp.IndexedBase("b", real=True)
 
 
 def over_classes(expr, index):

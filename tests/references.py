@@ -1,6 +1,11 @@
 """Plain NumPy definitions of every catalog operation, written from the formulas (PyTorch's, for the
 losses), in float64. The generated kernels are compared with these; none of this is generated."""
+import math
+
 import numpy as np
+
+erf = np.vectorize(math.erf)
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
 
 
 def softmax(x):
@@ -49,6 +54,12 @@ def mean_squared_error(x, target, reduction):
     return reduce((x - target) ** 2, reduction)
 
 
+def huber(x, target, reduction, delta=1.0):
+    """torch.nn.functional.huber_loss: quadratic below delta, linear above."""
+    z = np.abs(x - target)
+    return reduce(np.where(z < delta, z ** 2 / 2, delta * (z - delta / 2)), reduction)
+
+
 def multiclass_hinge(x, target, reduction, margin=1.0):
     """Seed 002's SVM loss: sum over j != y of max(0, x_j - x_y + margin)."""
     rows = np.arange(len(target))
@@ -63,6 +74,14 @@ LAYERS = {
     "ReLU": lambda x: np.maximum(x, 0),
     "LeakyReLU": lambda x, negative_slope=0.01: np.where(x > 0, x, negative_slope * x),
     "Softplus": lambda x: np.logaddexp(0, x),
+    "SiLU": lambda x: x * np.exp(log_sigmoid(x)),
+    "GELU": lambda x: x * (1 + erf(x / math.sqrt(2))) / 2,
+    "GELUTanh": lambda x: x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))) / 2,
+    "ELU": lambda x, alpha=1.0: np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0))),
+    "SELU": lambda x: SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(np.minimum(x, 0))),
+    "Mish": lambda x: x * np.tanh(np.logaddexp(0, x)),
+    "Softsign": lambda x: x / (1 + np.abs(x)),
+    "HardTanh": lambda x, min_val=-1.0, max_val=1.0: np.clip(x, min_val, max_val),
     "Softmax": softmax,
     "LogSoftmax": log_softmax,
 }
@@ -70,5 +89,6 @@ LOSSES = {
     "SoftmaxCrossEntropy": cross_entropy,
     "BinaryCrossEntropyWithLogits": binary_cross_entropy_with_logits,
     "MeanSquaredError": mean_squared_error,
+    "Huber": huber,
     "MulticlassHinge": multiclass_hinge,
 }

@@ -11,9 +11,9 @@ SIZES = [(2, 3), (3, 2), (1, 4)]
 
 
 def entries(base, *shape):
-    """A dict {base[index]: symbol} and the explicit symbols, for an array of the given shape."""
-    names = {index: sp.Symbol(f"{base}_{'_'.join(map(str, index))}") for index in np.ndindex(*shape)}
-    return names, {sp.Indexed(sp.IndexedBase(base), *index): s for index, s in names.items()}
+    """{index: explicit symbol} and {base[index]: symbol} for an array of the given shape."""
+    names = {index: sp.Symbol(f"{base.name}_{'_'.join(map(str, index))}") for index in np.ndindex(*shape)}
+    return names, {sp.Indexed(base, *index): s for index, s in names.items()}
 
 
 def explicit(expr, sizes, table):
@@ -27,7 +27,7 @@ def random_point(symbols, rng):
 
 @pytest.mark.parametrize("inputs, outputs", SIZES)
 def test_bp1_delta_is_dc_da_times_sigma_prime(inputs, outputs):
-    zs, z_table = entries("z", outputs)
+    zs, z_table = entries(z, outputs)
     activations = sp.symbols(f"a0:{outputs}")
     cost_weights = sp.symbols(f"c0:{outputs}")
     cost = sum(cw * act ** 3 for act, cw in zip(activations, cost_weights))  # C as a function of a
@@ -42,9 +42,9 @@ def test_bp1_delta_is_dc_da_times_sigma_prime(inputs, outputs):
 
 @pytest.mark.parametrize("inputs, outputs", SIZES)
 def test_bp2_bp3_bp4_against_a_written_out_layer(inputs, outputs):
-    zs, z_table = entries("z", inputs)
-    ws, w_table = entries("W", inputs, outputs)
-    bs, b_table = entries("b", outputs)
+    zs, z_table = entries(z, inputs)
+    ws, w_table = entries(W, inputs, outputs)
+    bs, b_table = entries(b, outputs)
     ds = sp.symbols(f"d0:{outputs}")
     nxt = [sum(sp.tanh(zs[(m,)]) * ws[(m, o)] for m in range(inputs)) + bs[(o,)] for o in range(outputs)]
     cost = sum(d * z_next for d, z_next in zip(ds, nxt))  # so delta^{l+1} = d
@@ -68,10 +68,10 @@ def test_bp2_bp3_bp4_against_a_written_out_layer(inputs, outputs):
 @pytest.mark.parametrize("inputs, outputs", SIZES)
 def test_linear_backward_is_the_batched_bp2_bp3_bp4(inputs, outputs):
     batch = 3
-    xs, x_table = entries("x", batch, inputs)
-    ws, w_table = entries("W", inputs, outputs)
-    gs, g_table = entries("g", batch, outputs)
-    _, b_table = entries("b", outputs)
+    xs, x_table = entries(X, batch, inputs)
+    ws, w_table = entries(W, inputs, outputs)
+    gs, g_table = entries(dy, batch, outputs)
+    _, b_table = entries(b, outputs)
     y = [[sum(xs[(r, m)] * ws[(m, o)] for m in range(inputs)) + sp.Symbol(f"b_{o}") for o in range(outputs)]
          for r in range(batch)]
     objective = sum(gs[(r, o)] * y[r][o] for r in range(batch) for o in range(outputs))

@@ -9,7 +9,7 @@ from derive.reduction import REDUCTIONS, row_weight
 from derive.softmax import (cross_entropy, cross_entropy_gradient, softmax, softmax_jacobian,
                             softmax_jacobian_cases, sparse_target, target_sum_is_one)
 from derive.stability import REWRITES, stable
-from derive.symbols import G, K, c, dy, eps, g, i, j, margin, mask, p, r, slope, t, total, x, y
+from derive.symbols import G, K, c, dy, g, i, j, mask, p, r, t, total, x, y
 from tests.explicit import at_explicit_size, at_point, explicit_symbols, is_zero, max_of, softmax_row
 
 SIZES = [2, 3, 4, 5, 6]
@@ -82,8 +82,7 @@ def point(size, rng, label):
               "w": [sp.Float(v, 50) for v in rng.uniform(0.5, 2, size)],
               "pw": [sp.Float(v, 50) for v in rng.uniform(0.5, 2, size)],
               "g": [sp.Float(v, 50) for v in rng.normal(size=size)]}
-    scalars = {c: label, eps: sp.Float(0.2, 50), mask: 1, margin: sp.Float(0.7, 50), slope: sp.Float(0.1, 50)}
-    return arrays, scalars
+    return arrays, {c: label, mask: 1}
 
 
 def explicit_gradient(expr, size, arrays, scalars, at):
@@ -104,6 +103,7 @@ def test_every_derived_gradient_matches_explicit_differentiation(op, target, var
     """The general-K result of each catalog entry against differentiating it written out at K = size."""
     rng = np.random.default_rng(size)
     arrays, scalars = point(size, rng, label=size - 1)
+    scalars.update({p.symbol: sp.Float(p.example, 50) for p in op.params if p.kind == "scalar"})
     if op.kind == "loss" and op.granularity == "row":  # g is then one row's weight, not an array
         scalars[g] = sp.Float(1.3, 50)
     saved = {base.name: [at_point(d.subs(i, a), size, arrays, scalars) for a in range(size)]
@@ -134,16 +134,18 @@ def forward_expressions():
             yield f"{op.name}-{base}", definition
 
 
-@pytest.mark.parametrize("name, rewrite", REWRITES, ids=[name for name, _ in REWRITES])
+@pytest.mark.parametrize("name, rewrite, exact", REWRITES, ids=[name for name, _, _ in REWRITES])
 @pytest.mark.parametrize("label, expr", list(forward_expressions()), ids=lambda v: v if isinstance(v, str) else "")
-def test_each_stability_rewrite_keeps_the_value(label, expr, name, rewrite):
+def test_each_stability_rewrite_keeps_the_value(label, expr, name, rewrite, exact):
     size, rng = 4, np.random.default_rng(1)
     arrays, scalars = point(size, rng, label=1)
+    scalars.update({p.symbol: sp.Float(p.example, 50) for op in CATALOG.values() for p in op.params
+                    if p.kind == "scalar"})
     arrays["x"] = [sp.Float(v, 50) for v in rng.normal(0, 30, size)]
     for at in range(size):
         before = at_point(expr.subs(i, at), size, arrays, scalars)
         after = at_point(rewrite(expr).subs(i, at), size, arrays, scalars)
-        assert abs(before - after) <= 1e-20 * max(1, abs(before)), (at, before, after)
+        assert abs(before - after) <= (1e-20 if exact else 1e-15) * max(1, abs(before)), (at, before, after)
 
 
 def test_stable_forms_stay_finite_where_the_plain_ones_overflow():

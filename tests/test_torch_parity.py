@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import generated
 from derive.catalog import CATALOG
 from derive.reduction import REDUCTIONS
+from codegen.verify import example_options
 from tests.test_generated import LOSS_CASES, loss_case
 
 LAYERS = {
@@ -16,6 +17,14 @@ LAYERS = {
     "ReLU": torch.relu,
     "LeakyReLU": lambda x, negative_slope=0.01: F.leaky_relu(x, negative_slope),
     "Softplus": F.softplus,
+    "SiLU": F.silu,
+    "GELU": F.gelu,
+    "GELUTanh": lambda x: F.gelu(x, approximate="tanh"),
+    "ELU": lambda x, alpha=1.0: F.elu(x, alpha),
+    "SELU": F.selu,
+    "Mish": F.mish,
+    "Softsign": F.softsign,
+    "HardTanh": lambda x, min_val=-1.0, max_val=1.0: F.hardtanh(x, min_val, max_val),
     "Softmax": lambda x: torch.softmax(x, -1),
     "LogSoftmax": lambda x: F.log_softmax(x, -1),
 }
@@ -31,6 +40,8 @@ def torch_loss(name, x, target, reduction, options):
         return F.binary_cross_entropy_with_logits(x, target, reduction=reduction, **options)
     if name == "MeanSquaredError":
         return F.mse_loss(x, target, reduction=reduction)
+    if name == "Huber":
+        return F.huber_loss(x, target, reduction=reduction, **options)
     # PyTorch's multi_margin_loss divides each row by the class count; seed 002's hinge does not
     return F.multi_margin_loss(x, target, reduction=reduction, **options) * x.shape[1]
 
@@ -53,7 +64,8 @@ def test_layers_match_pytorch(name):
     x = rng.normal(0, 4, (5, 6))
     x[0, :3] = [0.0, 40.0, -40.0]  # the kink and both saturations
     upstream = rng.normal(size=x.shape)
-    options = {"negative_slope": 0.2} if name == "LeakyReLU" else {}
+    options = example_options(CATALOG[name], x.shape, rng)
+    x[1, :2] = list(options.values())[:2] or [0.0, 0.0]  # a parameter's own kink (HardTanh's bounds)
     layer = getattr(generated, name)(**options)
     y, dx = layer.forward(x), None
     dx = layer.backward(upstream)

@@ -1,0 +1,71 @@
+"""What an operation is: the dataclasses every declaration produces, and the registry's rules."""
+import re
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from derive.symbols import K
+
+
+@dataclass(frozen=True)
+class Param:
+    """A constructor option: its symbol in the derivation, PyTorch's default, and the value at which
+    the option has no effect (None if it always matters), which gives the plain kernel."""
+
+    name: str
+    symbol: sp.Basic
+    default: object
+    neutral: object = None
+    kind: str = "scalar"           # scalar | class_weights | element_weights | ignore_index
+    example: object = None         # a value other than the default, for the tests (scalars)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation: its forward in index notation and what its forward saves for backward."""
+
+    name: str                      # class name in generated/
+    kind: str                      # layer: forward(x) -> y; loss: forward(x, target) -> loss; linear
+    summary: str                   # one line for docstrings and the codegen table
+    source: str                    # the derivation the forward comes from
+    forward: sp.Expr               # layer: y_i; loss: the loss of a row, or of element i
+    saved: tuple = ()              # ((base, definition over index i), ...) kept for backward
+    params: tuple = ()             # (Param, ...) in constructor order
+    targets: tuple = ()            # loss target kinds: "labels" (integers) and/or "dense" (x's shape)
+    granularity: str = "row"       # loss: one value per "row" or per "element"
+    mean_weight: dict = field(default_factory=dict)  # target -> each entry's weight in the mean
+    domain: tuple = (-3.0, 3.0)    # inputs drawn uniformly from here in the tests
+    tol: float = 1e-6              # largest finite-difference relative error accepted
+
+    @staticmethod
+    def index_range(index):
+        """The limits of a sum over a row's classes."""
+        return (index, 0, K - 1)
+
+    @property
+    def module(self):
+        """The generated module's name: snake case of the class name (LeakyReLU -> leaky_relu)."""
+        return re.sub(r"(?<=[a-z])(?=[A-Z][a-z])", "_", self.name).lower()
+
+
+KINDS = ("layer", "loss", "linear")
+
+
+RESERVED_MODULES = ("__init__", "_base", "_checks", "network")
+
+
+def build_catalog(*ops, taken=()):
+    """{name: op}, refusing a name declared twice, one in taken, or two names with one module."""
+    catalog, modules = {}, {}
+    for op in ops:
+        if op.name in catalog or op.name in taken:
+            raise ValueError(f"operation {op.name!r} is declared twice (names must be unique)")
+        if op.kind not in KINDS:
+            raise ValueError(f"operation {op.name!r}: kind must be one of {KINDS}, got {op.kind!r}")
+        if op.module in modules or op.module in RESERVED_MODULES:
+            raise ValueError(f"operation {op.name!r}: its module name {op.module!r} is already used"
+                             f" by {modules.get(op.module, 'the generated package')}")
+        catalog[op.name], modules[op.module] = op, op.name
+    return catalog
+
+
