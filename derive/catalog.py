@@ -38,6 +38,7 @@ class Op:
     params: tuple = ()             # (Param, ...) in constructor order
     targets: tuple = ()            # loss target kinds: "labels" (integers) and/or "dense" (x's shape)
     granularity: str = "row"       # loss: one value per "row" or per "element"
+    target_range: tuple = (None, None)  # loss: (low, high) a dense target's entries must lie in
     mean_weight: dict = field(default_factory=dict)  # target -> each entry's weight in the mean
     domain: tuple = (-3.0, 3.0)    # inputs drawn uniformly from here in the tests
     tol: float = 1e-6              # largest finite-difference relative error accepted
@@ -93,7 +94,7 @@ CATALOG = build_catalog(
     Op(name="SoftmaxCrossEntropy", kind="loss",
        summary="softmax then cross-entropy, fused, as torch.nn.functional.cross_entropy",
        source="derive.losses.cross_entropy_options", forward=losses.cross_entropy_options(),
-       saved=((p, softmax(i)),), targets=("labels", "dense"), domain=(-5.0, 5.0),
+       saved=((p, softmax(i)),), targets=("labels", "dense"), target_range=(0, None), domain=(-5.0, 5.0),
        params=(WEIGHT, Param("ignore_index", mask, -100, neutral=1, kind="ignore_index"),
                Param("label_smoothing", eps, 0.0, neutral=0, example=0.2)),
        mean_weight={"labels": losses.cross_entropy_mean_weight()}),
@@ -101,6 +102,7 @@ CATALOG = build_catalog(
        summary="sigmoid then binary cross-entropy, fused, as torch.nn.functional.binary_cross_entropy_with_logits",
        source="derive.losses.binary_cross_entropy", forward=losses.binary_cross_entropy(),
        saved=((p, sigmoid(sp.Indexed(sp.IndexedBase("x"), i))),), targets=("dense",), granularity="element",
+       target_range=(0, 1),
        domain=(-6.0, 6.0),
        params=(Param("weight", w, None, neutral=1, kind="element_weights"),
                Param("pos_weight", pw, None, neutral=1, kind="class_weights"))),
