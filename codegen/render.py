@@ -69,7 +69,7 @@ def plain_condition(op, target):
     tests = {"scalar": lambda p: f"self.{p.name} == {print_code(p.neutral)}",
              "class_weights": lambda p: f"self.{p.name} is None",
              "element_weights": lambda p: f"self.{p.name} is None",
-             "ignore_index": lambda p: f"not np.any(target == self.{p.name})"}
+             "ignore_index": lambda p: "not ignored"}
     return " and ".join(tests[p.kind](p) for p in op.params
                         if p.neutral is not None and (p.kind != "ignore_index" or target == "labels"))
 
@@ -98,7 +98,9 @@ def loss_context(op):
     has_ignore = any(p.kind == "ignore_index" for p in op.params)
     bounds = "".join(f", {name}={value!r}" for name, value in zip(("low", "high"), op.target_range)
                      if value is not None)
-    prepare = {"labels": f"c = label_column(target, x{', self.ignore_index' if has_ignore else ''})",
+    labels = ("c, ignored = label_column(target, x, self.ignore_index)" if has_ignore
+              else "c, _ = label_column(target, x)")
+    prepare = {"labels": labels,
                "dense": f"t = dense_target(target, x{bounds})"}
     checks = sorted({prepare[t].split(" = ")[1].split("(")[0] for t in op.targets}
                     | {line.split(" = ")[1].split("(")[0] for _, paths in by_target for path in paths

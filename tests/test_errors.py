@@ -12,6 +12,7 @@ import generated
 from codegen.verify import example_options, sample_target, with_ignored_row
 from derive.catalog import CATALOG
 from derive.reduction import REDUCTIONS
+from tests import references
 
 OPS = list(CATALOG.values())
 # (op, target kind): every loss once per target kind, every other op once
@@ -357,3 +358,14 @@ def test_the_nan_check_catches_a_kernel_that_swallows_nan():
         _backward = staticmethod(lambda x, g: np.where(x > 0, g, 0))
     problems = nan_problems(CATALOG["ReLU"], None, lambda x: Swallowing(), "mean")
     assert problems == ["NaN in x: gradient NaN at []"]
+
+
+@pytest.mark.parametrize("op", IGNORING, ids=[op.name for op in IGNORING])
+def test_an_ignore_index_that_is_a_class_drops_that_class_rows(op):
+    """label_column reports ignored rows itself; here ignore_index = 1 is also a valid class index."""
+    x, labels = inputs(op, "labels", shape=(6, 3), seed=4)
+    labels[[1, 4]] = 1
+    loss = make(op, x, ignore_index=1)
+    expected = references.LOSSES[op.name](x, labels, "mean", ignore_index=1)
+    assert np.isclose(loss.forward(x, labels), expected, rtol=1e-12)
+    assert not loss.backward()[[1, 4]].any()
