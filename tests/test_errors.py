@@ -202,10 +202,17 @@ def test_sequential_refuses_what_is_not_a_layer():
         generated.Sequential([generated.ReLU(), 3])
 
 
-def test_sgd_step_before_backward_is_refused():
+def test_sgd_step_before_backward_or_after_a_parameter_changed_shape_is_refused():
     layer = generated.Linear(3, 2)
+    optimizer = generated.SGD([(layer, "W")], lr=0.1)
     with pytest.raises(RuntimeError, match=r"no gradient for Linear\.W: call backward\(\) first"):
-        generated.SGD([(layer, "W")], lr=0.1).step()
+        optimizer.step()
+    layer.W = np.zeros((4, 2))
+    layer.forward(np.zeros((5, 4)))
+    layer.backward(np.ones((5, 2)))
+    with pytest.raises(ValueError, match=re.escape("Linear.W has shape (4, 2), its gradient (4, 2) and SGD's "
+                                                   "velocity (3, 2): was W replaced after SGD was made?")):
+        optimizer.step()
 
 
 @pytest.mark.parametrize("arguments, error, text", [
@@ -299,11 +306,14 @@ def test_inputs_are_not_modified(op, kind):
     target = with_ignored_row(target, op) if kind else None
     arrays = [x] + ([target] if kind else []) + [v for v in options.values() if isinstance(v, np.ndarray)]
     before = [a.copy() for a in arrays]
+    for a in arrays:  # a write into any of them raises
+        a.flags.writeable = False
     for reduction in REDUCTIONS if op.kind == "loss" else ("mean",):
         instance = make(op, x, reduction, **options)
         y = forward(op, instance, x, target)
         upstream = rng.normal(size=np.shape(y))
         upstream_before = upstream.copy()
+        upstream.flags.writeable = False
         if op.kind != "loss" or reduction == "none":
             instance.backward(upstream)
         else:
