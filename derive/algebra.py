@@ -65,8 +65,9 @@ def at_kinks(expr):
 
     H(u) of max(0, u) is 0 at its kink, PyTorch's convention for relu and the subgradient the seeds'
     hinge loss uses; a piecewise constant Piecewise((a, u > 0), (b, True)) (a leaky relu's derivative)
-    is b + (a - b) H(u) when a and b do not read u's arrays (so a - b stays finite). As a step, not a choice between branches, a NaN u gives
-    NaN (the printer's H), where np.where(u > 0, a, b) would silently pick b."""
+    is b + (a - b) H(u) when a and b do not read u's arrays (an infinite u then cannot make 0 * inf).
+    As a step, not a choice between branches, a NaN u gives NaN (the printer's H), where
+    np.where(u > 0, a, b) would silently pick b."""
     expr = expr.replace(lambda e: isinstance(e, sp.Heaviside), lambda e: sp.Heaviside(e.args[0], 0))
     return expr.replace(lambda e: _step(e) is not None, lambda e: _step(e))
 

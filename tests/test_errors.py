@@ -100,7 +100,10 @@ def test_element_wise_ops_take_any_shape_even_empty(op, kind, shape):
 @pytest.mark.parametrize("op, kind", LOSS_CASES, ids=case_ids(LOSS_CASES))
 def test_a_target_of_the_wrong_shape_names_the_expected_and_actual_shapes(op, kind):
     x = np.zeros((4, 3))
-    expected, wrong = ((4,), [(5,), (3,), (4, 1), (4, 3)]) if kind == "labels" else ((4, 3), [(4, 4), (3, 3), (4, 3, 1)])
+    if kind == "labels":
+        expected, wrong = (4,), [(5,), (3,), (4, 1), (4, 3)]
+    else:
+        expected, wrong = (4, 3), [(4, 4), (3, 3), (4, 3, 1)]
     for shape in wrong:
         target = np.zeros(shape, int if kind == "labels" else float)
         with pytest.raises(ValueError) as excinfo:
@@ -235,7 +238,10 @@ def test_linear_refuses_x_of_another_width_or_dtype():
         layer.forward(np.zeros((4, 3), np.float32))
 
 
-@pytest.mark.parametrize("op", [op for op in OPS if op.kind == "loss"], ids=[op.name for op in OPS if op.kind == "loss"])
+LOSSES = [op for op in OPS if op.kind == "loss"]
+
+
+@pytest.mark.parametrize("op", LOSSES, ids=[op.name for op in LOSSES])
 def test_bad_loss_options_are_named(op):
     x, target = inputs(op, op.targets[0])
     with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"):

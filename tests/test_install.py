@@ -23,7 +23,8 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOM
 def run(args, cwd):
     """stdout of a command that must succeed; on failure, its output in the assertion message."""
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    command = " ".join(str(a) for a in args)
+    assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
 
