@@ -16,7 +16,8 @@ GENERATOR = ("derive/*.py", "codegen/lower.py", "codegen/printer.py", "codegen/k
              "codegen/render.py", "templates/*.jinja")
 CATALOG_SOURCE = "derive/catalog.py"
 # Loss targets: how forward recognises each kind, and how it checks and prepares it.
-KIND_TESTS = {"labels": 'target.dtype.kind in "iu"', "dense": 'target.dtype.kind == "f"'}
+# A 1-d target of a row loss is labels whatever its dtype, so that float labels get label_column's error.
+KIND_TESTS = {"labels": 'target.dtype.kind in "iu" or target.ndim == 1', "dense": 'target.dtype.kind == "f"'}
 TARGET_DOCS = {"labels": "integer class labels of shape (N,)", "dense": "a float array of x's shape"}
 
 
@@ -68,7 +69,7 @@ def plain_condition(op, target):
     tests = {"scalar": lambda p: f"self.{p.name} == {print_code(p.neutral)}",
              "class_weights": lambda p: f"self.{p.name} is None",
              "element_weights": lambda p: f"self.{p.name} is None",
-             "ignore_index": lambda p: f"not np.any(target == self.{p.name})"}
+             "ignore_index": lambda p: "not ignored"}
     return " and ".join(tests[p.kind](p) for p in op.params
                         if p.neutral is not None and (p.kind != "ignore_index" or target == "labels"))
 
@@ -95,8 +96,12 @@ def loss_context(op):
                           "prepare": general_preparation(op, target) if general else []})
         by_target.append((target, paths))
     has_ignore = any(p.kind == "ignore_index" for p in op.params)
-    prepare = {"labels": f"c = label_column(target, x{', self.ignore_index' if has_ignore else ''})",
-               "dense": f"t = {'probability_rows' if op.granularity == 'row' else 'same_shape'}(target, x)"}
+    bounds = "".join(f", {name}={value!r}" for name, value in zip(("low", "high"), op.target_range)
+                     if value is not None)
+    labels = ("c, ignored = label_column(target, x, self.ignore_index)" if has_ignore
+              else "c, _ = label_column(target, x)")
+    prepare = {"labels": labels,
+               "dense": f"t = dense_target(target, x{bounds})"}
     checks = sorted({prepare[t].split(" = ")[1].split("(")[0] for t in op.targets}
                     | {line.split(" = ")[1].split("(")[0] for _, paths in by_target for path in paths
                        for line in path["prepare"]})

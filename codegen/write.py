@@ -33,21 +33,32 @@ def import_package(folder):
 def publish(staged, out):
     """Move the staged files into out, replacing only those whose content changed; drop stale modules.
 
-    Returns the names of the files written or removed."""
+    If a step fails, the files already replaced or removed get their old content back, so out is as
+    it was. Returns the names of the files written or removed."""
     out.mkdir(parents=True, exist_ok=True)
-    changed = []
     names = {path.name for path in staged.iterdir()}
-    for path in sorted(staged.iterdir()):
-        target = out / path.name
-        if not target.exists() or target.read_bytes() != path.read_bytes():
-            os.replace(path, target)
-            changed.append(path.name)
-    for stale in sorted(out.glob("*.py")):
-        if stale.name not in names:
-            stale.unlink()
-            changed.append(stale.name)
-    shutil.rmtree(staged)
-    return changed
+    changed = [path.name for path in sorted(staged.iterdir())
+               if not (out / path.name).exists() or (out / path.name).read_bytes() != path.read_bytes()]
+    stale = [path.name for path in sorted(out.glob("*.py")) if path.name not in names]
+    previous = {}  # name -> its content before (None: it did not exist), for each file touched so far
+    try:
+        for name in changed + stale:
+            target = out / name
+            previous[name] = target.read_bytes() if target.exists() else None
+            if name in names:
+                os.replace(staged / name, target)
+            else:
+                target.unlink()
+    except BaseException:
+        for name, content in previous.items():
+            if content is None:
+                (out / name).unlink(missing_ok=True)
+            else:
+                (out / name).write_bytes(content)
+        raise
+    finally:
+        shutil.rmtree(staged)
+    return changed + stale
 
 
 def differences(files, out):

@@ -61,10 +61,28 @@ def deltas_out_of_piecewise(expr):
 
 
 def at_kinks(expr):
-    """Heaviside(u) as 1 for u > 0 and 0 otherwise: the derivative of max(0, u) at its kink is taken
-    as 0, PyTorch's convention for relu and the subgradient the seeds' hinge loss uses."""
-    return expr.replace(lambda e: isinstance(e, sp.Heaviside),
-                        lambda e: sp.Piecewise((1, e.args[0] > 0), (0, True)))
+    """Derivatives of kinked functions as steps H(u) = Heaviside(u, 0): 1 for u > 0, 0 for u <= 0.
+
+    H(u) of max(0, u) is 0 at its kink, PyTorch's convention for relu and the subgradient the seeds'
+    hinge loss uses; a piecewise constant Piecewise((a, u > 0), (b, True)) (a leaky relu's derivative)
+    is b + (a - b) H(u) when a and b do not read u's arrays (an infinite u then cannot make 0 * inf).
+    As a step, not a choice between branches, a NaN u gives NaN (the printer's H), where
+    np.where(u > 0, a, b) would silently pick b."""
+    expr = expr.replace(lambda e: isinstance(e, sp.Heaviside), lambda e: sp.Heaviside(e.args[0], 0))
+    return expr.replace(lambda e: _step(e) is not None, lambda e: _step(e))
+
+
+def _step(piecewise):
+    """b + (a - b) H(u) for Piecewise((a, u > 0), (b, True)) with a, b free of u's arrays, else None."""
+    if not isinstance(piecewise, sp.Piecewise) or len(piecewise.args) != 2:
+        return None
+    (a, condition), (b, otherwise) = piecewise.args
+    if otherwise is not sp.true or not isinstance(condition, (sp.StrictGreaterThan, sp.StrictLessThan)):
+        return None
+    if (a.atoms(sp.Indexed) | b.atoms(sp.Indexed)) & condition.atoms(sp.Indexed):
+        return None
+    u = condition.gts - condition.lts
+    return b + (a - b) * sp.Heaviside(u, 0)
 
 
 def in_terms_of(expr, saved, definition, index):

@@ -33,6 +33,7 @@ class Op:
     params: tuple = ()             # (Param, ...) in constructor order
     targets: tuple = ()            # loss target kinds: "labels" (integers) and/or "dense" (x's shape)
     granularity: str = "row"       # loss: one value per "row" or per "element"
+    target_range: tuple = (None, None)  # loss: (low, high) a dense target's entries must lie in
     mean_weight: dict = field(default_factory=dict)  # target -> each entry's weight in the mean
     domain: tuple = (-3.0, 3.0)    # inputs drawn uniformly from here in the tests
     tol: float = 1e-6              # largest finite-difference relative error accepted

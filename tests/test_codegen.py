@@ -1,4 +1,5 @@
 """Generation: drift from the committed files, determinism, headers, atomic and verified writes."""
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -7,7 +8,9 @@ from pathlib import Path
 import pytest
 
 import codegen.kernels as kernels
+import codegen.pipeline as pipeline
 import codegen.render as render
+import codegen.write as write
 import generated
 from codegen.pipeline import codegen
 from codegen.render import TEMPLATES, render_package
@@ -88,17 +91,55 @@ def test_a_kernel_that_fails_its_check_writes_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
 
 
-def test_an_error_mid_run_leaves_the_folder_untouched(tmp_path, monkeypatch):
+def tree(folder):
+    """{relative path: bytes} of every file under folder."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file()}
+
+
+def fail_on(name, function):
+    """function, raising for the catalog entry name (its first argument) as a broken derivation would."""
+    def broken(op, *args, **kwargs):
+        if op.name == name:
+            raise RuntimeError(f"{name} broke mid-run")
+        return function(op, *args, **kwargs)
+    return broken
+
+
+def fail_on_call(number, function):
+    """function, raising OSError on its number-th call (a full disk, say)."""
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        if len(calls) == number:
+            raise OSError("Linear broke mid-run")
+        return function(*args)
+    return broken
+
+
+@pytest.mark.parametrize("step", ["render", "verify", "publish"])
+def test_one_operation_breaking_mid_run_leaves_the_folder_byte_for_byte_unchanged(tmp_path, monkeypatch, step):
+    """Linear, in the middle of the catalog, breaks while rendering, verifying or publishing; the
+    folder holds an older package (every file differs, one module is retired) so that publishing
+    has files to replace and remove when it breaks."""
     out = tmp_path / "pkg"
     shutil.copytree(GENERATED, out)
-    before = snapshot(out)
-
-    def broken(op, *args):
-        raise RuntimeError("derivation failed")
-    monkeypatch.setattr(render, "loss_kernels", broken)
-    with pytest.raises(RuntimeError, match="derivation failed"):
+    for path in out.glob("*.py"):
+        path.write_text(path.read_text() + "# an older version\n")
+    (out / "retired_op.py").write_text("")
+    before = tree(out)
+    if step == "render":
+        monkeypatch.setattr(render, "op_context", fail_on("Linear", render.op_context))
+    elif step == "verify":
+        monkeypatch.setattr(pipeline, "check_op", fail_on("Linear", pipeline.check_op))
+    else:
+        order = sorted(render_package(CATALOG))
+        monkeypatch.setattr(write.os, "replace", fail_on_call(order.index("linear.py") + 1, os.replace))
+    with pytest.raises((RuntimeError, OSError), match="Linear broke mid-run"):
         codegen(CATALOG, out)
-    assert snapshot(out) == before
+    assert tree(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"], "no staging folder may be left behind"
 
 
 def math_in_templates(text):

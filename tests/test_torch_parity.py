@@ -103,8 +103,112 @@ def test_losses_match_pytorch(op, kind, options, reduction):
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-10, atol=1e-15)
 
 
-def test_all_rows_ignored_gives_nan_as_pytorch():
+def test_all_rows_ignored_gives_nan_and_a_zero_gradient_as_pytorch():
     x, target = np.zeros((2, 3)), np.array([-100, -100])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ours = generated.SoftmaxCrossEntropy().forward(x, target)
-    assert np.isnan(ours) and torch.isnan(F.cross_entropy(torch.tensor(x), torch.tensor(target)))
+    loss = generated.SoftmaxCrossEntropy()
+    value, dx = loss.forward(x, target), loss.backward()
+    expected, expected_dx = torch_value_and_grad(lambda t: F.cross_entropy(t, torch.tensor(target)), x, None)
+    assert np.isnan(value) and np.isnan(expected)
+    np.testing.assert_array_equal(dx, expected_dx)
+
+
+# One kind of special value per row: a NaN, +inf, -inf, both infinities, a row of -inf, finite values.
+SPECIAL = np.array([[np.nan, 1.0, 2.0, -1.0], [np.inf, 1.0, 0.0, -1.0], [-np.inf, 1.0, 0.0, -1.0],
+                    [np.inf, -np.inf, 0.5, 1.0], [-np.inf] * 4, [0.5, 1.0, 0.0, -1.0]])
+
+
+def whole_rows(mask):
+    return np.broadcast_to(mask.any(axis=1, keepdims=True), mask.shape)
+
+
+def at_entries(mask, shape):
+    """A mask over SPECIAL's entries as one over an output of the given shape: per entry, per row or whole."""
+    return mask if shape == mask.shape else mask.any(axis=1) if len(shape) == 1 else mask.any()
+
+
+# Where we deliberately differ from PyTorch (README, "NaN and infinities"): at these entries of SPECIAL
+# one of the two results may be NaN where the other is a number. Everything else must be equal, NaN for NaN.
+STRICTER = {
+    "ReLU": np.isnan(SPECIAL),                     # PyTorch's backward passes g through at a NaN x; ours is NaN
+    "LeakyReLU": np.isnan(SPECIAL),                # PyTorch's backward gives slope * g at a NaN x; ours is NaN
+    "HardTanh": np.isnan(SPECIAL),                 # PyTorch's backward gives 0 at a NaN x; ours is NaN
+    "MulticlassHinge": whole_rows(~np.isfinite(SPECIAL)),  # PyTorch turns a NaN margin (NaN, inf - inf) into 0
+    "SoftmaxCrossEntropy": whole_rows(np.isnan(SPECIAL)),  # a NaN in an ignored row: PyTorch skips the row
+    "BinaryCrossEntropyWithLogits": SPECIAL == -np.inf,    # ours +inf, the limit; PyTorch computes -inf + inf
+}
+
+
+def assert_as_pytorch_or_stricter(name, what, ours, theirs):
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    differ = ~np.isclose(ours, theirs, rtol=1e-12, atol=1e-15, equal_nan=True)
+    allowed = (at_entries(STRICTER[name], ours.shape) & (np.isnan(ours) != np.isnan(theirs))
+               if name in STRICTER else np.zeros(ours.shape, bool))
+    wrong = differ & ~allowed
+    assert not wrong.any(), (f"{name} {what}: ours {ours[wrong]} where PyTorch gives {theirs[wrong]}, "
+                             f"at {np.argwhere(wrong).tolist()}")
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layers_on_nan_and_infinities_as_pytorch(name):
+    upstream = np.ones_like(SPECIAL)
+    with np.errstate(invalid="ignore"):  # inf - inf in the max shift of a softmax
+        layer = getattr(generated, name)()
+        y, dx = layer.forward(SPECIAL), layer.backward(upstream)
+    expected, expected_dx = torch_value_and_grad(LAYERS[name], SPECIAL, upstream)
+    assert_as_pytorch_or_stricter(name, "forward", y, expected)
+    assert_as_pytorch_or_stricter(name, "backward", dx, expected_dx)
+
+
+def test_linear_on_nan_and_infinities_as_pytorch():
+    layer = generated.Linear(4, 3, rng=0)
+    upstream = np.ones((6, 3))
+    with np.errstate(invalid="ignore"):
+        y, dx = layer.forward(SPECIAL), layer.backward(upstream)
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (SPECIAL, layer.W, layer.b))
+    ty = F.linear(tx, tw.T, tb)
+    ty.backward(torch.as_tensor(upstream))
+    for what, ours, theirs in (("y", y, ty), ("dx", dx, tx.grad), ("dW", layer.dW, tw.grad), ("db", layer.db, tb.grad)):
+        assert_as_pytorch_or_stricter("Linear", what, ours, theirs.detach().numpy())
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("op, kind, options", LOSS_CASES,
+                         ids=[f"{op.name}-{kind}-{'options' if o else 'defaults'}" for op, kind, o in LOSS_CASES])
+def test_losses_on_nan_and_infinities_as_pytorch(op, kind, options, reduction):
+    _, target, values = loss_case(op, kind, options, SPECIAL.shape, np.random.default_rng(3))
+    upstream = np.ones(SPECIAL.shape[0] if op.granularity == "row" else SPECIAL.shape)
+    with np.errstate(invalid="ignore"):
+        loss = getattr(generated, op.name)(**values, reduction=reduction)
+        value = loss.forward(SPECIAL, target)
+        dx = loss.backward(upstream if reduction == "none" else None)
+    expected, expected_dx = torch_value_and_grad(lambda t: torch_loss(op.name, t, target, reduction, values),
+                                                 SPECIAL, upstream)
+    assert_as_pytorch_or_stricter(op.name, "forward", value, expected)
+    assert_as_pytorch_or_stricter(op.name, "backward", dx, expected_dx)
+
+
+def test_the_comparison_allows_only_the_listed_differences():
+    nan_row = np.where(np.isnan(SPECIAL), np.nan, 0.0)
+    assert_as_pytorch_or_stricter("ReLU", "backward", nan_row, np.zeros(SPECIAL.shape))
+    with pytest.raises(AssertionError, match=r"Softmax forward: ours \[0.\] where PyTorch gives \[nan\]"):
+        assert_as_pytorch_or_stricter("Softmax", "forward", np.zeros(SPECIAL.shape), nan_row)
+    with pytest.raises(AssertionError, match=r"ReLU backward: ours \[1.\] where PyTorch gives \[0.\], at \[\[5, 0\]\]"):
+        assert_as_pytorch_or_stricter("ReLU", "backward", np.eye(6, 4, -5), np.zeros(SPECIAL.shape))
+
+
+# multi_margin_loss reads uninitialised memory for an empty batch (PyTorch 2.13), so there is nothing to compare
+EMPTY_CASES = [(op, kind, options) for op, kind, options in LOSS_CASES if op.name != "MulticlassHinge"]
+
+
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("op, kind, options", EMPTY_CASES,
+                         ids=[f"{op.name}-{kind}-{'options' if o else 'defaults'}" for op, kind, o in EMPTY_CASES])
+def test_an_empty_batch_as_pytorch(op, kind, options, reduction):
+    x, target, values = loss_case(op, kind, options, (0, 4), np.random.default_rng(4))
+    upstream = np.ones((0,) if op.granularity == "row" else x.shape)
+    loss = getattr(generated, op.name)(**values, reduction=reduction)
+    value, dx = loss.forward(x, target), loss.backward(upstream if reduction == "none" else None)
+    expected, expected_dx = torch_value_and_grad(lambda t: torch_loss(op.name, t, target, reduction, values),
+                                                 x, upstream)
+    np.testing.assert_array_equal(value, expected)  # NaN for NaN
+    assert dx.shape == expected_dx.shape == x.shape

@@ -1,0 +1,387 @@
+"""Bad input to every generated class gets an error that names what was wrong; the edge cases (an
+empty batch, NaN, a second backward) have the documented result. Parametrized over the catalog, so a
+new entry is covered with no new test code."""
+import re
+import warnings
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import generated
+from codegen.verify import example_options, sample_target, with_ignored_row
+from derive.catalog import CATALOG
+from derive.reduction import REDUCTIONS
+from tests import references
+
+OPS = list(CATALOG.values())
+# (op, target kind): every loss once per target kind, every other op once
+CASES = [(op, kind) for op in OPS for kind in (op.targets or (None,))]
+LOSS_CASES = [(op, kind) for op, kind in CASES if kind]
+LABEL_OPS = [op for op in OPS if "labels" in op.targets]
+case_ids = lambda cases: [f"{op.name}-{kind}" if kind else op.name for op, kind in cases]  # noqa: E731
+NOT_FLOATS = [np.int64, np.bool_, object, np.complex128, np.float16]
+
+
+def has_classes(op):
+    """Whether op reads rows of classes on its last axis (softmax, a row loss, Linear's features)."""
+    return {"layer": op.forward.has(sp.Sum), "linear": True, "loss": op.granularity == "row"}[op.kind]
+
+
+def make(op, x, reduction="mean", **options):
+    """A fresh instance of op's generated class for input x."""
+    cls = getattr(generated, op.name)
+    if op.kind == "linear":
+        return cls(x.shape[-1], 2, rng=0, dtype=x.dtype)
+    return cls(**options, reduction=reduction) if op.kind == "loss" else cls(**options)
+
+
+def forward(op, instance, x, target):
+    return instance.forward(x, target) if op.kind == "loss" else instance.forward(x)
+
+
+def backward(op, instance, y, reduction="mean"):
+    """instance.backward with an all-ones upstream gradient where it takes one."""
+    takes_upstream = op.kind != "loss" or reduction == "none"
+    return instance.backward(np.ones(np.shape(y), y.dtype)) if takes_upstream else instance.backward()
+
+
+def inputs(op, kind, shape=(4, 3), dtype=np.float64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(*op.domain, shape).astype(dtype), sample_target(kind, shape, rng) if kind else None
+
+
+def message(excinfo):
+    return str(excinfo.value)
+
+
+@pytest.mark.parametrize("dtype", NOT_FLOATS, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
+def test_non_float_x_gets_a_type_error_naming_its_dtype(op, kind, dtype):
+    x, target = inputs(op, kind)
+    instance = make(op, x)
+    with pytest.raises(TypeError, match=rf"x must be a float32 or float64 array, got dtype {np.dtype(dtype)}$"):
+        forward(op, instance, x.astype(dtype), target)
+
+
+@pytest.mark.parametrize("op, kind", [c for c in CASES if has_classes(c[0])],
+                         ids=case_ids([c for c in CASES if has_classes(c[0])]))
+def test_an_empty_or_missing_class_axis_is_refused(op, kind):
+    for shape in ((3, 0), ()) if op.kind == "layer" else ((3, 0),):
+        x = np.zeros(shape)
+        target = np.zeros(3, int) if kind == "labels" else np.zeros(shape)
+        instance = make(op, np.zeros((3, 1)))
+        with pytest.raises(ValueError, match=re.escape(f"x needs a non-empty last (class) axis, got shape {shape}")):
+            forward(op, instance, x, target)
+
+
+@pytest.mark.parametrize("op, kind", [c for c in CASES if c[0].kind != "layer" and has_classes(c[0])],
+                         ids=case_ids([c for c in CASES if c[0].kind != "layer" and has_classes(c[0])]))
+def test_x_of_the_wrong_rank_is_refused(op, kind):
+    instance = make(op, np.zeros((2, 3)))
+    for shape in ((3,), (2, 3, 4)):
+        with pytest.raises(ValueError, match=re.escape(f"x must have 2 dimensions, got shape {shape}")):
+            forward(op, instance, np.zeros(shape), np.zeros(shape[0], int) if kind == "labels" else np.zeros(shape))
+
+
+@pytest.mark.parametrize("op, kind", [c for c in CASES if not has_classes(c[0])],
+                         ids=case_ids([c for c in CASES if not has_classes(c[0])]))
+@pytest.mark.parametrize("shape", [(), (0,), (2, 0), (3,), (2, 3, 2)])
+def test_element_wise_ops_take_any_shape_even_empty(op, kind, shape):
+    x, target = np.full(shape, 0.5), np.full(shape, 0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        instance = make(op, x, reduction="none")
+        y = forward(op, instance, x, target)
+        dx = backward(op, instance, y, reduction="none")
+    assert np.shape(y) == shape and dx.shape == shape
+
+
+@pytest.mark.parametrize("op, kind", LOSS_CASES, ids=case_ids(LOSS_CASES))
+def test_a_target_of_the_wrong_shape_names_the_expected_and_actual_shapes(op, kind):
+    x = np.zeros((4, 3))
+    if kind == "labels":
+        expected, wrong = (4,), [(5,), (3,), (4, 1), (4, 3)]
+    else:
+        expected, wrong = (4, 3), [(4, 4), (3, 3), (4, 3, 1)]
+    for shape in wrong:
+        target = np.zeros(shape, int if kind == "labels" else float)
+        with pytest.raises(ValueError) as excinfo:
+            make(op, x).forward(x, target)
+        assert all(part in message(excinfo) for part in ("target", str(expected), str(shape))), message(excinfo)
+
+
+@pytest.mark.parametrize("op", LABEL_OPS, ids=[op.name for op in LABEL_OPS])
+def test_labels_out_of_range_name_the_first_position_and_value(op):
+    x = np.zeros((6, 3))
+    ignore_index = next((p.default for p in op.params if p.kind == "ignore_index"), None)
+    for bad, at in ((3, 2), (-1, 1), (1000, 4), (-100 if ignore_index is None else -99, 0)):
+        target = np.array([0, 1, 2, 0, 1, 7])  # 7: a second bad label, after the one named
+        target[at] = bad
+        with pytest.raises(ValueError, match=rf"target\[{at}\] = {bad} is not a class index in \[0, 3\)"):
+            make(op, x).forward(x, target)
+    if ignore_index is not None:
+        make(op, x).forward(x, np.array([0, ignore_index, 2, 0, 1, 2]))
+
+
+@pytest.mark.parametrize("op", LABEL_OPS, ids=[op.name for op in LABEL_OPS])
+def test_float_or_bool_labels_are_refused(op):
+    x = np.zeros((3, 3))
+    with pytest.raises(ValueError, match=r"integer class labels, got dtype float64: target\[1\] = 1\.5$"):
+        make(op, x).forward(x, np.array([0.0, 1.5, 2.0]))
+    with pytest.raises(ValueError, match=r"target\[0\] = 0\.0 \(convert with target\.astype\(int\)\)"):
+        make(op, x).forward(x, np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(TypeError, match="integer class labels, got dtype bool"):
+        make(op, x).forward(x, np.array([True, False, True]))
+
+
+DENSE_OPS = [op for op in OPS if "dense" in op.targets]
+
+
+@pytest.mark.parametrize("op", DENSE_OPS, ids=[op.name for op in DENSE_OPS])
+def test_dense_targets_outside_their_range_name_the_first_position_and_value(op):
+    x = np.zeros((3, 3))
+    low, high = op.target_range
+    for bound, step in ((low, -0.25), (high, 0.5)):
+        target = np.full((3, 3), 0.5)
+        target[1, 2] = (0.0 if bound is None else bound) + step
+        target[2, 2] = target[1, 2]
+        if bound is None:  # no bound on that side: accepted
+            make(op, x).forward(x, target)
+            continue
+        with pytest.raises(ValueError, match=re.escape(f"target[1, 2] = {target[1, 2]}")):
+            make(op, x).forward(x, target)
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if op.targets == ("dense",)],
+                         ids=[op.name for op in OPS if op.targets == ("dense",)])
+def test_a_non_float_dense_target_is_refused(op):
+    with pytest.raises(TypeError, match="target must hold a float array of x's shape, got dtype int64"):
+        make(op, np.zeros((2, 3))).forward(np.zeros((2, 3)), np.zeros((2, 3), int))
+
+
+@pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
+def test_an_upstream_gradient_of_the_wrong_shape_or_dtype_is_refused(op, kind):
+    x, target = inputs(op, kind)
+    instance = make(op, x, reduction="none")
+    y = forward(op, instance, x, target)
+    name = "G" if op.kind == "loss" else "g"
+    wrong = y.shape[:-1] + (y.shape[-1] + 1,)
+    with pytest.raises(ValueError, match=re.escape(f"{name} must have shape {y.shape}, got {wrong}")):
+        instance.backward(np.ones(wrong))
+    with pytest.raises(TypeError, match=f"{name} must be a float array, got dtype int64"):
+        instance.backward(np.ones(y.shape, int))
+    if op.kind == "loss":
+        with pytest.raises(ValueError, match='takes G exactly when reduction="none"'):
+            instance.backward()
+        mean = make(op, x)
+        mean.forward(x, target)
+        with pytest.raises(ValueError, match='takes G exactly when reduction="none"'):
+            mean.backward(np.ones(y.shape))
+
+
+@pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
+def test_backward_without_a_successful_forward_is_refused(op, kind):
+    x, target = inputs(op, kind)
+    instance = make(op, x)
+    before = rf"{op.name}\.backward\(\) called before forward\(\) \(or after one that raised\)"
+    with pytest.raises(RuntimeError, match=before):
+        backward(op, instance, np.ones((4, 2 if op.kind == "linear" else 3)))
+    y = forward(op, instance, x, target)
+    with pytest.raises(TypeError):
+        forward(op, instance, x.astype(int), target)
+    with pytest.raises(RuntimeError, match=before):
+        backward(op, instance, y)
+
+
+def test_sequential_backward_before_forward_names_the_layer():
+    net = generated.Sequential([generated.Linear(3, 2), generated.ReLU()])
+    with pytest.raises(RuntimeError, match=r"ReLU\.backward\(\) called before forward\(\)"):
+        net.backward(np.ones((4, 2)))
+
+
+def test_sequential_refuses_what_is_not_a_layer():
+    with pytest.raises(TypeError, match=r"layers\[1\] \(int\) has no forward\(\) and backward\(\)"):
+        generated.Sequential([generated.ReLU(), 3])
+
+
+def test_sgd_step_before_backward_or_after_a_parameter_changed_shape_is_refused():
+    layer = generated.Linear(3, 2)
+    optimizer = generated.SGD([(layer, "W")], lr=0.1)
+    with pytest.raises(RuntimeError, match=r"no gradient for Linear\.W: call backward\(\) first"):
+        optimizer.step()
+    layer.W = np.zeros((4, 2))
+    layer.forward(np.zeros((5, 4)))
+    layer.backward(np.ones((5, 2)))
+    with pytest.raises(ValueError, match=re.escape("Linear.W has shape (4, 2), its gradient (4, 2) and SGD's "
+                                                   "velocity (3, 2): was W replaced after SGD was made?")):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("arguments, error, text", [
+    ((0, 2), ValueError, "in_features must be a positive integer, got 0"),
+    ((3, 2.5), ValueError, "out_features must be a positive integer, got 2.5"),
+    ((3, 2, {"dtype": np.float16}), TypeError, "dtype must be float32 or float64, got float16"),
+    ((3, 2, {"l2": -1.0}), ValueError, "l2 must be non-negative, got -1.0"),
+])
+def test_linear_refuses_bad_arguments(arguments, error, text):
+    *sizes, options = arguments if isinstance(arguments[-1], dict) else (*arguments, {})
+    with pytest.raises(error, match=re.escape(text)):
+        generated.Linear(*sizes, **options)
+
+
+def test_linear_refuses_x_of_another_width_or_dtype():
+    layer = generated.Linear(3, 2)
+    with pytest.raises(ValueError, match=re.escape("x must have shape (N, 3), got (4, 2)")):
+        layer.forward(np.zeros((4, 2)))
+    with pytest.raises(TypeError, match="x has dtype float32 but the layer's W has float64"):
+        layer.forward(np.zeros((4, 3), np.float32))
+
+
+LOSSES = [op for op in OPS if op.kind == "loss"]
+
+
+@pytest.mark.parametrize("op", LOSSES, ids=[op.name for op in LOSSES])
+def test_bad_loss_options_are_named(op):
+    x, target = inputs(op, op.targets[0])
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"):
+        make(op, x, reduction="avg")
+    for param in op.params:
+        if param.kind in ("class_weights", "element_weights"):
+            with pytest.raises(ValueError, match=rf"{param.name} (must have shape|of shape \(2,\) does not)"):
+                make(op, x, **{param.name: np.ones(2)}).forward(x, target)
+            with pytest.raises(TypeError, match=f"{param.name} must hold real numbers, got dtype <U1"):
+                make(op, x, **{param.name: np.array(["a"] * 3)}).forward(x, target)
+
+
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
+def test_a_second_backward_gives_the_same_result(op, kind, reduction):
+    x, target = inputs(op, kind)
+    options = example_options(op, x.shape, np.random.default_rng(1)) if op.kind != "linear" else {}
+    instance = make(op, x, reduction, **options)
+    y = forward(op, instance, x, target)
+    first = backward(op, instance, y, reduction)
+    kept = [first.copy()] + [getattr(instance, "d" + name).copy() for name in getattr(instance, "params", ())]
+    second = backward(op, instance, y, reduction)
+    assert np.array_equal(first, kept[0]), "the second backward changed the first one's result"
+    again = [second] + [getattr(instance, "d" + name) for name in getattr(instance, "params", ())]
+    assert all(np.array_equal(a, b) for a, b in zip(again, kept))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
+def test_an_empty_batch_gives_pytorchs_result_without_warnings(op, kind, reduction, dtype):
+    """N = 0: layers give empty outputs; a loss's mean is NaN and its sum 0, as in PyTorch."""
+    x, target = inputs(op, kind, shape=(0, 3), dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        instance = make(op, x, reduction)
+        y = forward(op, instance, x, target)
+        dx = backward(op, instance, y, reduction)
+    assert dx.shape == x.shape and dx.dtype == dtype and y.dtype == dtype
+    if op.kind != "loss":
+        assert y.shape == (0, 2 if op.kind == "linear" else 3)
+        assert all(np.array_equal(getattr(instance, "d" + name), np.zeros_like(getattr(instance, name)))
+                   for name in getattr(instance, "params", ()))
+    elif reduction == "none":
+        assert y.shape == ((0,) if op.granularity == "row" else x.shape)
+    else:
+        assert y.shape == () and (np.isnan(y) if reduction == "mean" else y == 0)
+
+
+IGNORING = [op for op in OPS if any(p.kind == "ignore_index" for p in op.params)]
+
+
+@pytest.mark.parametrize("op", IGNORING, ids=[op.name for op in IGNORING])
+def test_every_row_ignored_gives_a_nan_mean_and_a_zero_gradient_as_pytorch(op):
+    ignore_index = next(p.default for p in op.params if p.kind == "ignore_index")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = make(op, np.zeros((2, 3)))
+        value = loss.forward(np.ones((2, 3)), np.full(2, ignore_index))
+        assert np.isnan(value) and np.array_equal(loss.backward(), np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
+def test_inputs_are_not_modified(op, kind):
+    rng = np.random.default_rng(6)
+    x, target = inputs(op, kind, shape=(4, 3))
+    options = example_options(op, x.shape, rng) if op.kind != "linear" else {}
+    target = with_ignored_row(target, op) if kind else None
+    arrays = [x] + ([target] if kind else []) + [v for v in options.values() if isinstance(v, np.ndarray)]
+    before = [a.copy() for a in arrays]
+    for a in arrays:  # a write into any of them raises
+        a.flags.writeable = False
+    for reduction in REDUCTIONS if op.kind == "loss" else ("mean",):
+        instance = make(op, x, reduction, **options)
+        y = forward(op, instance, x, target)
+        upstream = rng.normal(size=np.shape(y))
+        upstream_before = upstream.copy()
+        upstream.flags.writeable = False
+        if op.kind != "loss" or reduction == "none":
+            instance.backward(upstream)
+        else:
+            instance.backward()
+        assert np.array_equal(upstream, upstream_before)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, before))
+
+
+def nan_problems(op, kind, make_instance, reduction):
+    """How the outputs of one forward and backward with one NaN in x (or the target) break the NaN
+    policy; [] when they keep it. The policy: every value that depends on the NaN is NaN (an element,
+    the row of a row op, the loss), every other stays finite; the gradient is NaN at the NaN itself."""
+    x, target = inputs(op, kind, shape=(4, 3), seed=2)
+    target = with_ignored_row(target, op) if kind else None  # row 0 ignored where the op can; the NaN is in row 2
+    at = (2, 1)
+    problems = []
+    for where in ("x", "target") if kind == "dense" else ("x",):
+        x_nan, target_nan = x.copy(), None if target is None else target.copy()
+        (x_nan if where == "x" else target_nan)[at] = np.nan
+        instance = make_instance(x_nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = forward(op, instance, x_nan, target_nan)
+            dx = backward(op, instance, y, reduction)
+        depends = np.zeros(x.shape if op.kind == "loss" else y.shape, bool)
+        depends[at[0] if has_classes(op) else at] = True
+        if op.kind == "loss":
+            depends = depends[:, 0] if op.granularity == "row" else depends
+            depends = depends if reduction == "none" else np.array(True)
+        if not np.array_equal(np.isnan(y), depends):
+            problems.append(f"NaN in {where}: forward NaN at {np.argwhere(np.isnan(y)).tolist()}")
+        gradient = instance.dW if op.kind == "linear" else dx
+        nan_at, rows = (at[1], at[1]) if op.kind == "linear" else (at, at[0] if has_classes(op) else at)
+        elsewhere = np.ones(gradient.shape, bool)
+        elsewhere[rows] = False
+        if not np.isnan(gradient[nan_at]).all() or np.isnan(gradient[elsewhere]).any():
+            problems.append(f"NaN in {where}: gradient NaN at {np.argwhere(np.isnan(gradient)).tolist()}")
+    return problems
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("options", [False, True], ids=["defaults", "options"])
+@pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
+def test_nan_propagates_to_every_value_that_depends_on_it(op, kind, options, reduction):
+    values = example_options(op, (4, 3), np.random.default_rng(3)) if options and op.kind != "linear" else {}
+    assert nan_problems(op, kind, lambda x: make(op, x, reduction, **values), reduction) == []
+
+
+def test_the_nan_check_catches_a_kernel_that_swallows_nan():
+    """np.where(x > 0, g, 0), ReLU's backward before kinks became steps, turns a NaN x into 0."""
+    class Swallowing(generated.ReLU):
+        _backward = staticmethod(lambda x, g: np.where(x > 0, g, 0))
+    problems = nan_problems(CATALOG["ReLU"], None, lambda x: Swallowing(), "mean")
+    assert problems == ["NaN in x: gradient NaN at []"]
+
+
+@pytest.mark.parametrize("op", IGNORING, ids=[op.name for op in IGNORING])
+def test_an_ignore_index_that_is_a_class_drops_that_class_rows(op):
+    """label_column reports ignored rows itself; here ignore_index = 1 is also a valid class index."""
+    x, labels = inputs(op, "labels", shape=(6, 3), seed=4)
+    labels[[1, 4]] = 1
+    loss = make(op, x, ignore_index=1)
+    expected = references.LOSSES[op.name](x, labels, "mean", ignore_index=1)
+    assert np.isclose(loss.forward(x, labels), expected, rtol=1e-12)
+    assert not loss.backward()[[1, 4]].any()

@@ -1,0 +1,78 @@
+"""symgrad installs anywhere: its wheel, installed (not editable) into a fresh virtual environment and
+run from outside the repository, imports every generated layer, prints a derivation and regenerates
+the package with symgrad codegen --out. The slowest test (about half a minute): it builds a wheel and
+installs NumPy, SymPy and Jinja2 (the versions this environment has) into the new environment."""
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+import generated
+from codegen.render import ROOT, TEMPLATES
+
+SOURCES = ("pyproject.toml", "README.md", "derive", "codegen", "generated", "templates")
+GENERATED = Path(generated.__file__).parent
+ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
+def run(args, cwd):
+    """stdout of a command that must succeed; on failure, its output in the assertion message."""
+    result = subprocess.run([str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    command = " ".join(str(a) for a in args)
+    assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(wheel, venv folder, a working folder outside the repository) with symgrad installed from the wheel."""
+    work = tmp_path_factory.mktemp("install")
+    source = work / "source"  # a copy, so that building leaves no build/ or egg-info in the repository
+    source.mkdir()
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", ".symgrad-*"))
+        else:
+            shutil.copy2(ROOT / name, source / name)
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", source, "-w", work / "dist"], cwd=work)
+    (wheel,) = (work / "dist").glob("symgrad-*.whl")
+    run([sys.executable, "-m", "venv", work / "venv"], cwd=work)
+    pins = [f"{name}=={version(name)}" for name in ("numpy", "sympy", "jinja2")]
+    run([work / "venv" / "bin" / "python", "-m", "pip", "install", "--quiet", wheel, *pins], cwd=work)
+    return wheel, work / "venv", work
+
+
+def test_the_wheel_holds_the_templates_and_the_generated_package(installed):
+    names = set(zipfile.ZipFile(installed[0]).namelist())
+    assert {f"templates/{path.name}" for path in TEMPLATES.glob("*.jinja")} <= names
+    assert {f"generated/{path.name}" for path in GENERATED.glob("*.py")} <= names
+
+
+def test_every_generated_layer_imports_from_the_installed_package(installed):
+    _, venv, work = installed
+    script = ("import generated, numpy as np\n"
+              "for name in generated.__all__: getattr(generated, name)\n"
+              "loss = generated.SoftmaxCrossEntropy()\n"
+              "loss.forward(np.zeros((2, 3)), np.array([0, 2])); loss.backward()\n"
+              "print(generated.__file__); print(' '.join(generated.__all__))")
+    where, names = run([venv / "bin" / "python", "-c", script], cwd=work).splitlines()
+    assert Path(where).is_relative_to(venv) and not Path(where).is_relative_to(ROOT)
+    assert names.split() == generated.__all__
+
+
+def test_symgrad_derive_runs_from_the_installed_package(installed):
+    _, venv, work = installed
+    assert run([venv / "bin" / "symgrad", "derive", "softmax"], cwd=work).startswith("\\begin{align*}")
+
+
+def test_symgrad_codegen_out_writes_the_committed_package(installed):
+    _, venv, work = installed
+    out = work / "regenerated"
+    run([venv / "bin" / "symgrad", "codegen", "--out", out], cwd=work)
+    written = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert written == {path.name: path.read_bytes() for path in GENERATED.glob("*.py")}

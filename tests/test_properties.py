@@ -1,0 +1,78 @@
+"""Property-based tests (hypothesis) of every catalog entry at extreme values: logits up to +-1e4 in
+float32 and float64, exponentials' overflow points (+-80, +-88.8, +-100, +-700), rows with one huge
+entry and all-equal rows. No floating-point overflow or invalid operation happens on the way, every
+value and gradient is finite, and each value agrees with the float64 reference of tests/references.py."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+
+import generated
+from derive.catalog import CATALOG
+from tests import references
+from tests.test_errors import CASES, backward, case_ids, forward, make
+
+BOUND = 1e4
+EXTREMES = [0.0, 80.0, -80.0, 88.8, -88.8, 100.0, -100.0, 700.0, -700.0, BOUND, -BOUND]
+ROWS = ("free", "all equal", "one huge entry")
+
+
+@st.composite
+def extreme_case(draw, kind, dtype):
+    """(x, target): x of shape (N, K) from [-1e4, 1e4] and the extremes, target of the kind."""
+    n, k = draw(st.integers(1, 4)), draw(st.integers(1, 5))
+    width = np.finfo(dtype).bits
+    values = st.one_of(st.floats(-BOUND, BOUND, width=width), st.sampled_from(EXTREMES))
+    x = draw(arrays(dtype, (n, k), elements=values))
+    rows = draw(st.sampled_from(ROWS))
+    if rows == "all equal":
+        x[:] = x[:, :1]
+    elif rows == "one huge entry":
+        x[:] = -BOUND
+        x[np.arange(n), draw(arrays(np.int64, n, elements=st.integers(0, k - 1)))] = BOUND
+    if kind == "labels":
+        return x, draw(arrays(np.int64, n, elements=st.integers(0, k - 1)))
+    return x, None if kind is None else draw(arrays(dtype, (n, k), elements=st.floats(0, 1, width=width)))
+
+
+def reference(op, instance, x, target):
+    """The float64 value of op at x from tests/references.py (per entry for a loss)."""
+    x = x.astype(np.float64)
+    if op.kind == "linear":
+        return x @ instance.W.astype(np.float64) + instance.b.astype(np.float64)
+    if op.kind == "layer":
+        return references.LAYERS[op.name](x)
+    return references.LOSSES[op.name](x, target, "none")
+
+
+def check_extremes(op, kind, x, target, instance):
+    """Forward and backward of instance at x raise no floating-point error, give finite values and
+    gradients, and values close to the reference."""
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        y = forward(op, instance, x, target)
+        dx = backward(op, instance, y, "none")
+    gradients = [dx] + [getattr(instance, "d" + name) for name in getattr(instance, "params", ())]
+    assert y.dtype == x.dtype and all(np.isfinite(a).all() for a in [y] + gradients)
+    scale = 64 * np.finfo(x.dtype).eps * (1 + np.abs(x).max()) * x.shape[-1]
+    np.testing.assert_allclose(y, reference(op, instance, x, target), atol=scale,
+                               rtol=1e-4 if x.dtype == np.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_extreme_values_give_finite_values_and_gradients_close_to_the_reference(op, kind, dtype, data):
+    x, target = data.draw(extreme_case(kind, dtype))
+    check_extremes(op, kind, x, target, make(op, x, "none"))
+
+
+def test_the_check_catches_a_softmax_without_the_max_shift():
+    class Unshifted(generated.Softmax):
+        def _forward(self, x):
+            y = np.exp(x) / np.sum(np.exp(x), axis=-1, keepdims=True)
+            return y, dict(y=y)
+    x = np.array([[BOUND, 0.0]])
+    check_extremes(CATALOG["Softmax"], None, x, None, generated.Softmax())
+    with pytest.raises(FloatingPointError, match="overflow"):
+        check_extremes(CATALOG["Softmax"], None, x, None, Unshifted())
