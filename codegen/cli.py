@@ -1,5 +1,6 @@
-"""The symgrad command: symgrad codegen, symgrad derive NAME."""
+"""The symgrad command: symgrad codegen, symgrad derive NAME, symgrad demo."""
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -46,6 +47,19 @@ def run_codegen(args):
     return 0
 
 
+def run_demo(args):
+    missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"symgrad demo: {', '.join(missing)} missing; install the demo extra: pip install 'symgrad[demo]'",
+              file=sys.stderr)
+        return 2
+    from codegen.demo import Config, run, summary
+    results = run(Config(hidden=args.hidden, epochs=args.epochs), Path(args.out))
+    print(summary(results))
+    print(f"loss_curves.png, gradient_factor.png and results.json written in {args.out}")
+    return 0
+
+
 def parser():
     top = argparse.ArgumentParser(prog="symgrad", description="Derive, generate and verify gradient code.")
     commands = top.add_subparsers(dest="command", required=True)
@@ -57,6 +71,11 @@ def parser():
     generate = commands.add_parser("codegen", help="derive, generate and verify the kernels")
     generate.add_argument("--out", default=str(ROOT / "generated"), help="the package folder to write")
     generate.set_defaults(run=run_codegen)
+    demo = commands.add_parser("demo", help="train generated layers on the digits; plot MSE vs cross-entropy")
+    demo.add_argument("--out", default="build/demo", help="the folder for the plots and results.json")
+    demo.add_argument("--hidden", choices=("relu", "tanh"), default="relu", help="the hidden layer's activation")
+    demo.add_argument("--epochs", type=int, default=20)
+    demo.set_defaults(run=run_demo)
     return top
 
 
