@@ -1,44 +1,47 @@
-"""Derivations as lists of steps (lhs, rhs, rule), each rhs a SymPy result; printing is elsewhere."""
-from dataclasses import dataclass
-
+"""Every derivation symgrad prints: the gradient and the stable forms of each catalog entry, computed
+from the entry, and the named ones a student asks for (seeds 000-004). Pure: each returns a Derivation."""
 import sympy as sp
 
-from derive.reduction import REDUCTIONS, row_weight
-from derive.softmax import (cross_entropy_gradient, softmax, softmax_jacobian, softmax_jacobian_cases,
-                            target_sum_is_one)
-from derive.symbols import L, i, j, k, n, over_classes, p, t, x
+from derive.algebra import in_terms_of
+from derive.catalog import CATALOG
+from derive.derivation_steps import Derivation, elementwise_derivation, jacobian_steps, op_derivations
+from derive.softmax import softmax
+from derive.symbols import i, j, p
+
+X = sp.Symbol("x")                                  # the input of an element-wise activation
+ALPHA = sp.Symbol("alpha", positive=True)           # LeakyReLU's slope below 0
 
 
-@dataclass(frozen=True)
-class Step:
-    """One equation of a derivation and the rule that produced it."""
-
-    lhs: sp.Expr
-    rhs: sp.Expr
-    rule: str
+def activation(expr, title):
+    """A builder of the element-wise derivation of expr by x."""
+    return lambda: elementwise_derivation(expr, X, title)
 
 
-def softmax_steps():
-    """The softmax Jacobian and its two cases (seeds 001, 002, 003)."""
-    dp = sp.Derivative(p[i], x[j])
-    cases = softmax_jacobian_cases()
-    return [Step(p[i], softmax(i), "definition"),
-            Step(dp, softmax_jacobian(), "quotient rule, contraction of a Kronecker delta"),
-            Step(sp.Subs(dp, j, i), cases["i = j"], "case i = j"),
-            Step(dp, cases["i != j"], "case i not equal to j")]
+def softmax_jacobian():
+    """dp_i/dx_j = p_i (delta_ij - p_j), and its cases i = j and i != j (seeds 001-004)."""
+    steps, _ = jacobian_steps(p, softmax(i), i, j, lambda e: in_terms_of(e, p, softmax(i), i))
+    return Derivation("The softmax Jacobian and its two cases (seeds 001 to 004)", tuple(steps), ((p[i], softmax(i)),))
 
 
-def softmax_cross_entropy_steps():
-    """dL/dx_j = p_j - t_j for L = -sum_k t_k log p_k, and the batch mean's 1/N (seeds 000, 002, 004)."""
-    dL = sp.Derivative(sp.Symbol("L"), x[j])
-    reduced = target_sum_is_one(cross_entropy_gradient())
-    mean = sp.Symbol(r"\bar{L}")
-    return [Step(sp.Symbol("L"), -over_classes(t[k] * sp.log(p[k]), k), "definition, p = softmax(x)"),
-            Step(dL, cross_entropy_gradient(), "chain rule, contraction of a Kronecker delta"),
-            Step(dL, reduced, "substitution: the target row sums to 1"),
-            Step(mean, REDUCTIONS["mean"], "batch mean"),
-            Step(sp.Derivative(mean, x[j]), row_weight(REDUCTIONS["mean"]) * reduced,
-                 "chain rule: each row weighs 1/N in the mean")]
+NAMED = {
+    "softmax_jacobian": softmax_jacobian,
+    "sigmoid_derivative": activation(1 / (1 + sp.exp(-X)), "Sigmoid activation (seed 001)"),
+    "tanh_derivative": activation(sp.tanh(X), "Tanh activation (seed 001)"),
+    "relu_derivative": activation(sp.Piecewise((0, X < 0), (X, True)), "ReLU activation"),
+    "leaky_relu_derivative": activation(sp.Piecewise((ALPHA * X, X < 0), (X, True)), "LeakyReLU activation"),
+}
 
 
-DERIVATIONS = {"softmax": softmax_steps, "softmax_cross_entropy": softmax_cross_entropy_steps}
+def build_registry(catalog, named):
+    """{name: function returning its Derivation}: each catalog entry's, then the named ones; a name
+    declared twice is refused."""
+    registry = {}
+    for builders in [*(op_derivations(op) for op in catalog.values()), named]:
+        for name, build in builders.items():
+            if name in registry:
+                raise ValueError(f"derivation {name!r} is declared twice")
+            registry[name] = build
+    return registry
+
+
+DERIVATIONS = build_registry(CATALOG, NAMED)
