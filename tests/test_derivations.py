@@ -6,6 +6,7 @@ import sympy as sp
 
 from derive.catalog import CATALOG
 from derive.derivation_check import check_derivation
+from derive.derivation_networks import SIGMA
 from derive.derivation_steps import LABEL_LOSS, LOSS, OUTPUT, Derivation, Step, elementwise_derivation
 from derive.derivations import DERIVATIONS, NAMED, build_registry
 from derive.gradients import layer_backward, loss_forward, loss_gradient
@@ -73,6 +74,7 @@ def test_the_seed_000_steps_and_its_worked_example():
     ("sigmoid_derivative", OUTPUT * (1 - OUTPUT)),
     ("tanh_derivative", 1 - OUTPUT ** 2),
     ("relu_derivative", sp.Piecewise((0, X < 0), (1, True))),
+    ("softplus_derivative", SIGMA(X)),
 ])
 def test_activations_end_at_their_textbook_derivatives(name, result):
     assert derivation(name).steps[-1].rhs == result
@@ -82,6 +84,19 @@ def test_the_softmax_jacobian_has_both_cases():
     cases = {step.rule: step.rhs for step in derivation("softmax_jacobian").steps}
     assert sp.expand(cases["case i = j"] - p[i] * (1 - p[i])) == 0
     assert cases["case i not equal to j"] == -p[i] * p[j]
+
+
+def test_mse_with_a_sigmoid_carries_the_vanishing_factor_cross_entropy_does_not():
+    a, z, target = sp.symbols("a z t")
+    steps = derivation("sigmoid_cross_entropy_vs_mse").steps
+    by_z = [s.rhs for s in steps if isinstance(s.lhs, sp.Derivative) and s.lhs.variables == (z,)]
+    assert a - target in by_z and any(sp.expand(e - (a - target) * a * (1 - a)) == 0 for e in by_z)
+    assert [s.rhs for s in steps if isinstance(s.lhs, sp.Limit)] == [0, 0]
+
+
+def test_backprop_names_its_four_equations():
+    rules = " ".join(step.rule for step in derivation("backprop").steps)
+    assert all(f"BP{number}" in rules for number in range(1, 5))
 
 
 def check(steps, definitions, ranges=()):
@@ -135,4 +150,4 @@ def test_an_element_wise_derivation_refuses_what_it_cannot_derive():
 
 def test_the_registry_refuses_a_name_declared_twice():
     with pytest.raises(ValueError, match="'softmax' is declared twice"):
-        build_registry(CATALOG, {"softmax": NAMED["softmax_jacobian"]})
+        build_registry(CATALOG, {"softmax": NAMED["linear"]})
