@@ -1,4 +1,4 @@
-"""The symgrad command: symgrad codegen, symgrad derive NAME."""
+"""The symgrad command: symgrad codegen, symgrad derive NAME, symgrad docs."""
 import argparse
 import sys
 import tokenize
@@ -8,6 +8,8 @@ import sympy as sp
 
 from codegen.latex import FORMATS
 from codegen.render import ROOT
+
+KATEX_DIST = ROOT / "build" / "node" / "node_modules" / "katex" / "dist"
 
 
 def run_derive(args):
@@ -60,6 +62,22 @@ def checked(derivation, verbose):
     return True
 
 
+def run_docs(args):
+    from codegen.docs import headless_chromium, write_docs
+    from derive.derivations import DERIVATIONS
+    katex = Path(args.katex)
+    if not (katex / "katex.min.js").exists():
+        print(f"symgrad docs: no KaTeX in {katex}; make docs installs it (npm ci in build/node)", file=sys.stderr)
+        return 1
+    for path in write_docs(Path(args.out), DERIVATIONS, katex):
+        print(f"wrote {path}")
+    if args.screenshot:
+        headless_chromium(Path(args.out).resolve() / "derivations.html", "--window-size=1000,1250",
+                          f"--screenshot={Path(args.screenshot).resolve()}")
+        print(f"wrote {args.screenshot}")
+    return 0
+
+
 def run_codegen(args):
     from codegen.pipeline import codegen, summary
     from derive.catalog import CATALOG
@@ -85,6 +103,11 @@ def parser():
     derive.add_argument("--wrt", default="x", help="the variable of --expr (default x)")
     derive.add_argument("--check", action="store_true", help="check every step first, reporting on stderr")
     derive.set_defaults(run=run_derive)
+    docs = commands.add_parser("docs", help="write every derivation as Markdown and as HTML rendered by KaTeX")
+    docs.add_argument("--out", default=str(ROOT / "build" / "docs"), help="the folder to write")
+    docs.add_argument("--katex", default=str(KATEX_DIST), help="KaTeX's dist folder, bundled beside the HTML")
+    docs.add_argument("--screenshot", help="also save a PNG of the HTML as headless Chromium renders it")
+    docs.set_defaults(run=run_docs)
     generate = commands.add_parser("codegen", help="derive, generate and verify the kernels")
     generate.add_argument("--out", default=str(ROOT / "generated"), help="the package folder to write")
     generate.set_defaults(run=run_codegen)

@@ -71,6 +71,11 @@ def test_derive_names_what_is_wrong(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_docs_says_where_katex_is_missing(capsys, tmp_path):
+    assert main(["docs", "--out", str(tmp_path / "docs"), "--katex", str(tmp_path)]) == 1
+    assert f"no KaTeX in {tmp_path}" in capsys.readouterr().err
+
+
 def test_the_console_script_generates_and_lists_every_operation(tmp_path):
     result = run("codegen", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
