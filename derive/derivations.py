@@ -130,7 +130,7 @@ NAMED = {
     "relu_derivative": activation(sp.Piecewise((0, X < 0), (X, True)), "ReLU activation"),
     "leaky_relu_derivative": activation(sp.Piecewise((ALPHA * X, X < 0), (X, True)), "LeakyReLU activation"),
     "softplus_derivative": softplus,
-    "linear": linear,
+    "linear_vjp": linear,
     "backprop": backprop,
     "l2_penalty": l2_penalty,
     "linear_softmax_classifier": linear_softmax_classifier,
@@ -138,14 +138,15 @@ NAMED = {
     "class_weights": class_weights,
     "reductions": reductions,
     "softmax_shift_invariance": softmax_shift_invariance,
-    "log_softmax": log_softmax,
+    "log_sum_exp": log_softmax,
     "binary_cross_entropy_stable": binary_cross_entropy_stable,
 }
 
 
 def build_registry(catalog, named):
     """{name: function returning its Derivation}: each catalog entry's, then the named ones; a name
-    declared twice is refused."""
+    declared twice is refused (a named one must not take the name of an entry's module, or of it
+    with _stable: Linear will be linear, LogSoftmax log_softmax)."""
     registry = {}
     for builders in [*(op_derivations(op) for op in catalog.values()), named]:
         for name, build in builders.items():
