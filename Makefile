@@ -1,9 +1,12 @@
-# Everything runs in .venv, made and filled here, so a fresh clone needs only python3 and make.
+# Everything runs in .venv, made and filled here, so a fresh clone needs only python3 and make;
+# the derivation documents and their tests add Node.js with npm (KaTeX) and, as root, Chromium.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+NODE := build/node
+KATEX := $(NODE)/node_modules/katex/dist
 
-.PHONY: test codegen demo clean
+.PHONY: test codegen demo docs screenshot chromium clean
 .DEFAULT_GOAL := test
 
 $(PY):
@@ -19,7 +22,20 @@ $(VENV)/demo-installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[demo]"
 	touch $@
 
-test: $(VENV)/installed
+# KaTeX at the version the lockfile pins (npm warns that its command-line tool, which we do not use,
+# wants a newer Node.js than 20).
+$(NODE)/installed: codegen/docs_assets/package.json codegen/docs_assets/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js 20 or newer with npm"; exit 1; }
+	mkdir -p $(NODE)
+	cp $^ $(NODE)/
+	cd $(NODE) && npm ci --no-audit --no-fund
+	touch $@
+
+chromium:
+	@command -v chromium >/dev/null || { apt-get update && apt-get install -y --no-install-recommends chromium; } \
+		|| { echo "chromium not found and not installable here: apt-get install chromium (as root)"; exit 1; }
+
+test: $(VENV)/installed $(NODE)/installed chromium
 	$(PY) -m pytest
 
 codegen: $(VENV)/installed
@@ -27,6 +43,13 @@ codegen: $(VENV)/installed
 
 demo: $(VENV)/demo-installed
 	$(VENV)/bin/symgrad demo
+
+docs: $(VENV)/installed $(NODE)/installed
+	$(VENV)/bin/symgrad docs --out build/docs --katex $(KATEX)
+
+# The README's picture of build/docs/derivations.html.
+screenshot: $(VENV)/installed $(NODE)/installed chromium
+	$(VENV)/bin/symgrad docs --out build/docs --katex $(KATEX) --screenshot codegen/docs_assets/derivations.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,36 +1,81 @@
-"""The symgrad command: symgrad codegen, symgrad derive NAME, symgrad demo."""
+"""The symgrad command: symgrad codegen, symgrad derive NAME, symgrad docs, symgrad demo."""
 import argparse
 import importlib.util
 import sys
+import tokenize
 from pathlib import Path
 
 import sympy as sp
 
+from codegen.latex import FORMATS
 from codegen.render import ROOT
 
-FORMATS = ("latex", "text")
-
-
-def format_steps(steps, fmt):
-    """A derivation as a LaTeX align* block or as pretty-printed text, one numbered step a line."""
-    if fmt == "latex":
-        rows = [rf"{sp.latex(s.lhs)} &= {sp.latex(s.rhs)} && \text{{({number}) {s.rule}}}"
-                for number, s in enumerate(steps, 1)]
-        return "\\begin{align*}\n" + " \\\\\n".join(rows) + "\n\\end{align*}"
-    return "\n\n".join(f"({number}) {s.rule}\n{sp.pretty(sp.Eq(s.lhs, s.rhs, evaluate=False))}"
-                       for number, s in enumerate(steps, 1))
+KATEX_DIST = ROOT / "build" / "node" / "node_modules" / "katex" / "dist"
 
 
 def run_derive(args):
+    from codegen.latex import format_derivation
     from derive.derivations import DERIVATIONS
-    if args.list or not args.name:
+    if args.expr is not None and args.name:
+        print("symgrad derive: give a derivation's name or --expr, not both", file=sys.stderr)
+        return 2
+    if args.expr is not None:
+        derivation = expression_derivation(args.expr, args.wrt)
+        if derivation is None:
+            return 2
+    elif args.list or not args.name:
         print("\n".join(DERIVATIONS))
         return 0
-    if args.name not in DERIVATIONS:
+    elif args.name not in DERIVATIONS:
         print(f"symgrad derive: no derivation named {args.name!r}; try one of: {', '.join(DERIVATIONS)}",
               file=sys.stderr)
         return 2
-    print(format_steps(DERIVATIONS[args.name](), args.format))
+    else:
+        derivation = DERIVATIONS[args.name]()
+    # an --expr derivation is always checked (quietly unless asked): no test has seen its input
+    if (args.check or args.expr is not None) and not checked(derivation, args.check):
+        return 1
+    print(format_derivation(derivation, args.format))
+    return 0
+
+
+def expression_derivation(text, wrt):
+    """The element-wise derivation of text by wrt, or None after saying what is wrong with them."""
+    from derive.derivation_steps import elementwise_derivation
+    try:
+        expr = sp.parse_expr(text)
+        return elementwise_derivation(expr, sp.Symbol(wrt), f"y = {text}")
+    except (SyntaxError, tokenize.TokenError, TypeError, ValueError, sp.SympifyError) as error:
+        print(f"symgrad derive: cannot derive --expr {text!r} by {wrt}: {error}", file=sys.stderr)
+        return None
+
+
+def checked(derivation, verbose):
+    """Check every step, report on stderr each one (if verbose) or each that fails; whether all hold."""
+    from derive.derivation_check import check_derivation
+    checks = check_derivation(derivation)
+    for check in checks:
+        if verbose or not check.ok:
+            print(check.report(), file=sys.stderr)
+    if not all(check.ok for check in checks):
+        print("symgrad derive: a step does not hold; nothing printed", file=sys.stderr)
+        return False
+    return True
+
+
+def run_docs(args):
+    from codegen.docs import headless_chromium, write_docs
+    from derive.derivations import DERIVATIONS
+    katex = Path(args.katex)
+    if not (katex / "katex.min.js").exists():
+        print(f"symgrad docs: no KaTeX in {katex}; make docs installs it (npm ci in build/node)", file=sys.stderr)
+        return 1
+    for path in write_docs(Path(args.out), DERIVATIONS, katex):
+        print(f"wrote {path}")
+    if args.screenshot:
+        headless_chromium(Path(args.out).resolve() / "derivations.html", "--window-size=1000,1250",
+                          f"--screenshot={Path(args.screenshot).resolve()}")
+        print(f"wrote {args.screenshot}")
     return 0
 
 
@@ -63,11 +108,20 @@ def run_demo(args):
 def parser():
     top = argparse.ArgumentParser(prog="symgrad", description="Derive, generate and verify gradient code.")
     commands = top.add_subparsers(dest="command", required=True)
-    derive = commands.add_parser("derive", help="print a derivation")
+    derive = commands.add_parser("derive", help="print a derivation, every step with the rule that produced it")
     derive.add_argument("name", nargs="?", help="which derivation (see --list)")
     derive.add_argument("--list", action="store_true", help="list the derivations")
-    derive.add_argument("--format", choices=FORMATS, default="latex")
+    derive.add_argument("--format", choices=FORMATS, default="latex",
+                        help="latex: an align* block; markdown: math between $$; text: for a terminal")
+    derive.add_argument("--expr", help="derive this element-wise expression instead, e.g. 'log(1 + exp(x))'")
+    derive.add_argument("--wrt", default="x", help="the variable of --expr (default x)")
+    derive.add_argument("--check", action="store_true", help="check every step first, reporting on stderr")
     derive.set_defaults(run=run_derive)
+    docs = commands.add_parser("docs", help="write every derivation as Markdown and as HTML rendered by KaTeX")
+    docs.add_argument("--out", default=str(ROOT / "build" / "docs"), help="the folder to write")
+    docs.add_argument("--katex", default=str(KATEX_DIST), help="KaTeX's dist folder, bundled beside the HTML")
+    docs.add_argument("--screenshot", help="also save a PNG of the HTML as headless Chromium renders it")
+    docs.set_defaults(run=run_docs)
     generate = commands.add_parser("codegen", help="derive, generate and verify the kernels")
     generate.add_argument("--out", default=str(ROOT / "generated"), help="the package folder to write")
     generate.set_defaults(run=run_codegen)

@@ -15,8 +15,9 @@ class sigmoid(sp.Function):
     def _eval_rewrite_as_exp(self, u, **kwargs):
         return 1 / (1 + sp.exp(-u))
 
-    def _latex(self, printer):
-        return r"\sigma\left(%s\right)" % printer._print(self.args[0])
+    def _latex(self, printer, exp=None):
+        base = r"\sigma\left(%s\right)" % printer._print(self.args[0])
+        return base if exp is None else r"%s^{%s}" % (base, exp)
 
 
 def as_sigmoid(expr):

@@ -1,0 +1,159 @@
+"""Every printed derivation, step by step, and the checker that holds them to account."""
+import functools
+
+import pytest
+import sympy as sp
+
+from derive.catalog import CATALOG
+from derive.derivation_check import check_derivation
+from derive.derivation_networks import SIGMA
+from derive.derivation_steps import LABEL_LOSS, LOSS, OUTPUT, Derivation, Step, elementwise_derivation, entry_gradient
+from derive.derivations import DERIVATIONS, NAMED, build_registry
+from derive.gradients import layer_backward, loss_forward, loss_gradient, variants
+from derive.softmax import softmax
+from derive.stability import stable
+from derive.symbols import K, N, c, i, j, p, r, t, x, y
+
+X = sp.Symbol("x")
+
+
+@functools.cache
+def derivation(name):
+    return DERIVATIONS[name]()
+
+
+def failures(checks):
+    return "\n".join(check.report() for check in checks if not check.ok)
+
+
+@pytest.mark.parametrize("name", DERIVATIONS)
+def test_every_step_of_every_derivation_holds(name):
+    checks = check_derivation(derivation(name))
+    assert len(checks) == len(derivation(name).steps)
+    assert all(check.ok for check in checks), f"{name}:\n{failures(checks)}"
+
+
+@pytest.mark.parametrize("name", DERIVATIONS)
+def test_every_rule_is_named_in_plain_words(name):
+    for step in derivation(name).steps:
+        assert step.rule and step.rule.isascii() and not set(step.rule) & set("_^\\{}$&#%~"), step.rule
+
+
+@pytest.mark.parametrize("op", CATALOG.values(), ids=CATALOG)
+def test_every_catalog_entry_has_a_derivation_ending_at_what_its_kernels_compute(op):
+    steps = derivation(op.module).steps
+    if op.kind == "linear":  # its kernels come from derive.backprop, checked in test_backprop.py
+        assert any(step.rule.startswith("chain rule") for step in steps)
+    elif op.kind == "layer":
+        assert steps[-1].rhs == layer_backward(op)
+    else:
+        results = [step.rhs for step in steps]
+        assert all(entry_gradient(op, target, variants(op, target)["plain"]) in results for target in op.targets)
+
+
+STABLE = [op for op in CATALOG.values() if op.kind != "linear"]  # Linear has no stable form to derive
+
+
+@pytest.mark.parametrize("op", STABLE, ids=[op.name for op in STABLE])
+def test_every_stable_form_a_kernel_evaluates_is_derived_from_the_plain_one(op):
+    steps = derivation(f"{op.module}_stable").steps
+    plain = ([(y[i], op.forward)] if op.kind == "layer" else
+             [(LABEL_LOSS if target == "labels" else LOSS, loss_forward(op, target, variants(op, target)["plain"]))
+              for target in op.targets])
+    for lhs, expr in plain + [(base[i], value) for base, value in op.saved]:
+        chain = [step.rhs for step in steps if step.lhs == lhs]
+        assert chain[0] == expr and stable(expr) in chain, lhs
+
+
+def test_the_seed_000_steps_and_its_worked_example():
+    steps = derivation("softmax_cross_entropy").steps
+    rules = [step.rule for step in steps]
+    assert rules.index("chain rule") > rules.index("case k not equal to j") > rules.index("case k = j")
+    assert [s.rhs for s in steps if s.rule == "substitution: the target row sums to 1"] == [p[j] - t[j]]
+    assert steps[-1].rhs == (p[r, j] - t[r, j]) / N
+    at_label = next(s.rhs for s in steps if "integer label" in s.rule)
+    worked = [at_label.subs({p[j]: v, j: index, c: 2}) for index, v in enumerate([0.1, 0.2, 0.25, 0.4, 0.05])]
+    assert [float(v) for v in worked] == pytest.approx([0.1, 0.2, -0.75, 0.4, 0.05])
+
+
+@pytest.mark.parametrize("name, result", [
+    ("sigmoid_derivative", OUTPUT * (1 - OUTPUT)),
+    ("tanh_derivative", 1 - OUTPUT ** 2),
+    ("relu_derivative", sp.Piecewise((0, X < 0), (1, True))),
+    ("softplus_derivative", SIGMA(X)),
+])
+def test_activations_end_at_their_textbook_derivatives(name, result):
+    assert derivation(name).steps[-1].rhs == result
+
+
+def test_the_softmax_jacobian_has_both_cases():
+    cases = {step.rule: step.rhs for step in derivation("softmax_jacobian").steps}
+    assert sp.expand(cases["case i = j"] - p[i] * (1 - p[i])) == 0
+    assert cases["case i not equal to j"] == -p[i] * p[j]
+
+
+def test_mse_with_a_sigmoid_carries_the_vanishing_factor_cross_entropy_does_not():
+    a, z, target = sp.symbols("a z t")
+    steps = derivation("sigmoid_cross_entropy_vs_mse").steps
+    by_z = [s.rhs for s in steps if isinstance(s.lhs, sp.Derivative) and s.lhs.variables == (z,)]
+    assert a - target in by_z and any(sp.expand(e - (a - target) * a * (1 - a)) == 0 for e in by_z)
+    assert [s.rhs for s in steps if isinstance(s.lhs, sp.Limit)] == [0, 0]
+
+
+def test_backprop_names_its_four_equations():
+    rules = " ".join(step.rule for step in derivation("backprop").steps)
+    assert all(f"BP{number}" in rules for number in range(1, 5))
+
+
+def check(steps, definitions, ranges=()):
+    return check_derivation(Derivation("test", tuple(steps), tuple(definitions), ranges))
+
+
+def test_the_checker_catches_a_wrong_sign_in_the_softmax_jacobian():
+    d = sp.Derivative(p[i], x[j])
+    right = check([Step(d, p[i] * (sp.KroneckerDelta(i, j) - p[j]), "quotient rule")], [(p[i], softmax(i))])
+    wrong = check([Step(d, p[i] * (sp.KroneckerDelta(i, j) + p[j]), "quotient rule")], [(p[i], softmax(i))])
+    assert right[0].ok and not wrong[0].ok
+    assert "before" in wrong[0].detail and "K = " in wrong[0].detail
+
+
+def test_the_checker_catches_a_wrong_step_in_a_chain_and_names_it():
+    d = sp.Derivative(OUTPUT, X)
+    softplus = [(OUTPUT, sp.log(1 + sp.exp(X)))]
+    checks = check([Step(d, sp.exp(X) / (1 + sp.exp(X)), "differentiation"),
+                    Step(d, 1 / (1 + sp.exp(X)), "simplification")], softplus)
+    assert [check.ok for check in checks] == [True, False]
+    assert checks[1].method == "numeric" and checks[1].number == 2
+
+
+def test_the_checker_catches_a_step_that_holds_only_under_an_undeclared_assumption():
+    d = sp.Derivative(LOSS, x[j])
+    definitions = [(p[i], softmax(i)), (LOSS, -sp.Sum(t[i] * sp.log(p[i]), (i, 0, K - 1)))]
+    t_sum = sp.Eq(sp.Sum(t[i], (i, 0, K - 1)), 1)
+    claim = p[j] - t[j]
+    assert not check([Step(d, claim, "substitution")], definitions)[0].ok
+    assert check([Step(d, claim, "substitution", assumes=(t_sum,))], definitions)[0].ok
+
+
+def test_the_checker_holds_a_case_to_its_condition():
+    d = sp.Derivative(p[i], x[j])
+    outside = sp.Ne(i, j)
+    assert check([Step(d, -p[i] * p[j], "case", condition=outside)], [(p[i], softmax(i))])[0].ok
+    assert not check([Step(d, -p[i] * p[j], "case")], [(p[i], softmax(i))])[0].ok
+
+
+def test_the_checker_catches_a_stable_form_that_forgot_the_shift():
+    shifted = sp.exp(x[i] - sp.Symbol("M")) / sp.Sum(sp.exp(x[i]), (i, 0, K - 1))
+    assert not check([Step(p[i], shifted, "shift")], [(p[i], softmax(i))])[0].ok
+
+
+def test_an_element_wise_derivation_refuses_what_it_cannot_derive():
+    with pytest.raises(ValueError, match="does not depend on x"):
+        elementwise_derivation(sp.Symbol("z") ** 2, X)
+    with pytest.raises(ValueError, match="y names the output"):
+        elementwise_derivation(OUTPUT * X, X)
+
+
+def test_the_registry_refuses_a_name_declared_twice():
+    with pytest.raises(ValueError, match="'softmax' is declared twice"):
+        build_registry(CATALOG, {"softmax": NAMED["backprop"]})
