@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test codegen clean
+.PHONY: test codegen bench clean
 .DEFAULT_GOAL := test
 
 $(VENV)/installed: pyproject.toml
@@ -17,6 +17,15 @@ test: $(VENV)/installed
 
 codegen: $(VENV)/installed
 	$(VENV)/bin/symgrad codegen
+
+# torch and jax only for make bench, with a stamp of their own, so make test stays light.
+$(VENV)/bench-installed: $(VENV)/installed
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+bench: $(VENV)/bench-installed
+	mkdir -p build
+	$(PY) -m codegen.bench --json build/bench.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

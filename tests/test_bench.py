@@ -1,11 +1,14 @@
 """make bench's instrument: every baseline computes what the generated kernels compute (a wrong fast
-baseline would flatter nobody)."""
+baseline would flatter nobody), and a tiny run prints the table and writes the JSON. No timing is asserted."""
+import json
+
 import numpy as np
 import pytest
 
 import generated
 from codegen.bench import frameworks, tuned
-from codegen.bench.cases import CASES, make_inputs, numpy_step
+from codegen.bench.cases import CASES, contenders, make_inputs, numpy_step
+from codegen.bench.run import main
 
 ids = [case.name for case in CASES]
 TOLERANCE = {"float32": dict(rtol=2e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-13)}
@@ -92,3 +95,20 @@ def test_frameworks_match_tuned(framework, case, dtype):
     assert_same(step(case, inputs)(), numpy_step(case, getattr(tuned, case.op), inputs)(), dtype,
                 f"{framework} {case.name}")
 
+
+def test_a_tiny_run_prints_every_contender_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["--sizes", "4x3", "--dtypes", "float32", "--repeats", "2", "--sample-ms", "0.1",
+                 "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    records = json.loads(path.read_text())["records"]
+    for case in CASES:
+        names = [c.name for c in contenders(case, inputs_for(case, "float32", (4, 3)))]
+        assert ("generated" in names) == hasattr(generated, case.op)
+        assert [r["contender"] for r in records if r["case"] == case.name] == names
+        for name in names:
+            assert any(line.split()[:4] == [case.name, "4x3", "float32", name] for line in printed.splitlines())
+        if "generated" not in names:
+            assert f"generated.{case.op} does not exist yet" in printed
+    assert all(r["median_s"] > 0 and r["repeats"] == 2 for r in records)
+    assert printed.count("target ") == 6
