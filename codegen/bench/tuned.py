@@ -29,20 +29,23 @@ class Softmax:
 
 class SoftmaxCrossEntropy:
     def forward(self, x, labels):
-        rows = np.arange(x.shape[0])
-        e = np.subtract(x, x.max(axis=1, keepdims=True))     # the one (N, K) buffer: x - m, exp, then dx
-        shifted_at_label = e[rows, labels]
+        n, k = x.shape
+        at = np.arange(0, n * k, k) + labels    # the labels' flat positions: faster to index than (rows, labels)
+        # the one (N, K) buffer: x - max, then its exp, then (in backward) dx
+        e = np.subtract(x, x.max(axis=1, keepdims=True))
+        shifted_at_label = e.reshape(-1)[at]
         np.exp(e, out=e)
-        sums = row_sums(e)[:, 0]
-        self._e, self._sums, self._rows, self._labels = e, sums, rows, labels
-        return np.mean(np.log(sums) - shifted_at_label)     # log-sum-exp minus the label's logit
+        sums = np.einsum("ij->i", e)
+        self._e, self._sums, self._at = e, sums, at
+        # log-sum-exp minus the label's logit, averaged (np.mean costs microseconds more)
+        return np.add.reduce(np.log(sums) - shifted_at_label) / n
 
     def backward(self):
         # dx = (softmax - onehot) / N, written over the saved exponentials: like torch without
         # retain_graph, one backward per forward
         e, n = self._e, self._e.shape[0]
         e *= (1 / (n * self._sums))[:, None]
-        e[self._rows, self._labels] -= 1 / n
+        e.reshape(-1)[self._at] -= 1 / n
         self._e = None
         return e
 
