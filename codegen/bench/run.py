@@ -200,16 +200,20 @@ def main(argv=None):
               for name in frameworks.FRAMEWORKS if not frameworks.installed(name)]
     if any(frameworks.installed(name) for name in frameworks.FRAMEWORKS):
         notes.append("note: torch and JAX allocate where tracemalloc cannot see: their memory is n/a")
-    print("\n".join(notes))
+    # other work on the machine slows threaded contenders most: the load says how quiet it was
+    load = {"before": os.getloadavg()[0]}
+    print("\n".join(notes + [f"load average before: {load['before']:.2f}"]))
     print(format_row([name for name, _ in COLUMNS]))
     records = bench(cases, args.sizes, args.dtypes, args.repeats, args.sample_ms / 1e3)
+    load["after"] = os.getloadavg()[0]
+    print(f"load average after: {load['after']:.2f}")
     summary = targets(records, codegen_seconds())
     for entry in summary:
         status = {True: "met", False: "NOT MET", None: "-"}[entry["met"]]
         print(f"target {entry['target']}: {status}, {entry['figure']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"versions": versions(), "notes": notes, "records": records,
+        args.json.write_text(json.dumps({"versions": versions(), "load_average": load, "notes": notes, "records": records,
                                          "targets": summary}, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
