@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NODE := build/node
 KATEX := $(NODE)/node_modules/katex/dist
 
-.PHONY: test codegen demo docs screenshot chromium clean
+.PHONY: test codegen demo docs screenshot chromium bench clean
 .DEFAULT_GOAL := test
 
 $(PY):
@@ -50,6 +50,15 @@ docs: $(VENV)/installed $(NODE)/installed
 # The README's picture of build/docs/derivations.html.
 screenshot: $(VENV)/installed $(NODE)/installed chromium
 	$(VENV)/bin/symgrad docs --out build/docs --katex $(KATEX) --screenshot codegen/docs_assets/derivations.png
+
+# torch and jax only for make bench, with a stamp of their own, so make test stays light.
+$(VENV)/bench-installed: $(VENV)/installed
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+bench: $(VENV)/bench-installed
+	mkdir -p build
+	$(PY) -m codegen.bench --json build/bench.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from codegen.bench.run import main
+
+sys.exit(main())
