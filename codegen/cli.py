@@ -5,6 +5,7 @@ import sys
 import tokenize
 from pathlib import Path
 
+import numpy as np
 import sympy as sp
 
 from codegen.latex import FORMATS
@@ -82,14 +83,55 @@ def run_docs(args):
 def run_codegen(args):
     from codegen.pipeline import codegen, summary
     from derive.catalog import CATALOG
-    reports, changed, seconds = codegen(CATALOG, Path(args.out))
+    from derive.declare import DeclarationError, load_ops
+    from derive.ops import build_catalog
+    if args.ops and not args.out:
+        print("symgrad codegen: --ops needs --out (the folder of the package to generate)", file=sys.stderr)
+        return 2
+    out = Path(args.out or ROOT / "generated")
+    try:
+        catalog = build_catalog(*load_ops(args.ops), taken=CATALOG) if args.ops else CATALOG
+        reports, changed, seconds = codegen(catalog, out)
+    except (DeclarationError, ValueError, SyntaxError, NameError, ImportError) as error:
+        print(f"symgrad codegen: {error}\n{out} left untouched", file=sys.stderr)
+        return 1
     print(summary(reports))
     if changed is None:
-        print(f"FAILED: {args.out} left untouched", file=sys.stderr)
+        print(f"FAILED: {out} left untouched", file=sys.stderr)
         return 1
-    print(f"{len(changed)} file(s) written in {args.out} ({seconds:.1f} s)" if changed
-          else f"{args.out} up to date ({seconds:.1f} s)")
+    print(f"{len(changed)} file(s) written in {out} ({seconds:.1f} s)" if changed
+          else f"{out} up to date ({seconds:.1f} s)")
     return 0
+
+
+def run_new(args):
+    from derive.declare import DeclarationError, add_declaration, declaration_source
+    name = args.name[:1].upper() + args.name[1:]  # a class name: swish -> Swish
+    try:
+        line = declaration_source(name, args.expr)
+    except DeclarationError as error:
+        print(f"symgrad new: {error}", file=sys.stderr)
+        return 1
+    if args.write:
+        Path(args.write).write_text(add_declaration(Path(args.write).read_text() if Path(args.write).exists()
+                                                    else None, line))
+        print(f"{name} declared in {args.write}; generate it with: symgrad codegen --ops {args.write} --out DIR")
+    else:
+        print(line)
+    return 0
+
+
+def run_check(args):
+    from codegen.verify import check_class, load_class
+    try:
+        cls = load_class(args.target)
+        shape = tuple(int(v) for v in args.shape.split(","))
+    except (ValueError, ImportError, AttributeError, FileNotFoundError, SyntaxError) as error:
+        print(f"symgrad check: {error}", file=sys.stderr)
+        return 2
+    result = check_class(cls, shape, np.random.default_rng(args.seed), target=args.kind, tol=args.tol)
+    print(f"{args.target}: {result.report()}")
+    return 0 if result.ok else 1
 
 
 def run_demo(args):
@@ -123,8 +165,22 @@ def parser():
     docs.add_argument("--screenshot", help="also save a PNG of the HTML as headless Chromium renders it")
     docs.set_defaults(run=run_docs)
     generate = commands.add_parser("codegen", help="derive, generate and verify the kernels")
-    generate.add_argument("--out", default=str(ROOT / "generated"), help="the package folder to write")
+    generate.add_argument("--out", help="the package folder to write (default: generated/ of this checkout)")
+    generate.add_argument("--ops", help="a declaration file of your own (a Python file defining OPS)")
     generate.set_defaults(run=run_codegen)
+    new = commands.add_parser("new", help="print (or --write) the declaration of an element-wise operation")
+    new.add_argument("name", help="the class name, e.g. Swish")
+    new.add_argument("expr", help="its forward in x, e.g. 'x*sigmoid(x)'")
+    new.add_argument("--write", help="add the declaration to this file (created if missing)")
+    new.set_defaults(run=run_new)
+    check = commands.add_parser("check", help="finite-difference check of any layer or loss class")
+    check.add_argument("target", help="path/to/module.py:ClassName")
+    check.add_argument("--shape", default="4,5", help="the input's shape (default 4,5)")
+    check.add_argument("--kind", choices=("labels", "dense"), default="dense",
+                       help="a loss's target: integer labels or a float array of the input's shape")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--tol", type=float, default=1e-6, help="the largest relative error accepted")
+    check.set_defaults(run=run_check)
     demo = commands.add_parser("demo", help="train generated layers on the digits; plot MSE vs cross-entropy")
     demo.add_argument("--out", default="build/demo", help="the folder for the plots and results.json")
     demo.add_argument("--hidden", choices=("relu", "tanh"), default="relu", help="the hidden layer's activation")

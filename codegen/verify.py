@@ -4,7 +4,12 @@
     result = check_gradient(f, x, analytic)   # f: array -> float, analytic: df/dx at x
     assert result.ok, result.report()
 """
+import importlib
+import importlib.util
+import inspect
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -157,3 +162,31 @@ def check_op(op, cls, rng, shape=(4, 5)):
                 checks.append((label, check_loss(make, x, target, upstream if reduction == "none" else None,
                                                  tol=op.tol)))
     return checks
+
+
+def load_class(spec):
+    """The class named by "path/to/module.py:ClassName"; a module inside a package folder is imported
+    as part of its package, so its relative imports work."""
+    path, _, name = spec.rpartition(":")
+    if not path or not name:
+        raise ValueError(f"expected path/to/module.py:ClassName, got {spec!r}")
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path}")
+    if (path.parent / "__init__.py").exists():
+        sys.path.insert(0, str(path.parent.parent))
+        module = importlib.import_module(f"{path.parent.name}.{path.stem}")
+    else:
+        loaded = importlib.util.spec_from_file_location(f"symgrad_checked_{path.stem}", path)
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def check_class(cls, shape, rng, *, target="dense", tol=1e-6):
+    """gradcheck for any class with the forward/backward convention, in float64 at random inputs:
+    a layer (forward(x)) against sum(forward(x) * u), a loss (forward(x, target)) against its value."""
+    x = rng.uniform(-2.0, 2.0, shape)
+    if len(inspect.signature(cls.forward).parameters) == 2:
+        return check_layer(cls, x, rng.standard_normal(shape), tol=tol)
+    return check_loss(cls, x, sample_target(target, shape, rng), tol=tol)

@@ -8,7 +8,6 @@ An expression is SymPy source in x (and t for a loss) and the parameters; each b
 derive.catalog, derived, generated and verified like every built-in one."""
 import importlib.util
 import keyword
-import re
 
 import sympy as sp
 from sympy.core.function import AppliedUndef
@@ -24,7 +23,6 @@ from derive.symbols import i, t, x, y
 FUNCTIONS = {name: getattr(sp, name) for name in ("exp", "log", "sqrt", "tanh", "sinh", "cosh", "atan", "erf",
                                                  "Abs", "sign", "Max", "Min", "Piecewise", "pi", "E")}
 FUNCTIONS["sigmoid"] = sigmoid
-RESERVED_MODULES = {"__init__", "_base", "_checks", "network"}
 
 
 class DeclarationError(ValueError):
@@ -125,6 +123,18 @@ def declaration_source(name, expr):
     return f"activation({name!r}, {expr!r})"
 
 
-def snake_case(name):
-    """A class name as its module's name: LeakyReLU -> leaky_relu."""
-    return re.sub(r"(?<=[a-z])(?=[A-Z][a-z])", "_", name).lower()
+DECLARATION_FILE = '''"""Operations of my own, for symgrad codegen --ops THIS_FILE --out DIR."""
+from derive.declare import activation, elementwise_loss
+
+OPS = [
+]
+'''
+
+
+def add_declaration(text, line):
+    """A declaration file's text with line added to its OPS list (a new file's text if text is None)."""
+    lines = (text or DECLARATION_FILE).splitlines()
+    closing = max((number for number, content in enumerate(lines) if content.strip() == "]"), default=None)
+    if closing is None:
+        raise DeclarationError("cannot find the closing ] of the OPS list to add the declaration to")
+    return "\n".join(lines[:closing] + [f"    {line},"] + lines[closing:]) + "\n"

@@ -1,0 +1,167 @@
+"""Operations of your own: one declaration, derived, generated and verified; every error path refused."""
+import importlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import generated
+from codegen.cli import main
+from codegen.verify import check_class, load_class
+from derive.catalog import CATALOG
+from derive.declare import DeclarationError, activation, add_declaration, declaration_source, elementwise_loss
+from derive.ops import build_catalog
+
+SYMGRAD = Path(sys.executable).parent / "symgrad"
+GENERATED = Path(generated.__file__).parent
+USER_OPS = '''
+from derive.declare import activation, elementwise_loss
+
+OPS = [
+    activation("Swish", "x*sigmoid(x)"),
+    activation("Bent", "(sqrt(x**2 + 1) - 1)/2 + x"),
+    activation("Scaled", "scale*tanh(x/scale)", params={"scale": 2.0}),
+    elementwise_loss("LogCosh", "log(cosh(x - t))"),
+]
+'''
+
+
+def snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.py"))}
+
+
+def declaration_file(tmp_path, body):
+    path = tmp_path / "my_ops.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("x*(", "cannot parse"),
+    ("x*beta", "unknown symbol beta"),
+    ("frobnicate(x)", "unknown function frobnicate"),
+    (sp.floor(sp.Symbol("x", real=True)), "finds no derivative"),
+])
+def test_a_bad_expression_is_refused_naming_the_operation_and_the_problem(expr, message):
+    with pytest.raises(DeclarationError, match=f"Bad: .*{message}"):
+        activation("Bad", expr)
+
+
+@pytest.mark.parametrize("name, message", [("my-op", "not a valid Python identifier"), ("class", "not a valid"),
+                                           ("swish", "start with a capital letter")])
+def test_a_bad_name_is_refused_with_the_reason(name, message):
+    with pytest.raises(DeclarationError, match=message):
+        activation(name, "x")
+
+
+def test_a_name_clashing_with_the_catalog_or_another_declaration_is_refused():
+    with pytest.raises(ValueError, match="'Sigmoid' is declared twice"):
+        build_catalog(activation("Sigmoid", "x"), taken=CATALOG)
+    with pytest.raises(ValueError, match="'Twice' is declared twice"):
+        build_catalog(activation("Twice", "x"), activation("Twice", "x**2"))
+    with pytest.raises(ValueError, match="module name 'ge_lu'"):
+        build_catalog(activation("GeLu", "x"), activation("Ge_Lu", "x"))
+
+
+def test_a_loss_declaration_checks_its_target_variable_too():
+    assert elementwise_loss("Sq", "(x - t)**2").targets == ("dense",)
+    with pytest.raises(DeclarationError, match="unknown symbol y"):
+        elementwise_loss("Sq", "(x - y)**2")
+
+
+def test_a_user_declaration_file_outside_the_repository_works_end_to_end(tmp_path):
+    ops = declaration_file(tmp_path, USER_OPS)
+    out = tmp_path / "my_generated"
+    result = subprocess.run([str(SYMGRAD), "codegen", "--ops", str(ops), "--out", str(out)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:5]] == ["Swish", "Bent", "Scaled", "LogCosh"]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        package = importlib.import_module("my_generated")
+        x = np.linspace(-3, 3, 7)
+        assert np.allclose(package.Swish().forward(x), x / (1 + np.exp(-x)))
+        assert np.allclose(package.Scaled(scale=3.0).forward(x), 3.0 * np.tanh(x / 3.0))
+        for name in ("Swish", "Bent", "Scaled", "LogCosh"):
+            assert check_class(getattr(package, name), (3, 4), np.random.default_rng(0)).ok, name
+    finally:
+        sys.path.remove(str(tmp_path))
+        for key in [k for k in sys.modules if k.startswith("my_generated")]:
+            del sys.modules[key]
+    checked = subprocess.run([str(SYMGRAD), "check", f"{out / 'bent.py'}:Bent"], capture_output=True, text=True,
+                             timeout=300)
+    assert checked.returncode == 0 and "OK: relative error" in checked.stdout
+
+
+@pytest.mark.parametrize("body, message", [
+    ('from derive.declare import activation\nOPS = [activation("Oops", "x*beta")]\n', "Oops: unknown symbol beta"),
+    ('from derive.declare import activation\nOPS = [activation("Sigmoid", "x")]\n', "'Sigmoid' is declared twice"),
+    ('OPS = 3\n', "defines no OPS list"),
+])
+def test_codegen_refuses_a_bad_declaration_file_and_writes_nothing(tmp_path, capsys, body, message):
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "keep.py").write_text("# untouched\n")
+    before, committed = snapshot(out), snapshot(GENERATED)
+    assert main(["codegen", "--ops", str(declaration_file(tmp_path, body)), "--out", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert snapshot(out) == before and snapshot(GENERATED) == committed
+
+
+def test_a_kernel_failing_its_check_is_reported_and_nothing_is_written(tmp_path, capsys):
+    body = 'from derive.declare import activation\nOPS = [activation("Cube", "x**3", tol=0.0)]\n'
+    out = tmp_path / "pkg"
+    assert main(["codegen", "--ops", str(declaration_file(tmp_path, body)), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "Cube" in captured.out and "FAILED" in captured.out and "left untouched" in captured.err
+    assert not out.exists() or not list(out.glob("*.py"))
+
+
+def test_codegen_with_ops_needs_an_output_folder(tmp_path, capsys):
+    assert main(["codegen", "--ops", str(declaration_file(tmp_path, USER_OPS))]) == 2
+    assert "--ops needs --out" in capsys.readouterr().err
+
+
+def test_new_prints_a_checked_declaration_and_writes_it_to_a_file(tmp_path, capsys):
+    assert main(["new", "swish", "x*sigmoid(x)"]) == 0
+    assert capsys.readouterr().out.strip() == "activation('Swish', 'x*sigmoid(x)')"
+    target = tmp_path / "ops.py"
+    assert main(["new", "Swish", "x*sigmoid(x)", "--write", str(target)]) == 0
+    assert main(["new", "Cube", "x**3", "--write", str(target)]) == 0
+    namespace = {}
+    exec(target.read_text(), namespace)
+    assert [op.name for op in namespace["OPS"]] == ["Swish", "Cube"]
+    assert main(["new", "Bad", "x*beta"]) == 1 and "unknown symbol beta" in capsys.readouterr().err
+
+
+def test_add_declaration_needs_the_ops_list():
+    with pytest.raises(DeclarationError, match="closing"):
+        add_declaration("OPS = []\n", declaration_source("Swish", "x*sigmoid(x)"))
+
+
+def test_check_reports_the_worst_entry_and_fails_a_wrong_layer(tmp_path, capsys):
+    module = tmp_path / "mine.py"
+    module.write_text(textwrap.dedent('''
+        import numpy as np
+
+        class Square:
+            def forward(self, x):
+                self.x = x
+                return x ** 2
+
+            def backward(self, g):
+                return g * self.x  # wrong: the derivative is 2 x
+    '''))
+    assert main(["check", f"{module}:Square"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: relative error" in out and "worst at index" in out
+    assert main(["check", f"{module}:Nothing"]) == 2
+    assert main(["check", "no/such/file.py:X"]) == 2
+
+
+def test_load_class_imports_a_generated_module_with_its_package():
+    assert load_class(f"{GENERATED / 'softmax.py'}:Softmax").__name__ == "Softmax"
