@@ -76,8 +76,6 @@ def test_tuned_matches_the_reference_and_keeps_the_dtype(case, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CASES, ids=ids)
 def test_tuned_and_seed_match_the_generated_kernel(case, dtype):
-    if not hasattr(generated, case.op):
-        pytest.skip(f"generated.{case.op} does not exist yet")
     inputs = inputs_for(case, dtype)
     expected = numpy_step(case, getattr(generated, case.op), inputs)()
     for who, cls in (("tuned", getattr(tuned, case.op)), ("seed", case.seed)):
@@ -87,9 +85,8 @@ def test_tuned_and_seed_match_the_generated_kernel(case, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CASES, ids=ids)
-@pytest.mark.parametrize("framework", frameworks.FRAMEWORKS)
+@pytest.mark.parametrize("framework", ["torch"])  # the dev extra has torch; JAX comes with make bench only
 def test_frameworks_match_tuned(framework, case, dtype):
-    pytest.importorskip(framework)
     inputs = inputs_for(case, dtype)
     step = frameworks.torch_step if framework == "torch" else frameworks.jax_step
     assert_same(step(case, inputs)(), numpy_step(case, getattr(tuned, case.op), inputs)(), dtype,
