@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import sympy as sp
 
 from codegen.lower import AtLabel, Squeeze, lower, lower_tensor, split_at_label
+from codegen.inplace import assignments_in_place
 from codegen.printer import print_code
 from derive import backprop, optim
 from derive.gradients import layer_backward, loss_forward, loss_gradient, mean_weight, variants
@@ -112,8 +113,9 @@ def kernel_code(kernel):
     exprs = [expr for _, expr in kernel.outputs] + ([kernel.at_label] if kernel.at_label is not None else [])
     temporaries, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("v"), order="canonical")
     names = [name for name, _ in kernel.outputs]
-    lines = [(str(lhs), print_code(rhs)) for lhs, rhs in temporaries]
-    lines += [(name, print_code(expr)) for name, expr in zip(names, reduced)]
+    assignments = temporaries + [(sp.Symbol(name), expr) for name, expr in zip(names, reduced)]
+    returned = [sp.Symbol(name) for name in names] + reduced[len(names):]
+    lines = [(str(lhs), code) for lhs, code in assignments_in_place(assignments, returned, FULL_SIZE)]
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     used = {s.name for e in exprs for s in e.free_symbols}
     args = arguments(exprs, uses_label, kernel.params)

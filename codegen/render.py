@@ -12,7 +12,7 @@ from derive.gradients import variants
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
 # Everything whose change can change a generated file; its digest goes in every header.
-GENERATOR = ("derive/*.py", "codegen/lower.py", "codegen/printer.py", "codegen/kernels.py",
+GENERATOR = ("derive/*.py", "codegen/lower.py", "codegen/printer.py", "codegen/kernels.py", "codegen/inplace.py",
              "codegen/render.py", "templates/*.jinja")
 # The derivations printed for readers (symgrad derive, make docs) never reach a generated file.
 NOT_GENERATOR = "derive/derivation*.py"

@@ -89,11 +89,12 @@ def erf_by_numpy(expr):
 
 
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
+# logistic comes after clip branches: its exp(-|u|) cannot overflow, so its branches need no clip
 REWRITES = (("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
             ("softplus", softplus, True), ("shift by the row max", shift_by_max, True),
-            ("split logs", split_logs, True), ("logistic", logistic, True),
-            ("combine exponentials", sp.powsimp, True), ("expm1", exp_minus_one, True),
-            ("clip branches", clip_branches, True), ("erf by series and continued fraction", erf_by_numpy, False))
+            ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
+            ("expm1", exp_minus_one, True), ("clip branches", clip_branches, True),
+            ("logistic", logistic, True), ("erf by series and continued fraction", erf_by_numpy, False))
 
 
 def stable(expr):

@@ -61,11 +61,11 @@ def test_the_catalog_refuses_a_name_declared_twice():
 
 def test_codegen_into_a_new_folder_writes_everything_then_nothing(tmp_path):
     out = tmp_path / "pkg"
-    reports, changed, _ = codegen(CATALOG, out)
+    reports, changed, _ = codegen(CATALOG, out, cache=None)
     assert all(report.ok for report in reports)
     assert sorted(changed) == sorted(render_package(CATALOG))
     assert snapshot(out) == snapshot(GENERATED)
-    assert codegen(CATALOG, out)[1] == []
+    assert codegen(CATALOG, out, cache=None)[1] == []
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"], "no staging folder may be left behind"
 
 
@@ -73,7 +73,7 @@ def test_codegen_removes_modules_no_longer_in_the_catalog(tmp_path):
     out = tmp_path / "pkg"
     shutil.copytree(GENERATED, out)
     (out / "retired_op.py").write_text("")
-    assert "retired_op.py" in codegen(CATALOG, out)[1]
+    assert "retired_op.py" in codegen(CATALOG, out, cache=None)[1]
     assert not (out / "retired_op.py").exists()
 
 
@@ -84,7 +84,7 @@ def test_a_kernel_that_fails_its_check_writes_nothing(tmp_path, monkeypatch):
     correct = kernels.layer_backward
     doubled = lambda op: (2 if op.name == "Softmax" else 1) * correct(op)  # noqa: E731
     monkeypatch.setattr(kernels, "layer_backward", doubled)
-    reports, changed, _ = codegen(CATALOG, out)
+    reports, changed, _ = codegen(CATALOG, out, cache=None)
     assert changed is None
     assert [r.name for r in reports if not r.ok] == ["Softmax"]
     assert snapshot(out) == before
@@ -137,7 +137,7 @@ def test_one_operation_breaking_mid_run_leaves_the_folder_byte_for_byte_unchange
         order = sorted(render_package(CATALOG))
         monkeypatch.setattr(write.os, "replace", fail_on_call(order.index("linear.py") + 1, os.replace))
     with pytest.raises((RuntimeError, OSError), match="Linear broke mid-run"):
-        codegen(CATALOG, out)
+        codegen(CATALOG, out, cache=None)
     assert tree(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"], "no staging folder may be left behind"
 
@@ -155,3 +155,16 @@ def test_templates_hold_structure_not_math(path):
 
 def test_the_template_checker_finds_math():
     assert math_in_templates("    y = {{ a }}\n    dx = {{ g * p }}\n    v = {{ k|join(', ') }}\n") == [2]
+
+
+def test_the_cache_serves_an_unchanged_run_and_never_stale_code(tmp_path):
+    out, cache = tmp_path / "pkg", tmp_path / "cache.json"
+    catalog = {name: CATALOG[name] for name in ("Tanh", "Softplus")}
+    assert len(codegen(catalog, out, cache)[1]) > 0
+    assert codegen(catalog, out, cache)[1] == []  # served: same inputs, same files
+    changed = dict(catalog, Tanh=replace(catalog["Tanh"], summary="tanh, changed"))
+    assert codegen(changed, out, cache)[1] == ["tanh.py"]  # an input changed: regenerated
+    assert "tanh, changed" in (out / "tanh.py").read_text()
+    (out / "tanh.py").write_text("# edited by hand\n")
+    assert codegen(changed, out, cache)[1] == ["tanh.py"]  # an output changed: regenerated
+    assert "tanh, changed" in (out / "tanh.py").read_text()
