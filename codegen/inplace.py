@@ -44,6 +44,9 @@ def _in_place(lhs, expr, dead, full):
     operation = _binary(expr)
     if operation:
         name, left, right = operation
+        if name == "divide" and is_full(left, full) and not is_full(right, full):
+            # a full array over a column: one reciprocal per row, then a product, which is faster
+            name, right = "multiply", 1 / right
         for operand in (left, right):
             if dead(operand):
                 return [(lhs, f"np.{name}({print_code(left)}, {print_code(right)}, out={operand})")]
