@@ -30,8 +30,8 @@ def assignments_in_place(assignments, later, full):
         rest = [e for _, e in assignments[position + 1:]] + list(later)
         dead = lambda s: (isinstance(s, sp.Symbol) and s.name.startswith("v") and s.name in full  # noqa: E731
                           and not any(s in e.free_symbols for e in rest))
-        if is_full(expr, full):
-            full.add(lhs.name)
+        if is_full(expr, full) and not isinstance(expr, sp.logic.boolalg.Boolean):
+            full.add(lhs.name)  # a float buffer of the input's shape (a mask is bool: never an out=)
         lines += _in_place(lhs, expr, dead, full)
     return lines
 

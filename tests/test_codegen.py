@@ -168,3 +168,14 @@ def test_the_cache_serves_an_unchanged_run_and_never_stale_code(tmp_path):
     (out / "tanh.py").write_text("# edited by hand\n")
     assert codegen(changed, out, cache)[1] == ["tanh.py"]  # an output changed: regenerated
     assert "tanh, changed" in (out / "tanh.py").read_text()
+
+
+def test_in_place_lines_never_write_into_an_input_or_a_mask():
+    import sympy as sp
+
+    from codegen.inplace import assignments_in_place
+    x, v0, v1 = sp.symbols("x v0 v1")
+    lines = assignments_in_place([(v0, x > 0), (v1, sp.exp(-x)), (sp.Symbol("dx"), v0 * v1)],
+                                 [sp.Symbol("dx")], ("x",))
+    assert all("out=v0" not in code and "out=x" not in code for _, code in lines)
+    assert ("v1", "np.exp(v1, out=v1)") in [(str(lhs), code) for lhs, code in lines]  # the fresh -x is reused
