@@ -12,7 +12,7 @@ assumed to lie in that range, which is what lets a Kronecker delta contract a su
     K  class count                              N  number of loss entries (rows or elements)
     total  the mean's denominator, sum_n of each entry's weight (N unless classes are weighted)
     w[k]  class weight (pos_weight: pw[k])      mask  1 for a row whose label is kept, 0 if ignored
-    eps  label smoothing                        margin, slope  hinge margin, LeakyReLU slope
+    eps  label smoothing                        margin  hinge margin
     X[n, k], W[k, j], b[j]  a linear layer's input, weight and bias; l2 its penalty factor
 """
 import sympy as sp
@@ -27,7 +27,6 @@ total = sp.Symbol("total", positive=True)
 mask = sp.Symbol("mask")
 eps = sp.Symbol("eps")
 margin = sp.Symbol("margin", positive=True)
-slope = sp.Symbol("slope")
 l2 = sp.Symbol("l2")
 
 # every array holds real numbers: SymPy then differentiates |x| as sign(x), not through re and im
