@@ -1,67 +1,253 @@
-"""Reusing buffers: a kernel line whose result has the input's full shape writes into a temporary
-that no later line reads (ufunc out=), instead of allocating a new array. This is what hand-tuned
-NumPy does; it saves an allocation and its page faults per line, not arithmetic."""
+"""Three-address code with buffer reuse: what hand-tuned NumPy does, done for every kernel.
+
+Each kernel line whose result has the input's full shape is split into one ufunc call per
+operation (np.multiply(a, b, out=...)), and each call writes into a full-size temporary that no
+later line reads, when there is one, instead of allocating. A call allocates only when every
+buffer it could use is still needed. This saves allocations and their page faults, and, with
+row sums printed as einsum, the full-size products a nested expression would build; the
+arithmetic is the one the SymPy result says, operation for operation.
+
+Values smaller than the input (columns, scalars) and boolean masks are printed whole: they cost
+little, and a mask or a column is never a full-size float buffer to write into."""
+from dataclasses import dataclass
+
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
 from codegen.printer import print_code
 
-UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", log1p: "log1p", expm1: "expm1"}
+UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", log1p: "log1p", expm1: "expm1", sp.Abs: "absolute",
+         sp.sign: "sign", sp.sin: "sin", sp.cos: "cos"}
+POWERS = {-1: "reciprocal", 2: "square", sp.Rational(1, 2): "sqrt"}
 # these produce an array smaller than the input (a column, a scalar), one of another shape, or a view
 NARROWING = (RowSum, RowMax, BatchSum, AxisSum, AtLabel, LabelEntry, Column, Squeeze, MatMul, Transpose)
+
+
+class RowDot(sp.Function):
+    """Row-wise dot product of two full arrays, as a column: one pass, no product array."""
 
 
 def is_full(expr, full):
     """Whether expr has the input's full shape: it reads a full array outside any narrowing function."""
     if isinstance(expr, sp.Symbol):
         return expr.name in full
-    if isinstance(expr, NARROWING):
+    if isinstance(expr, NARROWING + (RowDot,)):
         return False
     return any(is_full(arg, full) for arg in expr.args)
 
 
-def assignments_in_place(assignments, later, full):
-    """[(lhs, code)] for [(lhs, expr)], writing into dead full-size temporaries where it can; later are
-    expressions read after these lines (returned names, the label update)."""
-    full = set(full)
-    lines = []
-    for position, (lhs, expr) in enumerate(assignments):
-        rest = [e for _, e in assignments[position + 1:]] + list(later)
-        dead = lambda s: (isinstance(s, sp.Symbol) and s.name.startswith("v") and s.name in full  # noqa: E731
-                          and not any(s in e.free_symbols for e in rest))
-        if is_full(expr, full) and not isinstance(expr, sp.logic.boolalg.Boolean):
-            full.add(lhs.name)  # a float buffer of the input's shape (a mask is bool: never an out=)
-        lines += _in_place(lhs, expr, dead, full)
-    return lines
+def is_float_full(expr, full):
+    """A full-size float array: a buffer a later operation may write into (a mask is bool: never)."""
+    return is_full(expr, full) and not isinstance(expr, sp.logic.boolalg.Boolean)
 
 
-def _in_place(lhs, expr, dead, full):
-    """The lines computing lhs = expr, in place where an operand's buffer is free."""
-    if type(expr) in UNARY and not isinstance(expr.args[0], sp.Symbol) and is_full(expr.args[0], full):
-        # the argument is a fresh array of full size: apply the function over it
-        return [(lhs, print_code(expr.args[0])), (lhs, f"np.{UNARY[type(expr)]}({lhs}, out={lhs})")]
-    operation = _binary(expr)
-    if operation:
-        name, left, right = operation
-        if name == "divide" and is_full(left, full) and not is_full(right, full):
-            # a full array over a column: one reciprocal per row, then a product, which is faster
-            name, right = "multiply", 1 / right
-        for operand in (left, right):
-            if dead(operand):
-                return [(lhs, f"np.{name}({print_code(left)}, {print_code(right)}, out={operand})")]
-    return [(lhs, print_code(expr))]
+@dataclass
+class Step:
+    """One line: target = a ufunc of operands (out= decided later), or a whole expression."""
+
+    target: sp.Symbol
+    ufunc: str = None              # None: `expr` printed whole
+    operands: tuple = ()
+    expr: sp.Expr = None
+    buffer: bool = False           # the result is a full-size float array this kernel owns
+    where: sp.Expr = None          # a ufunc applied only where this holds: the rest keeps operands[0]
+
+    def reads(self):
+        exprs = (self.operands + ((self.where,) if self.where is not None else ())) if self.ufunc else (self.expr,)
+        return {s for e in exprs if isinstance(e, sp.Basic) for s in e.free_symbols}
 
 
-def _binary(expr):
-    """(ufunc, left, right) for a product, quotient or sum of exactly two terms, else None."""
-    if isinstance(expr, sp.Mul) and len(expr.args) == 2:
-        left, right = expr.args
-        if isinstance(right, sp.Pow) and right.exp == -1:
-            return "divide", left, right.base
-        if isinstance(left, sp.Pow) and left.exp == -1:
-            return "divide", right, left.base
-        return "multiply", left, right
-    if isinstance(expr, sp.Add) and len(expr.args) == 2:
-        return "add", *expr.args
-    return None
+class Flattener:
+    """Splits expressions into Steps; full-size operations become ufunc calls on named operands."""
+
+    def __init__(self, full):
+        self.full, self.steps, self.count = set(full), [], 0
+
+    def emit(self, ufunc, *operands):
+        self.count += 1
+        target = sp.Symbol(f"u{self.count}")
+        self.steps.append(Step(target, ufunc, operands, buffer=True))
+        self.full.add(target.name)
+        return target
+
+    def assign(self, lhs, expr):
+        """The steps of lhs = expr."""
+        if is_float_full(expr, self.full):
+            value = self.operand(expr)
+            last = self.steps[-1] if self.steps else None
+            if last is not None and last.target == value and value.name.startswith("u"):
+                last.target = lhs  # the expression's last operation writes lhs itself
+            else:
+                self.steps.append(Step(lhs, expr=value, buffer=False))
+            self.full.add(lhs.name)
+        else:
+            self.steps.append(Step(lhs, expr=self.small(expr)))
+
+    def small(self, expr):
+        """expr, smaller than the input, with the full-size arguments of its reductions computed first."""
+        if isinstance(expr, RowSum) and isinstance(expr.args[0], sp.Mul):
+            arrays = [f for f in expr.args[0].args if is_full(f, self.full)]
+            if len(arrays) == 2 and len(expr.args[0].args) == 2:
+                return RowDot(*[self.operand(a) for a in arrays])
+        if isinstance(expr, NARROWING):
+            return expr.func(*[self.operand(a) if is_float_full(a, self.full) else self.small(a) for a in expr.args])
+        if not expr.args or isinstance(expr, sp.Symbol):
+            return expr
+        return expr.func(*[self.small(a) for a in expr.args])
+
+    def operand(self, expr):
+        """A name (or a small expression) holding expr's value, after the steps computing it."""
+        if not is_float_full(expr, self.full):
+            return self.small(expr)
+        if isinstance(expr, sp.Symbol):
+            return expr
+        if isinstance(expr, sp.Mul):
+            return self.product(expr)
+        if isinstance(expr, sp.Add):
+            return self.total(expr)
+        if isinstance(expr, sp.Pow) and expr.exp in POWERS and is_full(expr.base, self.full):
+            return self.emit(POWERS[expr.exp], self.operand(expr.base))
+        if isinstance(expr, sp.Pow) and expr.exp.is_Integer:
+            return self.emit("power", self.operand(expr.base), expr.exp)
+        if type(expr) in UNARY:
+            return self.emit(UNARY[type(expr)], self.operand(expr.args[0]))
+        if isinstance(expr, (sp.Max, sp.Min)) and len(expr.args) == 2:
+            return self.emit("maximum" if isinstance(expr, sp.Max) else "minimum", *map(self.operand, expr.args))
+        if isinstance(expr, sp.Heaviside) and expr.args[1] == 0:
+            # 1 for u > 0, 0 for u <= 0, NaN for NaN: np.maximum propagates it, np.sign keeps it
+            return self.emit("sign", self.emit("maximum", self.operand(expr.args[0]), 0))
+        return self.whole(expr)
+
+    def whole(self, expr):
+        """A step printing expr whole (np.where, np.clip), its full-size values computed first."""
+        if (isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1].cond == sp.true
+                and isinstance(expr.args[0].cond, sp.core.relational.Relational)):
+            (value, cond), (other, _) = expr.args
+            # NaN fails every comparison: "not cond" is ~(cond), never the flipped comparison
+            scaled = self.scaled_branch(value, other, sp.Not(cond, evaluate=False)) or self.scaled_branch(other, value, cond)
+            if scaled:
+                return scaled
+        if isinstance(expr, sp.Piecewise):
+            expr = sp.Piecewise(*[(self.operand(value), self.small(cond)) for value, cond in expr.args])
+        else:
+            expr = expr.func(*[self.operand(a) for a in expr.args])
+        self.count += 1
+        target = sp.Symbol(f"u{self.count}")
+        self.steps.append(Step(target, expr=expr, buffer=True))
+        self.full.add(target.name)
+        return target
+
+    def scaled_branch(self, value, other, other_cond):
+        """value where other_cond does not hold, value * s where it does, when other is value * s:
+        one multiplication over the entries where the condition holds (out= and where=)."""
+        if not (isinstance(other, sp.Mul) and value in other.args):
+            return None
+        scale = other / value
+        buffer = self.operand(value)
+        self.count += 1
+        target = sp.Symbol(f"u{self.count}")
+        self.steps.append(Step(target, "multiply", (buffer, self.operand(scale)), buffer=True,
+                               where=sp.Not(self.small(other_cond.args[0]), evaluate=False)
+                               if isinstance(other_cond, sp.Not) else self.small(other_cond)))
+        self.full.add(target.name)
+        return target
+
+    def product(self, expr):
+        """A product: full factors multiplied (or divided) in turn, then one small factor at the end."""
+        factors, divisors, scale = [], [], sp.S.One
+        for f in expr.args:
+            if not is_full(f, self.full):
+                scale *= f
+            elif isinstance(f, sp.Pow) and f.exp == -1:
+                divisors.append(f.base)
+            else:
+                factors.append(f)
+        if scale == -1 and len(factors) == 1 and not divisors and isinstance(factors[0], sp.Abs):
+            # -|u| in one pass: the sign of -1 on |u|
+            return self.emit("copysign", self.operand(factors[0].args[0]), -1)
+        # compound factors first: the first makes a buffer the plain arrays then multiply in place
+        factors.sort(key=lambda f: isinstance(f, sp.Symbol))
+        if factors:
+            value = self.operand(factors[0])
+            for f in factors[1:]:
+                value = self.emit("multiply", value, self.operand(f))
+        else:
+            value, scale = self.emit("divide", scale, self.operand(divisors.pop(0))), sp.S.One
+        for d in divisors:
+            value = self.emit("divide", value, self.operand(d))
+        if scale == -1:
+            return self.emit("negative", value)
+        return value if scale == 1 else self.emit("multiply", value, self.small(scale))
+
+    def total(self, expr):
+        """A sum: full terms added (or subtracted) in turn, then the small terms' sum."""
+        terms = [t for t in expr.args if is_full(t, self.full)]
+        rest = sp.Add(*[t for t in expr.args if not is_full(t, self.full)])
+        terms.sort(key=lambda t: t.could_extract_minus_sign())  # a positive term first, when there is one
+        first = terms.pop(0)
+        if first.could_extract_minus_sign() and rest != 0:
+            value, rest = self.emit("subtract", self.small(rest), self.operand(-first)), sp.S.Zero
+        else:
+            value = self.operand(first)
+        for t in terms:
+            negative = t.could_extract_minus_sign()
+            value = self.emit("subtract" if negative else "add", value, self.operand(-t if negative else t))
+        if rest == 0:
+            return value
+        negative = rest.could_extract_minus_sign()
+        return self.emit("subtract" if negative else "add", value, self.small(-rest if negative else rest))
+
+
+def assignments_in_place(assignments, later, full, output=None):
+    """[(lhs, code)] for [(lhs, expr)], each full-size operation writing into a dead temporary where
+    there is one; later are expressions read after these lines (returned names, the label update).
+    output names an argument the last full-size result may be written into instead (out=)."""
+    flat = Flattener(full)
+    for lhs, expr in assignments:
+        flat.assign(lhs, expr)
+    steps = flat.steps
+    kept = {s for e in later for s in e.free_symbols}
+    last_use = {}
+    for position, step in enumerate(steps):
+        for name in step.reads():
+            last_use[name] = position
+    owned, free, lines = set(), [], []
+    last = steps[-1] if steps else None
+    result = last.target if last and last.buffer and last.where is None and last.target in kept else None
+    for position, step in enumerate(steps):
+        into = None
+        if step.ufunc:
+            dead = [s for s in step.operands if s in owned and last_use.get(s) == position and s not in kept]
+            if step.where is not None:  # entries left alone keep the first operand's value
+                dead = dead[:1] if dead and dead[0] == step.operands[0] else []
+            into = dead[0] if dead else (free.pop() if free and step.where is None else None)
+        lines.append((step.target, _code(step, into, output if step.target == result else None)))
+        for s in step.reads():
+            if s in owned and last_use.get(s) == position and s not in kept and s != into:
+                free.append(s)
+        if into in owned:
+            owned.discard(into)
+        if step.buffer:
+            owned.add(step.target)
+    return [(str(lhs), code) for lhs, code in lines]
+
+
+def _code(step, into, output):
+    """The source of one step, writing into the buffer into (or output, when given) if it is a ufunc."""
+    if not step.ufunc:
+        return print_code(step.expr)
+    args = ", ".join(_print(a) for a in step.operands)
+    if step.where is not None:
+        into = into if into is not None else f"np.copy({_print(step.operands[0])})"
+        args += f", where={_print(step.where)}"
+    if output is not None:
+        buffer = output if into is None else f"{into} if {output} is None else {output}"
+        return f"np.{step.ufunc}({args}, out={buffer})"
+    return f"np.{step.ufunc}({args}" + (f", out={into})" if into is not None else ")")
+
+
+def _print(expr):
+    if isinstance(expr, sp.Integer):
+        return str(int(expr))  # a Python int keeps the array's dtype
+    return print_code(expr)

@@ -34,6 +34,8 @@ class Kernel:
     at_label: sp.Expr = None       # added to outputs[0] at each row's label, if any
     sizes: dict = None             # {size symbol: how to read it from the arguments}
     params: tuple = ()             # names of the op's own parameters, passed after the arrays
+    full: tuple = FULL_SIZE        # the arguments of the input's full shape
+    out: bool = False              # takes out=, a buffer for its result (a backward's dx)
 
 
 def layer_kernels(op):
@@ -42,7 +44,8 @@ def layer_kernels(op):
     return (Kernel("forward", f"y = {op.summary}.", f"y_i = {sp.sstr(op.forward)}",
                    (("y", lower(stable(op.forward), i)),), params=param_names(op)),
             Kernel("backward", "dx = g times the Jacobian of y (a vector-Jacobian product).",
-                   f"dx_j = {sp.sstr(backward)}", (("dx", lower(stable(backward), j)),), params=param_names(op)))
+                   f"dx_j = {sp.sstr(backward)}", (("dx", lower(stable(backward), j)),), params=param_names(op),
+                   full=FULL_SIZE + ("g",), out=True))
 
 
 def param_names(op):
@@ -70,7 +73,7 @@ def loss_kernels(op, target, variant):
     backward = Kernel(f"backward_{suffix}", f"dL/dx times each entry's weight g ({target}, {variant}).",
                       f"dx_j = {sp.sstr(gradient)}", (("dx", lower(dense, j)),),
                       None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity],
-                      params=param_names(op))
+                      params=param_names(op), out=True)
     return forward, backward
 
 
@@ -115,10 +118,11 @@ def kernel_code(kernel):
     names = [name for name, _ in kernel.outputs]
     assignments = temporaries + [(sp.Symbol(name), expr) for name, expr in zip(names, reduced)]
     returned = [sp.Symbol(name) for name in names] + reduced[len(names):]
-    lines = [(str(lhs), code) for lhs, code in assignments_in_place(assignments, returned, FULL_SIZE)]
+    lines = assignments_in_place(assignments, returned, kernel.full, "out" if kernel.out else None)
+    takes_out = any(code.endswith(("out=out)", "else out)")) for _, code in lines)
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     used = {s.name for e in exprs for s in e.free_symbols}
-    args = arguments(exprs, uses_label, kernel.params)
+    args = arguments(exprs, uses_label, kernel.params) + (["out=None"] if takes_out else [])
     full = next((a for a in FULL_SIZE if a in args), None)
     return {"name": kernel.name, "doc": kernel.doc, "derivation": kernel.derivation,
             "args": args, "lines": lines, "uses_label": uses_label,

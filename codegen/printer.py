@@ -70,10 +70,17 @@ class KernelPrinter(NumPyPrinter):
     def _print_Abs(self, expr):
         return f"np.abs({self._print(expr.args[0])})"
 
-    # reductions call the ufunc's reduce: np.sum and np.max add a Python wrapper that costs
-    # microseconds a call, most of a small batch's time
+    # a row sum is einsum's: it reads rows two to three times faster than np.add.reduce from 100
+    # classes on, and a row dot product needs no product array
     def _print_RowSum(self, expr):
-        return f"np.add.reduce({self._print(expr.args[0])}, axis=-1, keepdims=True)"
+        return f'np.einsum("...k->...", {self._print(expr.args[0])})[..., None]'
+
+    def _print_RowDot(self, expr):
+        left, right = (self._print(a) for a in expr.args)
+        return f'np.einsum("...k,...k->...", {left}, {right})[..., None]'
+
+    # other reductions call the ufunc's reduce: np.sum and np.max add a Python wrapper that costs
+    # microseconds a call, most of a small batch's time
 
     def _print_RowMax(self, expr):
         return f"np.maximum.reduce({self._print(expr.args[0])}, axis=-1, keepdims=True)"

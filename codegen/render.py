@@ -61,8 +61,9 @@ def param_context(param):
 def with_calls(code, op):
     """A kernel's code plus how a class passes each argument: options from self, arrays by name."""
     sources = {param.symbol.name: f"self.{param.name}" for param in op.params if param.kind == "scalar"}
-    call = [sources.get(arg, arg) for arg in code["args"]]
-    saved = [(arg, sources.get(arg, arg)) for arg in code["args"] if arg != "g"]
+    arrays = [arg for arg in code["args"] if "=" not in arg]  # out=None is the caller's choice
+    call = [sources.get(arg, arg) for arg in arrays]
+    saved = [(arg, sources.get(arg, arg)) for arg in arrays if arg != "g"]
     return dict(code, call=call, saved=saved)
 
 

@@ -16,6 +16,10 @@ import numpy as np
 from derive.reduction import REDUCTIONS
 
 EPS = 1e-6
+# Central differences in float64 with step EPS cannot resolve slopes much below 1e-10 (rounding in
+# f is about 1e-16, over 2 EPS): a gradient that is zero everywhere measures up to that noise, so
+# errors are taken relative to at least this scale, not to the noise itself.
+SCALE_FLOOR = 1e-3
 
 
 def numerical_gradient(f, x, eps=EPS):
@@ -43,10 +47,10 @@ class GradientCheck:
 
     @property
     def error(self):
-        """max |analytic - numeric| relative to the larger of the two gradients' max norms."""
-        scale = max(np.max(np.abs(self.analytic), initial=0.0), np.max(np.abs(self.numeric), initial=0.0))
+        """max |analytic - numeric| relative to the larger of the two gradients' max norms (at least SCALE_FLOOR)."""
+        scale = max(np.max(np.abs(self.analytic), initial=0.0), np.max(np.abs(self.numeric), initial=0.0), SCALE_FLOOR)
         gap = np.max(np.abs(self.analytic - self.numeric), initial=0.0)
-        return float(gap / scale) if scale > 0 else float(gap)
+        return float(gap / scale)
 
     @property
     def worst(self):
