@@ -16,8 +16,9 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
 from codegen.printer import print_code
+from derive.special import ExpToInf
 
-UNARY = {sp.exp: "exp", sp.log: "log", sp.tanh: "tanh", log1p: "log1p", expm1: "expm1", sp.Abs: "absolute",
+UNARY = {sp.exp: "exp", ExpToInf: "exp", sp.log: "log", sp.tanh: "tanh", log1p: "log1p", expm1: "expm1", sp.Abs: "absolute",
          sp.sign: "sign", sp.sin: "sin", sp.cos: "cos"}
 POWERS = {-1: "reciprocal", 2: "square", sp.Rational(1, 2): "sqrt"}
 # these produce an array smaller than the input (a column, a scalar), one of another shape, or a view
@@ -215,6 +216,8 @@ def assignments_in_place(assignments, later, full, output=None):
     owned, free, lines = set(), [], []
     last = steps[-1] if steps else None
     result = last.target if last and last.buffer and last.where is None and last.target in kept else None
+    if kept & {sp.Symbol(name) for name in full}:
+        result = None  # output may alias a full-size argument, which a later line still reads
     for position, step in enumerate(steps):
         into = None
         if step.ufunc:

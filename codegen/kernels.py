@@ -10,6 +10,7 @@ from codegen.printer import print_code
 from derive import backprop, optim
 from derive.gradients import layer_backward, loss_forward, loss_gradient, mean_weight, variants
 from derive.reduction import REDUCTIONS, row_weight
+from derive.special import ExpToInf
 from derive.stability import stable
 from derive.algebra import contract
 from derive.symbols import i, j, k, n, over_batch, r, total
@@ -128,7 +129,7 @@ def kernel_code(kernel):
             "args": args, "lines": lines, "uses_label": uses_label,
             "sizes": [(name, how.format(a=full)) for name, how in (kernel.sizes or {}).items() if name in used],
             "at_label": None if kernel.at_label is None else print_code(reduced[-1]),
-            "returns": names}
+            "returns": names, "overflows": any(e.has(ExpToInf) for e in exprs)}
 
 
 def arguments(exprs, uses_label, params=()):

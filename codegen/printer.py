@@ -67,6 +67,9 @@ class KernelPrinter(NumPyPrinter):
             raise ValueError(f"only Heaviside(u, 0) prints, got {expr}")
         return f"np.sign(np.maximum({self._print(u)}, 0))"
 
+    def _print_ExpToInf(self, expr):
+        return f"np.exp({self._print(expr.args[0])})"
+
     def _print_Abs(self, expr):
         return f"np.abs({self._print(expr.args[0])})"
 

@@ -94,7 +94,10 @@ def loss_context(op):
         for variant in variants(op, target):
             forward, backward = (with_calls(kernel_code(k), op) for k in loss_kernels(op, target, variant))
             general = variant == "general"
-            paths.append({"forward": forward, "backward": backward,
+            # what forward made for backward alone (never the caller's arrays) backward may overwrite
+            made = [name for name in forward["returns"] if name in backward["args"]]
+            donor = made[0] if made and "out=None" in backward["args"] else None
+            paths.append({"forward": forward, "backward": backward, "donor": donor,
                           "condition": None if general else plain_condition(op, target) or None,
                           "prepare": general_preparation(op, target) if general else []})
         by_target.append((target, paths))

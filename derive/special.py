@@ -28,6 +28,23 @@ def erfc_continued_fraction(x, depth=FRACTION_DEPTH):
     return sp.exp(-x ** 2) / (sp.sqrt(sp.pi) * tail)
 
 
+class ExpToInf(sp.Function):
+    """exp(u) that the kernels let overflow to inf, used only where inf gives the exact value
+    (1/(1 + inf) = 0): the kernel evaluates it with NumPy's overflow warning off, as PyTorch's
+    sigmoid does. Numbers evaluate as exp."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, u):
+        if u.is_number:
+            return sp.exp(u)
+        return None
+
+    def fdiff(self, argindex=1):
+        return self
+
+
 class Clip(sp.Function):
     """u limited to [lo, hi] (hi may be oo): a branch's argument kept in its range. A function of its
     own, not Max/Min, whose assumption queries grow exponentially over the continued fraction."""

@@ -40,10 +40,24 @@ def forward(op, instance, x, target):
     return instance.forward(x, target) if op.kind == "loss" else instance.forward(x)
 
 
-def backward(op, instance, y, reduction="mean"):
-    """instance.backward with an all-ones upstream gradient where it takes one."""
+def backward(op, instance, y, reduction="mean", **options):
+    """instance.backward with an all-ones upstream gradient where it takes one (options: a loss's)."""
     takes_upstream = op.kind != "loss" or reduction == "none"
-    return instance.backward(np.ones(np.shape(y), y.dtype)) if takes_upstream else instance.backward()
+    upstream = (np.ones(np.shape(y), y.dtype),) if takes_upstream else ()
+    return instance.backward(*upstream, **(options if op.kind == "loss" else {}))
+
+
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("op, kind", LOSS_CASES, ids=case_ids(LOSS_CASES))
+def test_a_second_backward_of_a_loss_raises_and_a_new_forward_allows_one_more(op, kind, reduction):
+    x, target = inputs(op, kind)
+    instance = make(op, x, reduction)
+    y = forward(op, instance, x, target)
+    first = backward(op, instance, y, reduction).copy()
+    with pytest.raises(RuntimeError, match=r"called a second time after one forward.*retain_graph=True"):
+        backward(op, instance, y, reduction)
+    forward(op, instance, x, target)
+    assert np.array_equal(backward(op, instance, y, reduction), first)
 
 
 def inputs(op, kind, shape=(4, 3), dtype=np.float64, seed=0):
@@ -257,11 +271,12 @@ def test_bad_loss_options_are_named(op):
 @pytest.mark.parametrize("reduction", list(REDUCTIONS))
 @pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
 def test_a_second_backward_gives_the_same_result(op, kind, reduction):
+    """Layers keep what forward saved; a loss frees it unless told to retain it, as in PyTorch."""
     x, target = inputs(op, kind)
     options = example_options(op, x.shape, np.random.default_rng(1)) if op.kind != "linear" else {}
     instance = make(op, x, reduction, **options)
     y = forward(op, instance, x, target)
-    first = backward(op, instance, y, reduction)
+    first = backward(op, instance, y, reduction, retain_graph=True)
     kept = [first.copy()] + [getattr(instance, "d" + name).copy() for name in getattr(instance, "params", ())]
     second = backward(op, instance, y, reduction)
     assert np.array_equal(first, kept[0]), "the second backward changed the first one's result"

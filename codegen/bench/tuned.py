@@ -51,11 +51,13 @@ class SoftmaxCrossEntropy:
 
 
 def sigmoid(x):
-    """1 / (1 + exp(-x)), exact at both ends: exp(-x) overflows to inf (NumPy warns) where sigmoid is 0."""
-    y = np.negative(x)
-    np.exp(y, out=y)
-    y += 1
-    return np.reciprocal(y, out=y)
+    """1 / (1 + exp(-x)), exact at both ends: exp(-x) overflows to inf where sigmoid is 0, which is
+    meant, so NumPy is told not to warn (the generated kernels may not warn either)."""
+    with np.errstate(over="ignore"):
+        y = np.negative(x)
+        np.exp(y, out=y)
+        y += 1
+        return np.reciprocal(y, out=y)
 
 
 class Sigmoid:
