@@ -165,7 +165,7 @@ def _numerically_equal(before, after, condition, equations, ranges, rng):
     sizes = sorted({ranges[index] for index in indices} | (free & set(ranges.values())), key=str)
     scalars = sorted(free - set(indices) - set(sizes), key=str)
     # mpmath at DIGITS digits; SymPy itself for what mpmath lacks (Heaviside)
-    numeric = {"ClassMax": max, "Clip": lambda u, lo, hi: max(lo, min(u, hi))}
+    numeric = {"ClassMax": max, "Clip": lambda u, lo, hi: max(lo, min(u, hi)), "ExpToInf": mpmath.exp}
     compiled = [sp.lambdify([*labels, *sizes, *indices, *scalars], e, modules=[numeric, "mpmath", "sympy"])
                 for e in exprs]
     compared = 0

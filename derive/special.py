@@ -44,6 +44,16 @@ class ExpToInf(sp.Function):
     def fdiff(self, argindex=1):
         return self
 
+    # readers see exp: that the kernels let it overflow is not part of the mathematics
+    def _latex(self, printer):
+        return printer._print(sp.exp(self.args[0], evaluate=False))
+
+    def _pretty(self, printer):
+        return printer._print(sp.exp(self.args[0], evaluate=False))
+
+    def _sympystr(self, printer):
+        return printer._print(sp.exp(self.args[0], evaluate=False))
+
 
 class Clip(sp.Function):
     """u limited to [lo, hi] (hi may be oo): a branch's argument kept in its range. A function of its
