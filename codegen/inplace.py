@@ -116,8 +116,8 @@ class Flattener:
         if isinstance(expr, (sp.Max, sp.Min)) and len(expr.args) == 2:
             return self.emit("maximum" if isinstance(expr, sp.Max) else "minimum", *map(self.operand, expr.args))
         if isinstance(expr, sp.Heaviside) and expr.args[1] == 0:
-            # 1 for u > 0, 0 for u <= 0, NaN for NaN: np.maximum propagates it, np.sign keeps it
-            return self.emit("sign", self.emit("maximum", self.operand(expr.args[0]), 0))
+            # as the printer's Heaviside, one operation a line
+            return self.emit("ceil", self.emit("clip", self.operand(expr.args[0]), 0, 1))
         return self.whole(expr)
 
     def whole(self, expr):

@@ -16,12 +16,14 @@ from derive.algebra import contract
 from derive.symbols import i, j, k, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
-ARG_ORDER = ("x", "c", "t", "mask", "w", "pw", "y", "p", "W", "b", "g", "eps", "margin", "l2",
+ARG_ORDER = ("x", "c", "t", "mask", "w", "pw", "y", "p", "e", "inv", "W", "b", "g", "eps", "margin", "l2",
              "K_in", "param", "grad", "velocity", "lr", "momentum")
 # How a loss kernel reads the sizes its formulas use from a full-size argument {a}: N loss entries
 # (rows or elements) and K classes.
 SIZES = {"row": {"N": "{a}.shape[0]", "K": "{a}.shape[-1]"}, "element": {"N": "{a}.size", "K": "{a}.shape[-1]"}}
-FULL_SIZE = ("x", "p", "t", "y")
+FULL_SIZE = ("x", "p", "t", "y", "e")
+# A saved quotient (softmax) is kept as its numerator e_i and the reciprocal of its denominator.
+NUMERATOR, RECIPROCAL = "e", "inv"
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def loss_kernels(op, target, variant):
     index = j if op.granularity == "row" else i
     loss = loss_forward(op, target, values)
     per_entry = lower(stable(loss), index)
-    saved = tuple((base.name, lower(stable(definition), i)) for base, definition in op.saved)
+    saved, in_saved, note = saved_arrays(op)
     # a row's weight depends on its row (its label, its mask) but for a number: sum only that over N
     omega = mean_weight(op, target, values)
     weights = contract(over_batch(omega)) if omega.is_number else lower(over_batch(omega), n)
@@ -70,12 +72,37 @@ def loss_kernels(op, target, variant):
                      (("L", Squeeze(per_entry) if op.granularity == "row" else per_entry),) + saved
                      + (("total", weights),), sizes=SIZES[op.granularity], params=param_names(op))
     gradient = loss_gradient(op, target, values)
-    dense, at_label = split_at_label(stable(gradient), j) if target == "labels" else (stable(gradient), None)
+    stable_gradient = in_saved(stable(gradient))
+    dense, at_label = split_at_label(stable_gradient, j) if target == "labels" else (stable_gradient, None)
     backward = Kernel(f"backward_{suffix}", f"dL/dx times each entry's weight g ({target}, {variant}).",
-                      f"dx_j = {sp.sstr(gradient)}", (("dx", lower(dense, j)),),
+                      f"dx_j = {sp.sstr(gradient)}{note}", (("dx", lower(dense, j)),),
                       None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity],
                       params=param_names(op), out=True)
     return forward, backward
+
+
+def saved_arrays(op):
+    """((name, array expression), ...) that a loss's forward saves for its backward, and the rewrite
+    of a gradient in saved quantities into one in those arrays.
+
+    A saved quotient num_i / den whose denominator is the same for every i (softmax) is saved as
+    its numerator's array and the denominator's reciprocal, a column: forward then skips the pass
+    that divides, and backward multiplies the numerator by one column, g / den, in the pass it
+    makes anyway. That is the tuned NumPy's softmax-CE, printed from the derivation."""
+    arrays, rewrites = [], {}
+    for base, definition in op.saved:
+        numerator, denominator = sp.fraction(stable(definition))
+        if not (denominator.has(sp.Sum) and not denominator.has(i) and numerator.has(i)):
+            arrays.append((base.name, lower(stable(definition), i)))
+            continue
+        part, scale = sp.IndexedBase(NUMERATOR, real=True), sp.Symbol(RECIPROCAL)
+        arrays += [(part.name, lower(numerator, i)), (scale.name, lower(1 / denominator, i))]
+        rewrites[base] = lambda at, part=part, scale=scale: part[at] * scale
+    def in_saved(expr):  # noqa: E306
+        return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base in rewrites,
+                            lambda e: rewrites[e.base](*e.indices))
+    note = "".join(f"; {sp.sstr(base[j])} = {sp.sstr(rewrite(j))}" for base, rewrite in rewrites.items())
+    return tuple(arrays), in_saved, note
 
 
 def reductions(granularity):
