@@ -104,7 +104,7 @@ class KernelPrinter(NumPyPrinter):
         return f"{self._print(expr.args[0])}[:, None]"
 
     def _print_Squeeze(self, expr):
-        return f"np.squeeze({self._print(expr.args[0])}, axis=-1)"
+        return f"{self.parenthesize(expr.args[0], PRECEDENCE['Func'], strict=True)}[..., 0]"
 
     def _print_MatMul(self, expr):
         left, right = (self.parenthesize(arg, PRECEDENCE["Mul"]) for arg in expr.args)
