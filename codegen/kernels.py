@@ -108,13 +108,19 @@ def sgd_kernel():
                   (("velocity_next", velocity), ("param_next", update.subs(sp.Symbol("velocity_next"), velocity))))
 
 
-def kernel_code(kernel):
-    """The printable form of a kernel: arguments, assignment lines, scatter and returns."""
+def kernel_assignments(kernel):
+    """(exprs, assignments, returned, names): the kernel's expressions, then cse's [(symbol, expr)]
+    computing its outputs, what is read after them (the outputs, the label update) and the output names."""
     exprs = [expr for _, expr in kernel.outputs] + ([kernel.at_label] if kernel.at_label is not None else [])
     temporaries, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("v"), order="canonical")
     names = [name for name, _ in kernel.outputs]
     assignments = temporaries + [(sp.Symbol(name), expr) for name, expr in zip(names, reduced)]
-    returned = [sp.Symbol(name) for name in names] + reduced[len(names):]
+    return exprs, assignments, [sp.Symbol(name) for name in names] + reduced[len(names):], names
+
+
+def kernel_code(kernel):
+    """The printable form of a kernel: arguments, assignment lines, scatter and returns."""
+    exprs, assignments, returned, names = kernel_assignments(kernel)
     lines = [(str(lhs), code) for lhs, code in assignments_in_place(assignments, returned, FULL_SIZE)]
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     used = {s.name for e in exprs for s in e.free_symbols}
@@ -123,7 +129,7 @@ def kernel_code(kernel):
     return {"name": kernel.name, "doc": kernel.doc, "derivation": kernel.derivation,
             "args": args, "lines": lines, "uses_label": uses_label,
             "sizes": [(name, how.format(a=full)) for name, how in (kernel.sizes or {}).items() if name in used],
-            "at_label": None if kernel.at_label is None else print_code(reduced[-1]),
+            "at_label": None if kernel.at_label is None else print_code(returned[-1]),
             "returns": names}
 
 
