@@ -46,7 +46,7 @@ def layer_kernels(op):
     backward = layer_backward(op)
     return (Kernel("forward", f"y = {op.summary}.", f"y_i = {sp.sstr(op.forward)}",
                    (("y", lower(stable(op.forward), i)),), params=param_names(op)),
-            Kernel("backward", "dx = g times the Jacobian of y (a vector-Jacobian product).",
+            Kernel("backward", "dx = g times the Jacobian of y (a vector-Jacobian product), in out if that is given.",
                    f"dx_j = {sp.sstr(backward)}", (("dx", lower(stable(backward), j)),), params=param_names(op),
                    full=FULL_SIZE + ("g",), out=True))
 
@@ -74,7 +74,8 @@ def loss_kernels(op, target, variant):
     gradient = loss_gradient(op, target, values)
     stable_gradient = in_saved(stable(gradient))
     dense, at_label = split_at_label(stable_gradient, j) if target == "labels" else (stable_gradient, None)
-    backward = Kernel(f"backward_{suffix}", f"dL/dx times each entry's weight g ({target}, {variant}).",
+    backward = Kernel(f"backward_{suffix}", f"dL/dx times each entry's weight g ({target}, {variant}); out, if given, "
+                      "is a buffer for it, which may be a saved array this call then overwrites.",
                       f"dx_j = {sp.sstr(gradient)}{note}", (("dx", lower(dense, j)),),
                       None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity],
                       params=param_names(op), out=True)
@@ -139,13 +140,19 @@ def sgd_kernel():
                   (("velocity_next", velocity), ("param_next", update.subs(sp.Symbol("velocity_next"), velocity))))
 
 
-def kernel_code(kernel):
-    """The printable form of a kernel: arguments, assignment lines, scatter and returns."""
+def kernel_assignments(kernel):
+    """(exprs, assignments, returned, names): the kernel's expressions, then cse's [(symbol, expr)]
+    computing its outputs, what is read after them (the outputs, the label update) and the output names."""
     exprs = [expr for _, expr in kernel.outputs] + ([kernel.at_label] if kernel.at_label is not None else [])
     temporaries, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("v"), order="canonical")
     names = [name for name, _ in kernel.outputs]
     assignments = temporaries + [(sp.Symbol(name), expr) for name, expr in zip(names, reduced)]
-    returned = [sp.Symbol(name) for name in names] + reduced[len(names):]
+    return exprs, assignments, [sp.Symbol(name) for name in names] + reduced[len(names):], names
+
+
+def kernel_code(kernel):
+    """The printable form of a kernel: arguments, assignment lines, scatter and returns."""
+    exprs, assignments, returned, names = kernel_assignments(kernel)
     lines = assignments_in_place(assignments, returned, kernel.full, "out" if kernel.out else None)
     takes_out = any(code.endswith(("out=out)", "else out)")) for _, code in lines)
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
@@ -155,7 +162,7 @@ def kernel_code(kernel):
     return {"name": kernel.name, "doc": kernel.doc, "derivation": kernel.derivation,
             "args": args, "lines": lines, "uses_label": uses_label,
             "sizes": [(name, how.format(a=full)) for name, how in (kernel.sizes or {}).items() if name in used],
-            "at_label": None if kernel.at_label is None else print_code(reduced[-1]),
+            "at_label": None if kernel.at_label is None else print_code(returned[-1]),
             "returns": names, "overflows": any(e.has(ExpToInf) for e in exprs)}
 
 

@@ -1,15 +1,17 @@
 """make codegen: derive and render the catalog, verify the staged kernels, then publish them."""
 import hashlib
+import importlib.util
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from codegen.render import ROOT, generator_digest, inputs_digest, render_package
+from codegen.render import FAST, ROOT, generator_digest, inputs_digest, render_package
 from codegen.verify import check_op
-from codegen.write import import_package, publish, stage
+from codegen.write import import_package, modules, publish, stage
 
 
 # the last run's inputs, output and reports: in a checkout's git-ignored build/, none in an installed package
@@ -27,13 +29,35 @@ class OpReport:
     failures: tuple
 
 
+def numba_installed():
+    return importlib.util.find_spec("numba") is not None
+
+
+@contextmanager
+def interpreted():
+    """While active, numba.njit returns the Python function it decorates: codegen checks what the
+    printed loops compute in seconds, rather than compiling each kernel (the tests run them compiled)."""
+    import numba
+    disabled = numba.config.DISABLE_JIT
+    numba.config.DISABLE_JIT = True
+    try:
+        yield
+    finally:
+        numba.config.DISABLE_JIT = disabled
+
+
 def verify_package(package, catalog, seed=0):
-    """[OpReport] from the finite-difference checks of every op in the imported package."""
+    """[OpReport] from the finite-difference checks of every op in the imported package, and of its
+    fused numba classes (named "<op> (fast)") where numba is installed."""
     rng = np.random.default_rng(seed)
     reports = []
-    for name, op in catalog.items():
-        checks = check_op(op, getattr(package, name), rng)
-        module = getattr(package, op.module)
+    fast = getattr(package, FAST, None)
+    classes = [(name, op, getattr(package, name), package) for name, op in catalog.items()]
+    classes += [(f"{name} (fast)", op, getattr(fast, name), fast) for name, op in catalog.items()
+                if fast is not None and hasattr(fast, name)]
+    for name, op, cls, where in classes:
+        checks = check_op(op, cls, rng)
+        module = getattr(where, op.module)
         kernels = sum(1 for attr in vars(module) if attr.startswith(("forward", "backward")))
         failures = tuple(f"{variant}: {check.report()}" for variant, check in checks if not check.ok)
         reports.append(OpReport(name, kernels, max(check.error for _, check in checks), not failures, failures))
@@ -47,7 +71,7 @@ def cache_key(catalog):
 
 def files_digest(out):
     """{file name: sha256} of the package in out, to tell whether it is still what was generated."""
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(out.glob("*.py"))}
+    return {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in modules(out)}
 
 
 def cached_reports(cache, key, out):
@@ -82,7 +106,12 @@ def generate(catalog, out):
     """(reports, changed): the package staged, verified and published, or changed None on a failure."""
     staged = stage(render_package(catalog), out.parent)
     try:
-        reports = verify_package(import_package(staged), catalog)
+        if numba_installed():
+            with interpreted():
+                package = import_package(staged, [FAST])
+        else:
+            package = import_package(staged)
+        reports = verify_package(package, catalog)
     except BaseException:
         shutil.rmtree(staged)
         raise

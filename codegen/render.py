@@ -5,6 +5,7 @@ from pathlib import Path
 import jinja2
 import sympy as sp
 
+from codegen.fused import FASTMATH, FusionError, fused_code
 from codegen.kernels import kernel_code, layer_kernels, linear_kernels, loss_kernels, reductions, sgd_kernel
 from codegen.printer import print_code
 from derive.gradients import variants
@@ -13,13 +14,17 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
 # Everything whose change can change a generated file; its digest goes in every header.
 GENERATOR = ("derive/*.py", "codegen/lower.py", "codegen/printer.py", "codegen/kernels.py", "codegen/inplace.py",
-             "codegen/render.py", "templates/*.jinja")
+             "codegen/fused.py", "codegen/render.py", "templates/*.jinja")
 # The derivations printed for readers (symgrad derive, make docs) never reach a generated file.
 NOT_GENERATOR = "derive/derivation*.py"
 CATALOG_SOURCE = "derive/catalog.py"
 # Loss targets: how forward recognises each kind, and how it checks and prepares it.
 # A 1-d target of a row loss is labels whatever its dtype, so that float labels get label_column's error.
 KIND_TESTS = {"labels": 'target.dtype.kind in "iu" or target.ndim == 1', "dense": 'target.dtype.kind == "f"'}
+# How the layer and loss templates print kernels: NumPy ones in generated/, fused numba ones in generated/fast/
+# (importing the package and its checks from the folder above).
+NUMPY = {"kernels": "kernel.py.jinja", "package": ".", "fallback": None}
+FAST = "fast"
 TARGET_DOCS = {"labels": "integer class labels of shape (N,)", "dense": "a float array of x's shape"}
 
 
@@ -122,10 +127,34 @@ def op_context(op):
     if op.kind == "layer":
         forward, backward = (with_calls(kernel_code(k), op) for k in layer_kernels(op))
         return {"op": op, "forward": forward, "backward": backward, "params": [param_context(p) for p in op.params],
-                "vector": op.forward.has(sp.Sum)}
+                "vector": op.forward.has(sp.Sum), **NUMPY}
     if op.kind == "linear":
         return {"op": op, "kernels": [kernel_code(k) for k in linear_kernels(op)]}
-    return loss_context(op)
+    return dict(loss_context(op), **NUMPY)
+
+
+def fast_context(op):
+    """An op's context with every kernel also printed as fused loops where it has that form, None
+    when none of its kernels has one."""
+    context = op_context(op)
+    kernels = (layer_kernels(op) if op.kind == "layer"
+               else [k for target in op.targets for variant in variants(op, target)
+                     for k in loss_kernels(op, target, variant)])
+    rows = context["vector"] if op.kind == "layer" else op.granularity == "row"
+    printed = {}
+    for kernel in kernels:
+        try:
+            printed[kernel.name] = {"fused": fused_code(kernel, rows, op.kind == "loss"), "fused_error": None}
+        except FusionError as error:
+            printed[kernel.name] = {"fused": None, "fused_error": str(error)}
+    if not any(p["fused"] for p in printed.values()):
+        return None
+    codes = ([context["forward"], context["backward"]] if op.kind == "layer"
+             else [path[side] for path in context["paths"] for side in ("forward", "backward")])
+    for code in codes:
+        code.update(printed[code["name"]])
+    fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
+    return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback)
 
 
 def render_package(catalog):
@@ -142,4 +171,13 @@ def render_package(catalog):
     for op in ops:
         files[f"{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
                                           generator, op_context(op))
+    fast = [(op, fast_context(op)) for op in ops if op.kind in ("layer", "loss")]
+    fast = [(op, context) for op, context in fast if context is not None]
+    files[f"{FAST}/__init__.py"] = render(env, "fast_package.py.jinja", CATALOG_SOURCE, generator,
+                                          {"ops": [{"name": op.name, "module": op.module} for op, _ in fast]})
+    files[f"{FAST}/_runtime.py"] = render(env, "fast_runtime.py.jinja", "codegen/fused.py", generator,
+                                          {"fastmath": "{" + ", ".join(f'"{flag}"' for flag in FASTMATH) + "}"})
+    for op, context in fast:
+        files[f"{FAST}/{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
+                                                 generator, context)
     return files

@@ -14,6 +14,7 @@ import pytest
 
 import generated
 from codegen.render import ROOT, TEMPLATES
+from codegen.write import modules
 
 SOURCES = ("pyproject.toml", "README.md", "derive", "codegen", "generated", "templates")
 GENERATED = Path(generated.__file__).parent
@@ -50,7 +51,7 @@ def installed(tmp_path_factory):
 def test_the_wheel_holds_the_templates_and_the_generated_package(installed):
     names = set(zipfile.ZipFile(installed[0]).namelist())
     assert {f"templates/{path.name}" for path in TEMPLATES.glob("*.jinja")} <= names
-    assert {f"generated/{path.name}" for path in GENERATED.glob("*.py")} <= names
+    assert {f"generated/{name}" for name in modules(GENERATED)} <= names
 
 
 def test_every_generated_layer_imports_from_the_installed_package(installed):
@@ -75,5 +76,6 @@ def test_symgrad_codegen_out_writes_the_committed_package(installed):
     _, venv, work = installed
     out = work / "regenerated"
     run([venv / "bin" / "symgrad", "codegen", "--out", out], cwd=work)
-    written = {path.name: path.read_bytes() for path in out.iterdir()}
-    assert written == {path.name: path.read_bytes() for path in GENERATED.glob("*.py")}
+    written = {name: (out / name).read_bytes() for name in modules(out)}
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["fast"]
+    assert written == {name: (GENERATED / name).read_bytes() for name in modules(GENERATED)}

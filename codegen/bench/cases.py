@@ -1,5 +1,6 @@
 """What make bench times: each case is one operation's forward + backward, run by several contenders
 on the same inputs of size (N, K)."""
+import importlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -8,6 +9,9 @@ import numpy as np
 
 import generated
 from codegen.bench import frameworks, tuned
+
+# generated.fast, the fused numba kernels, where numba is installed (the extra symgrad[fast])
+fast = importlib.import_module("generated.fast") if frameworks.installed("numba") else None
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,12 @@ def numpy_step(case, cls, inputs):
     return lambda: (layer.forward(x), layer.backward(inputs["g"]))
 
 
+def warmed(step):
+    """step, called once: numba compiles on the first call, which no sample should time."""
+    step()
+    return step
+
+
 def copy_step(inputs):
     """A step that copies x into a buffer of its size: the memory-bandwidth floor."""
     out = np.empty_like(inputs["x"])
@@ -85,6 +95,8 @@ def contenders(case, inputs):
     found = []
     if hasattr(generated, case.op):
         found.append(Contender("generated", lambda: numpy_step(case, getattr(generated, case.op), inputs)))
+    if hasattr(fast, case.op):
+        found.append(Contender("numba", lambda: warmed(numpy_step(case, getattr(fast, case.op), inputs))))
     found.append(Contender("tuned", lambda: numpy_step(case, getattr(tuned, case.op), inputs)))
     if case.seed is not None:
         found.append(Contender("seed", lambda: numpy_step(case, case.seed, inputs)))

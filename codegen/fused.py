@@ -1,0 +1,319 @@
+"""The numba backend's printer: the same cse'd assignments the NumPy kernels print, as fused loops.
+
+Each assignment is a scalar of the call (N, K, options), a per-row value (a row reduction, the entry
+at the label, a row loss's g) or a full quantity (one value per element). Row kernels: per row n of
+numba.prange, a loop over k computes the reductions of level 1 (of full quantities and scalars
+alone), then the per-row values they give; the loop of level 2 the reductions that read those, and so
+on; a full output is written in the first loop after the per-row values it reads. A full temporary
+that two loops read and that costs a function call is kept in the row of the output that reads it
+last, otherwise computed again. Element-wise kernels are one flat prange loop."""
+import sympy as sp
+from sympy.codegen.cfunctions import expm1, log1p
+from sympy.printing.precedence import PRECEDENCE
+
+from codegen.kernels import FULL_SIZE, RECIPROCAL, arguments, kernel_assignments
+from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
+from codegen.printer import KernelPrinter
+from derive.special import ExpToInf
+
+# math.* keeps a float32 argument float32 in numba; np.maximum and np.sign propagate NaN as NumPy does
+FUNCTIONS = {sp.exp: "math.exp", ExpToInf: "math.exp", sp.log: "math.log", log1p: "math.log1p",
+             expm1: "math.expm1", sp.tanh: "math.tanh", sp.erf: "math.erf"}
+# an accumulator's start and its update: a sum and a max over the row
+REDUCE = {RowSum: ("T(0)", "{acc} + {value}"), RowMax: ("T(-math.inf)", "np.maximum({acc}, {value})")}
+UNFUSED = (LabelEntry, BatchSum, AxisSum, Column, MatMul, Transpose)
+FUSED_ARGS = set(FULL_SIZE) | {"g", "c", "margin", RECIPROCAL}
+# per-row arrays a kernel takes as columns (N, 1), read at [n, 0]
+COLUMNS = ("c", RECIPROCAL)
+# fastmath flags that keep the NumPy kernels' values: sums over a row reassociated into SIMD lanes,
+# fused multiply-adds, reciprocals; never nnan or ninf, since the kernels give infinities and NaN
+FASTMATH = ("arcp", "contract", "reassoc")
+
+
+class FusionError(ValueError):
+    """A kernel the fused printer does not print (class weights, masks, batch sums, matrix products)."""
+
+
+class FusedPrinter(KernelPrinter):
+    """Scalar code for numba: numbers in the input's dtype T (a Python float would make float32
+    work float64), functions from math, branches as conditional expressions."""
+
+    def _print(self, expr, **kwargs):
+        if isinstance(expr, sp.Expr) and expr.is_number and expr.is_real and expr.is_finite:
+            return f"T({int(expr)})" if expr.is_Integer else f"T({float(expr)!r})"
+        return super()._print(expr, **kwargs)
+
+    def _print_Function(self, expr):
+        if type(expr) in FUNCTIONS:
+            return f"{FUNCTIONS[type(expr)]}({self._print(expr.args[0])})"
+        raise FusionError(f"no fused form for {expr.func}")
+
+    _print_exp = _print_ExpToInf = _print_log = _print_log1p = _print_expm1 = _print_tanh = _print_erf = _print_Function
+
+    def _print_Pow(self, expr, rational=False):
+        base = self.parenthesize(expr.base, PRECEDENCE["Pow"], strict=True)
+        if expr.exp == -1:
+            return f"T(1)/{base}"
+        if expr.exp == sp.S.Half:
+            return f"math.sqrt({self._print(expr.base)})"
+        if expr.exp == -sp.S.Half:
+            return f"T(1)/math.sqrt({self._print(expr.base)})"
+        if expr.exp.is_Integer and 0 < expr.exp <= 4:
+            return "*".join([base] * int(expr.exp))
+        return f"{base}**{self._print(expr.exp)}"
+
+    def _print_Piecewise(self, expr):
+        (value, condition), *rest = expr.args
+        if not rest:
+            return self._print(value)
+        otherwise = self._print(type(expr)(*rest)) if len(rest) > 1 or rest[0][1] is not True else self._print(rest[0][0])
+        return f"({self._print(value)} if {self._print(condition)} else {otherwise})"
+
+    def _print_Heaviside(self, expr):
+        u, at_zero = expr.args
+        if at_zero != 0:
+            raise FusionError(f"only Heaviside(u, 0) prints, got {expr}")
+        return f"np.sign(np.maximum({self._print(u)}, T(0)))"
+
+    def _print_sign(self, expr):
+        return f"np.sign({self._print(expr.args[0])})"
+
+    def _print_Abs(self, expr):
+        return f"abs({self._print(expr.args[0])})"
+
+    def _print_Clip(self, expr):
+        u, lo, hi = expr.args
+        text = self._print(u)
+        if lo != -sp.oo:
+            text = f"np.maximum({text}, {self._print(lo)})"
+        return text if hi == sp.oo else f"np.minimum({text}, {self._print(hi)})"
+
+    def _print_AtLabel(self, expr):
+        return f"{self._print(expr.args[0])}[n, c[n, 0]]"
+
+    def _print_Squeeze(self, expr):
+        return self._print(expr.args[0])
+
+
+def scalar_code(expr, names):
+    """expr as scalar numba code, its symbols printed as names says (x as x[n, k], say)."""
+    expr = expr.xreplace({at: sp.Symbol(f"{at.args[0]}[n, c[n, 0]]") for at in expr.atoms(AtLabel)})
+    return FusedPrinter().doprint(expr.xreplace({s: sp.Symbol(names[s.name]) for s in expr.free_symbols
+                                                 if s.name in names}))
+
+
+def take_reductions(assignments):
+    """The assignments with each row reduction an assignment of its own, a0, a1, ..., inner ones first."""
+    taken = []
+    for lhs, expr in assignments:
+        while expr.has(RowSum, RowMax):
+            inner = [r for r in expr.atoms(RowSum, RowMax) if not r.args[0].has(RowSum, RowMax)]
+            for reduction in sorted(inner, key=sp.default_sort_key):
+                accumulator = sp.Symbol(f"a{sum(1 for a, _ in taken if a.name.startswith('a'))}")
+                taken.append((accumulator, reduction))
+                expr = expr.xreplace({reduction: accumulator})
+        taken.append((lhs, expr))
+    return taken
+
+
+def fused_code(kernel, rows, loss):
+    """The kernel as fused loops: {name, doc, derivation, args, returns, body, call}. rows: per-row
+    reductions (softmax, a row loss) rather than element-wise; loss: g is one weight per loss entry.
+
+    body is the jitted function's lines, call the plain function's (shape the arrays for the loops,
+    call, shape the results back)."""
+    exprs, assignments, returned, names = kernel_assignments(kernel)
+    uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
+    args = arguments(exprs, uses_label, kernel.params)
+    unfused = sorted(set(args) - FUSED_ARGS - set(kernel.params))
+    if unfused:
+        raise FusionError(f"it reads {', '.join(unfused)}")
+    if any(e.has(*UNFUSED) for e in exprs):
+        raise FusionError(f"it uses {', '.join(sorted({f.__name__ for e in exprs for f in UNFUSED if e.has(f)}))}")
+    full = [a for a in args if a in FULL_SIZE]
+    kinds = dict.fromkeys(full, "full") | dict.fromkeys(COLUMNS, "row") | {"g": "row" if rows and loss else "full"}
+    label = [(sp.Symbol("at_label"), returned[len(names)])] if kernel.at_label is not None else []
+    assignments = take_reductions(assignments + label)
+    if not rows and any(isinstance(expr, (RowSum, RowMax)) for _, expr in assignments):
+        raise FusionError(f"{kernel.name}: an element-wise kernel with a row reduction")
+    for lhs, expr in assignments:
+        kinds[lhs.name] = kind_of(expr, kinds)
+    # every argument but the arrays is a number, cast to the input's dtype once
+    names_of = {a: f"{a}[n, k]" if rows else f"{a}[i]" for a in full}
+    names_of |= {a: f"T({a})" for a in args if a not in full and a not in COLUMNS + ("g",)}
+    names_of |= {a: f"{a}[n, 0]" for a in COLUMNS if a in args and a != "c"}
+    if "g" in args:
+        names_of["g"] = "g_n" if rows and loss else "g[n, k]" if rows else "g_i"
+    # a backward writes into out (which may be a saved array it reads) when that is safe: every
+    # element is read and then written in the same iteration, which one pass with no reduction does
+    into = names[0] if kernel.out and not any(isinstance(e, (RowSum, RowMax)) for _, e in assignments) else None
+    shape = Rows if rows else Elements
+    body = shape(assignments, kinds, names, full[0], names_of, into).lines()
+    columns = {name for name, expr in kernel.outputs if kinds[name] == "row" and not isinstance(expr, Squeeze)}
+    return {"name": kernel.name, "doc": kernel.doc, "derivation": kernel.derivation,
+            "args": args + (["out"] if into else []), "signature": args + (["out=None"] if kernel.out else []),
+            "returns": names, "body": body,
+            "call": call_lines(kernel.name, args, full, names, kinds, rows, columns, into)}
+
+
+def kind_of(expr, kinds):
+    """"scalar", "row" or "full": what one value of expr is, from the kinds of its symbols."""
+    if isinstance(expr, sp.Symbol):
+        return kinds.get(expr.name, "scalar")
+    if isinstance(expr, (RowSum, RowMax, AtLabel)):
+        return "row"
+    found = {kind_of(arg, kinds) for arg in expr.args}
+    return "full" if "full" in found else "row" if "row" in found else "scalar"
+
+
+def call_lines(name, args, full, names, kinds, rows, columns, into):
+    """The plain function's lines: the arrays as rows of K (or flat), the call, the results in x's
+    shape (a per-row saved value as a column, as the NumPy kernels give it)."""
+    first = full[0]
+    as_loops = (lambda a: f"{a}.reshape(-1, {first}.shape[-1])") if rows else (lambda a: f"{a}.reshape(-1)")
+    shaped = {a: as_loops(a) for a in full}
+    if into:
+        args = args + ["out"]
+        shaped["out"] = as_loops(f"(np.empty_like({first}) if out is None else out)")
+    if "g" in args:
+        # a loss's g is a number under a mean or a sum (an int 1 would compile a kernel of its own)
+        per_entry = "g" if rows else "g.reshape(-1)"
+        shaped["g"] = as_loops("g") if kinds["g"] == "full" and rows else f"{per_entry} if np.ndim(g) else float(g)"
+    back = [f"{out}.reshape({first}.shape)" if kinds[out] == "full" else f"{out}[:, None]" if out in columns else out
+            for out in names]
+    return [f"{', '.join(names)} = _{name}({', '.join(shaped.get(a, a) for a in args)})",
+            f"return {', '.join(back)}"]
+
+
+class Loops:
+    """What both shapes share: the dtype, the scalars before the loop, the outputs' buffers."""
+
+    def __init__(self, assignments, kinds, names, first, names_of, into=None):
+        self.assignments, self.kinds, self.names, self.first = assignments, kinds, names, first
+        self.names_of, self.into = dict(names_of), into
+
+    def code(self, expr):
+        return scalar_code(expr, self.names_of)
+
+    def preamble(self, sizes):
+        lines = [f"T = {self.first}.dtype.type"] + sizes
+        lines += [f"{lhs} = {self.code(expr)}" for lhs, expr in self.assignments if self.kinds[lhs.name] == "scalar"]
+        for name in self.names:
+            if self.kinds[name] == "full":
+                lines.append(f"{name} = out" if name == self.into else f"{name} = np.empty_like({self.first})")
+            elif self.kinds[name] == "row":
+                lines.append(f"{name} = np.empty(N, {self.first}.dtype)")
+        return lines
+
+
+class Elements(Loops):
+    """One flat loop over every element; each assignment a local of the iteration."""
+
+    def lines(self):
+        lines = self.preamble([f"N = {self.first}.shape[0]"]) + ["for i in numba.prange(N):"]
+        body = ["g_i = T(entry(g, i))"] if "g" in self.names_of else []
+        for lhs, expr in self.assignments:
+            if self.kinds[lhs.name] != "scalar":
+                body.append(f"{lhs}[i] = {self.code(expr)}" if lhs.name in self.names else f"{lhs} = {self.code(expr)}")
+        return lines + ["    " + line for line in body]
+
+
+class Rows(Loops):
+    """Per row: loops over k by reduction level, the per-row values between them."""
+
+    def lines(self):
+        lines = self.preamble([f"N, K = {self.first}.shape"]) + ["for n in numba.prange(N):"]
+        return lines + ["    " + line for line in self.row()]
+
+    def row(self):
+        self.full = {lhs.name: expr for lhs, expr in self.assignments if self.kinds[lhs.name] == "full"}
+        self.reductions = {lhs: expr for lhs, expr in self.assignments if isinstance(expr, (RowSum, RowMax))}
+        rows = [(lhs, expr) for lhs, expr in self.assignments
+                if self.kinds[lhs.name] == "row" and lhs not in self.reductions]
+        self.level = {}
+        for lhs, expr in self.assignments:
+            if lhs in self.reductions:
+                self.level[lhs] = self.level_of(expr.args[0]) + 1
+            elif self.kinds[lhs.name] == "row":
+                self.level[lhs] = self.level_of(expr)
+        outputs = [(lhs, expr) for lhs, expr in self.assignments if self.kinds[lhs.name] == "full" and lhs.name in self.names]
+        self.written = {lhs: self.level_of(expr) + 1 for lhs, expr in outputs}
+        self.kept = self.kept_temporaries(outputs)
+        lines = ["g_n = T(entry(g, n))"] if self.names_of.get("g") == "g_n" else []
+        for loop in range(max(list(self.level.values()) + list(self.written.values()) + [0]) + 1):
+            if loop:
+                lines += self.loop(loop, outputs)
+            for lhs, expr in rows:
+                if self.level[lhs] == loop:
+                    lines.append(f"{lhs}[n] = {self.code(expr)}" if lhs.name in self.names else f"{lhs} = {self.code(expr)}")
+        if any(lhs.name == "at_label" for lhs, _ in rows):
+            dense = next(name for name in self.names if self.kinds[name] == "full")
+            lines.append(f"{dense}[n, c[n, 0]] += at_label")
+        return lines
+
+    def row_values(self, expr):
+        """The per-row symbols expr reads, through the full temporaries it reads."""
+        found = set()
+        for symbol in expr.free_symbols:
+            if symbol.name in self.full:
+                found |= self.row_values(self.full[symbol.name])
+            elif symbol in self.level:
+                found.add(symbol)
+        return found
+
+    def level_of(self, expr):
+        return max((self.level[s] for s in self.row_values(expr)), default=0)
+
+    def reads(self, expr, loop, found):
+        """found[temporary] gets loop for every full temporary that expr reads."""
+        for symbol in expr.free_symbols:
+            if symbol.name in self.full:
+                found.setdefault(symbol.name, set()).add(loop)
+                self.reads(self.full[symbol.name], loop, found)
+        return found
+
+    def kept_temporaries(self, outputs):
+        """{temporary: output}: a temporary with a function call that several loops read, kept in the
+        row of an output written in the last of them."""
+        loops = {}
+        for accumulator, reduction in self.reductions.items():
+            self.reads(reduction.args[0], self.level[accumulator], loops)
+        for lhs, expr in outputs:
+            self.reads(expr, self.written[lhs], loops)
+        kept = {}
+        for temporary, used in loops.items():
+            readers = [lhs.name for lhs, expr in outputs if self.written[lhs] == max(used)
+                       and sp.Symbol(temporary) in expr.free_symbols]
+            if len(used) > 1 and self.full[temporary].has(*FUNCTIONS) and readers:
+                kept[temporary] = (readers[0], min(used), max(used))
+        return kept
+
+    def loop(self, loop, outputs):
+        """One pass over the row: the reductions of this level, the outputs written here."""
+        here = [(a, r) for a, r in self.reductions.items() if self.level[a] == loop]
+        lines = [f"{a} = {REDUCE[type(r)][0]}" for a, r in here] + ["for k in range(K):"]
+        body, defined = [], set()
+
+        def define(expr):
+            for symbol in sorted(expr.free_symbols, key=str):
+                if symbol.name not in self.full or symbol.name in defined:
+                    continue
+                defined.add(symbol.name)
+                output, first, last = self.kept.get(symbol.name, (None, loop, loop))
+                if loop > first:
+                    body.append(f"{symbol} = {output}[n, k]")
+                    continue
+                define(self.full[symbol.name])
+                body.append(f"{symbol} = {self.code(self.full[symbol.name])}")
+                if loop < last:
+                    body.append(f"{output}[n, k] = {symbol}")
+
+        for accumulator, reduction in here:
+            define(reduction.args[0])
+            update = REDUCE[type(reduction)][1].format(acc=accumulator, value=self.code(reduction.args[0]))
+            body.append(f"{accumulator} = {update}")
+        for lhs, expr in outputs:
+            if self.written[lhs] == loop:
+                define(expr)
+                body.append(f"{lhs}[n, k] = {self.code(expr)}")
+        return lines + ["    " + line for line in body]

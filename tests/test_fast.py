@@ -1,0 +1,145 @@
+"""generated.fast, the fused numba kernels: the NumPy kernels' checks, run compiled (finite differences,
+the references, agreement with NumPy in float32 and float64, dtypes, special values, errors)."""
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import generated
+from codegen.verify import check_op, example_options, sample_target
+from derive.catalog import CATALOG
+from derive.reduction import REDUCTIONS
+from tests import references
+
+numba = pytest.importorskip("numba")
+fast = pytest.importorskip("generated.fast")
+
+OPS = [op for op in CATALOG.values() if op.kind in ("layer", "loss")]
+LAYERS = [op for op in OPS if op.kind == "layer"]
+LOSSES = [op for op in OPS if op.kind == "loss"]
+ids = lambda ops: [op.name for op in ops]  # noqa: E731
+FAST = Path(fast.__file__).parent
+AGREE = {np.float32: dict(rtol=2e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-14)}
+
+
+def test_every_layer_and_loss_has_a_fast_class_and_generated_does_not_import_numba():
+    assert set(fast.__all__) == {op.name for op in OPS}
+    assert "fast" not in (Path(generated.__file__).read_text())
+    for path in FAST.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert path.name == "__init__.py" or "numba" in imported, path.name
+
+
+@pytest.mark.parametrize("name, kernels", [("softmax_cross_entropy", ("forward_labels_plain", "backward_labels_plain",
+                                                                      "forward_dense_plain", "backward_dense_plain")),
+                                           ("binary_cross_entropy_with_logits", ("forward_dense_plain",
+                                                                                 "backward_dense_plain"))])
+def test_the_plain_loss_kernels_are_compiled_by_numba(name, kernels):
+    module = getattr(fast, name)
+    for kernel in kernels:
+        assert isinstance(getattr(module, f"_{kernel}"), numba.core.registry.CPUDispatcher), kernel
+
+
+@pytest.mark.parametrize("op", OPS, ids=ids(OPS))
+def test_gradients_match_finite_differences(op):
+    for variant, check in check_op(op, getattr(fast, op.name), np.random.default_rng(1), (3, 5)):
+        assert check.ok, f"{op.name} (fast) {variant}: {check.report()}"
+
+
+def loss_inputs(op, kind, dtype, rng, shape=(6, 7)):
+    x = (rng.uniform(*op.domain, shape) * 3).astype(dtype)
+    return x, sample_target(kind, shape, rng)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", LAYERS, ids=ids(LAYERS))
+def test_layers_agree_with_numpy_and_the_reference_and_keep_the_dtype(op, dtype):
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 3, (2, 3, 5)).astype(dtype)
+    g = rng.normal(size=x.shape).astype(dtype)
+    for options in ({}, example_options(op, x.shape, rng)):
+        ours, theirs = getattr(fast, op.name)(**options), getattr(generated, op.name)(**options)
+        y, dx = ours.forward(x), ours.backward(g)
+        assert y.dtype == dtype and dx.dtype == dtype and y.shape == x.shape == dx.shape
+        assert np.allclose(y, theirs.forward(x), **AGREE[dtype])
+        assert np.allclose(dx, theirs.backward(g), **AGREE[dtype])
+        expected = references.LAYERS[op.name](x.astype(np.float64), **options)
+        assert np.allclose(y, expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", LOSSES, ids=ids(LOSSES))
+def test_losses_agree_with_numpy_and_the_reference_and_keep_the_dtype(op, dtype, reduction):
+    rng = np.random.default_rng(5)
+    for kind in op.targets:
+        x, target = loss_inputs(op, kind, dtype, rng)
+        ours, theirs = getattr(fast, op.name)(reduction=reduction), getattr(generated, op.name)(reduction=reduction)
+        value = ours.forward(x, target)
+        G = rng.normal(size=np.shape(value)).astype(dtype) if reduction == "none" else None
+        dx = ours.backward(G)
+        assert value.dtype == dtype and dx.dtype == dtype and dx.shape == x.shape
+        assert np.allclose(value, theirs.forward(x, target), **AGREE[dtype]), f"{kind} loss"
+        assert np.allclose(dx, theirs.backward(G), **AGREE[dtype]), f"{kind} gradient"
+        reference = references.LOSSES[op.name](x.astype(np.float64), target, reduction)
+        assert np.allclose(value, reference, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", OPS, ids=ids(OPS))
+def test_infinities_nan_and_empty_batches_give_what_numpy_gives(op, dtype):
+    x = np.array([[30.0, -np.inf, 0.0, 1.0], [np.nan, 1.0, 2.0, 3.0], [-1e4, 1e4, -2.0, 5.0]], dtype)
+    rng = np.random.default_rng(0)
+    for rows in (x, x[:0]):
+        with np.errstate(all="ignore"):
+            if op.kind == "layer":
+                results = []
+                for where in (fast, generated):
+                    layer = getattr(where, op.name)()
+                    results.append([layer.forward(rows), layer.backward(np.ones_like(rows))])
+            else:
+                targets = {kind: sample_target(kind, rows.shape, rng) for kind in op.targets}
+                results = []
+                for where in (fast, generated):
+                    outputs = []
+                    for kind, target in targets.items():
+                        loss = getattr(where, op.name)(reduction="sum")
+                        outputs += [loss.forward(rows, target), loss.backward()]
+                    results.append(outputs)
+        for ours, theirs in zip(*results):
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+            assert np.allclose(ours, theirs, equal_nan=True, **AGREE[dtype]), f"{ours}\n{theirs}"
+
+
+def raised(call):
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the point is to compare whatever is raised
+        return type(error), str(error)
+    return None
+
+
+BAD_CALLS = {
+    "integer x": lambda cls: cls().forward(np.arange(6).reshape(2, 3), np.array([0, 1])),
+    "label out of range": lambda cls: cls().forward(np.zeros((2, 3)), np.array([0, 3])),
+    "target of another shape": lambda cls: cls().forward(np.zeros((2, 3)), np.zeros((3, 3))),
+    "backward first": lambda cls: cls().backward(),
+    "a G with a mean": lambda cls: ((loss := cls()).forward(np.zeros((2, 3)), np.zeros((2, 3))), loss.backward(np.ones(2))),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_CALLS))
+@pytest.mark.parametrize("op", LOSSES, ids=ids(LOSSES))
+def test_bad_input_raises_what_numpy_raises(op, bad):
+    ours = raised(lambda: BAD_CALLS[bad](getattr(fast, op.name)))
+    assert ours is not None and ours == raised(lambda: BAD_CALLS[bad](getattr(generated, op.name)))
+
+
+@pytest.mark.parametrize("op", LAYERS, ids=ids(LAYERS))
+def test_layers_refuse_what_numpy_refuses(op):
+    for bad in (np.arange(4), np.zeros(3, np.float16)):
+        ours = raised(lambda: getattr(fast, op.name)().forward(bad))
+        assert ours is not None and ours == raised(lambda: getattr(generated, op.name)().forward(bad))
+    assert raised(lambda: getattr(fast, op.name)().backward(np.ones(3)))[0] is RuntimeError
