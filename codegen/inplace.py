@@ -208,7 +208,8 @@ class Flattener:
 def assignments_in_place(assignments, later, full, output=None):
     """[(lhs, code)] for [(lhs, expr)], each full-size operation writing into a dead temporary where
     there is one; later are expressions read after these lines (returned names, the label update).
-    output names an argument the last full-size result may be written into instead (out=)."""
+    output names an argument (out=) that may alias any full-size argument: the first operation that
+    would allocate once no later line reads an argument writes into it instead (None allocates)."""
     flat = Flattener(full)
     for lhs, expr in assignments:
         flat.assign(lhs, expr)
@@ -218,11 +219,12 @@ def assignments_in_place(assignments, later, full, output=None):
     for position, step in enumerate(steps):
         for name in step.reads():
             last_use[name] = position
+    arguments = {sp.Symbol(name) for name in full}
+    # out may be a saved array: it is free only once no line reads an argument any more
+    free_from = max([last_use.get(a, -1) for a in arguments], default=-1)
+    if output is None or kept & arguments:
+        free_from = len(steps)
     owned, free, lines = set(), [], []
-    last = steps[-1] if steps else None
-    result = last.target if last and last.buffer and last.where is None and last.target in kept else None
-    if kept & {sp.Symbol(name) for name in full}:
-        result = None  # output may alias a full-size argument, which a later line still reads
     for position, step in enumerate(steps):
         into = None
         if step.ufunc:
@@ -230,7 +232,9 @@ def assignments_in_place(assignments, later, full, output=None):
             if step.where is not None:  # entries left alone keep the first operand's value
                 dead = dead[:1] if dead and dead[0] == step.operands[0] else []
             into = dead[0] if dead else (free.pop() if free and step.where is None else None)
-        lines.append((step.target, _code(step, into, output if step.target == result else None)))
+            if into is None and step.where is None and position >= free_from:
+                into, free_from = output, len(steps)
+        lines.append((step.target, _code(step, into)))
         for s in step.reads():
             if s in owned and last_use.get(s) == position and s not in kept and s != into:
                 free.append(s)
@@ -241,17 +245,14 @@ def assignments_in_place(assignments, later, full, output=None):
     return [(str(lhs), code) for lhs, code in lines]
 
 
-def _code(step, into, output):
-    """The source of one step, writing into the buffer into (or output, when given) if it is a ufunc."""
+def _code(step, into):
+    """The source of one step, writing into the buffer into if it is a ufunc."""
     if not step.ufunc:
         return print_code(step.expr)
     args = ", ".join(_print(a) for a in step.operands)
     if step.where is not None:
         into = into if into is not None else f"np.copy({_print(step.operands[0])})"
         args += f", where={_print(step.where)}"
-    if output is not None:
-        buffer = output if into is None else f"{into} if {output} is None else {output}"
-        return f"np.{step.ufunc}({args}, out={buffer})"
     return f"np.{step.ufunc}({args}" + (f", out={into})" if into is not None else ")")
 
 

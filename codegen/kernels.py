@@ -73,7 +73,8 @@ def loss_kernels(op, target, variant):
                      + (("total", weights),), sizes=SIZES[op.granularity], params=param_names(op))
     gradient = loss_gradient(op, target, values)
     stable_gradient = in_saved(stable(gradient))
-    dense, at_label = split_at_label(stable_gradient, j) if target == "labels" else (stable_gradient, None)
+    dense, at_label = (split_at_label(stable_gradient, j) if target == "labels"
+                       else (sp.factor_terms(stable_gradient), None))  # g (p - t): one product, not two
     backward = Kernel(f"backward_{suffix}", f"dL/dx times each entry's weight g ({target}, {variant}); out, if given, "
                       "is a buffer for it, which may be a saved array this call then overwrites.",
                       f"dx_j = {sp.sstr(gradient)}{note}", (("dx", lower(dense, j)),),
@@ -154,7 +155,7 @@ def kernel_code(kernel):
     """The printable form of a kernel: arguments, assignment lines, scatter and returns."""
     exprs, assignments, returned, names = kernel_assignments(kernel)
     lines = assignments_in_place(assignments, returned, kernel.full, "out" if kernel.out else None)
-    takes_out = any(code.endswith(("out=out)", "else out)")) for _, code in lines)
+    takes_out = any(code.endswith("out=out)") for _, code in lines)
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     used = {s.name for e in exprs for s in e.free_symbols}
     args = arguments(exprs, uses_label, kernel.params) + (["out=None"] if takes_out else [])

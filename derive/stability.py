@@ -21,6 +21,18 @@ def log_of_sigmoid(expr):
     return expr.replace(sp.log(1 - sigmoid(u)), lambda u: -sp.log(1 + sp.exp(u)))
 
 
+def one_softplus(expr):
+    """log(1 + exp(u)) = log(1 + exp(-u)) + u where both appear (BCE's t log(sigma) + (1 - t)
+    log(1 - sigma)): one softplus instead of two, and (1 - t) x collected as PyTorch writes it, so
+    that x = +-inf gives inf, not inf - inf."""
+    u = sp.Wild("u")
+    logs = [m[u] for m in (e.match(sp.log(1 + sp.exp(u))) for e in expr.atoms(sp.log)) if m]
+    both = [v for v in logs if not v.could_extract_minus_sign() and expr.has(sp.log(1 + sp.exp(-v)))]
+    if not both:
+        return expr
+    return sp.collect(sp.expand(expr.xreplace({sp.log(1 + sp.exp(v)): sp.log(1 + sp.exp(-v)) + v for v in both})), both)
+
+
 def softplus(expr):
     """log(1 + exp(u)) = max(u, 0) + log1p(exp(-|u|)): the exponential never exceeds 1."""
     u = sp.Wild("u")
@@ -89,7 +101,7 @@ def erf_by_numpy(expr):
 
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
 REWRITES = (("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
-            ("softplus", softplus, True), ("shift by the row max", shift_by_max, True),
+            ("one softplus", one_softplus, True), ("softplus", softplus, True), ("shift by the row max", shift_by_max, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
             ("expm1", exp_minus_one, True), ("clip branches", clip_branches, True),
             ("logistic", logistic, True), ("erf by series and continued fraction", erf_by_numpy, False))

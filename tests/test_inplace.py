@@ -1,0 +1,92 @@
+"""The in-place lowering (codegen/inplace.py) changes where values are written, never what they are:
+the whole generated package, printed with every line a whole expression instead, gives the same
+losses and gradients for every operation, option, target and reduction. A lowering that forgets
+which buffers are still needed is caught."""
+import re
+
+import numpy as np
+import pytest
+
+import codegen.kernels as kernels
+from codegen.printer import print_code
+from codegen.render import render_package
+from codegen.verify import example_options, sample_target, with_ignored_row
+from codegen.write import import_package, stage
+from derive.catalog import CATALOG
+from derive.reduction import REDUCTIONS
+
+REAL = kernels.assignments_in_place
+
+
+def whole_lines(assignments, later, full, output=None):
+    """Each assignment printed as one expression: NumPy allocates every result."""
+    return [(str(lhs), print_code(expr)) for lhs, expr in assignments]
+
+
+def careless_lines(assignments, later, full, output=None):
+    """The in-place lines, but every operation that allocates writes over its first operand when that
+    is a temporary, needed later or not: the bug the lowering's liveness analysis prevents."""
+    overwrite = re.compile(r"^np\.(\w+)\(([uv]\d+), ([^=]*)\)$")
+    return [(lhs, overwrite.sub(r"np.\1(\2, \3, out=\2)", code)) for lhs, code in REAL(assignments, later, full, output)]
+
+
+def package(lowering, folder, monkeypatch):
+    """The NumPy package printed with lowering, imported from a folder of its own."""
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "assignments_in_place", lowering)
+        files = {name: text for name, text in render_package(CATALOG).items() if not name.startswith("fast/")}
+    return import_package(stage(files, folder))
+
+
+def results(pkg, op, seed=0, shape=(4, 5)):
+    """Every value a class of op gives: forward and backward under each option set, target and reduction."""
+    rng = np.random.default_rng(seed)
+    cls = getattr(pkg, op.name)
+    x = rng.uniform(*op.domain, shape)
+    if op.kind == "linear":
+        layer = cls(shape[1], 3, l2=0.1, rng=seed)
+        return [layer.forward(x), layer.backward(rng.standard_normal((shape[0], 3))), layer.dW, layer.db]
+    option_sets = [{}] + ([example_options(op, shape, rng)] if op.params else [])
+    found = []
+    for options in option_sets:
+        if op.kind == "layer":
+            layer = cls(**options)
+            found += [layer.forward(x), layer.backward(rng.standard_normal(shape))]
+            continue
+        for kind in op.targets:
+            target = sample_target(kind, shape, rng)
+            target = with_ignored_row(target, op) if options else target
+            for reduction in REDUCTIONS:
+                loss = cls(**options, reduction=reduction)
+                upstream = (rng.standard_normal(shape[0] if op.granularity == "row" else shape),) if reduction == "none" else ()
+                found += [loss.forward(x, target), loss.backward(*upstream)]
+    return found
+
+
+def differences(pkg, reference):
+    """Names of the operations whose values differ between two packages (or that raise in the first)."""
+    differ = []
+    for op in CATALOG.values():
+        try:
+            ours = results(pkg, op)
+        except Exception:  # noqa: BLE001 - a careless lowering may also fail outright
+            differ.append(op.name)
+            continue
+        theirs = results(reference, op)
+        if not all(np.allclose(a, b, rtol=1e-12, atol=1e-13, equal_nan=True) for a, b in zip(ours, theirs)):
+            differ.append(op.name)
+    return differ
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return package(whole_lines, tmp_path_factory.mktemp("whole"), monkeypatch)
+
+
+def test_in_place_kernels_give_what_whole_expressions_give(whole, tmp_path, monkeypatch):
+    assert differences(package(REAL, tmp_path, monkeypatch), whole) == []
+
+
+def test_a_lowering_that_overwrites_live_buffers_is_caught(whole, tmp_path, monkeypatch):
+    assert len(differences(package(careless_lines, tmp_path, monkeypatch), whole)) >= 3
