@@ -5,7 +5,7 @@ from pathlib import Path
 import jinja2
 import sympy as sp
 
-from codegen.fused import FASTMATH, FusionError, fused_code
+from codegen.fused import FASTMATH, FusionError, fused_code, runtime_functions
 from codegen.kernels import kernel_code, layer_kernels, linear_kernels, loss_kernels, reductions, sgd_kernel
 from codegen.printer import print_code
 from derive.gradients import variants
@@ -23,7 +23,7 @@ CATALOG_SOURCE = "derive/catalog.py"
 KIND_TESTS = {"labels": 'target.dtype.kind in "iu" or target.ndim == 1', "dense": 'target.dtype.kind == "f"'}
 # How the layer and loss templates print kernels: NumPy ones in generated/, fused numba ones in generated/fast/
 # (importing the package and its checks from the folder above).
-NUMPY = {"kernels": "kernel.py.jinja", "package": ".", "fallback": None}
+NUMPY = {"kernels": "kernel.py.jinja", "package": ".", "fallback": None, "runtime": []}
 FAST = "fast"
 TARGET_DOCS = {"labels": "integer class labels of shape (N,)", "dense": "a float array of x's shape"}
 
@@ -154,7 +154,8 @@ def fast_context(op):
     for code in codes:
         code.update(printed[code["name"]])
     fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
-    return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback)
+    runtime = sorted({name for p in printed.values() if p["fused"] for name in p["fused"]["runtime"]})
+    return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback, runtime=runtime)
 
 
 def render_package(catalog):
@@ -176,7 +177,8 @@ def render_package(catalog):
     files[f"{FAST}/__init__.py"] = render(env, "fast_package.py.jinja", CATALOG_SOURCE, generator,
                                           {"ops": [{"name": op.name, "module": op.module} for op, _ in fast]})
     files[f"{FAST}/_runtime.py"] = render(env, "fast_runtime.py.jinja", "codegen/fused.py", generator,
-                                          {"fastmath": "{" + ", ".join(f'"{flag}"' for flag in FASTMATH) + "}"})
+                                          {"fastmath": "{" + ", ".join(f'"{flag}"' for flag in FASTMATH) + "}",
+                                           "functions": runtime_functions()})
     for op, context in fast:
         files[f"{FAST}/{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
                                                  generator, context)
