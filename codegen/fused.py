@@ -139,18 +139,18 @@ def scalar_code(expr, names, used=None):
                                                      if s.name in names}))
 
 
+def runtime_variant(assignments, dtype):
+    """One dtype's function of _runtime: {dtype, body, result}, the steps as lines, the last one's name."""
+    printer = FusedPrinter(dtype=dtype)
+    return {"dtype": dtype, "body": [f"{lhs} = {printer.doprint(expr)}" for lhs, expr in assignments],
+            "result": assignments[-1][0].name}
+
+
 def runtime_functions():
     """_runtime's exp and log1p: per dtype, the lines of the steps derive/special.py gives."""
-    functions = []
-    for name, arg, doc, steps in RUNTIME:
-        variants = []
-        for dtype in FORMATS:
-            printer = FusedPrinter(dtype=dtype)
-            assignments = steps(sp.Symbol(arg), dtype)
-            variants.append({"dtype": dtype, "body": [f"{lhs} = {printer.doprint(expr)}" for lhs, expr in assignments],
-                             "result": assignments[-1][0].name})
-        functions.append({"name": name, "arg": arg, "doc": doc, "variants": variants})
-    return functions
+    return [{"name": name, "arg": arg, "doc": doc,
+             "variants": [runtime_variant(steps(sp.Symbol(arg), dtype), dtype) for dtype in FORMATS]}
+            for name, arg, doc, steps in RUNTIME]
 
 
 def take_reductions(assignments):
