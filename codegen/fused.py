@@ -26,8 +26,10 @@ FUNCTIONS = {sp.exp: "exp", ExpToInf: "exp", sp.log: "math.log", log1p: "math.lo
 RUNTIME = (("exp", "u", "e^u without libm: a clamp, a floor, a polynomial and two powers of two made of bits",
             exp_steps),
            ("log1p", "z", "log(1 + z) for z in [0, 1] without libm: a division and a polynomial", log1p_steps))
-# an accumulator's start and its update: a sum and a max over the row
-REDUCE = {RowSum: ("T(0)", "{acc} + {value}"), RowMax: ("T(-math.inf)", "np.maximum({acc}, {value})")}
+# an accumulator's start and its update: a sum and a max over the row. The max is _runtime's maximum
+# (llvm.maximum: NaN if either is NaN, as np.maximum), a reduction the loop vectorizer vectorizes;
+# np.maximum's branches keep the loop scalar (2 ns an element against 0.14)
+REDUCE = {RowSum: ("T(0)", "{acc} + {value}"), RowMax: ("T(-math.inf)", "maximum({acc}, {value})")}
 UNFUSED = (LabelEntry, BatchSum, AxisSum, Column, MatMul, Transpose)
 FUSED_ARGS = set(FULL_SIZE) | {"g", "c", "margin", RECIPROCAL}
 # per-row arrays a kernel takes as columns (N, 1), read at [n, 0]
@@ -111,11 +113,15 @@ class FusedPrinter(KernelPrinter):
         return f"abs({self._print(expr.args[0])})"
 
     def _print_Clip(self, expr):
+        # _runtime's own functions clamp with its maximum and minimum (llvm.maximum, llvm.minimum:
+        # one instruction each against a point that is not NaN); the kernels keep NumPy's, which
+        # also keep the sign of a zero as NumPy does
+        maximum, minimum = ("maximum", "minimum") if self.dtype else ("np.maximum", "np.minimum")
         u, lo, hi = expr.args
         text = self._print(u)
         if lo != -sp.oo:
-            text = f"np.maximum({text}, {self._print(lo)})"
-        return text if hi == sp.oo else f"np.minimum({text}, {self._print(hi)})"
+            text = f"{maximum}({text}, {self._print(lo)})"
+        return text if hi == sp.oo else f"{minimum}({text}, {self._print(hi)})"
 
     def _print_AtLabel(self, expr):
         return f"{self._print(expr.args[0])}[n, c[n, 0]]"
@@ -362,6 +368,7 @@ class Rows(Loops):
         for accumulator, reduction in here:
             define(reduction.args[0])
             update = REDUCE[type(reduction)][1].format(acc=accumulator, value=self.code(reduction.args[0]))
+            self.used |= {"maximum"} if isinstance(reduction, RowMax) else set()
             body.append(f"{accumulator} = {update}")
         for lhs, expr in outputs:
             if self.written[lhs] == loop:

@@ -33,7 +33,7 @@ def printed(assignments, dtype):
     """The function printed from assignments as _runtime prints its own."""
     variant = runtime_variant(assignments, np.dtype(dtype).name)
     source = "\n    ".join([f"def f(u):", f"T = np.{variant['dtype']}", *variant["body"], f"return {variant['result']}"])
-    namespace = {"np": np}
+    namespace = dict(vars(runtime))
     exec(source, namespace)  # noqa: S102 - the printer's own output, as _runtime holds it
     return namespace["f"]
 
