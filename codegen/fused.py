@@ -16,6 +16,7 @@ from codegen.kernels import FULL_SIZE, RECIPROCAL, arguments, kernel_assignments
 from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
 from codegen.printer import KernelPrinter
 from derive.special import FORMATS, ExpToInf, PowerOfTwo, exp_steps, log1p_steps
+from derive.stability import sigmoid_by_branches
 
 # math.* keeps a float32 argument float32 in numba; np.maximum and np.sign propagate NaN as NumPy does.
 # exp and log1p (of an argument in [0, 1]) are _runtime's, which the loop vectorizer inlines: numba
@@ -180,6 +181,7 @@ def fused_code(kernel, rows, loss):
     body is the jitted function's lines, call the plain function's (shape the arrays for the loops,
     call, shape the results back)."""
     exprs, assignments, returned, names = kernel_assignments(kernel)
+    assignments = [(lhs, sigmoid_by_branches(expr)) for lhs, expr in assignments]
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     args = arguments(exprs, uses_label, kernel.params)
     unfused = sorted(set(args) - FUSED_ARGS - set(kernel.params))

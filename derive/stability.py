@@ -87,6 +87,20 @@ def erf_by_numpy(expr):
     return expr.replace(lambda e: isinstance(e, sp.erf), lambda e: erf_numpy(e.args[0]))
 
 
+def sigmoid_by_branches(expr):
+    """1/(1 + exp(u)) = q where u <= 0 and exp(-|u|) q where u > 0, q = 1/(1 + exp(-|u|)): exact, and
+    its exponential is softplus's exp(-|u|), which a fused kernel computes once for both (BCE's loss
+    and p). For the fused kernels alone, whose branches are selects; NumPy's np.where would evaluate
+    both sides, so the NumPy kernels keep logistic's form."""
+    u = sp.Wild("u")
+
+    def branches(u):
+        small = sp.exp(-sp.Abs(u))
+        q = 1 / (1 + small)
+        return sp.Piecewise((q, u <= 0), (small * q, True))
+    return expr.replace(1 / (1 + ExpToInf(u)), branches)
+
+
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
 REWRITES = (("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
             ("softplus", softplus, True), ("shift by the row max", shift_by_max, True),

@@ -6,7 +6,8 @@ import pytest
 import sympy as sp
 
 from codegen.fused import FusedPrinter, in_unit_interval, runtime_variant, scalar_code
-from derive.special import exp_steps, log1p_steps
+from derive.special import ExpToInf, exp_steps, log1p_steps
+from derive.stability import sigmoid_by_branches
 from sympy.codegen.cfunctions import log1p
 
 numba = pytest.importorskip("numba")
@@ -119,3 +120,13 @@ def test_log1p_is_the_runtimes_only_where_its_argument_is_in_0_1():
     assert scalar_code(log1p(sp.exp(-sp.Abs(x))), {}) == "log1p(exp(-abs(x)))"
     assert scalar_code(log1p(sp.exp(x)), {}) == "math.log1p(exp(x))"
     assert FusedPrinter().doprint(sp.log(x)) == "math.log(x)"
+
+
+def test_the_sigmoid_by_branches_keeps_the_value_and_shares_softplus_exponential():
+    u = sp.Symbol("u")
+    plain = 1 / (1 + ExpToInf(u))
+    branches = sigmoid_by_branches(plain)
+    assert branches.has(sp.Piecewise) and branches.atoms(sp.exp) == {sp.exp(-sp.Abs(u))}
+    for value in (-1000, -30, -1, sp.Rational(-1, 1000), 0, sp.Rational(1, 1000), 1, 30, 1000):
+        exact = 1 / (1 + sp.exp(sp.sympify(value)))
+        assert abs(sp.N(branches.subs(u, value) - exact, 60)) <= sp.Float(1e-50) * sp.N(exact, 60), value
