@@ -174,14 +174,22 @@ def take_reductions(assignments):
     return taken
 
 
-def fused_code(kernel, rows, loss):
+def fused_code(kernel, rows, loss, summed=False):
     """The kernel as fused loops: {name, doc, derivation, args, returns, body, call}. rows: per-row
     reductions (softmax, a row loss) rather than element-wise; loss: g is one weight per loss entry.
+    summed: an element-wise loss's forward that returns L summed over each row of x's last axis
+    instead of L, all that a mean or a sum reads: it never writes L (one pass of x's size less, and
+    the reduction's pass reads N numbers).
 
     body is the jitted function's lines, call the plain function's (shape the arrays for the loops,
     call, shape the results back)."""
     exprs, assignments, returned, names = kernel_assignments(kernel)
     assignments = [(lhs, sigmoid_by_branches(expr)) for lhs, expr in assignments]
+    if summed:
+        assignments = [(lhs, RowSum(expr) if lhs.name == "L" else expr) for lhs, expr in assignments]
+        rows, name = True, f"{kernel.name}_summed"
+    else:
+        name = kernel.name
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     args = arguments(exprs, uses_label, kernel.params)
     unfused = sorted(set(args) - FUSED_ARGS - set(kernel.params))
@@ -203,16 +211,20 @@ def fused_code(kernel, rows, loss):
     names_of |= {a: f"{a}[n, 0]" for a in COLUMNS if a in args and a != "c"}
     if "g" in args:
         names_of["g"] = "g_n" if rows and loss else "g[n, k]" if rows else "g_i"
+    if summed:
+        names_of["N"] = "N*K"  # the element count, which the rows' loops split into N rows of K
     # a backward writes into out (which may be a saved array it reads) when that is safe: every
     # element is read and then written in the same iteration, which one pass with no reduction does
     into = names[0] if kernel.out and not any(isinstance(e, (RowSum, RowMax)) for _, e in assignments) else None
     loops = (Rows if rows else Elements)(assignments, kinds, names, full[0], names_of, into)
     body = loops.lines()
-    columns = {name for name, expr in kernel.outputs if kinds[name] == "row" and not isinstance(expr, Squeeze)}
-    return {"name": kernel.name, "doc": kernel.doc, "derivation": kernel.derivation,
-            "args": args + (["out"] if into else []), "signature": args + (["out=None"] if kernel.out else []),
+    columns = {out for out, expr in kernel.outputs if kinds[out] == "row" and not isinstance(expr, Squeeze)}
+    columns -= {"L"} if summed else set()
+    return {"name": name, "doc": kernel.doc + (" L summed over each row." if summed else ""),
+            "derivation": kernel.derivation, "args": args + (["out"] if into else []),
+            "signature": args + (["out=None"] if kernel.out else []),
             "returns": names, "body": body, "runtime": sorted(loops.used),
-            "call": call_lines(kernel.name, args, full, names, kinds, rows, columns, into)}
+            "call": call_lines(name, args, full, names, kinds, rows, columns, into, summed)}
 
 
 def kind_of(expr, kinds):
@@ -225,11 +237,13 @@ def kind_of(expr, kinds):
     return "full" if "full" in found else "row" if "row" in found else "scalar"
 
 
-def call_lines(name, args, full, names, kinds, rows, columns, into):
+def call_lines(name, args, full, names, kinds, rows, columns, into, summed=False):
     """The plain function's lines: the arrays as rows of K (or flat), the call, the results in x's
-    shape (a per-row saved value as a column, as the NumPy kernels give it)."""
+    shape (a per-row saved value as a column, as the NumPy kernels give it). summed: rows of any
+    element-wise shape, (N, 0) included."""
     first = full[0]
-    as_loops = (lambda a: f"{a}.reshape(-1, {first}.shape[-1])") if rows else (lambda a: f"{a}.reshape(-1)")
+    width = f"{first}.shape[-1] or 1" if summed else f"{first}.shape[-1]"
+    as_loops = (lambda a: f"{a}.reshape(-1, {width})") if rows else (lambda a: f"{a}.reshape(-1)")
     shaped = {a: as_loops(a) for a in full}
     if into:
         args = args + ["out"]

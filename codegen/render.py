@@ -147,14 +147,20 @@ def fast_context(op):
             printed[kernel.name] = {"fused": fused_code(kernel, rows, op.kind == "loss"), "fused_error": None}
         except FusionError as error:
             printed[kernel.name] = {"fused": None, "fused_error": str(error)}
+        # an element-wise loss's fused forward also comes summed over rows, for a mean or a sum
+        summed = op.kind == "loss" and not rows and printed[kernel.name]["fused"] and kernel.name.startswith("forward")
+        printed[kernel.name]["summed"] = fused_code(kernel, rows, True, summed=True) if summed else None
     if not any(p["fused"] for p in printed.values()):
         return None
     codes = ([context["forward"], context["backward"]] if op.kind == "layer"
              else [path[side] for path in context["paths"] for side in ("forward", "backward")])
     for code in codes:
         code.update(printed[code["name"]])
+        if code["summed"]:
+            code["call"] = code["call"] + ['self.reduction != "none"']
     fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
-    runtime = sorted({name for p in printed.values() if p["fused"] for name in p["fused"]["runtime"]})
+    runtime = sorted({name for p in printed.values() for code in (p["fused"], p["summed"]) if code
+                      for name in code["runtime"]})
     return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback, runtime=runtime)
 
 
