@@ -25,6 +25,8 @@ KIND_TESTS = {"labels": 'target.dtype.kind in "iu" or target.ndim == 1', "dense"
 # (importing the package and its checks from the folder above).
 NUMPY = {"kernels": "kernel.py.jinja", "package": ".", "fallback": None, "runtime": []}
 FAST = "fast"
+# checks of _checks that generated/fast/_runtime.py has a compiled form of
+FAST_CHECKS = {"dense_target"}
 TARGET_DOCS = {"labels": "integer class labels of shape (N,)", "dense": "a float array of x's shape"}
 
 
@@ -159,9 +161,12 @@ def fast_context(op):
         if code["summed"]:
             code["call"] = code["call"] + ['self.reduction != "none"']
     fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
-    runtime = sorted({name for p in printed.values() for code in (p["fused"], p["summed"]) if code
-                      for name in code["runtime"]})
-    return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback, runtime=runtime)
+    runtime = {name for p in printed.values() for code in (p["fused"], p["summed"]) if code for name in code["runtime"]}
+    # _runtime's dense_target tests the range in one compiled pass (NumPy's makes boolean arrays)
+    checks = [check for check in context.get("checks", []) if check not in FAST_CHECKS]
+    runtime |= set(context.get("checks", [])) & FAST_CHECKS
+    return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback, runtime=sorted(runtime),
+                checks=checks)
 
 
 def render_package(catalog):
