@@ -92,13 +92,17 @@ def sigmoid_by_branches(expr):
     its exponential is softplus's exp(-|u|), which a fused kernel computes once for both (BCE's loss
     and p). For the fused kernels alone, whose branches are selects; NumPy's np.where would evaluate
     both sides, so the NumPy kernels keep logistic's form."""
-    u = sp.Wild("u")
+    def is_sigmoid(e):
+        return (e.is_Pow and e.exp == -1 and e.base.is_Add and len(e.base.args) == 2 and 1 in e.base.args
+                and any(isinstance(a, ExpToInf) for a in e.base.args))
 
-    def branches(u):
+    def branches(e):
+        u = next(a for a in e.base.args if isinstance(a, ExpToInf)).args[0]
         small = sp.exp(-sp.Abs(u))
         q = 1 / (1 + small)
         return sp.Piecewise((q, u <= 0), (small * q, True))
-    return expr.replace(1 / (1 + ExpToInf(u)), branches)
+    # a Wild pattern over every node is slow on the long expressions (erf's continued fraction)
+    return expr.replace(is_sigmoid, branches) if expr.has(ExpToInf) else expr
 
 
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
