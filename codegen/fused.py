@@ -7,6 +7,7 @@ alone), then the per-row values they give; the loop of level 2 the reductions th
 on; a full output is written in the first loop after the per-row values it reads. A full temporary
 that two loops read and that costs a function call is kept in the row of the output that reads it
 last, otherwise computed again. Element-wise kernels are one flat prange loop."""
+import numpy as np
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.precedence import PRECEDENCE
@@ -14,13 +15,22 @@ from sympy.printing.precedence import PRECEDENCE
 from codegen.kernels import FULL_SIZE, RECIPROCAL, arguments, kernel_assignments
 from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
 from codegen.printer import KernelPrinter
-from derive.special import ExpToInf
+from derive.special import FORMATS, ExpToInf, PowerOfTwo, exp_steps, log1p_steps
+from derive.stability import sigmoid_by_branches
 
-# math.* keeps a float32 argument float32 in numba; np.maximum and np.sign propagate NaN as NumPy does
-FUNCTIONS = {sp.exp: "math.exp", ExpToInf: "math.exp", sp.log: "math.log", log1p: "math.log1p",
+# math.* keeps a float32 argument float32 in numba; np.maximum and np.sign propagate NaN as NumPy does.
+# exp and log1p (of an argument in [0, 1]) are _runtime's, which the loop vectorizer inlines: numba
+# leaves math.exp and math.log1p scalar calls to libm (it vectorizes them only with Intel's SVML).
+FUNCTIONS = {sp.exp: "exp", ExpToInf: "exp", sp.log: "math.log", log1p: "math.log1p",
              expm1: "math.expm1", sp.tanh: "math.tanh", sp.erf: "math.erf"}
-# an accumulator's start and its update: a sum and a max over the row
-REDUCE = {RowSum: ("T(0)", "{acc} + {value}"), RowMax: ("T(-math.inf)", "np.maximum({acc}, {value})")}
+# _runtime's functions: name, argument, docstring, its steps per dtype (derive/special.py)
+RUNTIME = (("exp", "u", "e^u without libm: a clamp, a floor, a polynomial and two powers of two made of bits",
+            exp_steps),
+           ("log1p", "z", "log(1 + z) for z in [0, 1] without libm: a division and a polynomial", log1p_steps))
+# an accumulator's start and its update: a sum and a max over the row. The max is _runtime's maximum
+# (llvm.maximum: NaN if either is NaN, as np.maximum), a reduction the loop vectorizer vectorizes;
+# np.maximum's branches keep the loop scalar (2 ns an element against 0.14)
+REDUCE = {RowSum: ("T(0)", "{acc} + {value}"), RowMax: ("T(-math.inf)", "maximum({acc}, {value})")}
 UNFUSED = (LabelEntry, BatchSum, AxisSum, Column, MatMul, Transpose)
 FUSED_ARGS = set(FULL_SIZE) | {"g", "c", "margin", RECIPROCAL}
 # per-row arrays a kernel takes as columns (N, 1), read at [n, 0]
@@ -36,7 +46,12 @@ class FusionError(ValueError):
 
 class FusedPrinter(KernelPrinter):
     """Scalar code for numba: numbers in the input's dtype T (a Python float would make float32
-    work float64), functions from math, branches as conditional expressions."""
+    work float64), functions from math or _runtime, branches as conditional expressions. used
+    collects the _runtime functions printed; dtype is the float type of _runtime's own functions."""
+
+    def __init__(self, used=None, dtype=None):
+        super().__init__()
+        self.used, self.dtype = set() if used is None else used, dtype
 
     def _print(self, expr, **kwargs):
         if isinstance(expr, sp.Expr) and expr.is_number and expr.is_real and expr.is_finite:
@@ -45,10 +60,27 @@ class FusedPrinter(KernelPrinter):
 
     def _print_Function(self, expr):
         if type(expr) in FUNCTIONS:
-            return f"{FUNCTIONS[type(expr)]}({self._print(expr.args[0])})"
+            name = FUNCTIONS[type(expr)]
+            if isinstance(expr, log1p) and in_unit_interval(expr.args[0]):
+                name = "log1p"
+            if "." not in name:
+                self.used.add(name)
+            return f"{name}({self._print(expr.args[0])})"
         raise FusionError(f"no fused form for {expr.func}")
 
     _print_exp = _print_ExpToInf = _print_log = _print_log1p = _print_expm1 = _print_tanh = _print_erf = _print_Function
+
+    def _print_floor(self, expr):
+        return f"np.floor({self._print(expr.args[0])})"
+
+    def _print_PowerOfTwo(self, expr):
+        """2^m, m integral: m + 1.5 2^(p-1) has m in its low bits, m + bias goes to the exponent field."""
+        precision, emax = FORMATS[self.dtype]
+        floating, integer = f"np.{self.dtype}", f"np.int{np.dtype(self.dtype).itemsize * 8}"
+        magic = 1.5 * 2.0 ** (precision - 1)
+        offset = int(np.array(magic, self.dtype).view(integer[3:])) - emax
+        bits = f"{floating}({self._print(expr.args[0])} + T({magic!r})).view({integer}) - {offset}"
+        return f"{integer}(({bits}) << {precision - 1}).view({floating})"
 
     def _print_Pow(self, expr, rational=False):
         base = self.parenthesize(expr.base, PRECEDENCE["Pow"], strict=True)
@@ -82,11 +114,15 @@ class FusedPrinter(KernelPrinter):
         return f"abs({self._print(expr.args[0])})"
 
     def _print_Clip(self, expr):
+        # _runtime's own functions clamp with its maximum and minimum (llvm.maximum, llvm.minimum:
+        # one instruction each against a point that is not NaN); the kernels keep NumPy's, which
+        # also keep the sign of a zero as NumPy does
+        maximum, minimum = ("maximum", "minimum") if self.dtype else ("np.maximum", "np.minimum")
         u, lo, hi = expr.args
         text = self._print(u)
         if lo != -sp.oo:
-            text = f"np.maximum({text}, {self._print(lo)})"
-        return text if hi == sp.oo else f"np.minimum({text}, {self._print(hi)})"
+            text = f"{maximum}({text}, {self._print(lo)})"
+        return text if hi == sp.oo else f"{minimum}({text}, {self._print(hi)})"
 
     def _print_AtLabel(self, expr):
         return f"{self._print(expr.args[0])}[n, c[n, 0]]"
@@ -95,11 +131,33 @@ class FusedPrinter(KernelPrinter):
         return self._print(expr.args[0])
 
 
-def scalar_code(expr, names):
-    """expr as scalar numba code, its symbols printed as names says (x as x[n, k], say)."""
+def in_unit_interval(expr):
+    """Whether expr is in [0, 1] for every real value of its symbols (the kernels' inputs are real):
+    exp of an argument that is never positive, as softplus's exp(-|u|)."""
+    real = expr.xreplace({s: sp.Dummy(real=True) for s in expr.free_symbols})
+    return isinstance(real, (sp.exp, ExpToInf)) and real.args[0].is_nonpositive is True
+
+
+def scalar_code(expr, names, used=None):
+    """expr as scalar numba code, its symbols printed as names says (x as x[n, k], say); used
+    collects the _runtime functions it calls."""
     expr = expr.xreplace({at: sp.Symbol(f"{at.args[0]}[n, c[n, 0]]") for at in expr.atoms(AtLabel)})
-    return FusedPrinter().doprint(expr.xreplace({s: sp.Symbol(names[s.name]) for s in expr.free_symbols
-                                                 if s.name in names}))
+    return FusedPrinter(used).doprint(expr.xreplace({s: sp.Symbol(names[s.name]) for s in expr.free_symbols
+                                                     if s.name in names}))
+
+
+def runtime_variant(assignments, dtype):
+    """One dtype's function of _runtime: {dtype, body, result}, the steps as lines, the last one's name."""
+    printer = FusedPrinter(dtype=dtype)
+    return {"dtype": dtype, "body": [f"{lhs} = {printer.doprint(expr)}" for lhs, expr in assignments],
+            "result": assignments[-1][0].name}
+
+
+def runtime_functions():
+    """_runtime's exp and log1p: per dtype, the lines of the steps derive/special.py gives."""
+    return [{"name": name, "arg": arg, "doc": doc,
+             "variants": [runtime_variant(steps(sp.Symbol(arg), dtype), dtype) for dtype in FORMATS]}
+            for name, arg, doc, steps in RUNTIME]
 
 
 def take_reductions(assignments):
@@ -116,13 +174,22 @@ def take_reductions(assignments):
     return taken
 
 
-def fused_code(kernel, rows, loss):
+def fused_code(kernel, rows, loss, summed=False):
     """The kernel as fused loops: {name, doc, derivation, args, returns, body, call}. rows: per-row
     reductions (softmax, a row loss) rather than element-wise; loss: g is one weight per loss entry.
+    summed: an element-wise loss's forward that returns L summed over each row of x's last axis
+    instead of L, all that a mean or a sum reads: it never writes L (one pass of x's size less, and
+    the reduction's pass reads N numbers).
 
     body is the jitted function's lines, call the plain function's (shape the arrays for the loops,
     call, shape the results back)."""
     exprs, assignments, returned, names = kernel_assignments(kernel)
+    assignments = [(lhs, sigmoid_by_branches(expr)) for lhs, expr in assignments]
+    if summed:
+        assignments = [(lhs, RowSum(expr) if lhs.name == "L" else expr) for lhs, expr in assignments]
+        rows, name = True, f"{kernel.name}_summed"
+    else:
+        name = kernel.name
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     args = arguments(exprs, uses_label, kernel.params)
     unfused = sorted(set(args) - FUSED_ARGS - set(kernel.params))
@@ -144,16 +211,20 @@ def fused_code(kernel, rows, loss):
     names_of |= {a: f"{a}[n, 0]" for a in COLUMNS if a in args and a != "c"}
     if "g" in args:
         names_of["g"] = "g_n" if rows and loss else "g[n, k]" if rows else "g_i"
+    if summed:
+        names_of["N"] = "N*K"  # the element count, which the rows' loops split into N rows of K
     # a backward writes into out (which may be a saved array it reads) when that is safe: every
     # element is read and then written in the same iteration, which one pass with no reduction does
     into = names[0] if kernel.out and not any(isinstance(e, (RowSum, RowMax)) for _, e in assignments) else None
-    shape = Rows if rows else Elements
-    body = shape(assignments, kinds, names, full[0], names_of, into).lines()
-    columns = {name for name, expr in kernel.outputs if kinds[name] == "row" and not isinstance(expr, Squeeze)}
-    return {"name": kernel.name, "doc": kernel.doc, "derivation": kernel.derivation,
-            "args": args + (["out"] if into else []), "signature": args + (["out=None"] if kernel.out else []),
-            "returns": names, "body": body,
-            "call": call_lines(kernel.name, args, full, names, kinds, rows, columns, into)}
+    loops = (Rows if rows else Elements)(assignments, kinds, names, full[0], names_of, into)
+    body = loops.lines()
+    columns = {out for out, expr in kernel.outputs if kinds[out] == "row" and not isinstance(expr, Squeeze)}
+    columns -= {"L"} if summed else set()
+    return {"name": name, "doc": kernel.doc + (" L summed over each row." if summed else ""),
+            "derivation": kernel.derivation, "args": args + (["out"] if into else []),
+            "signature": args + (["out=None"] if kernel.out else []),
+            "returns": names, "body": body, "runtime": sorted(loops.used),
+            "call": call_lines(name, args, full, names, kinds, rows, columns, into, summed)}
 
 
 def kind_of(expr, kinds):
@@ -166,11 +237,13 @@ def kind_of(expr, kinds):
     return "full" if "full" in found else "row" if "row" in found else "scalar"
 
 
-def call_lines(name, args, full, names, kinds, rows, columns, into):
+def call_lines(name, args, full, names, kinds, rows, columns, into, summed=False):
     """The plain function's lines: the arrays as rows of K (or flat), the call, the results in x's
-    shape (a per-row saved value as a column, as the NumPy kernels give it)."""
+    shape (a per-row saved value as a column, as the NumPy kernels give it). summed: rows of any
+    element-wise shape, (N, 0) included."""
     first = full[0]
-    as_loops = (lambda a: f"{a}.reshape(-1, {first}.shape[-1])") if rows else (lambda a: f"{a}.reshape(-1)")
+    width = f"{first}.shape[-1] or 1" if summed else f"{first}.shape[-1]"
+    as_loops = (lambda a: f"{a}.reshape(-1, {width})") if rows else (lambda a: f"{a}.reshape(-1)")
     shaped = {a: as_loops(a) for a in full}
     if into:
         args = args + ["out"]
@@ -190,10 +263,10 @@ class Loops:
 
     def __init__(self, assignments, kinds, names, first, names_of, into=None):
         self.assignments, self.kinds, self.names, self.first = assignments, kinds, names, first
-        self.names_of, self.into = dict(names_of), into
+        self.names_of, self.into, self.used = dict(names_of), into, set()
 
     def code(self, expr):
-        return scalar_code(expr, self.names_of)
+        return scalar_code(expr, self.names_of, self.used)
 
     def preamble(self, sizes):
         lines = [f"T = {self.first}.dtype.type"] + sizes
@@ -311,6 +384,7 @@ class Rows(Loops):
         for accumulator, reduction in here:
             define(reduction.args[0])
             update = REDUCE[type(reduction)][1].format(acc=accumulator, value=self.code(reduction.args[0]))
+            self.used |= {"maximum"} if isinstance(reduction, RowMax) else set()
             body.append(f"{accumulator} = {update}")
         for lhs, expr in outputs:
             if self.written[lhs] == loop:

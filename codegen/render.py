@@ -5,7 +5,7 @@ from pathlib import Path
 import jinja2
 import sympy as sp
 
-from codegen.fused import FASTMATH, FusionError, fused_code
+from codegen.fused import FASTMATH, FusionError, fused_code, runtime_functions
 from codegen.kernels import kernel_code, layer_kernels, linear_kernels, loss_kernels, reductions, sgd_kernel
 from codegen.printer import print_code
 from derive.gradients import variants
@@ -23,8 +23,10 @@ CATALOG_SOURCE = "derive/catalog.py"
 KIND_TESTS = {"labels": 'target.dtype.kind in "iu" or target.ndim == 1', "dense": 'target.dtype.kind == "f"'}
 # How the layer and loss templates print kernels: NumPy ones in generated/, fused numba ones in generated/fast/
 # (importing the package and its checks from the folder above).
-NUMPY = {"kernels": "kernel.py.jinja", "package": ".", "fallback": None}
+NUMPY = {"kernels": "kernel.py.jinja", "package": ".", "fallback": None, "runtime": []}
 FAST = "fast"
+# checks of _checks that generated/fast/_runtime.py has a compiled form of
+FAST_CHECKS = {"dense_target"}
 TARGET_DOCS = {"labels": "integer class labels of shape (N,)", "dense": "a float array of x's shape"}
 
 
@@ -147,14 +149,24 @@ def fast_context(op):
             printed[kernel.name] = {"fused": fused_code(kernel, rows, op.kind == "loss"), "fused_error": None}
         except FusionError as error:
             printed[kernel.name] = {"fused": None, "fused_error": str(error)}
+        # an element-wise loss's fused forward also comes summed over rows, for a mean or a sum
+        summed = op.kind == "loss" and not rows and printed[kernel.name]["fused"] and kernel.name.startswith("forward")
+        printed[kernel.name]["summed"] = fused_code(kernel, rows, True, summed=True) if summed else None
     if not any(p["fused"] for p in printed.values()):
         return None
     codes = ([context["forward"], context["backward"]] if op.kind == "layer"
              else [path[side] for path in context["paths"] for side in ("forward", "backward")])
     for code in codes:
         code.update(printed[code["name"]])
+        if code["summed"]:
+            code["call"] = code["call"] + ['self.reduction != "none"']
     fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
-    return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback)
+    runtime = {name for p in printed.values() for code in (p["fused"], p["summed"]) if code for name in code["runtime"]}
+    # _runtime's dense_target tests the range in one compiled pass (NumPy's makes boolean arrays)
+    checks = [check for check in context.get("checks", []) if check not in FAST_CHECKS]
+    runtime |= set(context.get("checks", [])) & FAST_CHECKS
+    return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback, runtime=sorted(runtime),
+                checks=checks)
 
 
 def render_package(catalog):
@@ -176,7 +188,8 @@ def render_package(catalog):
     files[f"{FAST}/__init__.py"] = render(env, "fast_package.py.jinja", CATALOG_SOURCE, generator,
                                           {"ops": [{"name": op.name, "module": op.module} for op, _ in fast]})
     files[f"{FAST}/_runtime.py"] = render(env, "fast_runtime.py.jinja", "codegen/fused.py", generator,
-                                          {"fastmath": "{" + ", ".join(f'"{flag}"' for flag in FASTMATH) + "}"})
+                                          {"fastmath": "{" + ", ".join(f'"{flag}"' for flag in FASTMATH) + "}",
+                                           "functions": runtime_functions()})
     for op, context in fast:
         files[f"{FAST}/{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
                                                  generator, context)

@@ -75,3 +75,76 @@ def erf_numpy(u):
     inner, outer = Clip(u, -SERIES_BELOW, SERIES_BELOW), Clip(sp.Abs(u), SERIES_BELOW, 30)
     return sp.Piecewise((erf_series(inner), sp.Abs(u) < SERIES_BELOW),
                         (sp.sign(u) * (1 - erfc_continued_fraction(outer)), True))
+
+
+# exp and log1p without libm, for the fused kernels: numba leaves math.exp and math.log1p scalar calls,
+# which its loop vectorizer cannot inline; these are arithmetic, a floor and a bit view, which it can.
+# IEEE 754 formats: significand bits (with the implicit one) and the largest exponent.
+FORMATS = {"float32": (24, 127), "float64": (53, 1023)}
+
+
+class PowerOfTwo(sp.Function):
+    """2^m for an integer-valued m with 2^m a normal number: the kernels write m + bias into the
+    exponent field of a float's bits instead of computing it. Integers evaluate."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, m):
+        if m.is_Integer:
+            return sp.Integer(2) ** m
+        return None
+
+
+def taylor_degree(radius, tolerance, coefficient):
+    """The least d whose Taylor remainder bound coefficient(d + 1) radius^(d + 1) is below tolerance."""
+    degree = 0
+    while coefficient(degree + 1) * radius ** (degree + 1) >= tolerance:
+        degree += 1
+    return degree
+
+
+def horner(coefficients, v):
+    """sum_k coefficients[k] v^k, nested as Horner's rule evaluates it."""
+    result = sp.Integer(0)
+    for coefficient in reversed(coefficients):
+        result = coefficient + v * result
+    return result
+
+
+def exp_steps(u, dtype):
+    """exp(u) in dtype as assignments [(symbol, expr)], the last one the value: u = n ln2 + r with
+    n = round(u/ln2), exp(r) by its Taylor series (|r| <= ln2/2: the degree that brings the
+    truncation below half an ulp), times 2^n as two powers of two, p 2^h 2^(n - h), so that both
+    factors are normal numbers down to the subnormal results and up to the overflow.
+
+    u is first clamped to [lo, hi], where exp(lo) rounds to 0 and exp(hi) to inf: then u = -inf
+    gives 0 and u = inf gives inf (NaN passes the clamp and the polynomial, and gives NaN).
+    Cody-Waite: ln2 = ln2_hi + ln2_lo with ln2_hi short enough that n ln2_hi is exact."""
+    precision, emax = FORMATS[dtype]
+    ln2 = sp.log(2)
+    lo, hi = (1 - emax - precision - 1) * ln2, (emax + 2) * ln2
+    # n needs as many bits as the largest |n|, |lo|/ln2; ln2_hi keeps the rest of the significand
+    n_bits = int(sp.ceiling(sp.log(emax + precision + 1, 2)))
+    ln2_hi = sp.floor(ln2 * 2 ** (precision - n_bits)) / sp.Integer(2) ** (precision - n_bits)
+    # relative to exp(r) >= exp(-ln2/2), the remainder is below 2 |r|^(d + 1)/(d + 1)!
+    degree = taylor_degree(ln2 / 2, sp.Integer(2) ** -(precision + 1), lambda k: 2 / sp.factorial(k))
+    v, n, r, h, p = sp.symbols("v n r h p")
+    return [(v, Clip(u, lo, hi)), (n, sp.floor(v / ln2 + sp.Rational(1, 2))),
+            (r, v - n * ln2_hi), (r, r - n * (ln2 - ln2_hi)),
+            (p, horner([1 / sp.factorial(k) for k in range(degree + 1)], r)),
+            (h, sp.floor(n / 2)), (p, p * PowerOfTwo(h)), (p, p * PowerOfTwo(n - h))]
+
+
+def log1p_steps(z, dtype):
+    """log1p(z) for z in [0, 1] in dtype as assignments [(symbol, expr)], the last one the value:
+    log(1 + z) = 2 atanh(z/(2 + z)), z/(2 + z) in [0, 1/3], by atanh's odd series: with
+    s = 2z/(2 + z) and w = s^2/4, 2 atanh(s/2) = s + s w (1/3 + w/5 + w^2/7 + ...), as many terms as
+    bring the truncation below half an ulp at w = 1/9."""
+    precision, _ = FORMATS[dtype]
+    # the series' tail past w^m is below w^m/(2m + 1)/(1 - w), relative to its first term
+    w_max = sp.Rational(1, 9)
+    terms = taylor_degree(w_max, sp.Integer(2) ** -(precision + 1), lambda m: 1 / ((2 * m + 1) * (1 - w_max)))
+    s, w, y = sp.symbols("s w y")
+    return [(s, 2 * z / (z + 2)), (w, s ** 2 / 4),
+            (y, s + s * w * horner([sp.Rational(1, 2 * m + 3) for m in range(terms)], w))]

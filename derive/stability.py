@@ -99,6 +99,24 @@ def erf_by_numpy(expr):
     return expr.replace(lambda e: isinstance(e, sp.erf), lambda e: erf_numpy(e.args[0]))
 
 
+def sigmoid_by_branches(expr):
+    """1/(1 + exp(u)) = q where u <= 0 and exp(-|u|) q where u > 0, q = 1/(1 + exp(-|u|)): exact, and
+    its exponential is softplus's exp(-|u|), which a fused kernel computes once for both (BCE's loss
+    and p). For the fused kernels alone, whose branches are selects; NumPy's np.where would evaluate
+    both sides, so the NumPy kernels keep logistic's form."""
+    def is_sigmoid(e):
+        return (e.is_Pow and e.exp == -1 and e.base.is_Add and len(e.base.args) == 2 and 1 in e.base.args
+                and any(isinstance(a, ExpToInf) for a in e.base.args))
+
+    def branches(e):
+        u = next(a for a in e.base.args if isinstance(a, ExpToInf)).args[0]
+        small = sp.exp(-sp.Abs(u))
+        q = 1 / (1 + small)
+        return sp.Piecewise((q, u <= 0), (small * q, True))
+    # a Wild pattern over every node is slow on the long expressions (erf's continued fraction)
+    return expr.replace(is_sigmoid, branches) if expr.has(ExpToInf) else expr
+
+
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
 REWRITES = (("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
             ("one softplus", one_softplus, True), ("softplus", softplus, True), ("shift by the row max", shift_by_max, True),

@@ -143,3 +143,14 @@ def test_layers_refuse_what_numpy_refuses(op):
         ours = raised(lambda: getattr(fast, op.name)().forward(bad))
         assert ours is not None and ours == raised(lambda: getattr(generated, op.name)().forward(bad))
     assert raised(lambda: getattr(fast, op.name)().backward(np.ones(3)))[0] is RuntimeError
+
+
+@pytest.mark.parametrize("op", LOSSES, ids=ids(LOSSES))
+def test_dense_targets_out_of_range_raise_what_numpy_raises(op):
+    for bad in (-1.0, 2.0, np.nan):
+        target = np.full((2, 3), 0.5)
+        target[1, 2] = bad
+        calls = [lambda where: getattr(where, op.name)().forward(np.zeros((2, 3)), target)]
+        calls += [lambda where: getattr(where, op.name)().forward(np.zeros((2, 3), np.float32), target.astype(np.float16))]
+        for call in calls:
+            assert raised(lambda: call(fast)) == raised(lambda: call(generated)), (op.name, bad)
