@@ -143,7 +143,14 @@ def sgd_kernel():
 
 def kernel_assignments(kernel):
     """(exprs, assignments, returned, names): the kernel's expressions, then cse's [(symbol, expr)]
-    computing its outputs, what is read after them (the outputs, the label update) and the output names."""
+    computing its outputs, what is read after them (the outputs, the label update) and the output names.
+    Kept on the kernel: both backends print from one cse."""
+    if "_assignments" not in vars(kernel):
+        object.__setattr__(kernel, "_assignments", _assignments(kernel))
+    return vars(kernel)["_assignments"]
+
+
+def _assignments(kernel):
     exprs = [expr for _, expr in kernel.outputs] + ([kernel.at_label] if kernel.at_label is not None else [])
     temporaries, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("v"), order="canonical")
     names = [name for name, _ in kernel.outputs]

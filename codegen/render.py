@@ -1,4 +1,5 @@
 """Rendering the generated package: every file's text, from the catalog and the templates."""
+import copy
 import hashlib
 from pathlib import Path
 
@@ -124,10 +125,10 @@ def loss_context(op):
             "prepare": prepare, "target_doc": " or ".join(TARGET_DOCS[t] for t in op.targets)}
 
 
-def op_context(op):
-    """What an op's template needs: the op and its printed kernels."""
+def op_context(op, kernels=None):
+    """What an op's template needs: the op and its printed kernels (a layer's, when given, those)."""
     if op.kind == "layer":
-        forward, backward = (with_calls(kernel_code(k), op) for k in layer_kernels(op))
+        forward, backward = (with_calls(kernel_code(k), op) for k in kernels or layer_kernels(op))
         return {"op": op, "forward": forward, "backward": backward, "params": [param_context(p) for p in op.params],
                 "vector": op.forward.has(sp.Sum), **NUMPY}
     if op.kind == "linear":
@@ -135,13 +136,13 @@ def op_context(op):
     return dict(loss_context(op), **NUMPY)
 
 
-def fast_context(op):
-    """An op's context with every kernel also printed as fused loops where it has that form, None
-    when none of its kernels has one."""
-    context = op_context(op)
+def fast_context(op, context=None):
+    """An op's context (op_context's, when given, that) with every kernel also printed as fused loops
+    where it has that form, None when none of its kernels has one."""
     kernels = (layer_kernels(op) if op.kind == "layer"
                else [k for target in op.targets for variant in variants(op, target)
                      for k in loss_kernels(op, target, variant)])
+    context = copy.deepcopy(context) if context is not None else op_context(op, kernels if op.kind == "layer" else None)
     rows = context["vector"] if op.kind == "layer" else op.granularity == "row"
     printed = {}
     for kernel in kernels:
@@ -180,10 +181,11 @@ def render_package(catalog):
                                 {"reductions": {g: reductions(g) for g in ("row", "element")}}),
              "network.py": render(env, "network.py.jinja", "derive/optim.py", generator,
                                   {"sgd": kernel_code(sgd_kernel())})}
+    contexts = {op.name: op_context(op) for op in ops}
     for op in ops:
         files[f"{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
-                                          generator, op_context(op))
-    fast = [(op, fast_context(op)) for op in ops if op.kind in ("layer", "loss")]
+                                          generator, contexts[op.name])
+    fast = [(op, fast_context(op, contexts[op.name])) for op in ops if op.kind in ("layer", "loss")]
     fast = [(op, context) for op, context in fast if context is not None]
     files[f"{FAST}/__init__.py"] = render(env, "fast_package.py.jinja", CATALOG_SOURCE, generator,
                                           {"ops": [{"name": op.name, "module": op.module} for op, _ in fast]})

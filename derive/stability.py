@@ -1,6 +1,8 @@
 """Numerically stable rewrites, each an identity (tests check every one preserves the value).
 
 The kernels evaluate what these return; the derivations differentiate the plain forms."""
+import functools
+
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
@@ -125,6 +127,7 @@ REWRITES = (("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoi
             ("logistic", logistic, True), ("erf by series and continued fraction", erf_by_numpy, False))
 
 
+@functools.lru_cache(maxsize=None)  # pure, and asked for the same forms by every backend and kernel
 def stable(expr):
     """expr with every rewrite of REWRITES applied in order."""
     for _, rewrite, _ in REWRITES:
