@@ -193,7 +193,7 @@ def fused_code(kernel, rows, loss, summed=False):
     else:
         name = kernel.name
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
-    args = arguments(exprs, uses_label, kernel.params)
+    args = arguments(exprs, {"c"} if uses_label else (), kernel.params)
     unfused = sorted(set(args) - FUSED_ARGS - set(kernel.params))
     if unfused:
         raise FusionError(f"it reads {', '.join(unfused)}")

@@ -74,6 +74,12 @@ class Flattener:
 
     def assign(self, lhs, expr):
         """The steps of lhs = expr."""
+        products = [t for t in sp.Add.make_args(expr) if isinstance(t, MatMul)]
+        if isinstance(expr, sp.Add) and len(products) == 1:
+            # a matrix product plus terms: the product's new array takes the terms in place (y = x W + b)
+            value = self.emit("matmul", *map(self.small, products[0].args))
+            self.steps.append(Step(lhs, "add", (value, self.small(expr - products[0])), buffer=True))
+            return
         if is_float_full(expr, self.full):
             value = self.operand(expr)
             last = self.steps[-1] if self.steps else None
@@ -117,7 +123,7 @@ class Flattener:
             return self.emit("maximum" if isinstance(expr, sp.Max) else "minimum", *map(self.operand, expr.args))
         if isinstance(expr, sp.Heaviside) and expr.args[1] == 0:
             # as the printer's Heaviside, one operation a line
-            return self.emit("ceil", self.emit("clip", self.operand(expr.args[0]), 0, 1))
+            return self.emit("minimum", self.emit("ceil", self.emit("maximum", self.operand(expr.args[0]), 0)), 1)
         return self.whole(expr)
 
     def whole(self, expr):

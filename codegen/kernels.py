@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from codegen.lower import AtLabel, Squeeze, lower, lower_tensor, split_at_label
+from codegen.lower import AtLabel, LabelEntry, Squeeze, lower, lower_tensor, split_at_label
 from codegen.inplace import assignments_in_place
 from codegen.printer import print_code
 from derive import backprop, optim
@@ -16,7 +16,7 @@ from derive.algebra import contract
 from derive.symbols import i, j, k, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
-ARG_ORDER = ("x", "c", "t", "mask", "w", "pw", "y", "p", "e", "inv", "W", "b", "g", "eps", "margin", "l2",
+ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "e", "inv", "W", "b", "g", "eps", "margin", "l2",
              "K_in", "param", "grad", "velocity", "lr", "momentum")
 # How a loss kernel reads the sizes its formulas use from a full-size argument {a}: N loss entries
 # (rows or elements) and K classes.
@@ -163,20 +163,26 @@ def kernel_code(kernel):
     exprs, assignments, returned, names = kernel_assignments(kernel)
     lines = assignments_in_place(assignments, returned, kernel.full, "out" if kernel.out else None)
     takes_out = any(code.endswith("out=out)") for _, code in lines)
-    uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     used = {s.name for e in exprs for s in e.free_symbols}
-    args = arguments(exprs, uses_label, kernel.params) + (["out=None"] if takes_out else [])
+    args = arguments(exprs, label_arguments(kernel, exprs), kernel.params) + (["out=None"] if takes_out else [])
     full = next((a for a in FULL_SIZE if a in args), None)
     return {"name": kernel.name, "doc": kernel.doc, "derivation": kernel.derivation,
-            "args": args, "lines": lines, "uses_label": uses_label,
+            "args": args, "lines": lines,
             "sizes": [(name, how.format(a=full)) for name, how in (kernel.sizes or {}).items() if name in used],
             "at_label": None if kernel.at_label is None else print_code(returned[-1]),
             "returns": names, "overflows": any(e.has(ExpToInf) for e in exprs)}
 
 
-def arguments(exprs, uses_label, params=()):
-    """The free arrays of exprs in ARG_ORDER, the label c when a row's label is used, then params."""
-    free = {s.name for e in exprs for s in e.free_symbols} | ({"c"} if uses_label else set())
+def label_arguments(kernel, exprs):
+    """How the NumPy kernel reads the labels: at, each row's flat position of its label, to gather
+    and update entries at the label; c, the labels, to index a per-class vector."""
+    return ({"at"} if kernel.at_label is not None or any(e.has(AtLabel) for e in exprs) else set()) | (
+        {"c"} if any(e.has(LabelEntry) for e in exprs) else set())
+
+
+def arguments(exprs, labels=(), params=()):
+    """The free arrays of exprs in ARG_ORDER, the label arguments labels, then params."""
+    free = {s.name for e in exprs for s in e.free_symbols} | set(labels)
     free -= {"N", "K", total.name}
     unknown = free - set(ARG_ORDER) - set(params)
     if unknown:

@@ -55,17 +55,22 @@ class KernelPrinter(NumPyPrinter):
         return text
 
     def _print_Clip(self, expr):
+        # one bound is one ufunc: np.clip's Python wrapper would call the same one, microseconds later
         u, lo, hi = expr.args
-        bound = lambda b: "None" if b in (oo, -oo) else self._print(b)  # noqa: E731
-        return f"np.clip({self._print(u)}, {bound(lo)}, {bound(hi)})"
+        if lo == -oo:
+            return f"np.minimum({self._print(u)}, {self._print(hi)})"
+        if hi == oo:
+            return f"np.maximum({self._print(u)}, {self._print(lo)})"
+        return f"np.clip({self._print(u)}, {self._print(lo)}, {self._print(hi)})"
 
     def _print_Heaviside(self, expr):
-        # the step of derive.algebra.at_kinks: 1 for u > 0, 0 for u <= 0, NaN for NaN (np.clip
-        # propagates it); np.heaviside and np.sign say the same but have no SIMD loop: ten times slower
+        # the step of derive.algebra.at_kinks: 1 for u > 0, 0 for u <= 0, NaN for NaN (np.maximum
+        # propagates it); np.heaviside and np.sign say the same but have no SIMD loop (ten times slower),
+        # and np.clip's Python wrapper costs more than two ufunc calls on a small batch
         u, at_zero = expr.args
         if at_zero != 0:
             raise ValueError(f"only Heaviside(u, 0) prints, got {expr}")
-        return f"np.ceil(np.clip({self._print(u)}, 0, 1))"
+        return f"np.minimum(np.ceil(np.maximum({self._print(u)}, 0)), 1)"
 
     def _print_ExpToInf(self, expr):
         return f"np.exp({self._print(expr.args[0])})"
@@ -89,7 +94,9 @@ class KernelPrinter(NumPyPrinter):
         return f"np.maximum.reduce({self._print(expr.args[0])}, axis=-1, keepdims=True)"
 
     def _print_AtLabel(self, expr):
-        return f"{self._print(expr.args[0])}[rows, c]"
+        # at: each row's flat position of its label, which take reads in any memory layout, and
+        # faster than indexing by (row, label) pairs
+        return f"{self.parenthesize(expr.args[0], PRECEDENCE['Func'], strict=True)}.take(at)"
 
     def _print_LabelEntry(self, expr):
         return f"{self._print(expr.args[0])}[c]"

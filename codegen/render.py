@@ -28,6 +28,8 @@ NUMPY = {"kernels": "kernel.py.jinja", "package": ".", "fallback": None, "runtim
 FAST = "fast"
 # checks of _checks that generated/fast/_runtime.py has a compiled form of
 FAST_CHECKS = {"dense_target"}
+# the labels' flat positions, from the label column c (after ignored labels are replaced)
+POSITIONS = "at = label_positions(c, x)"
 TARGET_DOCS = {"labels": "integer class labels of shape (N,)", "dense": "a float array of x's shape"}
 
 
@@ -72,7 +74,9 @@ def with_calls(code, op):
     arrays = [arg for arg in code["args"] if "=" not in arg]  # out=None is the caller's choice
     call = [sources.get(arg, arg) for arg in arrays]
     saved = [(arg, sources.get(arg, arg)) for arg in arrays if arg != "g"]
-    return dict(code, call=call, saved=saved)
+    # a backward's arguments around g: what forward saves for it, in order
+    split = arrays.index("g") if "g" in arrays else len(arrays)
+    return dict(code, call=call, saved=saved, names=arrays, before=call[:split], after=call[split + 1:])
 
 
 def plain_condition(op, target):
@@ -94,6 +98,16 @@ def general_preparation(op, target):
             and (p.kind != "ignore_index" or target == "labels")]
 
 
+def positions(*codes):
+    """The line making the labels' flat positions, when a kernel of codes reads them."""
+    return [POSITIONS] if any("at" in code["call"] for code in codes) else []
+
+
+def checks_called(lines, paths):
+    """The _checks functions that lines and the paths' preparations call."""
+    return sorted({line.split(" = ")[1].split("(")[0] for line in lines + [line for path in paths for line in path["prepare"]]})
+
+
 def loss_context(op):
     """Paths through a loss's forward: per target kind, the plain kernel then the general one."""
     by_target = []
@@ -107,7 +121,7 @@ def loss_context(op):
             donor = made[0] if made and "out=None" in backward["args"] else None
             paths.append({"forward": forward, "backward": backward, "donor": donor,
                           "condition": None if general else plain_condition(op, target) or None,
-                          "prepare": general_preparation(op, target) if general else []})
+                          "prepare": (general_preparation(op, target) if general else []) + positions(forward, backward)})
         by_target.append((target, paths))
     has_ignore = any(p.kind == "ignore_index" for p in op.params)
     bounds = "".join(f", {name}={value!r}" for name, value in zip(("low", "high"), op.target_range)
@@ -116,9 +130,7 @@ def loss_context(op):
               else "c, _ = label_column(target, x)")
     prepare = {"labels": labels,
                "dense": f"t = dense_target(target, x{bounds})"}
-    checks = sorted({prepare[t].split(" = ")[1].split("(")[0] for t in op.targets}
-                    | {line.split(" = ")[1].split("(")[0] for _, paths in by_target for path in paths
-                       for line in path["prepare"]})
+    checks = checks_called([prepare[t] for t in op.targets], [path for _, paths in by_target for path in paths])
     return {"op": op, "params": [param_context(p) for p in op.params],
             "paths": [path for _, paths in by_target for path in paths], "by_target": by_target,
             "kind_tests": KIND_TESTS, "checks": checks,
@@ -159,13 +171,20 @@ def fast_context(op, context=None):
              else [path[side] for path in context["paths"] for side in ("forward", "backward")])
     for code in codes:
         code.update(printed[code["name"]])
+        if code["fused"]:  # the fused kernel's own arguments (the labels c, where NumPy's take positions)
+            code.update({key: value for key, value in with_calls({"args": code["fused"]["signature"]}, op).items()
+                         if key in ("call", "saved", "names", "before", "after")})
         if code["summed"]:
             code["call"] = code["call"] + ['self.reduction != "none"']
+    for path in context.get("paths", []):
+        path["prepare"] = [line for line in path["prepare"] if line != POSITIONS] + positions(path["forward"],
+                                                                                            path["backward"])
     fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
     runtime = {name for p in printed.values() for code in (p["fused"], p["summed"]) if code for name in code["runtime"]}
     # _runtime's dense_target tests the range in one compiled pass (NumPy's makes boolean arrays)
-    checks = [check for check in context.get("checks", []) if check not in FAST_CHECKS]
-    runtime |= set(context.get("checks", [])) & FAST_CHECKS
+    called = checks_called([context["prepare"][t] for t in op.targets], context["paths"]) if "paths" in context else []
+    checks = [check for check in called if check not in FAST_CHECKS]
+    runtime |= set(called) & FAST_CHECKS
     return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback, runtime=sorted(runtime),
                 checks=checks)
 

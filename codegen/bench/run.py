@@ -87,15 +87,16 @@ def peak_extra_bytes(contender):
         tracemalloc.stop()
 
 
-def bench(cases, sizes, dtypes, repeats, sample_seconds):
-    """A record per (case, size, dtype, contender), each printed as a table row once measured."""
+def bench(cases, sizes, dtypes, repeats, sample_seconds, only=None):
+    """A record per (case, size, dtype, contender), each printed as a table row once measured; only:
+    the contenders to time (tuned and copy always are: the ratios need them), None for all."""
     rng = np.random.default_rng(0)
     records = []
     for case in cases:
         for N, K in sizes:
             for dtype in dtypes:
                 inputs = make_inputs(case, N, K, np.dtype(dtype), rng)
-                found = contenders(case, inputs)
+                found = [c for c in contenders(case, inputs) if only is None or c.name in set(only) | {"tuned", "copy"}]
                 samples, calls = time_interleaved(found, repeats, sample_seconds)
                 medians = {name: float(np.median(times)) for name, times in samples.items()}
                 for contender in found:
@@ -192,6 +193,8 @@ def parser():
     args.add_argument("--cases", type=lambda text: tuple(text.split(",")), default=tuple(c.name for c in CASES))
     args.add_argument("--repeats", type=int, default=21, help="interleaved samples of each contender (default 21)")
     args.add_argument("--sample-ms", type=float, default=2.0, help="least duration of one sample (default 2)")
+    args.add_argument("--contenders", type=lambda text: tuple(text.split(",")),
+                      help="time only these (tuned and copy always are), e.g. generated,seed")
     args.add_argument("--json", type=Path, help="where to write the results as JSON")
     return args
 
@@ -212,7 +215,7 @@ def main(argv=None):
     load = {"before": os.getloadavg()[0]}
     print("\n".join(notes + [f"load average before: {load['before']:.2f}"]))
     print(format_row([name for name, _ in COLUMNS]))
-    records = bench(cases, args.sizes, args.dtypes, args.repeats, args.sample_ms / 1e3)
+    records = bench(cases, args.sizes, args.dtypes, args.repeats, args.sample_ms / 1e3, args.contenders)
     load["after"] = os.getloadavg()[0]
     print(f"load average after: {load['after']:.2f}")
     summary = targets(records, codegen_seconds())
