@@ -64,6 +64,7 @@ class Flattener:
 
     def __init__(self, full):
         self.full, self.steps, self.count = set(full), [], 0
+        self.named = {}                # full-size values assigned to a name: {expr: name}
 
     def emit(self, ufunc, *operands):
         self.count += 1
@@ -81,6 +82,7 @@ class Flattener:
             self.steps.append(Step(lhs, "add", (value, self.small(expr - products[0])), buffer=True))
             return
         if is_float_full(expr, self.full):
+            self.named[expr] = lhs
             value = self.operand(expr)
             last = self.steps[-1] if self.steps else None
             if last is not None and last.target == value and value.name.startswith("u"):
@@ -123,7 +125,7 @@ class Flattener:
             return self.emit("maximum" if isinstance(expr, sp.Max) else "minimum", *map(self.operand, expr.args))
         if isinstance(expr, sp.Heaviside) and expr.args[1] == 0:
             # as the printer's Heaviside, one operation a line
-            return self.emit("minimum", self.emit("ceil", self.emit("maximum", self.operand(expr.args[0]), 0)), 1)
+            return self.emit("ceil", self.emit("clip", self.operand(expr.args[0]), 0, 1))
         return self.whole(expr)
 
     def whole(self, expr):
@@ -171,8 +173,12 @@ class Flattener:
             else:
                 factors.append(f)
         if scale == -1 and len(factors) == 1 and not divisors and isinstance(factors[0], sp.Abs):
-            # -|u| in one pass: the sign of -1 on |u|
-            return self.emit("copysign", self.operand(factors[0].args[0]), -1)
+            # -|u| in one pass: min(u, -u) where -u is a value already, else the sign of -1 on |u|
+            # (np.copysign has no SIMD loop: np.minimum of two arrays is four times faster)
+            u = factors[0].args[0]
+            if self.named.get(-u) is not None:
+                return self.emit("minimum", self.operand(u), self.named[-u])
+            return self.emit("copysign", self.operand(u), -1)
         # compound factors first: the first makes a buffer the plain arrays then multiply in place
         factors.sort(key=lambda f: isinstance(f, sp.Symbol))
         if factors:
@@ -255,6 +261,9 @@ def _code(step, into):
     """The source of one step, writing into the buffer into if it is a ufunc."""
     if not step.ufunc:
         return print_code(step.expr)
+    if step.ufunc == "clip":  # the method: np.clip's dispatch costs a microsecond a call
+        first, *bounds = step.operands
+        return f"{_print(first)}.clip({', '.join(_print(a) for a in bounds)}" + (f", out={into})" if into else ")")
     args = ", ".join(_print(a) for a in step.operands)
     if step.where is not None:
         into = into if into is not None else f"np.copy({_print(step.operands[0])})"
