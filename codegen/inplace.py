@@ -122,6 +122,11 @@ class Flattener:
         if type(expr) in UNARY:
             return self.emit(UNARY[type(expr)], self.operand(expr.args[0]))
         if isinstance(expr, (sp.Max, sp.Min)) and len(expr.args) == 2:
+            numbers = [a for a in expr.args if a.is_number]
+            if len(numbers) == 1:  # as the printer's: a one-bound clip, which has a SIMD loop
+                (u,) = [a for a in expr.args if not a.is_number]
+                bounds = (numbers[0], sp.oo) if isinstance(expr, sp.Max) else (-sp.oo, numbers[0])
+                return self.emit("clip", self.operand(u), *bounds)
             return self.emit("maximum" if isinstance(expr, sp.Max) else "minimum", *map(self.operand, expr.args))
         if isinstance(expr, sp.Heaviside) and expr.args[1] == 0:
             # as the printer's Heaviside, one operation a line

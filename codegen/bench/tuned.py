@@ -87,7 +87,7 @@ class Tanh:
 class ReLU:
     def forward(self, x):
         self._x = x
-        return np.maximum(x, 0)
+        return x.clip(0, np.inf)              # np.maximum(x, 0) has no SIMD loop against a number
 
     def backward(self, g):
         return np.multiply(g, self._x > 0)    # faster than np.where; 0 at x = 0, as torch
@@ -119,7 +119,7 @@ class BinaryCrossEntropyWithLogits:
         # their totals add without cancellation; the first total is a dot product, with no buffer
         a = np.subtract(x > 0, t, dtype=x.dtype)
         hinge = np.vdot(x, a)
-        np.copysign(x, -1, out=a)                           # -|x| in one pass
+        np.negative(np.abs(x, out=a), out=a)                # -|x|: two SIMD passes beat np.copysign's one
         np.exp(a, out=a)
         np.log1p(a, out=a)
         return (hinge + a.sum()) / x.size
