@@ -29,18 +29,23 @@ class RowDot(sp.Function):
     """Row-wise dot product of two full arrays, as a column: one pass, no product array."""
 
 
+class Dot(sp.Function):
+    """The sum of every entry of the product of two full arrays: one pass, no product array."""
+
+
 def is_full(expr, full):
     """Whether expr has the input's full shape: it reads a full array outside any narrowing function."""
     if isinstance(expr, sp.Symbol):
         return expr.name in full
-    if isinstance(expr, NARROWING + (RowDot,)):
+    if isinstance(expr, NARROWING + (RowDot, Dot)):
         return False
     return any(is_full(arg, full) for arg in expr.args)
 
 
 def is_float_full(expr, full):
     """A full-size float array: a buffer a later operation may write into (a mask is bool: never)."""
-    return is_full(expr, full) and not isinstance(expr, sp.logic.boolalg.Boolean)
+    # (a Symbol is a Boolean to SymPy too)
+    return is_full(expr, full) and (isinstance(expr, sp.Symbol) or not isinstance(expr, sp.logic.boolalg.Boolean))
 
 
 @dataclass
@@ -91,14 +96,29 @@ class Flattener:
                 self.steps.append(Step(lhs, expr=value, buffer=False))
             self.full.add(lhs.name)
         else:
-            self.steps.append(Step(lhs, expr=self.small(expr)))
+            self.steps.append(Step(lhs, expr=self.small(expr, whole=True)))
 
-    def small(self, expr):
-        """expr, smaller than the input, with the full-size arguments of its reductions computed first."""
+    def small(self, expr, whole=False):
+        """expr, smaller than the input, with the full-size arguments of its reductions computed first.
+        A total inside expr (not expr whole) is a line of its own: the buffer it reads is free for
+        the next one (a loss summed term by term needs one, not one per term)."""
+        if isinstance(expr, BatchSum) and not whole and is_full(expr.args[0], self.full):
+            self.count += 1
+            target = sp.Symbol(f"s{self.count}")
+            self.steps.append(Step(target, expr=self.small(expr, whole=True)))
+            return target
         if isinstance(expr, RowSum) and isinstance(expr.args[0], sp.Mul):
             arrays = [f for f in expr.args[0].args if is_full(f, self.full)]
             if len(arrays) == 2 and len(expr.args[0].args) == 2:
                 return RowDot(*[self.operand(a) for a in arrays])
+        if isinstance(expr, BatchSum):
+            # a total of a product of two full arrays (or a square) is their dot product: no product array
+            summand = expr.args[0]
+            pair = (list(summand.args) if isinstance(summand, sp.Mul) and len(summand.args) == 2
+                    else [summand.base] * 2 if isinstance(summand, sp.Pow) and summand.exp == 2 else [])
+            if pair and all(is_float_full(f, self.full) for f in pair):
+                left = self.operand(pair[0])
+                return Dot(left, left if pair[1] == pair[0] else self.operand(pair[1]))
         if isinstance(expr, NARROWING):
             return expr.func(*[self.operand(a) if is_float_full(a, self.full) else self.small(a) for a in expr.args])
         if not expr.args or isinstance(expr, sp.Symbol):
@@ -178,12 +198,12 @@ class Flattener:
             else:
                 factors.append(f)
         if scale == -1 and len(factors) == 1 and not divisors and isinstance(factors[0], sp.Abs):
-            # -|u| in one pass: min(u, -u) where -u is a value already, else the sign of -1 on |u|
-            # (np.copysign has no SIMD loop: np.minimum of two arrays is four times faster)
+            # -|u| in one pass: min(u, -u) where -u is a value already, else |u| negated in place
+            # (np.copysign has no SIMD loop: two SIMD passes beat it, 4x at (1024, 100) float32)
             u = factors[0].args[0]
             if self.named.get(-u) is not None:
                 return self.emit("minimum", self.operand(u), self.named[-u])
-            return self.emit("copysign", self.operand(u), -1)
+            return self.emit("negative", self.emit("absolute", self.operand(u)))
         # compound factors first: the first makes a buffer the plain arrays then multiply in place
         factors.sort(key=lambda f: isinstance(f, sp.Symbol))
         if factors:
@@ -222,13 +242,14 @@ class Flattener:
         return self.emit("subtract" if negative else "add", value, self.small(-rest if negative else rest))
 
 
-def assignments_in_place(assignments, later, full, output=None):
+def assignments_in_place(assignments, later, full, output=None, recompute=False):
     """[(lhs, code)] for [(lhs, expr)], each full-size operation writing into a dead temporary where
     there is one; later are expressions read after these lines (returned names, the label update).
     output names an argument (out=) that may alias any full-size argument: the first operation that
-    would allocate once no later line reads an argument writes into it instead (None allocates)."""
+    would allocate once no later line reads an argument writes into it instead (None allocates).
+    recompute: negations of arguments are recomputed where read (recomputed_negations)."""
     flat = Flattener(full)
-    for lhs, expr in assignments:
+    for lhs, expr in recomputed_negations(assignments, full) if recompute else assignments:
         flat.assign(lhs, expr)
     steps = flat.steps
     kept = {s for e in later for s in e.free_symbols}
@@ -260,6 +281,21 @@ def assignments_in_place(assignments, later, full, output=None):
         if step.buffer:
             owned.add(step.target)
     return [(str(lhs), code) for lhs, code in lines]
+
+
+def recomputed_negations(assignments, full):
+    """assignments with each temporary that only negates an argument (v = -x) written out where it
+    is read: one more pass each time instead of a buffer held from the first use to the last. A
+    kernel whose full-size arrays all fit in one buffer's memory then allocates one: NumPy frees
+    each temporary, and glibc gives memory beyond twice the largest block back to the system,
+    so the next call faults every page of every buffer in again (1024 x 100 float64: three
+    buffers cost 1.3 ms a call, one costs 20 us). On a small array the passes cost more than the
+    buffers, so only the summed losses, which then need one buffer, take this."""
+    arguments = {sp.Symbol(name) for name in full}
+    negations = {lhs: expr for lhs, expr in assignments
+                 if lhs.name.startswith("v") and isinstance(expr, sp.Mul) and len(expr.args) == 2
+                 and expr.args[0] == -1 and expr.args[1] in arguments}
+    return [(lhs, expr.xreplace(negations)) for lhs, expr in assignments if lhs not in negations]
 
 
 def _code(step, into):

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from codegen.lower import AtLabel, LabelEntry, Squeeze, lower, lower_tensor, split_at_label
+from codegen.lower import AtLabel, BatchSum, LabelEntry, Squeeze, lower, lower_tensor, split_at_label
 from codegen.inplace import assignments_in_place
 from codegen.printer import print_code
 from derive import backprop, optim
@@ -13,7 +13,7 @@ from derive.reduction import REDUCTIONS, row_weight
 from derive.special import ExpToInf
 from derive.stability import stable
 from derive.algebra import contract
-from derive.symbols import i, j, k, n, over_batch, r, total
+from derive.symbols import L, i, j, k, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
 ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "e", "inv", "W", "b", "g", "eps", "margin", "l2",
@@ -39,6 +39,8 @@ class Kernel:
     params: tuple = ()             # names of the op's own parameters, passed after the arrays
     full: tuple = FULL_SIZE        # the arguments of the input's full shape
     out: bool = False              # takes out=, a buffer for its result (a backward's dx)
+    summed: "Kernel" = None        # the same with L summed over every entry (an element-wise loss's forward)
+    recompute: bool = False        # negations of arguments recomputed where read, not held in a buffer
 
 
 def layer_kernels(op):
@@ -67,10 +69,14 @@ def loss_kernels(op, target, variant):
     omega = mean_weight(op, target, values)
     weights = contract(over_batch(omega)) if omega.is_number else lower(over_batch(omega), n)
     suffix = f"{target}_{variant}"
-    forward = Kernel(f"forward_{suffix}", f"Losses L, what backward needs, and the mean's total ({target}, {variant}).",
-                     f"L = {sp.sstr(loss)}",
-                     (("L", Squeeze(per_entry) if op.granularity == "row" else per_entry),) + saved
-                     + (("total", weights),), sizes=SIZES[op.granularity], params=param_names(op))
+    doc = f"Losses L, what backward needs, and the mean's total ({target}, {variant})."
+    outputs = lambda L: (("L", L),) + saved + (("total", weights),)  # noqa: E731
+    summed = (None if op.granularity == "row" else
+              Kernel(f"forward_{suffix}", doc, f"L = {sp.sstr(loss)}", outputs(term_totals(per_entry, param_names(op))),
+                     sizes=SIZES[op.granularity], params=param_names(op), recompute=True))
+    forward = Kernel(f"forward_{suffix}", doc, f"L = {sp.sstr(loss)}",
+                     outputs(Squeeze(per_entry) if op.granularity == "row" else per_entry),
+                     sizes=SIZES[op.granularity], params=param_names(op), summed=summed)
     gradient = loss_gradient(op, target, values)
     stable_gradient = in_saved(stable(gradient))
     dense, at_label = (split_at_label(stable_gradient, j) if target == "labels"
@@ -81,6 +87,18 @@ def loss_kernels(op, target, variant):
                       None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity],
                       params=param_names(op), out=True)
     return forward, backward
+
+
+def term_totals(per_entry, params):
+    """The total of the losses per_entry, term by term: sum(a + b) = sum(a) + sum(b), numbers and
+    options taken out of each. All a mean or a sum needs, and no array of losses: each term's total
+    reads a buffer the next term can reuse. The error is that of adding the terms entry by entry,
+    a rounding of the largest term's size (the stable forms keep each term finite)."""
+    def total(term):
+        coefficient, rest = term.as_coeff_Mul()
+        options = [f for f in sp.Mul.make_args(rest) if f.free_symbols <= {sp.Symbol(p) for p in params}]
+        return coefficient * sp.Mul(*options) * BatchSum(sp.Mul(*[f for f in sp.Mul.make_args(rest) if f not in options]))
+    return sp.Add(*[total(term) for term in sp.Add.make_args(per_entry)])
 
 
 def saved_arrays(op):
@@ -108,8 +126,11 @@ def saved_arrays(op):
 
 
 def reductions(granularity):
-    """[{name, value, weight}]: the reduced loss from L and each entry's weight g, printed."""
+    """[{name, value, total, weight}]: the reduced loss from L, from S, the losses' total (None for a
+    reduction that reads each loss), and each entry's weight g, printed."""
+    S = sp.Symbol("S")
     return [{"name": name, "value": print_code(lower(reduced, n)),
+             "total": print_code(reduced.xreplace({over_batch(L[n]): S})) if reduced.has(sp.Sum) else None,
              "weight": print_code(lower(row_weight(reduced), r, column=granularity == "row"))}
             for name, reduced in REDUCTIONS.items()]
 
@@ -161,13 +182,17 @@ def _assignments(kernel):
 def kernel_code(kernel):
     """The printable form of a kernel: arguments, assignment lines, scatter and returns."""
     exprs, assignments, returned, names = kernel_assignments(kernel)
-    lines = assignments_in_place(assignments, returned, kernel.full, "out" if kernel.out else None)
+    lines = assignments_in_place(assignments, returned, kernel.full, "out" if kernel.out else None, kernel.recompute)
     takes_out = any(code.endswith("out=out)") for _, code in lines)
     used = {s.name for e in exprs for s in e.free_symbols}
     args = arguments(exprs, label_arguments(kernel, exprs), kernel.params) + (["out=None"] if takes_out else [])
     full = next((a for a in FULL_SIZE if a in args), None)
-    return {"name": kernel.name, "doc": kernel.doc, "derivation": kernel.derivation,
-            "args": args, "lines": lines,
+    summed = kernel_code(kernel.summed)["lines"] if kernel.summed else None
+    if summed:
+        args.append("summed=False")
+    return {"name": kernel.name, "doc": kernel.doc + (" summed=True: L summed over every entry instead, all that a "
+                                                      "mean or a sum needs." if summed else ""),
+            "derivation": kernel.derivation, "args": args, "lines": lines, "summed_lines": summed,
             "sizes": [(name, how.format(a=full)) for name, how in (kernel.sizes or {}).items() if name in used],
             "at_label": None if kernel.at_label is None else print_code(returned[-1]),
             "returns": names, "overflows": any(e.has(ExpToInf) for e in exprs)}

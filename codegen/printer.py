@@ -98,6 +98,9 @@ class KernelPrinter(NumPyPrinter):
         left, right = (self._print(a) for a in expr.args)
         return f'np.einsum("...k,...k->...", {left}, {right})[..., None]'
 
+    def _print_Dot(self, expr):
+        return f"np.vdot({', '.join(self._print(a) for a in expr.args)})"
+
     # other reductions call the ufunc's reduce: np.sum and np.max add a Python wrapper that costs
     # microseconds a call, most of a small batch's time
 

@@ -76,7 +76,9 @@ def with_calls(code, op):
     saved = [(arg, sources.get(arg, arg)) for arg in arrays if arg != "g"]
     # a backward's arguments around g: what forward saves for it, in order
     split = arrays.index("g") if "g" in arrays else len(arrays)
-    return dict(code, call=call, saved=saved, names=arrays, before=call[:split], after=call[split + 1:])
+    # a forward that can sum the losses as it goes does so when the reduction reads only their total
+    summed = ['self.reduction != "none"'] if "summed=False" in code["args"] else []
+    return dict(code, call=call + summed, saved=saved, names=arrays, before=call[:split], after=call[split + 1:])
 
 
 def plain_condition(op, target):

@@ -1,5 +1,6 @@
 """Every generated kernel, parametrized over the catalog: gradients, references, dtypes, stability."""
 import ast
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
@@ -89,6 +90,24 @@ def test_losses_match_the_reference_and_keep_the_dtype(op, kind, options, dtype,
     assert grad.dtype == dtype and grad.shape == x.shape
     reference = references.LOSSES[op.name](x.astype(np.float64), target, reduction, **values)
     assert np.allclose(value, reference, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+def test_bce_mean_forward_and_backward_use_one_buffer_of_x_size():
+    # the benchmark's element-wise loss: a summed forward keeps no array of losses and recomputes
+    # -x rather than hold it, so the probabilities' buffer (which backward turns into dx) is the only
+    # one; two would make glibc return the memory and fault it in again on the next call
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((256, 128))
+    target = rng.integers(0, 2, x.shape).astype(x.dtype)
+    loss = generated.BinaryCrossEntropyWithLogits()
+    tracemalloc.start()
+    try:
+        loss.forward(x, target)
+        loss.backward()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.1 * x.nbytes
 
 
 def test_linear_matches_x_at_w_plus_b_and_keeps_its_dtype():

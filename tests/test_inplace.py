@@ -18,16 +18,16 @@ from derive.reduction import REDUCTIONS
 REAL = kernels.assignments_in_place
 
 
-def whole_lines(assignments, later, full, output=None):
+def whole_lines(assignments, later, full, output=None, recompute=False):
     """Each assignment printed as one expression: NumPy allocates every result."""
     return [(str(lhs), print_code(expr)) for lhs, expr in assignments]
 
 
-def careless_lines(assignments, later, full, output=None):
+def careless_lines(assignments, later, full, output=None, recompute=False):
     """The in-place lines, but every operation that allocates writes over its first operand when that
     is a temporary, needed later or not: the bug the lowering's liveness analysis prevents."""
     overwrite = re.compile(r"^np\.(\w+)\(([uv]\d+), ([^=]*)\)$")
-    return [(lhs, overwrite.sub(r"np.\1(\2, \3, out=\2)", code)) for lhs, code in REAL(assignments, later, full, output)]
+    return [(lhs, overwrite.sub(r"np.\1(\2, \3, out=\2)", code)) for lhs, code in REAL(assignments, later, full, output, recompute)]
 
 
 def package(lowering, folder, monkeypatch):

@@ -77,3 +77,22 @@ def test_the_check_catches_a_softmax_without_the_max_shift():
     check_extremes(CATALOG["Softmax"], None, x, None, generated.Softmax())
     with pytest.raises(FloatingPointError, match="overflow"):
         check_extremes(CATALOG["Softmax"], None, x, None, Unshifted())
+
+
+LOSS_CASES = [(op, kind) for op, kind in CASES if op.kind == "loss"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op, kind", LOSS_CASES, ids=case_ids(LOSS_CASES))
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_summed_losses_at_extreme_values_are_the_references_total(op, kind, dtype, data):
+    # a mean or a sum takes the summed forward (an element-wise loss adds each term's total): its
+    # error must stay that of adding the losses one by one, a rounding of the largest term per entry
+    x, target = data.draw(extreme_case(kind, dtype))
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        value = forward(op, make(op, x, "sum"), x, target)
+    expected = reference(op, None, x, target).sum()
+    scale = 64 * np.finfo(dtype).eps * (1 + np.abs(x).max()) * x.size
+    assert value.dtype == dtype and np.isfinite(value)
+    assert abs(float(value) - expected) <= scale + (1e-4 if dtype == np.float32 else 1e-10) * abs(expected)
