@@ -110,6 +110,18 @@ def test_bce_mean_forward_and_backward_use_one_buffer_of_x_size():
     assert peak < 1.1 * x.nbytes
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_bce_is_exact_for_confident_right_answers(reduction):
+    # x -> -inf with t = 0 (and x -> inf with t = 1): the loss is log1p(exp(-|x|)), tiny; PyTorch's
+    # (1 - t) x + max(-x, 0) + log1p(...) adds it to -x and then x back, and loses 1% at x = -10 in
+    # float32. x (H(x) - t) is exactly 0 there, so the loss is the softplus alone, to the last bits
+    x = np.array([[-10.0, -17.0, -30.0, 10.0, 17.0, 30.0]], np.float32)
+    target = np.array([[0, 0, 0, 1, 1, 1]], np.float32)
+    value = generated.BinaryCrossEntropyWithLogits(reduction=reduction).forward(x, target)
+    expected = np.log1p(np.exp(-np.abs(x.astype(np.float64))))
+    np.testing.assert_allclose(value, expected if reduction == "none" else expected.sum(), rtol=1e-6)
+
+
 def test_linear_matches_x_at_w_plus_b_and_keeps_its_dtype():
     rng = np.random.default_rng(8)
     for dtype in (np.float32, np.float64):
