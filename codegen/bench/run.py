@@ -196,7 +196,7 @@ def parser():
     args.add_argument("--dtypes", type=lambda text: tuple(text.split(",")), default=DTYPES)
     args.add_argument("--cases", type=lambda text: tuple(text.split(",")), default=tuple(c.name for c in CASES))
     args.add_argument("--repeats", type=int, default=21, help="interleaved samples of each contender (default 21)")
-    args.add_argument("--sample-ms", type=float, default=2.0, help="least duration of one sample (default 2)")
+    args.add_argument("--sample-ms", type=float, default=10.0, help="least duration of one sample (default 10)")
     args.add_argument("--contenders", type=lambda text: tuple(text.split(",")),
                       help="time only these (tuned and copy always are), e.g. generated,seed")
     args.add_argument("--json", type=Path, help="where to write the results as JSON")
