@@ -13,7 +13,7 @@ from derive.reduction import REDUCTIONS, row_weight
 from derive.special import ExpToInf
 from derive.stability import stable
 from derive.algebra import contract
-from derive.symbols import L, i, j, k, n, over_batch, r, total
+from derive.symbols import K, L, N, i, j, k, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
 ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "e", "inv", "W", "b", "g", "eps", "margin", "l2",
@@ -93,11 +93,14 @@ def term_totals(per_entry, params):
     """The total of the losses per_entry, term by term: sum(a + b) = sum(a) + sum(b), numbers and
     options taken out of each. All a mean or a sum needs, and no array of losses: each term's total
     reads a buffer the next term can reuse. The error is that of adding the terms entry by entry,
-    a rounding of the largest term's size (the stable forms keep each term finite)."""
-    def total(term):
+    a rounding of the largest term's size (the stable forms keep each term finite). A term that
+    reads no array is the same for every entry: N times it."""
+    scalars = set(params) | {N.name, K.name}
+    def total(term):  # noqa: E306
         coefficient, rest = term.as_coeff_Mul()
-        options = [f for f in sp.Mul.make_args(rest) if f.free_symbols <= {sp.Symbol(p) for p in params}]
-        return coefficient * sp.Mul(*options) * BatchSum(sp.Mul(*[f for f in sp.Mul.make_args(rest) if f not in options]))
+        options = [f for f in sp.Mul.make_args(rest) if {s.name for s in f.free_symbols} <= scalars]
+        arrays = [f for f in sp.Mul.make_args(rest) if f not in options]
+        return coefficient * sp.Mul(*options) * (BatchSum(sp.Mul(*arrays)) if arrays else N)
     return sp.Add(*[total(term) for term in sp.Add.make_args(per_entry)])
 
 

@@ -11,6 +11,8 @@ import sympy as sp
 
 import generated
 from codegen.cli import main
+from codegen.render import render_package
+from codegen.write import import_package, stage
 from codegen.verify import check_class, load_class
 from derive.catalog import CATALOG
 from derive.declare import DeclarationError, activation, add_declaration, declaration_source, elementwise_loss
@@ -165,3 +167,15 @@ def test_check_reports_the_worst_entry_and_fails_a_wrong_layer(tmp_path, capsys)
 
 def test_load_class_imports_a_generated_module_with_its_package():
     assert load_class(f"{GENERATED / 'softmax.py'}:Softmax").__name__ == "Softmax"
+
+
+def test_a_declared_loss_with_a_constant_term_counts_it_once_per_entry(tmp_path):
+    # a summed forward (a mean, a sum) adds each term's total: a term without an array is N times itself
+    catalog = build_catalog(elementwise_loss("Offset", "(x - t)**2 + 1 + scale", params={"scale": 0.5}))
+    files = {name: text for name, text in render_package(catalog).items() if not name.startswith("fast/")}
+    package = import_package(stage(files, tmp_path))
+    rng = np.random.default_rng(4)
+    x, t = rng.normal(size=(3, 4)), rng.uniform(size=(3, 4))
+    losses = (x - t) ** 2 + 1.5
+    for reduction, expected in (("mean", losses.mean()), ("sum", losses.sum()), ("none", losses)):
+        assert np.allclose(package.Offset(reduction=reduction).forward(x, t), expected), reduction
