@@ -62,7 +62,11 @@ def check_name(name):
 
 
 def differentiable(name, expr, wrt):
-    """Refuse an expression whose derivative SymPy cannot write down."""
+    """Refuse an expression that does not read wrt (a constant has nothing to differentiate, and its
+    kernels would return a number where an array of x's shape is due) or whose derivative SymPy
+    cannot write down."""
+    if wrt not in expr.free_symbols:
+        raise DeclarationError(f"{name}: {expr} does not depend on {wrt}: nothing to differentiate")
     derivative = sp.diff(expr, wrt)
     if derivative.has(sp.Derivative) or derivative.has(sp.Subs):
         raise DeclarationError(f"{name}: SymPy finds no derivative of {expr} in {wrt}: {derivative}")

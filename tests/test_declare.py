@@ -47,10 +47,16 @@ def declaration_file(tmp_path, body):
     ("x*beta", "unknown symbol beta"),
     ("frobnicate(x)", "unknown function frobnicate"),
     (sp.floor(sp.Symbol("x", real=True)), "finds no derivative"),
+    ("2", "2 does not depend on x: nothing to differentiate"),
 ])
 def test_a_bad_expression_is_refused_naming_the_operation_and_the_problem(expr, message):
     with pytest.raises(DeclarationError, match=f"Bad: .*{message}"):
         activation("Bad", expr)
+
+
+def test_a_loss_that_does_not_read_x_is_refused():
+    with pytest.raises(DeclarationError, match="Bad: t\\*\\*2 does not depend on x"):
+        elementwise_loss("Bad", "t**2")
 
 
 @pytest.mark.parametrize("name, message", [("my-op", "not a valid Python identifier"), ("class", "not a valid"),
