@@ -15,7 +15,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
-from codegen.printer import print_code
+from codegen.printer import one_bound_clip, print_code
 from derive.special import ExpToInf
 
 UNARY = {sp.exp: "exp", ExpToInf: "exp", sp.log: "log", sp.tanh: "tanh", log1p: "log1p", expm1: "expm1", sp.Abs: "absolute",
@@ -142,11 +142,9 @@ class Flattener:
         if type(expr) in UNARY:
             return self.emit(UNARY[type(expr)], self.operand(expr.args[0]))
         if isinstance(expr, (sp.Max, sp.Min)) and len(expr.args) == 2:
-            numbers = [a for a in expr.args if a.is_number]
-            if len(numbers) == 1:  # as the printer's: a one-bound clip, which has a SIMD loop
-                (u,) = [a for a in expr.args if not a.is_number]
-                bounds = (numbers[0], sp.oo) if isinstance(expr, sp.Max) else (-sp.oo, numbers[0])
-                return self.emit("clip", self.operand(u), *bounds)
+            clip = one_bound_clip(expr)  # as the printer's
+            if clip:
+                return self.emit("clip", self.operand(clip[0]), *clip[1:])
             return self.emit("maximum" if isinstance(expr, sp.Max) else "minimum", *map(self.operand, expr.args))
         if isinstance(expr, sp.Heaviside) and expr.args[1] == 0:
             # as the printer's Heaviside, one operation a line
