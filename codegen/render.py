@@ -28,8 +28,10 @@ NUMPY = {"kernels": "kernel.py.jinja", "package": ".", "fallback": None, "runtim
 FAST = "fast"
 # checks of _checks that generated/fast/_runtime.py has a compiled form of
 FAST_CHECKS = {"dense_target"}
-# the labels' flat positions, from the label column c (after ignored labels are replaced)
+# the labels' flat positions, remade from the label column c once ignored labels are replaced (label_column
+# gives them, as at, only when no label is ignored)
 POSITIONS = "at = label_positions(c, x)"
+RELABEL = "kept_labels("
 TARGET_DOCS = {"labels": "integer class labels of shape (N,)", "dense": "a float array of x's shape"}
 
 
@@ -86,7 +88,7 @@ def plain_condition(op, target):
     tests = {"scalar": lambda p: f"self.{p.name} == {print_code(p.neutral)}",
              "class_weights": lambda p: f"self.{p.name} is None",
              "element_weights": lambda p: f"self.{p.name} is None",
-             "ignore_index": lambda p: "not ignored"}
+             "ignore_index": lambda p: "at is not None"}
     return " and ".join(tests[p.kind](p) for p in op.params
                         if p.neutral is not None and (p.kind != "ignore_index" or target == "labels"))
 
@@ -100,9 +102,11 @@ def general_preparation(op, target):
             and (p.kind != "ignore_index" or target == "labels")]
 
 
-def positions(*codes):
-    """The line making the labels' flat positions, when a kernel of codes reads them."""
-    return [POSITIONS] if any("at" in code["call"] for code in codes) else []
+def positions(prepare, *codes):
+    """The line remaking the labels' flat positions after the lines prepare replaced ignored labels, when a
+    kernel of codes reads them."""
+    relabeled = any(RELABEL in line for line in prepare)
+    return [POSITIONS] if relabeled and any("at" in code["call"] for code in codes) else []
 
 
 def checks_called(lines, paths):
@@ -121,15 +125,15 @@ def loss_context(op):
             # what forward made for backward alone (never the caller's arrays) backward may overwrite
             made = [name for name in forward["returns"] if name in backward["args"]]
             donor = made[0] if made and "out=None" in backward["args"] else None
+            prepare = general_preparation(op, target) if general else []
             paths.append({"forward": forward, "backward": backward, "donor": donor,
                           "condition": None if general else plain_condition(op, target) or None,
-                          "prepare": (general_preparation(op, target) if general else []) + positions(forward, backward)})
+                          "prepare": prepare + positions(prepare, forward, backward)})
         by_target.append((target, paths))
     has_ignore = any(p.kind == "ignore_index" for p in op.params)
     bounds = "".join(f", {name}={value!r}" for name, value in zip(("low", "high"), op.target_range)
                      if value is not None)
-    labels = ("c, ignored = label_column(target, x, self.ignore_index)" if has_ignore
-              else "c, _ = label_column(target, x)")
+    labels = "c, at = label_column(target, x, self.ignore_index)" if has_ignore else "c, at = label_column(target, x)"
     prepare = {"labels": labels,
                "dense": f"t = dense_target(target, x{bounds})"}
     checks = checks_called([prepare[t] for t in op.targets], [path for _, paths in by_target for path in paths])
@@ -179,8 +183,8 @@ def fast_context(op, context=None):
         if code["summed"]:
             code["call"] = code["call"] + ['self.reduction != "none"']
     for path in context.get("paths", []):
-        path["prepare"] = [line for line in path["prepare"] if line != POSITIONS] + positions(path["forward"],
-                                                                                            path["backward"])
+        prepare = [line for line in path["prepare"] if line != POSITIONS]
+        path["prepare"] = prepare + positions(prepare, path["forward"], path["backward"])
     fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
     runtime = {name for p in printed.values() for code in (p["fused"], p["summed"]) if code for name in code["runtime"]}
     # _runtime's dense_target tests the range in one compiled pass (NumPy's makes boolean arrays)

@@ -9,6 +9,7 @@ import pytest
 import sympy as sp
 
 import generated
+from generated._checks import dense_target
 from codegen.verify import example_options, sample_target, with_ignored_row
 from derive.catalog import CATALOG
 from derive.reduction import REDUCTIONS
@@ -166,6 +167,26 @@ def test_dense_targets_outside_their_range_name_the_first_position_and_value(op)
             continue
         with pytest.raises(ValueError, match=re.escape(f"target[1, 2] = {target[1, 2]}")):
             make(op, x).forward(x, target)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("low, high", [(0, 1), (0, None), (0, 0.1), (-1, 1)])
+def test_a_dense_target_range_holds_to_the_last_float_at_each_bound(low, high, dtype):
+    """Each bound itself passes and the next float beyond it is refused, whichever test decides: the one
+    reduction of the target read as integers (low = 0), or the exact one it hands -0 and NaN to. A bound
+    compares in the target's dtype, as NumPy compares (0.1 is float16's nearest to it). The refusal names
+    the entry."""
+    x = np.zeros(6)
+    inside = [low, -0.0, np.nan, np.finfo(dtype).smallest_subnormal] + ([] if high is None else [high])
+    beyond = [np.nextafter(dtype(low), dtype(-np.inf))] + ([] if high is None else [np.nextafter(dtype(high), dtype(np.inf))])
+    for value in inside:
+        if value >= low and (high is None or value <= high) or np.isnan(value):
+            target = np.array([0, 0, value, 0, 0, 0], dtype)
+            assert np.array_equal(dense_target(target, x, low, high), target.astype(x.dtype), equal_nan=True)
+    for value in beyond:
+        target = np.array([0, 0, 0, 0, value, 0], dtype)
+        with pytest.raises(ValueError, match=re.escape(f"target[4] = {target[4]}")):
+            dense_target(target, x, low, high)
 
 
 @pytest.mark.parametrize("op", [op for op in OPS if op.targets == ("dense",)],
