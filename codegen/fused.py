@@ -12,7 +12,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.precedence import PRECEDENCE
 
-from codegen.kernels import FULL_SIZE, RECIPROCAL, arguments, kernel_assignments
+from codegen.kernels import FULL_SIZE, DENOMINATOR, arguments, kernel_assignments
 from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
 from codegen.printer import KernelPrinter
 from derive.special import FORMATS, ExpToInf, PowerOfTwo, exp_steps, log1p_steps
@@ -34,9 +34,9 @@ RUNTIME = (("exp", "u", "e^u without libm: a clamp, a floor, a polynomial and tw
 # np.maximum's branches keep the loop scalar (2 ns an element against 0.14)
 REDUCE = {RowSum: ("T(0)", "{acc} + {value}"), RowMax: ("T(-math.inf)", "maximum({acc}, {value})")}
 UNFUSED = (LabelEntry, BatchSum, AxisSum, Column, MatMul, Transpose)
-FUSED_ARGS = set(FULL_SIZE) | {"g", "c", "margin", RECIPROCAL}
+FUSED_ARGS = set(FULL_SIZE) | {"g", "c", "margin", DENOMINATOR}
 # per-row arrays a kernel takes as columns (N, 1), read at [n, 0]
-COLUMNS = ("c", RECIPROCAL)
+COLUMNS = ("c", DENOMINATOR)
 # fastmath flags that keep the NumPy kernels' values: sums over a row reassociated into SIMD lanes,
 # fused multiply-adds, reciprocals; never nnan or ninf, since the kernels give infinities and NaN
 FASTMATH = ("arcp", "contract", "reassoc")

@@ -16,14 +16,14 @@ from derive.algebra import contract
 from derive.symbols import K, L, N, i, j, k, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
-ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "e", "inv", "W", "b", "g", "eps", "margin", "l2",
+ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "e", "den", "W", "b", "g", "eps", "margin", "l2",
              "K_in", "param", "grad", "velocity", "lr", "momentum")
 # How a loss kernel reads the sizes its formulas use from a full-size argument {a}: N loss entries
 # (rows or elements) and K classes.
 SIZES = {"row": {"N": "{a}.shape[0]", "K": "{a}.shape[-1]"}, "element": {"N": "{a}.size", "K": "{a}.shape[-1]"}}
 FULL_SIZE = ("x", "p", "t", "y", "e")
-# A saved quotient (softmax) is kept as its numerator e_i and the reciprocal of its denominator.
-NUMERATOR, RECIPROCAL = "e", "inv"
+# A saved quotient (softmax) is kept as its numerator e_i and its denominator.
+NUMERATOR, DENOMINATOR = "e", "den"
 
 
 @dataclass(frozen=True)
@@ -109,18 +109,19 @@ def saved_arrays(op):
     of a gradient in saved quantities into one in those arrays.
 
     A saved quotient num_i / den whose denominator is the same for every i (softmax) is saved as
-    its numerator's array and the denominator's reciprocal, a column: forward then skips the pass
-    that divides, and backward multiplies the numerator by one column, g / den, in the pass it
-    makes anyway. That is the tuned NumPy's softmax-CE, printed from the derivation."""
+    its numerator's array and its denominator, a column forward makes anyway: forward then skips the
+    pass that divides, and backward multiplies the numerator by one column, g / den, in the pass it
+    makes anyway. That is the tuned NumPy's softmax-CE, printed from the derivation; saving 1/den
+    instead would cost a call on the column each step, which at a small batch is as dear as a pass."""
     arrays, rewrites = [], {}
     for base, definition in op.saved:
         numerator, denominator = sp.fraction(stable(definition))
         if not (denominator.has(sp.Sum) and not denominator.has(i) and numerator.has(i)):
             arrays.append((base.name, lower(stable(definition), i)))
             continue
-        part, scale = sp.IndexedBase(NUMERATOR, real=True), sp.Symbol(RECIPROCAL)
-        arrays += [(part.name, lower(numerator, i)), (scale.name, lower(1 / denominator, i))]
-        rewrites[base] = lambda at, part=part, scale=scale: part[at] * scale
+        part, scale = sp.IndexedBase(NUMERATOR, real=True), sp.Symbol(DENOMINATOR, positive=True)
+        arrays += [(part.name, lower(numerator, i)), (scale.name, lower(denominator, i))]
+        rewrites[base] = lambda at, part=part, scale=scale: part[at] / scale
     def in_saved(expr):  # noqa: E306
         return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base in rewrites,
                             lambda e: rewrites[e.base](*e.indices))
