@@ -415,6 +415,16 @@ def test_the_nan_check_catches_a_kernel_that_swallows_nan():
     assert problems == ["NaN in x: gradient NaN at []"]
 
 
+@pytest.mark.parametrize("op", LABEL_OPS, ids=[op.name for op in LABEL_OPS])
+def test_labels_find_their_rows_whatever_batch_size_came_before(op):
+    """label_positions keeps the row numbers of the last batch size it saw: a batch of another size,
+    after one or between two of one size, still reads each row's own label."""
+    for n in (5, 3, 5, 7, 3, 1):
+        x, labels = inputs(op, "labels", shape=(n, 4), seed=n)
+        expected = references.LOSSES[op.name](x, labels, "none")
+        assert np.allclose(make(op, x, "none").forward(x, labels), expected, rtol=1e-12, atol=0), n
+
+
 @pytest.mark.parametrize("op", IGNORING, ids=[op.name for op in IGNORING])
 def test_an_ignore_index_that_is_a_class_drops_that_class_rows(op):
     """label_column reports ignored rows itself; here ignore_index = 1 is also a valid class index."""
