@@ -67,9 +67,10 @@ class Step:
 class Flattener:
     """Splits expressions into Steps; full-size operations become ufunc calls on named operands."""
 
-    def __init__(self, full):
+    def __init__(self, full, gathers=None):
         self.full, self.steps, self.count = set(full), [], 0
         self.named = {}                # full-size values assigned to a name: {expr: name}
+        self.gathers = dict(gathers or {})  # {full-size expr: the name of its entries at the labels}, still to take
 
     def emit(self, ufunc, *operands):
         self.count += 1
@@ -126,7 +127,16 @@ class Flattener:
         return expr.func(*[self.small(a) for a in expr.args])
 
     def operand(self, expr):
-        """A name (or a small expression) holding expr's value, after the steps computing it."""
+        """A name (or a small expression) holding expr's value, after the steps computing it, and the
+        entries of that value at the labels where a later line reads them (gathered_early), taken
+        before any later step can write over its buffer."""
+        value = self._operand(expr)
+        gathered = self.gathers.pop(expr, None)
+        if gathered is not None:
+            self.steps.append(Step(gathered, expr=AtLabel(value)))
+        return value
+
+    def _operand(self, expr):
         if not is_float_full(expr, self.full):
             return self.small(expr)
         if isinstance(expr, sp.Symbol):
@@ -246,9 +256,16 @@ def assignments_in_place(assignments, later, full, output=None, recompute=False)
     output names an argument (out=) that may alias any full-size argument: the first operation that
     would allocate once no later line reads an argument writes into it instead (None allocates).
     recompute: negations of arguments are recomputed where read (recomputed_negations)."""
-    flat = Flattener(full)
-    for lhs, expr in recomputed_negations(assignments, full) if recompute else assignments:
+    if recompute:
+        assignments = recomputed_negations(assignments, full)
+    early, gathers = gathered_early(assignments, full)
+    flat = Flattener(full, gathers)
+    for lhs, expr in early:
         flat.assign(lhs, expr)
+    if flat.gathers:  # a value to gather from was never made as such: gather where the lines read it
+        flat = Flattener(full)
+        for lhs, expr in assignments:
+            flat.assign(lhs, expr)
     steps = flat.steps
     kept = {s for e in later for s in e.free_symbols}
     last_use = {}
@@ -279,6 +296,33 @@ def assignments_in_place(assignments, later, full, output=None, recompute=False)
         if step.buffer:
             owned.add(step.target)
     return [(str(lhs), code) for lhs, code in lines]
+
+
+def gathered_early(assignments, full):
+    """(assignments, {full-size value: name}) with each a[label] - b, b a row's max or sum, read as
+    (a - b)[label] where a - b is a full-size value an earlier line makes anyway (softmax-CE's
+    max - x[label] beside exp(x - max)): the Flattener takes those entries as soon as a - b is made,
+    before the buffer holding it is written over, and one small subtraction is saved (the tuned NumPy's
+    shifted logit). Only a value the same across the row moves inside the gather: a per-class one would not."""
+    made, gathers, rewritten, columns = set(), {}, [], set()
+    def regather(add):  # noqa: E306
+        terms = list(add.args)
+        for term in terms:
+            sign, at = (-1, -term) if term.could_extract_minus_sign() else (1, term)
+            if not (isinstance(at, AtLabel) and is_float_full(at.args[0], full)):
+                continue
+            for shift in terms:
+                value = at.args[0] + sign * shift
+                if shift is not term and shift in columns and value in made:
+                    name = gathers.setdefault(value, sp.Symbol(f"at_label{len(gathers) + 1}"))
+                    rest = [t for t in terms if t is not term and t is not shift]
+                    return sp.Add(sign * name, *rest)
+        return add
+    for lhs, expr in assignments:  # a value an earlier line makes: made before this line reads it
+        rewritten.append((lhs, expr.replace(lambda e: isinstance(e, sp.Add), regather)))
+        made |= {e for e in sp.preorder_traversal(expr) if isinstance(e, sp.Add) and is_float_full(e, full)}
+        columns |= {lhs, expr} if isinstance(expr, (RowMax, RowSum)) else set()
+    return rewritten, gathers
 
 
 def recomputed_negations(assignments, full):

@@ -33,6 +33,16 @@ class KernelPrinter(NumPyPrinter):
     def _module_format(self, fqn, register=True):
         return "np." + fqn[len("numpy."):] if fqn.startswith("numpy.") else super()._module_format(fqn, register)
 
+    def _as_ordered_terms(self, expr, order=None):
+        # a positive term first, when the first is negative and there is one (as inplace's full-size sums):
+        # -a + b on arrays is a negation and an addition, b - a one subtraction
+        terms = list(super()._as_ordered_terms(expr, order=order))
+        positive = next((t for t in terms if not t.could_extract_minus_sign()), None)
+        if positive is not None and terms[0].could_extract_minus_sign():
+            terms.remove(positive)
+            terms.insert(0, positive)
+        return terms
+
     def _print_Pow(self, expr, rational=False):
         # integer powers print as a reader writes them: 1/N, y**2 (a Python int keeps the dtype)
         base = self.parenthesize(expr.base, precedence(expr), strict=False)
