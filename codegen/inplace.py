@@ -15,7 +15,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
-from codegen.printer import one_bound_clip, print_code
+from codegen.printer import one_bound_clip, positive_first, print_code
 from derive.special import ExpToInf
 
 UNARY = {sp.exp: "exp", ExpToInf: "exp", sp.log: "log", sp.tanh: "tanh", log1p: "log1p", expm1: "expm1", sp.Abs: "absolute",
@@ -228,14 +228,10 @@ class Flattener:
 
     def total(self, expr):
         """A sum: full terms added (or subtracted) in turn, then the small terms' sum."""
-        terms = [t for t in expr.as_ordered_terms() if is_full(t, self.full)]
-        rest = sp.Add(*[t for t in expr.args if not is_full(t, self.full)])
         # the printed order, which sets terms that cancel side by side (a - a b^2 for b -> 1), but for a
         # positive term moved first, when there is one, so that no pass only negates
-        positive = [t for t in terms if not t.could_extract_minus_sign()]
-        if positive and terms[0].could_extract_minus_sign():
-            terms.remove(positive[0])
-            terms.insert(0, positive[0])
+        terms = positive_first(t for t in expr.as_ordered_terms() if is_full(t, self.full))
+        rest = sp.Add(*[t for t in expr.args if not is_full(t, self.full)])
         first = terms.pop(0)
         if first.could_extract_minus_sign() and rest != 0:
             value, rest = self.emit("subtract", self.small(rest), self.operand(-first)), sp.S.Zero

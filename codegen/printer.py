@@ -17,6 +17,17 @@ def one_bound_clip(expr):
     return (u, numbers[0], oo) if isinstance(expr, Max) else (u, -oo, numbers[0])
 
 
+def positive_first(terms):
+    """terms in their order but for a positive one moved first, when the first is negative and there is
+    one: on arrays -a + b is a negation and an addition, b - a one subtraction."""
+    terms = list(terms)
+    positive = next((t for t in terms if not t.could_extract_minus_sign()), None)
+    if positive is not None and terms[0].could_extract_minus_sign():
+        terms.remove(positive)
+        terms.insert(0, positive)
+    return terms
+
+
 class KernelPrinter(NumPyPrinter):
     """Prints as np.<name>, comparisons as operators, and knows the row/batch reductions."""
 
@@ -34,14 +45,7 @@ class KernelPrinter(NumPyPrinter):
         return "np." + fqn[len("numpy."):] if fqn.startswith("numpy.") else super()._module_format(fqn, register)
 
     def _as_ordered_terms(self, expr, order=None):
-        # a positive term first, when the first is negative and there is one (as inplace's full-size sums):
-        # -a + b on arrays is a negation and an addition, b - a one subtraction
-        terms = list(super()._as_ordered_terms(expr, order=order))
-        positive = next((t for t in terms if not t.could_extract_minus_sign()), None)
-        if positive is not None and terms[0].could_extract_minus_sign():
-            terms.remove(positive)
-            terms.insert(0, positive)
-        return terms
+        return positive_first(super()._as_ordered_terms(expr, order=order))
 
     def _print_Pow(self, expr, rational=False):
         # integer powers print as a reader writes them: 1/N, y**2 (a Python int keeps the dtype)
