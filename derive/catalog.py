@@ -56,8 +56,8 @@ OPS = (
     Op(name="BinaryCrossEntropyWithLogits", kind="loss",
        summary="sigmoid then binary cross-entropy, fused, as torch.nn.functional.binary_cross_entropy_with_logits",
        source="derive.losses.binary_cross_entropy", forward=losses.binary_cross_entropy(),
-       saved=((p, sigmoid(x[i])),), targets=("dense",), granularity="element", target_range=(0, 1),
-       domain=(-6.0, 6.0),
+       # any real target, as PyTorch's function takes (no range to check: the formula holds for every t)
+       saved=((p, sigmoid(x[i])),), targets=("dense",), granularity="element", domain=(-6.0, 6.0),
        params=(Param("weight", w, None, neutral=1, kind="element_weights"),
                Param("pos_weight", pw, None, neutral=1, kind="class_weights"))),
     elementwise_loss("MeanSquaredError", "(x - t)**2", summary="squared error, as torch.nn.functional.mse_loss"),
