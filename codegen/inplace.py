@@ -224,6 +224,11 @@ class Flattener:
             value = self.emit("divide", value, self.operand(d))
         if scale == -1:
             return self.emit("negative", value)
+        if isinstance(scale, sp.Pow) and scale.exp == -1 and scale.base.has(*NARROWING):
+            # divided by a column it computes (softmax's row sums), as hand-written code does: multiplying
+            # by the column's reciprocal is one more call, 7% of a small batch's step, and no faster at
+            # (8192, 1000)
+            return self.emit("divide", value, self.small(scale.base))
         return value if scale == 1 else self.emit("multiply", value, self.small(scale))
 
     def total(self, expr):

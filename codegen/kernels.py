@@ -130,11 +130,12 @@ def saved_arrays(op):
 
 
 def reductions(granularity):
-    """[{name, value, total, weight}]: the reduced loss from L, from S, the losses' total (None for a
-    reduction that reads each loss), and each entry's weight g, printed."""
-    S = sp.Symbol("S")
+    """[{name, value, total, weight}]: the reduced loss from the losses L, from L the losses' total
+    (what a summed forward returns; None for a reduction that reads each loss), and each entry's
+    weight g, printed."""
+    summed = sp.Symbol("L")
     return [{"name": name, "value": print_code(lower(reduced, n)),
-             "total": print_code(reduced.xreplace({over_batch(L[n]): S})) if reduced.has(sp.Sum) else None,
+             "total": print_code(reduced.xreplace({over_batch(L[n]): summed})) if reduced.has(sp.Sum) else None,
              "weight": print_code(lower(row_weight(reduced), r, column=granularity == "row"))}
             for name, reduced in REDUCTIONS.items()]
 
