@@ -1,14 +1,15 @@
 """make bench's instrument: every baseline computes what the generated kernels compute (a wrong fast
 baseline would flatter nobody), and a tiny run prints the table and writes the JSON. No timing is asserted."""
 import json
+import time
 
 import numpy as np
 import pytest
 
 import generated
 from codegen.bench import frameworks, tuned
-from codegen.bench.cases import CASES, contenders, make_inputs, numpy_step
-from codegen.bench.run import main
+from codegen.bench.cases import CASES, Contender, contenders, make_inputs, numpy_step
+from codegen.bench.run import SHORT_CALL_SECONDS, SHORT_REPEATS, main, time_interleaved
 
 ids = [case.name for case in CASES]
 TOLERANCE = {"float32": dict(rtol=2e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-13)}
@@ -107,5 +108,20 @@ def test_a_tiny_run_prints_every_contender_and_writes_json(tmp_path, capsys):
             assert any(line.split()[:4] == [case.name, "4x3", "float32", name] for line in printed.splitlines())
         if "generated" not in names:
             assert f"generated.{case.op} does not exist yet" in printed
-    assert all(r["median_s"] > 0 and r["repeats"] == 2 for r in records)
+    # each contender of a case has as many samples: 2, or the short calls' 2 * SHORT_REPEATS
+    for case in CASES:
+        repeats = {r["repeats"] for r in records if r["case"] == case.name}
+        assert len(repeats) == 1 and repeats <= {2, 2 * SHORT_REPEATS}
+    assert all(r["median_s"] > 0 for r in records)
     assert printed.count("target ") == 6
+
+
+@pytest.mark.parametrize("seconds, samples", [(0.0, 3 * SHORT_REPEATS), (2 * SHORT_CALL_SECONDS, 3)])
+def test_only_short_calls_take_more_repeats(seconds, samples):
+    """A tuned call under SHORT_CALL_SECONDS (here none at all) takes SHORT_REPEATS times the repeats
+    for every contender; a longer one (a sleep) the repeats asked for."""
+    def make():
+        return lambda: time.sleep(seconds) if seconds else None
+    found = [Contender("tuned", make), Contender("generated", make)]
+    times, _ = time_interleaved(found, 3, 1e-3)
+    assert {name: len(t) for name, t in times.items()} == {"tuned": samples, "generated": samples}

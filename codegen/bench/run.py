@@ -37,6 +37,13 @@ def calls_per_sample(step, sample_seconds):
         count *= 10
 
 
+# a call this short is mostly per-call overhead, whose figures spread widest (30-70% at (64, 10) in
+# a busy phase): such a size takes SHORT_REPEATS times the repeats, a median's error falling as
+# their square root, for about a minute and a half more over the whole table
+SHORT_CALL_SECONDS = 1e-4
+SHORT_REPEATS = 5
+
+
 def time_interleaved(found, repeats, sample_seconds):
     """({name: [seconds per call]}, {name: calls timed}). Each repeat takes one sample of every
     contender, in an order shuffled each time (the same every run), so that a drift in the machine's
@@ -46,7 +53,9 @@ def time_interleaved(found, repeats, sample_seconds):
     one: the generated classes always followed JAX and a copy; at (1024, 100) float32 they measured
     1.20x and 1.28x the tuned NumPy that way, 1.05x to 1.20x shuffled.)
     Each sample's count of calls follows from the previous one's time per call, so a contender
-    slowed down mid-run (threads waiting for a busy core) cannot stretch the run by its whole slowdown."""
+    slowed down mid-run (threads waiting for a busy core) cannot stretch the run by its whole slowdown.
+    Where the tuned NumPy's median call after those repeats is under SHORT_CALL_SECONDS, the
+    repeats go on to SHORT_REPEATS times as many."""
     steps, calls = {}, {}
     for contender in found:
         if contender.setup:
@@ -58,7 +67,9 @@ def time_interleaved(found, repeats, sample_seconds):
     orders = np.random.default_rng(0)
     gc.disable()
     try:
-        for _ in range(repeats):
+        for repeat in range(repeats * SHORT_REPEATS):
+            if repeat == repeats and np.median(samples["tuned"]) >= SHORT_CALL_SECONDS:
+                break
             for contender in orders.permutation(np.array(found, dtype=object)):
                 step, count = steps[contender.name], calls[contender.name]
                 if contender.setup:
@@ -112,7 +123,7 @@ def bench(cases, sizes, dtypes, repeats, sample_seconds, only=None):
                               "x_tuned": medians[contender.name] / medians["tuned"],
                               "copies": medians[contender.name] / medians["copy"],
                               "peak_bytes": peak, "peak_x_input": None if peak is None else peak / inputs["x"].nbytes,
-                              "repeats": repeats, "calls": calls[contender.name]}
+                              "repeats": len(times), "calls": calls[contender.name]}
                     records.append(record)
                     print(row(record), flush=True)
     return records
@@ -195,7 +206,7 @@ def parser():
     args.add_argument("--sizes", type=parse_sizes, default=SIZES, help="NxK,... (default 64x10,1024x100,8192x1000)")
     args.add_argument("--dtypes", type=lambda text: tuple(text.split(",")), default=DTYPES)
     args.add_argument("--cases", type=lambda text: tuple(text.split(",")), default=tuple(c.name for c in CASES))
-    args.add_argument("--repeats", type=int, default=21, help="interleaved samples of each contender (default 21)")
+    args.add_argument("--repeats", type=int, default=21, help="interleaved samples of each contender (default 21; 5x that where a call takes under 0.1 ms)")
     args.add_argument("--sample-ms", type=float, default=10.0, help="least duration of one sample (default 10)")
     args.add_argument("--contenders", type=lambda text: tuple(text.split(",")),
                       help="time only these (tuned and copy always are), e.g. generated,seed")
