@@ -45,8 +45,8 @@ def hinge_as_step(expr):
     """c u + max(-u, 0) = u (H(u) + c - 1), H the step (0 at u = 0, where both sides are 0): BCE's
     (1 - t) x + max(-x, 0) = x (H(x) - t). The sum cancels where x is large and negative (-x + x,
     losing the softplus added to it: 1% of the loss at x = -10 in float32, as in PyTorch); the
-    product is exact there, each of BCE's two terms is >= 0 for t in [0, 1] (a target outside, which PyTorch accepts too,
-    may cancel), and it is one pass less."""
+    product is exact there, each of BCE's two terms is >= 0 for t in [0, 1] (a target outside,
+    which PyTorch accepts too, may cancel), and it is one pass less."""
     def stepped(add):
         for hinge in [a for a in add.args if isinstance(a, sp.Max) and 0 in a.args]:
             (negated,) = [a for a in hinge.args if a != 0]
