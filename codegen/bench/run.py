@@ -44,7 +44,7 @@ SHORT_CALL_SECONDS = 1e-4
 SHORT_REPEATS = 5
 
 
-def time_interleaved(found, repeats, sample_seconds):
+def time_interleaved(found, repeats, sample_seconds, short_repeats=SHORT_REPEATS):
     """({name: [seconds per call]}, {name: calls timed}). Each repeat takes one sample of every
     contender, in an order shuffled each time (the same every run), so that a drift in the machine's
     speed is shared out rather than landing on one contender, and so is what a contender leaves
@@ -55,7 +55,7 @@ def time_interleaved(found, repeats, sample_seconds):
     Each sample's count of calls follows from the previous one's time per call, so a contender
     slowed down mid-run (threads waiting for a busy core) cannot stretch the run by its whole slowdown.
     Where the tuned NumPy's median call after those repeats is under SHORT_CALL_SECONDS, the
-    repeats go on to SHORT_REPEATS times as many."""
+    repeats go on to short_repeats times as many."""
     steps, calls = {}, {}
     for contender in found:
         if contender.setup:
@@ -67,7 +67,7 @@ def time_interleaved(found, repeats, sample_seconds):
     orders = np.random.default_rng(0)
     gc.disable()
     try:
-        for repeat in range(repeats * SHORT_REPEATS):
+        for repeat in range(repeats * short_repeats):
             if repeat == repeats and np.median(samples["tuned"]) >= SHORT_CALL_SECONDS:
                 break
             for contender in orders.permutation(np.array(found, dtype=object)):
@@ -102,7 +102,7 @@ def peak_extra_bytes(contender):
         tracemalloc.stop()
 
 
-def bench(cases, sizes, dtypes, repeats, sample_seconds, only=None):
+def bench(cases, sizes, dtypes, repeats, sample_seconds, only=None, short_repeats=SHORT_REPEATS):
     """A record per (case, size, dtype, contender), each printed as a table row once measured; only:
     the contenders to time (tuned and copy always are: the ratios need them), None for all."""
     rng = np.random.default_rng(0)
@@ -112,7 +112,7 @@ def bench(cases, sizes, dtypes, repeats, sample_seconds, only=None):
             for dtype in dtypes:
                 inputs = make_inputs(case, N, K, np.dtype(dtype), rng)
                 found = [c for c in contenders(case, inputs) if only is None or c.name in set(only) | {"tuned", "copy"}]
-                samples, calls = time_interleaved(found, repeats, sample_seconds)
+                samples, calls = time_interleaved(found, repeats, sample_seconds, short_repeats)
                 medians = {name: float(np.median(times)) for name, times in samples.items()}
                 for contender in found:
                     times = samples[contender.name]
@@ -206,7 +206,10 @@ def parser():
     args.add_argument("--sizes", type=parse_sizes, default=SIZES, help="NxK,... (default 64x10,1024x100,8192x1000)")
     args.add_argument("--dtypes", type=lambda text: tuple(text.split(",")), default=DTYPES)
     args.add_argument("--cases", type=lambda text: tuple(text.split(",")), default=tuple(c.name for c in CASES))
-    args.add_argument("--repeats", type=int, default=21, help="interleaved samples of each contender (default 21; 5x that where a call takes under 0.1 ms)")
+    args.add_argument("--repeats", type=int, default=21, help="interleaved samples of each contender (default 21)")
+    args.add_argument("--short-repeats", type=int, default=SHORT_REPEATS, help=(
+                      f"where a tuned call takes under 0.1 ms, this many times the repeats "
+                      f"(default {SHORT_REPEATS})"))
     args.add_argument("--sample-ms", type=float, default=10.0, help="least duration of one sample (default 10)")
     args.add_argument("--contenders", type=lambda text: tuple(text.split(",")),
                       help="time only these (tuned and copy always are), e.g. generated,seed")
@@ -230,7 +233,8 @@ def main(argv=None):
     load = {"before": os.getloadavg()[0]}
     print("\n".join(notes + [f"load average before: {load['before']:.2f}"]))
     print(format_row([name for name, _ in COLUMNS]))
-    records = bench(cases, args.sizes, args.dtypes, args.repeats, args.sample_ms / 1e3, args.contenders)
+    records = bench(cases, args.sizes, args.dtypes, args.repeats, args.sample_ms / 1e3, args.contenders,
+                    args.short_repeats)
     load["after"] = os.getloadavg()[0]
     print(f"load average after: {load['after']:.2f}")
     summary = targets(records, codegen_seconds())
