@@ -15,8 +15,10 @@ def softmax_row(xs):
 
 
 def at_explicit_size(expr, size, arrays, extra=None):
-    """expr at K = size with sums expanded and every x[a] replaced by arrays['x'][a]."""
-    expr = expr.subs(K, size).subs(extra or {}).doit()
+    """expr at K = size with sums expanded and every x[a] replaced by arrays['x'][a]. K and extra's symbols
+    are replaced structurally (xreplace): subs compared every Piecewise condition with every other, and
+    took a minute of make test on GELU's erf series."""
+    expr = expr.xreplace({K: size, **(extra or {})}).doit()
     return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name in arrays,
                         lambda e: arrays[e.base.name][int(e.indices[0])])
 
