@@ -121,10 +121,11 @@ def erf_by_numpy(expr):
 
 
 def sigmoid_by_branches(expr):
-    """1/(1 + exp(u)) = q where u <= 0 and exp(-|u|) q where u > 0, q = 1/(1 + exp(-|u|)): exact, and
-    its exponential is softplus's exp(-|u|), which a fused kernel computes once for both (BCE's loss
-    and p). For the fused kernels alone, whose branches are selects; NumPy's np.where would evaluate
-    both sides, so the NumPy kernels keep logistic's form."""
+    """1/(1 + exp(u)) = (1 where u <= 0, exp(-|u|) where u > 0)/(1 + exp(-|u|)): exact, and its
+    exponential is softplus's exp(-|u|), which a fused kernel computes once for both (BCE's loss and
+    p). The branch is the numerator alone, so the kernel divides once, not once per branch (a select
+    evaluates both). For the fused kernels alone, whose branches are selects; NumPy's np.where would
+    evaluate both sides, so the NumPy kernels keep logistic's form."""
     def is_sigmoid(e):
         return (e.is_Pow and e.exp == -1 and e.base.is_Add and len(e.base.args) == 2 and 1 in e.base.args
                 and any(isinstance(a, ExpToInf) for a in e.base.args))
@@ -132,8 +133,7 @@ def sigmoid_by_branches(expr):
     def branches(e):
         u = next(a for a in e.base.args if isinstance(a, ExpToInf)).args[0]
         small = sp.exp(-sp.Abs(u))
-        q = 1 / (1 + small)
-        return sp.Piecewise((q, u <= 0), (small * q, True))
+        return sp.Piecewise((1, u <= 0), (small, True)) / (1 + small)
     # a Wild pattern over every node is slow on the long expressions (erf's continued fraction)
     return expr.replace(is_sigmoid, branches) if expr.has(ExpToInf) else expr
 
