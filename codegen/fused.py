@@ -194,6 +194,8 @@ def fused_code(kernel, rows, loss, summed=False):
         name = kernel.name
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     args = arguments(exprs, {"c"} if uses_label else (), kernel.params)
+    if kernel.weight is not None:
+        args.remove("g")  # the kernel computes it from its total
     unfused = sorted(set(args) - FUSED_ARGS - set(kernel.params))
     if unfused:
         raise FusionError(f"it reads {', '.join(unfused)}")
@@ -213,12 +215,14 @@ def fused_code(kernel, rows, loss, summed=False):
     names_of |= {a: f"{a}[n, 0]" for a in COLUMNS if a in args and a != "c"}
     if "g" in args:
         names_of["g"] = "g_n" if rows and loss else "g[n, k]" if rows else "g_i"
+    # g computed once, before the loop, in the input's dtype (T(1)/total alone is a float64 in numba)
+    weight = None if kernel.weight is None else f"g = T({scalar_code(kernel.weight, names_of)})"
     if summed:
         names_of["N"] = "N*K"  # the element count, which the rows' loops split into N rows of K
     # a backward writes into out (which may be a saved array it reads) when that is safe: every
     # element is read and then written in the same iteration, which one pass with no reduction does
     into = names[0] if kernel.out and not any(isinstance(e, (RowSum, RowMax)) for _, e in assignments) else None
-    loops = (Rows if rows else Elements)(assignments, kinds, names, full[0], names_of, into)
+    loops = (Rows if rows else Elements)(assignments, kinds, names, full[0], names_of, into, weight)
     body = loops.lines()
     columns = {out for out, expr in kernel.outputs if kinds[out] == "row" and not isinstance(expr, Squeeze)}
     columns -= {"L"} if summed else set()
@@ -263,9 +267,9 @@ def call_lines(name, args, full, names, kinds, rows, columns, into, summed=False
 class Loops:
     """What both shapes share: the dtype, the scalars before the loop, the outputs' buffers."""
 
-    def __init__(self, assignments, kinds, names, first, names_of, into=None):
+    def __init__(self, assignments, kinds, names, first, names_of, into=None, weight=None):
         self.assignments, self.kinds, self.names, self.first = assignments, kinds, names, first
-        self.names_of, self.into, self.used = dict(names_of), into, set()
+        self.names_of, self.into, self.weight, self.used = dict(names_of), into, weight, set()
 
     def code(self, expr):
         return scalar_code(expr, self.names_of, self.used)
@@ -273,6 +277,7 @@ class Loops:
     def preamble(self, sizes):
         lines = [f"T = {self.first}.dtype.type"] + sizes
         lines += [f"{lhs} = {self.code(expr)}" for lhs, expr in self.assignments if self.kinds[lhs.name] == "scalar"]
+        lines += [self.weight] if self.weight else []
         for name in self.names:
             if self.kinds[name] == "full":
                 lines.append(f"{name} = out" if name == self.into else f"{name} = np.empty_like({self.first})")

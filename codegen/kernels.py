@@ -41,6 +41,7 @@ class Kernel:
     out: bool = False              # takes out=, a buffer for its result (a backward's dx)
     summed: "Kernel" = None        # the same with L summed over every entry (an element-wise loss's forward)
     recompute: bool = False        # negations of arguments recomputed where read, not held in a buffer
+    weight: sp.Expr = None         # g, each loss entry's weight, from the total the kernel computes (not an argument)
 
 
 def layer_kernels(op):
@@ -87,6 +88,23 @@ def loss_kernels(op, target, variant):
                       None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity],
                       params=param_names(op), out=True)
     return forward, backward
+
+
+def with_mean_gradient(forward, backward):
+    """forward, also writing backward's dx under a mean in place of the arrays it saves for backward.
+
+    A mean's weight g = 1/total is known as soon as forward knows its total, so the pass that reads x
+    for the loss can write dx as well, and backward has nothing left to read: what JAX's
+    jit(value_and_grad) makes of a loss by fusing. For the fused kernels of an element-wise loss (a
+    row loss's dx needs its row's reductions first, and a label's entry a scatter)."""
+    outputs = dict(forward.outputs)
+    saved = {sp.Symbol(name): expr for name, expr in forward.outputs if name not in ("L", "total")}
+    (_, dx), = backward.outputs
+    return Kernel(f"{forward.name}_mean", f"The losses' total per row, dx under a mean and the mean's total "
+                  f"({forward.name.split('_', 1)[1].replace('_', ', ')}).",
+                  f"{forward.derivation}; {backward.derivation}",
+                  (("L", outputs["L"]), ("dx", dx.xreplace(saved)), ("total", outputs["total"])),
+                  sizes=forward.sizes, params=forward.params, weight=row_weight(REDUCTIONS["mean"]))
 
 
 def term_totals(per_entry, params):

@@ -7,7 +7,8 @@ import jinja2
 import sympy as sp
 
 from codegen.fused import FASTMATH, FusionError, fused_code, runtime_functions
-from codegen.kernels import kernel_code, layer_kernels, linear_kernels, loss_kernels, reductions, sgd_kernel
+from codegen.kernels import (kernel_code, layer_kernels, linear_kernels, loss_kernels, reductions, sgd_kernel,
+                             with_mean_gradient)
 from codegen.printer import print_code
 from derive.gradients import variants
 
@@ -126,7 +127,7 @@ def loss_context(op):
             made = [name for name in forward["returns"] if name in backward["args"]]
             donor = made[0] if made and "out=None" in backward["args"] else None
             prepare = general_preparation(op, target) if general else []
-            paths.append({"forward": forward, "backward": backward, "donor": donor,
+            paths.append({"forward": forward, "backward": backward, "donor": donor, "mean": None,
                           "condition": None if general else plain_condition(op, target) or None,
                           "prepare": prepare + positions(prepare, forward, backward)})
         by_target.append((target, paths))
@@ -185,6 +186,7 @@ def fast_context(op, context=None):
     for path in context.get("paths", []):
         prepare = [line for line in path["prepare"] if line != POSITIONS]
         path["prepare"] = prepare + positions(prepare, path["forward"], path["backward"])
+        path["mean"] = mean_gradient_code(op, path, {kernel.name: kernel for kernel in kernels}, printed)
     fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
     runtime = {name for p in printed.values() for code in (p["fused"], p["summed"]) if code for name in code["runtime"]}
     # _runtime's dense_target tests the range in one compiled pass (NumPy's makes boolean arrays)
@@ -193,6 +195,18 @@ def fast_context(op, context=None):
     runtime |= set(called) & FAST_CHECKS
     return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback, runtime=sorted(runtime),
                 checks=checks)
+
+
+def mean_gradient_code(op, path, kernels, printed):
+    """An element-wise loss path's fused forward that also writes dx under a mean (with_mean_gradient),
+    printed with how the class calls it; None where its forward or backward is not fused."""
+    forward, backward = (printed[path[side]["name"]] for side in ("forward", "backward"))
+    if op.granularity != "element" or not (forward["summed"] and backward["fused"]):
+        return None
+    kernel = with_mean_gradient(kernels[path["forward"]["name"]], kernels[path["backward"]["name"]])
+    code = fused_code(kernel, False, True, summed=True)
+    return {"name": kernel.name, "doc": kernel.doc, "fused": code,
+            "call": with_calls({"args": code["signature"]}, op)["call"]}
 
 
 def render_package(catalog):

@@ -40,7 +40,8 @@ def test_every_layer_and_loss_has_a_fast_class_and_generated_does_not_import_num
 @pytest.mark.parametrize("name, kernels", [("softmax_cross_entropy", ("forward_labels_plain", "backward_labels_plain",
                                                                       "forward_dense_plain", "backward_dense_plain")),
                                            ("binary_cross_entropy_with_logits", ("forward_dense_plain",
-                                                                                 "backward_dense_plain"))])
+                                                                                 "backward_dense_plain",
+                                                                                 "forward_dense_plain_mean_summed"))])
 def test_the_plain_loss_kernels_are_compiled_by_numba(name, kernels):
     module = getattr(fast, name)
     for kernel in kernels:
@@ -110,12 +111,35 @@ def test_infinities_nan_and_empty_batches_give_what_numpy_gives(op, dtype):
                 for where in (fast, generated):
                     outputs = []
                     for kind, target in targets.items():
-                        loss = getattr(where, op.name)(reduction="sum")
-                        outputs += [loss.forward(rows, target), loss.backward()]
+                        for reduction in ("sum", "mean"):  # a fused mean writes dx in forward
+                            loss = getattr(where, op.name)(reduction=reduction)
+                            outputs += [loss.forward(rows, target), loss.backward()]
                     results.append(outputs)
         for ours, theirs in zip(*results):
             assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
             assert np.allclose(ours, theirs, equal_nan=True, **AGREE[dtype]), f"{ours}\n{theirs}"
+
+
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("op", LOSSES, ids=ids(LOSSES))
+def test_a_retained_backward_gives_a_new_array_and_a_freed_one_refuses_the_next(op, reduction):
+    """As the NumPy classes: retain_graph=True keeps what forward made (a fused mean's dx included) and
+    gives an array of the caller's own each time; a backward without it frees that, and the next raises."""
+    rng = np.random.default_rng(6)
+    for kind in op.targets:
+        x, target = loss_inputs(op, kind, np.float64, rng)
+        ours, theirs = getattr(fast, op.name)(reduction=reduction), getattr(generated, op.name)(reduction=reduction)
+        value = ours.forward(x, target)
+        theirs.forward(x, target)
+        G = np.ones(np.shape(value)) if reduction == "none" else None
+        first = ours.backward(G, retain_graph=True)
+        first += 1  # the caller's to write into
+        second = ours.backward(G, retain_graph=True)
+        last = ours.backward(G)
+        expected = theirs.backward(G)
+        assert np.allclose(second, expected, **AGREE[np.float64]) and np.allclose(last, expected, **AGREE[np.float64])
+        with pytest.raises(RuntimeError, match="called a second time"):
+            ours.backward(G)
 
 
 def raised(call):
