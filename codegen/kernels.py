@@ -95,8 +95,9 @@ def with_mean_gradient(forward, backward):
 
     A mean's weight g = 1/total is known as soon as forward knows its total, so the pass that reads x
     for the loss can write dx as well, and backward has nothing left to read: what JAX's
-    jit(value_and_grad) makes of a loss by fusing. For the fused kernels of an element-wise loss (a
-    row loss's dx needs its row's reductions first, and a label's entry a scatter)."""
+    jit(value_and_grad) makes of a loss by fusing. render.py asks for it for the fused kernels of an
+    element-wise loss only: softmax-CE's would also carry its label's scatter (at_label), and its two
+    kernels already take under 2 copies of the bandwidth floor."""
     outputs = dict(forward.outputs)
     saved = {sp.Symbol(name): expr for name, expr in forward.outputs if name not in ("L", "total")}
     (_, dx), = backward.outputs
