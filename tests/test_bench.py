@@ -9,7 +9,7 @@ import pytest
 import generated
 from codegen.bench import frameworks, tuned
 from codegen.bench.cases import CASES, Contender, contenders, make_inputs, numpy_step
-from codegen.bench.run import SHORT_CALL_SECONDS, SHORT_REPEATS, main, time_interleaved
+from codegen.bench.run import SHORT_CALL_SECONDS, SHORT_REPEATS, main, paired_ratio, time_interleaved
 
 ids = [case.name for case in CASES]
 TOLERANCE = {"float32": dict(rtol=2e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-13)}
@@ -84,6 +84,25 @@ def test_tuned_and_seed_match_the_generated_kernel(case, dtype):
             assert_same(numpy_step(case, cls, inputs)(), expected, dtype, f"{who} {case.name}")
 
 
+def nan_pattern(results):
+    return [np.isnan(np.asarray(r)) for r in results]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_tuned_keeps_a_nan_where_the_generated_kernel_does_and_a_variant_does_not(case, dtype):
+    """A baseline that turned a NaN into a number would be timed computing another function; a
+    variant (timed for the NaN policy's cost) is one that does."""
+    inputs = inputs_for(case, dtype)
+    inputs["x"][1, 2] = np.nan
+    expected = nan_pattern(numpy_step(case, getattr(generated, case.op), inputs)())
+    assert any(pattern.any() for pattern in expected)
+    for who, cls in (("tuned", getattr(tuned, case.op)), *case.variants):
+        got = nan_pattern(numpy_step(case, cls, inputs)())
+        same = all(np.array_equal(a, b) for a, b in zip(got, expected))
+        assert same == (who == "tuned"), f"{who} {case.name}: NaN at\n{got}\nthe generated kernel's:\n{expected}"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", CASES, ids=ids)
 @pytest.mark.parametrize("framework", ["torch"])  # the dev extra has torch; JAX comes with make bench only
@@ -121,3 +140,12 @@ def test_only_short_calls_take_more_repeats(seconds, samples):
     found = [Contender("tuned", make), Contender("generated", make)]
     times, _ = time_interleaved(found, 3, 1e-3)
     assert {name: len(t) for name, t in times.items()} == {"tuned": samples, "generated": samples}
+
+
+def test_a_slow_phase_between_two_samples_of_a_pair_moves_one_ratio_not_the_estimate():
+    """The machine slows down (3x) from the middle of the fourth repeat on: the contender, 1.1x the tuned
+    in every repeat, is measured 1.1x; the ratio of the two medians would say 3.3x."""
+    tuned = [1.0] * 4 + [3.0] * 3
+    contender = [1.1] * 3 + [3.3] * 4
+    assert np.median(contender) / np.median(tuned) == pytest.approx(3.3)
+    assert paired_ratio(contender, tuned) == pytest.approx(1.1)

@@ -24,6 +24,8 @@ class Case:
     kind: str
     target: str = None       # a loss's target: "labels" (N,) integers or "binary" (N, K) zeros and ones
     seed: type = None        # seed 000's NumPy of the same thing, where it has one
+    variants: tuple = ()     # (contender name, class): hand-written NumPy that computes another function
+                             # (at NaN), timed to show what the generated function's policy costs
 
 
 CASES = (
@@ -32,7 +34,7 @@ CASES = (
     Case("softmax", "Softmax", "layer"),
     Case("sigmoid", "Sigmoid", "layer"),
     Case("tanh", "Tanh", "layer"),
-    Case("relu", "ReLU", "layer"),
+    Case("relu", "ReLU", "layer", variants=(("tuned-cmp", tuned.ReLUByComparison),)),
     Case("linear", "Linear", "linear"),
 )
 
@@ -98,6 +100,8 @@ def contenders(case, inputs):
     if hasattr(fast, case.op):
         found.append(Contender("numba", lambda: warmed(numpy_step(case, getattr(fast, case.op), inputs))))
     found.append(Contender("tuned", lambda: numpy_step(case, getattr(tuned, case.op), inputs)))
+    for name, cls in case.variants:
+        found.append(Contender(name, partial(numpy_step, case, cls, inputs)))
     if case.seed is not None:
         found.append(Contender("seed", lambda: numpy_step(case, case.seed, inputs)))
     if frameworks.installed("torch"):
