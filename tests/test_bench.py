@@ -9,7 +9,7 @@ import pytest
 import generated
 from codegen.bench import frameworks, tuned
 from codegen.bench.cases import CASES, Contender, contenders, make_inputs, numpy_step
-from codegen.bench.run import SHORT_CALL_SECONDS, SHORT_REPEATS, main, paired_ratio, time_interleaved
+from codegen.bench.run import SHORT_REPEATS, main, paired_ratio, time_interleaved
 
 ids = [case.name for case in CASES]
 TOLERANCE = {"float32": dict(rtol=2e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-13)}
@@ -131,10 +131,10 @@ def test_a_tiny_run_prints_every_contender_and_writes_json(tmp_path, capsys):
     assert printed.count("target ") == 6
 
 
-@pytest.mark.parametrize("seconds, samples", [(0.0, 3 * SHORT_REPEATS), (2 * SHORT_CALL_SECONDS, 3)])
+@pytest.mark.parametrize("seconds, samples", [(0.0, 3 * SHORT_REPEATS), (2e-3, 3)])
 def test_only_short_calls_take_more_repeats(seconds, samples):
-    """A tuned call under SHORT_CALL_SECONDS (here none at all) takes SHORT_REPEATS times the repeats
-    (the default) for every contender; a longer one (a sleep) the repeats asked for."""
+    """A tuned call shorter than a sample (1 ms here; this one does nothing) takes SHORT_REPEATS times
+    the repeats (the default) for every contender; a longer one (a sleep) the repeats asked for."""
     def make():
         return lambda: time.sleep(seconds) if seconds else None
     found = [Contender("tuned", make), Contender("generated", make)]

@@ -37,10 +37,10 @@ def calls_per_sample(step, sample_seconds):
         count *= 10
 
 
-# a call this short is mostly per-call overhead, whose figures spread widest (30-70% at (64, 10) in
-# a busy phase): such a size takes SHORT_REPEATS times the repeats, a median's error falling as
-# their square root, for about a minute and a half more over the whole table
-SHORT_CALL_SECONDS = 1e-4
+# A call shorter than a sample takes SHORT_REPEATS times the repeats: a sample of it costs no more than
+# the least duration of a sample, so the extra repeats cost seconds, and its figures spread widest (30-70%
+# at (64, 10) in a busy phase, 30-50% at (1024, 100) behind torch's and JAX's threads), a median's error
+# falling as the square root of the repeats. About three minutes more over the whole table.
 SHORT_REPEATS = 5
 
 
@@ -54,8 +54,8 @@ def time_interleaved(found, repeats, sample_seconds, short_repeats=SHORT_REPEATS
     1.20x and 1.28x the tuned NumPy that way, 1.05x to 1.20x shuffled.)
     Each sample's count of calls follows from the previous one's time per call, so a contender
     slowed down mid-run (threads waiting for a busy core) cannot stretch the run by its whole slowdown.
-    Where the tuned NumPy's median call after those repeats is under SHORT_CALL_SECONDS, the
-    repeats go on to short_repeats times as many."""
+    Where the tuned NumPy's median call after those repeats is shorter than a sample, the repeats go
+    on to short_repeats times as many."""
     steps, calls = {}, {}
     for contender in found:
         if contender.setup:
@@ -68,7 +68,7 @@ def time_interleaved(found, repeats, sample_seconds, short_repeats=SHORT_REPEATS
     gc.disable()
     try:
         for repeat in range(repeats * short_repeats):
-            if repeat == repeats and np.median(samples["tuned"]) >= SHORT_CALL_SECONDS:
+            if repeat == repeats and np.median(samples["tuned"]) >= sample_seconds:
                 break
             for contender in orders.permutation(np.array(found, dtype=object)):
                 step, count = steps[contender.name], calls[contender.name]
@@ -230,7 +230,7 @@ def parser():
     args.add_argument("--cases", type=lambda text: tuple(text.split(",")), default=tuple(c.name for c in CASES))
     args.add_argument("--repeats", type=int, default=21, help="interleaved samples of each contender (default 21)")
     args.add_argument("--short-repeats", type=int, default=SHORT_REPEATS, help=(
-                      f"where a tuned call takes under 0.1 ms, this many times the repeats "
+                      f"where a tuned call is shorter than a sample, this many times the repeats "
                       f"(default {SHORT_REPEATS})"))
     args.add_argument("--sample-ms", type=float, default=10.0, help="least duration of one sample (default 10)")
     args.add_argument("--contenders", type=lambda text: tuple(text.split(",")),
