@@ -9,7 +9,7 @@ import pytest
 import generated
 from codegen.bench import frameworks, tuned
 from codegen.bench.cases import CASES, Contender, contenders, make_inputs, numpy_step
-from codegen.bench.run import SHORT_REPEATS, main, paired_ratio, time_interleaved
+from codegen.bench.run import SHORT_REPEATS, balanced_orders, main, paired_ratio, time_interleaved
 
 ids = [case.name for case in CASES]
 TOLERANCE = {"float32": dict(rtol=2e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-13)}
@@ -127,18 +127,21 @@ def test_a_tiny_run_prints_every_contender_and_writes_json(tmp_path, capsys):
             assert any(line.split()[:4] == [case.name, "4x3", "float32", name] for line in printed.splitlines())
         if "generated" not in names:
             assert f"generated.{case.op} does not exist yet" in printed
-    assert all(r["median_s"] > 0 and r["repeats"] == 2 for r in records)
+    assert all(r["median_s"] > 0 for r in records)
+    for case in CASES:  # 2 repeats, rounded up to one round of balanced orders
+        count = len([r for r in records if r["case"] == case.name])
+        assert {r["repeats"] for r in records if r["case"] == case.name} == {len(balanced_orders(count, np.random.default_rng(0)))}
     assert printed.count("target ") == 6
 
 
-@pytest.mark.parametrize("seconds, samples", [(0.0, 3 * SHORT_REPEATS), (2e-3, 3)])
+@pytest.mark.parametrize("seconds, samples", [(0.0, 4 * SHORT_REPEATS), (2e-3, 4)])
 def test_only_short_calls_take_more_repeats(seconds, samples):
     """A tuned call shorter than a sample (1 ms here; this one does nothing) takes SHORT_REPEATS times
     the repeats (the default) for every contender; a longer one (a sleep) the repeats asked for."""
     def make():
         return lambda: time.sleep(seconds) if seconds else None
     found = [Contender("tuned", make), Contender("generated", make)]
-    times, _ = time_interleaved(found, 3, 1e-3)
+    times, _ = time_interleaved(found, 4, 1e-3)
     assert {name: len(t) for name, t in times.items()} == {"tuned": samples, "generated": samples}
 
 
@@ -149,3 +152,16 @@ def test_a_slow_phase_between_two_samples_of_a_pair_moves_one_ratio_not_the_esti
     contender = [1.1] * 3 + [3.3] * 4
     assert np.median(contender) / np.median(tuned) == pytest.approx(3.3)
     assert paired_ratio(contender, tuned) == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize("count", range(2, 10))
+def test_each_contender_comes_right_after_every_other_equally_often(count):
+    """What a contender leaves behind (spinning threads, freed memory) lands on each other contender
+    alike. Rotations of one order, or a few shuffled ones, fail this."""
+    orders = balanced_orders(count, np.random.default_rng(count))
+    assert all(sorted(order) == list(range(count)) for order in orders)
+    follows = {}
+    for order in orders:
+        for before, after in zip(order, order[1:]):
+            follows[before, after] = follows.get((before, after), 0) + 1
+    assert len(follows) == count * (count - 1) and len(set(follows.values())) == 1

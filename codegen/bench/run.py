@@ -44,14 +44,30 @@ def calls_per_sample(step, sample_seconds):
 SHORT_REPEATS = 5
 
 
+def balanced_orders(count, rng):
+    """Orders of count contenders (numbers 0 to count - 1) in which each contender comes right after
+    every other one equally often: a Williams design, count orders (twice as many for an odd count),
+    each the first one with every number shifted by the same amount mod count. The numbers are
+    assigned to the contenders in rng's random order."""
+    first = [(k + 1) // 2 if k % 2 else (count - k // 2) % count for k in range(count)]
+    orders = [[(n + shift) % count for n in first] for shift in range(count)]
+    if count % 2:
+        orders += [order[::-1] for order in orders]
+    named = rng.permutation(count)
+    return [[int(named[n]) for n in order] for order in orders]
+
+
 def time_interleaved(found, repeats, sample_seconds, short_repeats=SHORT_REPEATS):
     """({name: [seconds per call]}, {name: calls timed}). Each repeat takes one sample of every
-    contender, in an order shuffled each time (the same every run), so that a drift in the machine's
-    speed is shared out rather than landing on one contender, and so is what a contender leaves
-    behind for the next: threads of torch, JAX or numba still spinning on the other core, memory
-    the allocator has just given back. (Rotating one order kept each contender behind the same
-    one: the generated classes always followed JAX and a copy; at (1024, 100) float32 they measured
-    1.20x and 1.28x the tuned NumPy that way, 1.05x to 1.20x shuffled.)
+    contender, so that a drift in the machine's speed is shared out rather than landing on one
+    contender, and the repeats' orders are balanced (balanced_orders, the repeats rounded up to a
+    whole number of its orders) so that what a contender leaves behind for the next is shared out
+    too: threads of torch, JAX or numba still spinning on the other core, memory the allocator has
+    just given back. (Rotating one order kept each contender behind the same one: the generated
+    classes always followed JAX and a copy, and measured 1.20x and 1.28x the tuned NumPy at
+    (1024, 100) float32. Orders shuffled by a fixed seed did not balance 21 repeats: there the
+    generated Linear at (1024, 100) measured 1.06x-1.14x the tuned in five runs, the same calls,
+    and 1.00x with one contender more, which changed the orders.)
     Each sample's count of calls follows from the previous one's time per call, so a contender
     slowed down mid-run (threads waiting for a busy core) cannot stretch the run by its whole slowdown.
     Where the tuned NumPy's median call after those repeats is shorter than a sample, the repeats go
@@ -64,13 +80,15 @@ def time_interleaved(found, repeats, sample_seconds, short_repeats=SHORT_REPEATS
         calls[contender.name] = calls_per_sample(steps[contender.name], sample_seconds)
     samples = {contender.name: [] for contender in found}
     timed = dict.fromkeys(steps, 0)
-    orders = np.random.default_rng(0)
+    orders = balanced_orders(len(found), np.random.default_rng(0))
+    def whole(count):                           # count rounded up to whole rounds of the orders
+        return -(-count // len(orders)) * len(orders)
     gc.disable()
     try:
-        for repeat in range(repeats * short_repeats):
-            if repeat == repeats and np.median(samples["tuned"]) >= sample_seconds:
+        for repeat in range(whole(repeats * short_repeats)):
+            if repeat == whole(repeats) and np.median(samples["tuned"]) >= sample_seconds:
                 break
-            for contender in orders.permutation(np.array(found, dtype=object)):
+            for contender in (found[n] for n in orders[repeat % len(orders)]):
                 step, count = steps[contender.name], calls[contender.name]
                 if contender.setup:
                     contender.setup()
