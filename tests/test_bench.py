@@ -129,8 +129,8 @@ def test_a_tiny_run_prints_every_contender_and_writes_json(tmp_path, capsys):
             assert f"generated.{case.op} does not exist yet" in printed
     assert all(r["median_s"] > 0 for r in records)
     for case in CASES:  # 2 repeats, rounded up to one round of balanced orders
-        count = len([r for r in records if r["case"] == case.name])
-        assert {r["repeats"] for r in records if r["case"] == case.name} == {len(balanced_orders(count, np.random.default_rng(0)))}
+        repeats = [r["repeats"] for r in records if r["case"] == case.name]
+        assert set(repeats) == {len(balanced_orders(len(repeats), np.random.default_rng(0)))}
     assert printed.count("target ") == 6
 
 
