@@ -84,14 +84,23 @@ def with_calls(code, op):
     return dict(code, call=call + summed, saved=saved, names=arrays, before=call[:split], after=call[split + 1:])
 
 
-def plain_condition(op, target):
-    """When the plain kernel applies: every option at its neutral value (Python source)."""
+def plain_condition(op, target, unignored="at is not None"):
+    """When the plain kernel applies: every option at its neutral value (Python source); unignored is the
+    test that no label is ignored."""
     tests = {"scalar": lambda p: f"self.{p.name} == {print_code(p.neutral)}",
              "class_weights": lambda p: f"self.{p.name} is None",
              "element_weights": lambda p: f"self.{p.name} is None",
-             "ignore_index": lambda p: "at is not None"}
+             "ignore_index": lambda p: unignored}
     return " and ".join(tests[p.kind](p) for p in op.params
                         if p.neutral is not None and (p.kind != "ignore_index" or target == "labels"))
+
+
+def common_condition(op):
+    """When forward's common case applies to integer labels that are all classes: a mean, every option
+    neutral, and an ignore_index that no class can equal (Python source, a line per option)."""
+    ignore = [f"not 0 <= self.{p.name} < x.shape[1]" for p in op.params if p.kind == "ignore_index"]
+    plain = plain_condition(op, "labels", unignored=" and ".join(ignore))
+    return ['self.reduction == "mean"'] + plain.split(" and ") if plain else ['self.reduction == "mean"']
 
 
 def general_preparation(op, target):
@@ -115,6 +124,11 @@ def checks_called(lines, paths):
     return sorted({line.split(" = ")[1].split("(")[0] for line in lines + [line for path in paths for line in path["prepare"]]})
 
 
+def target_lines(op, prepare):
+    """The lines forward checks and prepares its targets with: prepare's, and the common case's positions."""
+    return [prepare[t] for t in op.targets] + ([POSITIONS] if "labels" in op.targets else [])
+
+
 def loss_context(op):
     """Paths through a loss's forward: per target kind, the plain kernel then the general one."""
     by_target = []
@@ -127,7 +141,10 @@ def loss_context(op):
             made = [name for name in forward["returns"] if name in backward["args"]]
             donor = made[0] if made and "out=None" in backward["args"] else None
             prepare = general_preparation(op, target) if general else []
-            paths.append({"forward": forward, "backward": backward, "donor": donor, "mean": None,
+            # the plain labels path is also forward's common case, taken first with as few Python operations as it
+            # takes: at (64, 10) those are most of a call
+            common = common_condition(op) if target == "labels" and not general else None
+            paths.append({"forward": forward, "backward": backward, "donor": donor, "mean": None, "common": common,
                           "condition": None if general else plain_condition(op, target) or None,
                           "prepare": prepare + positions(prepare, forward, backward)})
         by_target.append((target, paths))
@@ -137,8 +154,9 @@ def loss_context(op):
     labels = "c, at = label_column(target, x, self.ignore_index)" if has_ignore else "c, at = label_column(target, x)"
     prepare = {"labels": labels,
                "dense": f"t = dense_target(target, x{bounds})"}
-    checks = checks_called([prepare[t] for t in op.targets], [path for _, paths in by_target for path in paths])
-    return {"op": op, "params": [param_context(p) for p in op.params],
+    checks = checks_called(target_lines(op, prepare), [path for _, paths in by_target for path in paths])
+    mean, = (red for red in reductions(op.granularity) if red["name"] == "mean")
+    return {"op": op, "params": [param_context(p) for p in op.params], "mean": mean,
             "paths": [path for _, paths in by_target for path in paths], "by_target": by_target,
             "kind_tests": KIND_TESTS, "checks": checks,
             "prepare": prepare, "target_doc": " or ".join(TARGET_DOCS[t] for t in op.targets)}
@@ -190,7 +208,7 @@ def fast_context(op, context=None):
     fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
     runtime = {name for p in printed.values() for code in (p["fused"], p["summed"]) if code for name in code["runtime"]}
     # _runtime's dense_target tests the range in one compiled pass (NumPy's makes boolean arrays)
-    called = checks_called([context["prepare"][t] for t in op.targets], context["paths"]) if "paths" in context else []
+    called = checks_called(target_lines(op, context["prepare"]), context["paths"]) if "paths" in context else []
     checks = [check for check in called if check not in FAST_CHECKS]
     runtime |= set(called) & FAST_CHECKS
     return dict(context, kernels="fused.py.jinja", package="..", fallback=fallback, runtime=sorted(runtime),

@@ -415,14 +415,64 @@ def test_the_nan_check_catches_a_kernel_that_swallows_nan():
     assert problems == ["NaN in x: gradient NaN at []"]
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("op", LABEL_OPS, ids=[op.name for op in LABEL_OPS])
-def test_labels_find_their_rows_whatever_batch_size_came_before(op):
+def test_labels_find_their_rows_whatever_batch_size_came_before(op, reduction):
     """label_positions keeps the row numbers of the last batch size it saw: a batch of another size,
-    after one or between two of one size, still reads each row's own label."""
+    after one or between two of one size, still reads each row's own label (a mean: in the common case)."""
     for n in (5, 3, 5, 7, 3, 1):
         x, labels = inputs(op, "labels", shape=(n, 4), seed=n)
-        expected = references.LOSSES[op.name](x, labels, "none")
-        assert np.allclose(make(op, x, "none").forward(x, labels), expected, rtol=1e-12, atol=0), n
+        expected = references.LOSSES[op.name](x, labels, reduction)
+        assert np.allclose(make(op, x, reduction).forward(x, labels), expected, rtol=1e-12, atol=0), n
+
+
+def checked_only(monkeypatch, op):
+    """Patches op's module so that its checked path raises AssertionError: what still runs took the common case."""
+    def checked(*args, **kwargs):
+        raise AssertionError("the checked path ran")
+    monkeypatch.setattr(getattr(generated, op.module), "label_column", checked)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", LABEL_OPS, ids=[op.name for op in LABEL_OPS])
+def test_the_common_case_gives_the_checked_paths_bits(op, dtype, monkeypatch):
+    """forward's common case (an array of labels, each a class, a mean, no option) is a shortcut for speed
+    at small sizes: its loss, dx, retained dx and freed state are those of the checked path (which a list
+    of the same labels takes), bit for bit."""
+    x, labels = inputs(op, "labels", shape=(6, 5), dtype=dtype, seed=2)
+    checked = make(op, x)
+    results = [checked.forward(x, labels.tolist()), checked.backward(retain_graph=True), checked.backward()]
+    checked_only(monkeypatch, op)
+    common = make(op, x)
+    for expected, got in zip(results, [common.forward(x, labels), common.backward(retain_graph=True),
+                                       common.backward()]):
+        assert got.dtype == expected.dtype == dtype and np.array_equal(got, expected)
+    with pytest.raises(RuntimeError, match="called a second time"):
+        common.backward()
+    with pytest.raises(AssertionError, match="the checked path ran"):
+        common.forward(x, labels.tolist())
+
+
+@pytest.mark.parametrize("op", LABEL_OPS, ids=[op.name for op in LABEL_OPS])
+def test_the_common_case_leaves_what_it_cannot_take_to_the_checked_path(op, monkeypatch):
+    """Each input or option outside the common case goes the checked way (which here raises): a label
+    outside [0, K), another reduction, every option away from its neutral value, an ignore_index that is a
+    class."""
+    x, labels = inputs(op, "labels", shape=(6, 5), seed=3)
+    checked_only(monkeypatch, op)
+    make(op, x).forward(x, labels)  # taken: the rest would be too, but for what each changes
+    bad = labels.copy()
+    bad[2] = x.shape[1]
+    others = [(make(op, x), bad), (make(op, x), -bad), (make(op, x, "sum"), labels),
+              (make(op, x), labels.astype(np.float64)), (make(op, x), labels[:, None])]
+    options = example_options(op, x.shape, np.random.default_rng(0))
+    others += [(make(op, x, **{p.name: options[p.name]}), labels) for p in op.params
+               if p.neutral is not None and p.kind != "ignore_index"]
+    if op in IGNORING:
+        others.append((make(op, x, ignore_index=1), labels))
+    for loss, target in others:
+        with pytest.raises(AssertionError, match="the checked path ran"):
+            loss.forward(x, target)
 
 
 @pytest.mark.parametrize("op", IGNORING, ids=[op.name for op in IGNORING])
