@@ -84,23 +84,27 @@ def with_calls(code, op):
     return dict(code, call=call + summed, saved=saved, names=arrays, before=call[:split], after=call[split + 1:])
 
 
-def plain_condition(op, target, unignored="at is not None"):
-    """When the plain kernel applies: every option at its neutral value (Python source); unignored is the
-    test that no label is ignored."""
+def neutral_tests(op, target, unignored="at is not None"):
+    """Python tests that every option is at its neutral value; unignored is the test that no label is
+    ignored."""
     tests = {"scalar": lambda p: f"self.{p.name} == {print_code(p.neutral)}",
              "class_weights": lambda p: f"self.{p.name} is None",
              "element_weights": lambda p: f"self.{p.name} is None",
              "ignore_index": lambda p: unignored}
-    return " and ".join(tests[p.kind](p) for p in op.params
-                        if p.neutral is not None and (p.kind != "ignore_index" or target == "labels"))
+    return [tests[p.kind](p) for p in op.params
+            if p.neutral is not None and (p.kind != "ignore_index" or target == "labels")]
+
+
+def plain_condition(op, target):
+    """When the plain kernel applies: every option at its neutral value (Python source)."""
+    return " and ".join(neutral_tests(op, target))
 
 
 def common_condition(op):
     """When forward's common case applies to integer labels that are all classes: a mean, every option
-    neutral, and an ignore_index that no class can equal (Python source, a line per option)."""
-    ignore = [f"not 0 <= self.{p.name} < x.shape[1]" for p in op.params if p.kind == "ignore_index"]
-    plain = plain_condition(op, "labels", unignored=" and ".join(ignore))
-    return ['self.reduction == "mean"'] + plain.split(" and ") if plain else ['self.reduction == "mean"']
+    neutral, and an ignore_index that no class can equal (Python source, a line per test)."""
+    ignore = " and ".join(f"not 0 <= self.{p.name} < x.shape[1]" for p in op.params if p.kind == "ignore_index")
+    return ['self.reduction == "mean"'] + neutral_tests(op, "labels", unignored=ignore)
 
 
 def general_preparation(op, target):
@@ -156,7 +160,7 @@ def loss_context(op):
                "dense": f"t = dense_target(target, x{bounds})"}
     checks = checks_called(target_lines(op, prepare), [path for _, paths in by_target for path in paths])
     mean, = (red for red in reductions(op.granularity) if red["name"] == "mean")
-    return {"op": op, "params": [param_context(p) for p in op.params], "mean": mean,
+    return {"op": op, "params": [param_context(p) for p in op.params], "mean_reduction": mean,
             "paths": [path for _, paths in by_target for path in paths], "by_target": by_target,
             "kind_tests": KIND_TESTS, "checks": checks,
             "prepare": prepare, "target_doc": " or ".join(TARGET_DOCS[t] for t in op.targets)}
