@@ -15,7 +15,7 @@ from sympy.printing.precedence import PRECEDENCE
 from codegen.kernels import FULL_SIZE, DENOMINATOR, arguments, kernel_assignments
 from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
 from codegen.printer import KernelPrinter
-from derive.special import FORMATS, ExpToInf, PowerOfTwo, exp_steps, log1p_steps
+from derive.special import FORMATS, ExpToInf, PowerOfTwo, erf_numpy, exp_steps, log1p_steps
 from derive.stability import sigmoid_by_branches
 
 # math.* keeps a float32 argument float32 in numba; np.maximum and np.sign propagate NaN as NumPy does.
@@ -24,11 +24,14 @@ from derive.stability import sigmoid_by_branches
 # tanh has no such form yet: a loop of scalar math.tanh ran 9x slower than np.tanh's SIMD loop, so a
 # kernel with a tanh (Tanh, GELUTanh, Mish) stays the NumPy one.
 FUNCTIONS = {sp.exp: "exp", ExpToInf: "exp", sp.log: "math.log", log1p: "math.log1p",
-             expm1: "math.expm1", sp.erf: "math.erf"}
+             expm1: "math.expm1", sp.erf: "erf"}
 # _runtime's functions: name, argument, docstring, its steps per dtype (derive/special.py)
 RUNTIME = (("exp", "u", "e^u without libm: a clamp, a floor, a polynomial and two powers of two made of bits",
             exp_steps),
-           ("log1p", "z", "log(1 + z) for z in [0, 1] without libm: a division and a polynomial", log1p_steps))
+           ("log1p", "z", "log(1 + z) for z in [0, 1] without libm: a division and a polynomial", log1p_steps),
+           # numba's math.erf is a scalar libm call, which keeps the loop from vectorizing
+           ("erf", "u", "erf(u) without libm: a series for |u| < 2, erfc's continued fraction beyond",
+            lambda u, dtype: shared_steps(erf_numpy(u))))
 # an accumulator's start and its update: a sum and a max over the row. The max is _runtime's maximum
 # (llvm.maximum: NaN if either is NaN, as np.maximum), a reduction the loop vectorizer vectorizes;
 # np.maximum's branches keep the loop scalar (2 ns an element against 0.14)
@@ -40,6 +43,12 @@ COLUMNS = ("c", DENOMINATOR)
 # fastmath flags that keep the NumPy kernels' values: sums over a row reassociated into SIMD lanes,
 # fused multiply-adds, reciprocals; never nnan or ninf, since the kernels give infinities and NaN
 FASTMATH = ("arcp", "contract", "reassoc")
+
+
+def shared_steps(expr):
+    """expr as assignments [(symbol, expr)], each subexpression it repeats computed once, the last y."""
+    temporaries, (value,) = sp.cse([expr], symbols=sp.numbered_symbols("v"), order="canonical")
+    return temporaries + [(sp.Symbol("y"), value)]
 
 
 class FusionError(ValueError):
@@ -85,16 +94,18 @@ class FusedPrinter(KernelPrinter):
         return f"{integer}(({bits}) << {precision - 1}).view({floating})"
 
     def _print_Pow(self, expr, rational=False):
+        # each form that prints as a product or a quotient is parenthesized: the printers around it
+        # place it by the precedence of a power (y/x**2 must not read y/x*x)
         base = self.parenthesize(expr.base, PRECEDENCE["Pow"], strict=True)
         if expr.exp == -1:
-            return f"T(1)/{base}"
+            return f"(T(1)/{base})"
         if expr.exp == sp.S.Half:
             return f"math.sqrt({self._print(expr.base)})"
         if expr.exp == -sp.S.Half:
-            return f"T(1)/math.sqrt({self._print(expr.base)})"
+            return f"(T(1)/math.sqrt({self._print(expr.base)}))"
         if expr.exp.is_Integer and 0 < expr.exp <= 4:
-            return "*".join([base] * int(expr.exp))
-        return f"{base}**{self._print(expr.exp)}"
+            return "(" + "*".join([base] * int(expr.exp)) + ")"
+        return f"{base}**{self.parenthesize(expr.exp, PRECEDENCE['Atom'], strict=True)}"
 
     def _print_Piecewise(self, expr):
         (value, condition), *rest = expr.args
@@ -131,6 +142,9 @@ class FusedPrinter(KernelPrinter):
 
     def _print_Squeeze(self, expr):
         return self._print(expr.args[0])
+
+    def _print_FullLike(self, expr):
+        return self._print(expr.args[1])
 
 
 def in_unit_interval(expr):
@@ -201,7 +215,8 @@ def fused_code(kernel, rows, loss, summed=False):
         raise FusionError(f"it reads {', '.join(unfused)}")
     if any(e.has(*UNFUSED) for e in exprs):
         raise FusionError(f"it uses {', '.join(sorted({f.__name__ for e in exprs for f in UNFUSED if e.has(f)}))}")
-    full = [a for a in args if a in FULL_SIZE]
+    # a layer's g has x's shape: the one full array of a constant derivative's kernel (2x: dx = 2 g)
+    full = [a for a in args if a in FULL_SIZE or a == "g" and not loss]
     kinds = dict.fromkeys(full, "full") | dict.fromkeys(COLUMNS, "row") | {"g": "row" if rows and loss else "full"}
     label = [(sp.Symbol("at_label"), returned[len(names)])] if kernel.at_label is not None else []
     assignments = take_reductions(assignments + label)

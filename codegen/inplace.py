@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
+from codegen.lower import (AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Shifted, Squeeze,
+                           Transpose)
 from codegen.printer import one_bound_clip, positive_first, print_code
 from derive.special import ExpToInf
 
@@ -149,6 +150,8 @@ class Flattener:
             return self.emit(POWERS[expr.exp], self.operand(expr.base))
         if isinstance(expr, sp.Pow) and expr.exp.is_Integer:
             return self.emit("power", self.operand(expr.base), expr.exp)
+        if isinstance(expr, Shifted):
+            return self.emit("subtract", self.operand(expr.args[0]), self.small(expr.args[1]))
         if type(expr) in UNARY:
             return self.emit(UNARY[type(expr)], self.operand(expr.args[0]))
         if isinstance(expr, (sp.Max, sp.Min)) and len(expr.args) == 2:
@@ -183,7 +186,9 @@ class Flattener:
     def scaled_branch(self, value, other, other_cond):
         """value where other_cond does not hold, value * s where it does, when other is value * s:
         one multiplication over the entries where the condition holds (out= and where=)."""
-        if not (isinstance(other, sp.Mul) and value in other.args):
+        # value is the buffer the product writes into where the condition holds: a full-size array
+        # (a loss's g under a mean is a number, which no out= can hold)
+        if not (isinstance(other, sp.Mul) and value in other.args and is_float_full(value, self.full)):
             return None
         scale = other / value
         buffer = self.operand(value)

@@ -4,13 +4,13 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from codegen.lower import AtLabel, BatchSum, LabelEntry, Squeeze, lower, lower_tensor, split_at_label
+from codegen.lower import AtLabel, BatchSum, LabelEntry, Squeeze, lower, lower_tensor, shaped_like, split_at_label
 from codegen.inplace import assignments_in_place
 from codegen.printer import print_code
 from derive import backprop, optim
 from derive.gradients import layer_backward, loss_forward, loss_gradient, mean_weight, variants
 from derive.reduction import REDUCTIONS, row_weight
-from derive.special import ExpToInf
+from derive.special import ExpToInf, erf_numpy
 from derive.stability import stable
 from derive.algebra import contract
 from derive.symbols import K, L, N, i, j, k, n, over_batch, r, total
@@ -22,6 +22,9 @@ ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "e", "den", "W", 
 # (rows or elements) and K classes.
 SIZES = {"row": {"N": "{a}.shape[0]", "K": "{a}.shape[-1]"}, "element": {"N": "{a}.size", "K": "{a}.shape[-1]"}}
 FULL_SIZE = ("x", "p", "t", "y", "e")
+# the array whose shape and dtype an output takes where it reads no full-size array (a constant
+# derivative's dx = 2 g still reads x, which forward saves: the class checks g against it)
+X = sp.Symbol("x")
 # A saved quotient (softmax) is kept as its numerator e_i and its denominator.
 NUMERATOR, DENOMINATOR = "e", "den"
 
@@ -48,9 +51,10 @@ def layer_kernels(op):
     """forward(x) -> y and backward(saved, g) -> dx of a layer."""
     backward = layer_backward(op)
     return (Kernel("forward", f"y = {op.summary}.", f"y_i = {sp.sstr(op.forward)}",
-                   (("y", lower(stable(op.forward), i)),), params=param_names(op)),
+                   (("y", shaped_like(lower(stable(op.forward), i), X, FULL_SIZE)),), params=param_names(op)),
             Kernel("backward", "dx = g times the Jacobian of y (a vector-Jacobian product), in out if that is given.",
-                   f"dx_j = {sp.sstr(backward)}", (("dx", lower(stable(backward), j)),), params=param_names(op),
+                   f"dx_j = {sp.sstr(backward)}", (("dx", shaped_like(lower(stable(backward), j), X, FULL_SIZE)),),
+                   params=param_names(op),
                    full=FULL_SIZE + ("g",), out=True))
 
 
@@ -84,7 +88,7 @@ def loss_kernels(op, target, variant):
                        else (sp.factor_terms(stable_gradient), None))  # g (p - t): one product, not two
     backward = Kernel(f"backward_{suffix}", f"dL/dx times each entry's weight g ({target}, {variant}); out, if given, "
                       "is a buffer for it, which may be a saved array this call then overwrites.",
-                      f"dx_j = {sp.sstr(gradient)}{note}", (("dx", lower(dense, j)),),
+                      f"dx_j = {sp.sstr(gradient)}{note}", (("dx", shaped_like(lower(dense, j), X, FULL_SIZE)),),
                       None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity],
                       params=param_names(op), out=True)
     return forward, backward
@@ -184,6 +188,13 @@ def sgd_kernel():
     return Kernel("sgd_step", "One step of SGD with momentum (torch.optim.SGD).",
                   f"v' = {sp.sstr(velocity)}; param' = {sp.sstr(update)}",
                   (("velocity_next", velocity), ("param_next", update.subs(sp.Symbol("velocity_next"), velocity))))
+
+
+def erf_kernel():
+    """erf(x) with NumPy alone, the generated package's _special.erf: derive.special's series and
+    continued fraction, each branch's argument clamped to its range."""
+    return Kernel("erf", "erf(x), element-wise: to a few ulp in float64, as math.erf.", "erf(x)",
+                  (("y", erf_numpy(X)),))
 
 
 def kernel_assignments(kernel):

@@ -53,6 +53,49 @@ class Transpose(sp.Function):
     """Matrix transpose."""
 
 
+class Shifted(sp.Function):
+    """a - m, m the row max of a: one value wherever the shift is read (exp(a - m) and a log-softmax's
+    (a - m) - log(sum)), so a - m is rounded once and never a - (m + log(sum)), whose sum loses the
+    log's low bits when m is large (float32 log-softmax at [0, 1e4, 1e4]: -0.69336, not -0.693147)."""
+
+
+def grouped_shifts(add):
+    """An Add whose terms hold a and -RowMax(a) with a - RowMax(a) as one Shifted term."""
+    for term in add.args:
+        if isinstance(term, sp.Mul) and term.args[0] == -1 and isinstance(term.args[1], RowMax) and len(term.args) == 2:
+            array = term.args[1].args[0]
+            if array in add.args:
+                rest = [t for t in add.args if t is not term and t != array]
+                return sp.Add(Shifted(array, term.args[1]), *rest)
+    return add
+
+
+class FullLike(sp.Function):
+    """An array of the first argument's shape and dtype holding the second (a number, or an array
+    that broadcasts): a result that reads no full-size array as a value, as the constant gradient of
+    2x or a branch between numbers, still has x's shape and dtype."""
+
+
+def reads_value(expr, names):
+    """Whether expr's value reads one of the arrays names outside a condition (a Piecewise's
+    condition gives a mask, not the dtype), so that an array of theirs carries its shape and dtype."""
+    if isinstance(expr, sp.Symbol):
+        return expr.name in names
+    if isinstance(expr, sp.Piecewise):
+        return any(reads_value(value, names) for value, _ in expr.args)
+    if isinstance(expr, sp.logic.boolalg.Boolean):
+        return False
+    return any(reads_value(arg, names) for arg in expr.args)
+
+
+def shaped_like(expr, like, names):
+    """expr as an array of like's shape and dtype: expr itself where it reads one of names as a value
+    and is not one of them (a result must be an array of its own, never an argument)."""
+    if isinstance(expr, sp.Symbol) and expr.name in names or not reads_value(expr, names):
+        return FullLike(like, expr)
+    return expr
+
+
 class LoweringError(ValueError):
     """An index expression with no whole-array form."""
 
@@ -80,7 +123,8 @@ def lower(expr, index, *, column=False):
         raise LoweringError(f"cannot lower {expr}: split it off with split_at_label first")
     if not expr.args:
         return expr
-    return into_branches(expr.func(*[lower(arg, index, column=column) for arg in expr.args]))
+    lowered = expr.func(*[lower(arg, index, column=column) for arg in expr.args])
+    return grouped_shifts(lowered) if isinstance(lowered, sp.Add) else into_branches(lowered)
 
 
 def into_branches(expr):

@@ -11,11 +11,18 @@ import numpy as np
 
 from codegen.render import FAST, ROOT, generator_digest, inputs_digest, render_package
 from codegen.verify import check_op
+from codegen.stages import in_stage
 from codegen.write import import_package, modules, publish, stage
+from derive.declare import DeclarationError
 
 
 # the last run's inputs, output and reports: in a checkout's git-ignored build/, none in an installed package
 CACHE = ROOT / "build" / "codegen-cache.json" if (ROOT / "pyproject.toml").exists() else None
+
+
+# which kernels codegen prints and verifies: the NumPy ones alone, the fused numba ones too (numba needed),
+# or every backend this environment can verify
+BACKENDS = ("numpy", "fast", "all")
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,8 @@ def interpreted():
 
 def verify_package(package, catalog, seed=0):
     """[OpReport] from the finite-difference checks of every op in the imported package, and of its
-    fused numba classes (named "<op> (fast)") where numba is installed."""
+    fused numba classes (named "<op> (fast)") where it has them. A kernel that raises or runs past
+    its budget fails its check, named."""
     rng = np.random.default_rng(seed)
     reports = []
     fast = getattr(package, FAST, None)
@@ -56,17 +64,33 @@ def verify_package(package, catalog, seed=0):
     classes += [(f"{name} (fast)", op, getattr(fast, name), fast) for name, op in catalog.items()
                 if fast is not None and hasattr(fast, name)]
     for name, op, cls, where in classes:
-        checks = check_op(op, cls, rng)
         module = getattr(where, op.module)
         kernels = sum(1 for attr in vars(module) if attr.startswith(("forward", "backward")))
+        try:
+            with in_stage(name, "verification"):
+                checks = check_op(op, cls, rng)
+        except DeclarationError as error:
+            reports.append(OpReport(name, kernels, float("inf"), False, (str(error),)))
+            continue
         failures = tuple(f"{variant}: {check.report()}" for variant, check in checks if not check.ok)
         reports.append(OpReport(name, kernels, max(check.error for _, check in checks), not failures, failures))
     return reports
 
 
-def cache_key(catalog):
-    """sha256 of every input of the generated package: the generator's files and the catalog."""
-    return inputs_digest(generator_digest(), repr(list(catalog.values())))
+def fused_backend(backend):
+    """Whether codegen prints the fused numba kernels: --backend fast asks for them (numba needed to
+    run, and so to verify, them), all where numba is installed, numpy never. A fused module is never
+    written unverified."""
+    if backend not in BACKENDS:
+        raise DeclarationError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "fast" and not numba_installed():
+        raise DeclarationError("--backend fast needs numba to verify the fused kernels: pip install 'symgrad[fast]'")
+    return backend == "fast" or backend == "all" and numba_installed()
+
+
+def cache_key(catalog, fused):
+    """sha256 of every input of the generated package: the generator's files, the catalog, the backends."""
+    return inputs_digest(generator_digest(), repr(list(catalog.values())), repr(fused))
 
 
 def files_digest(out):
@@ -86,15 +110,16 @@ def cached_reports(cache, key, out):
     return [OpReport(**dict(report, failures=tuple(report["failures"]))) for report in entry["reports"]]
 
 
-def codegen(catalog, out, cache=CACHE):
+def codegen(catalog, out, cache=CACHE, backend="all"):
     """Generate, verify and (only if every check passed) publish; returns (reports, changed, seconds).
     Nothing is derived when the inputs and out are those of the last run (see cached_reports)."""
     start = time.perf_counter()
-    key = cache_key(catalog)
+    fused = fused_backend(backend)
+    key = cache_key(catalog, fused)
     reports = cached_reports(cache, key, out) if cache else None
     if reports is not None:
         return reports, [], time.perf_counter() - start
-    reports, changed = generate(catalog, out)
+    reports, changed = generate(catalog, out, fused)
     if changed is not None and cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({"key": key, "files": files_digest(out),
@@ -102,11 +127,12 @@ def codegen(catalog, out, cache=CACHE):
     return reports, changed, time.perf_counter() - start
 
 
-def generate(catalog, out):
-    """(reports, changed): the package staged, verified and published, or changed None on a failure."""
-    staged = stage(render_package(catalog), out.parent)
+def generate(catalog, out, fused=True):
+    """(reports, changed): the package staged, verified and published, or changed None on a failure.
+    Without fused, the package has no fast/ (one left in out is removed: nothing verified it)."""
+    staged = stage(render_package(catalog, fused), out.parent)
     try:
-        if numba_installed():
+        if fused:
             with interpreted():
                 package = import_package(staged, [FAST])
         else:
@@ -122,9 +148,14 @@ def generate(catalog, out):
 
 
 def summary(reports):
-    """The table make codegen prints: one line per operation."""
+    """The table make codegen prints: one line per operation, each failure under it, and where only
+    fused kernels failed, that their NumPy twins passed and how to write those alone."""
     lines = [f"{'operation':<30}{'kernels':>8}{'max rel error':>16}  status"]
     for report in reports:
         lines.append(f"{report.name:<30}{report.kernels:>8}{report.error:>16.2e}  {'OK' if report.ok else 'FAILED'}")
         lines.extend(f"    {failure}" for failure in report.failures)
+    failed = [report.name for report in reports if not report.ok]
+    if failed and all(name.endswith(" (fast)") for name in failed):
+        lines.append(f"the NumPy kernels passed; the fused kernels of {', '.join(n[:-7] for n in failed)} did not, "
+                     "so nothing was written: symgrad codegen --backend numpy writes the NumPy backend alone")
     return "\n".join(lines)

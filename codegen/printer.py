@@ -99,6 +99,11 @@ class KernelPrinter(NumPyPrinter):
             raise ValueError(f"only Heaviside(u, 0) prints, got {expr}")
         return f"np.ceil({self.parenthesize(u, PRECEDENCE['Func'], strict=True)}.clip(0, 1))"
 
+    def _print_erf(self, expr):
+        # _special's erf, printed from derive.special.erf_numpy once (NumPy has no erf): inlined,
+        # its series and continued fraction would be copied into every kernel, nested in erf(erf(x))
+        return f"erf({self._print(expr.args[0])})"
+
     def _print_ExpToInf(self, expr):
         return f"np.exp({self._print(expr.args[0])})"
 
@@ -146,6 +151,13 @@ class KernelPrinter(NumPyPrinter):
     def _print_MatMul(self, expr):
         left, right = (self.parenthesize(arg, PRECEDENCE["Mul"]) for arg in expr.args)
         return f"{left} @ {right}"
+
+    def _print_Shifted(self, expr):
+        return f"({self._print(expr.args[0])} - {self._print(expr.args[1])})"
+
+    def _print_FullLike(self, expr):
+        like, value = expr.args
+        return f"{self._print(like)}.copy()" if like == value else f"np.full_like({self._print(like)}, {self._print(value)})"
 
     def _print_Transpose(self, expr):
         return f"{self.parenthesize(expr.args[0], PRECEDENCE['Func'], strict=True)}.T"

@@ -7,10 +7,12 @@ import jinja2
 import sympy as sp
 
 from codegen.fused import FASTMATH, FusionError, fused_code, runtime_functions
-from codegen.kernels import (kernel_code, layer_kernels, linear_kernels, loss_kernels, reductions, sgd_kernel,
-                             with_mean_gradient)
+from codegen.kernels import (erf_kernel, kernel_code, layer_kernels, linear_kernels, loss_kernels, reductions,
+                             sgd_kernel, with_mean_gradient)
 from codegen.printer import print_code
+from codegen.stages import in_stage
 from derive.gradients import variants
+from derive.ops import Range
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -65,10 +67,19 @@ def render(env, template, source, generator, context):
 
 
 def param_context(param):
-    """A constructor option as the templates use it."""
-    checks = {"scalar": param.name, "class_weights": param.name, "element_weights": param.name,
-              "ignore_index": f"int({param.name})"}
-    return {"name": param.name, "default": repr(param.default), "check": checks[param.kind]}
+    """A constructor option as the templates use it: the _checks function that checks it in __init__ and
+    that function's arguments after the class's name (the option's name, its value, what it accepts)."""
+    checks = {"scalar": ("option", range_arguments(param.range)), "class_weights": ("weights", ["ndim=1"]),
+              "element_weights": ("weights", []), "ignore_index": ("option", ["integer=True"])}
+    check, accepted = checks[param.kind]
+    return {"name": param.name, "default": repr(param.default), "check": check,
+            "arguments": [f'"{param.name}"', param.name, *accepted]}
+
+
+def range_arguments(bounds):
+    """A Range as _checks.option's keyword arguments: those that differ from the default, any finite number."""
+    return [f"{field}={print_code(value) if field in ('low', 'high') else value}"
+            for field, value in bounds._asdict().items() if value != Range._field_defaults[field]]
 
 
 def with_calls(code, op):
@@ -171,10 +182,15 @@ def op_context(op, kernels=None):
     if op.kind == "layer":
         forward, backward = (with_calls(kernel_code(k), op) for k in kernels or layer_kernels(op))
         return {"op": op, "forward": forward, "backward": backward, "params": [param_context(p) for p in op.params],
-                "vector": op.forward.has(sp.Sum), **NUMPY}
+                "vector": op.forward.has(sp.Sum), **NUMPY, "runtime": special_functions(op)}
     if op.kind == "linear":
         return {"op": op, "kernels": [kernel_code(k) for k in linear_kernels(op)]}
-    return dict(loss_context(op), **NUMPY)
+    return dict(loss_context(op), **dict(NUMPY, runtime=special_functions(op)))
+
+
+def special_functions(op):
+    """The functions of _special a NumPy module imports: erf where the forward reads it."""
+    return ["erf"] if op.forward.has(sp.erf) else []
 
 
 def fast_context(op, context=None):
@@ -231,8 +247,8 @@ def mean_gradient_code(op, path, kernels, printed):
             "call": with_calls({"args": code["signature"]}, op)["call"]}
 
 
-def render_package(catalog):
-    """{file name: text} of the whole generated package."""
+def render_package(catalog, fused=True):
+    """{file name: text} of the whole generated package, the fused numba modules in fast/ if fused."""
     env, generator = environment(), generator_digest()
     ops = list(catalog.values())
     exports = [{"name": op.name, "module": op.module} for op in ops]
@@ -241,12 +257,22 @@ def render_package(catalog):
              "_base.py": render(env, "base.py.jinja", "derive/reduction.py", generator,
                                 {"reductions": {g: reductions(g) for g in ("row", "element")}}),
              "network.py": render(env, "network.py.jinja", "derive/optim.py", generator,
-                                  {"sgd": kernel_code(sgd_kernel())})}
-    contexts = {op.name: op_context(op) for op in ops}
+                                  {"sgd": kernel_code(sgd_kernel())}),
+             "_special.py": render(env, "special.py.jinja", "derive/special.py", generator,
+                                   {"erf": kernel_code(erf_kernel())})}
+    contexts = {}
     for op in ops:
-        files[f"{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
-                                          generator, contexts[op.name])
-    fast = [(op, fast_context(op, contexts[op.name])) for op in ops if op.kind in ("layer", "loss")]
+        with in_stage(op.name, "deriving and printing its NumPy kernels"):
+            contexts[op.name] = op_context(op)
+            files[f"{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
+                                              generator, contexts[op.name])
+    if not fused:
+        return files
+    fast = []
+    for op in ops:
+        if op.kind in ("layer", "loss"):
+            with in_stage(op.name, "printing its fused kernels (--backend numpy skips them)"):
+                fast.append((op, fast_context(op, contexts[op.name])))
     fast = [(op, context) for op, context in fast if context is not None]
     files[f"{FAST}/__init__.py"] = render(env, "fast_package.py.jinja", CATALOG_SOURCE, generator,
                                           {"ops": [{"name": op.name, "module": op.module} for op, _ in fast]})

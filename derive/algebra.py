@@ -67,22 +67,87 @@ def at_kinks(expr):
     hinge loss uses; a piecewise constant Piecewise((a, u > 0), (b, True)) (a leaky relu's derivative)
     is b + (a - b) H(u) when a and b do not read u's arrays (an infinite u then cannot make 0 * inf).
     As a step, not a choice between branches, a NaN u gives NaN (the printer's H), where
-    np.where(u > 0, a, b) would silently pick b."""
+    np.where(u > 0, a, b) would silently pick b. A Dirac delta (the derivative of sign or of a step)
+    is 0: the derivative away from its point, and PyTorch's at it."""
     expr = expr.replace(lambda e: isinstance(e, sp.Heaviside), lambda e: sp.Heaviside(e.args[0], 0))
+    expr = expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
     return expr.replace(lambda e: _step(e) is not None, lambda e: _step(e))
 
 
 def _step(piecewise):
-    """b + (a - b) H(u) for Piecewise((a, u > 0), (b, True)) with a, b free of u's arrays, else None."""
+    """The step form of Piecewise((a, u > v), (b, True)), a + (b - a) H(...) for u >= v, with a and b
+    free of u's and v's arrays, else None."""
     if not isinstance(piecewise, sp.Piecewise) or len(piecewise.args) != 2:
         return None
     (a, condition), (b, otherwise) = piecewise.args
-    if otherwise is not sp.true or not isinstance(condition, (sp.StrictGreaterThan, sp.StrictLessThan)):
+    if otherwise is not sp.true or not isinstance(condition, sp.core.relational.Relational) or isinstance(
+            condition, (sp.Eq, sp.Ne)):
         return None
     if (a.atoms(sp.Indexed) | b.atoms(sp.Indexed)) & condition.atoms(sp.Indexed):
         return None
-    u = condition.gts - condition.lts
-    return b + (a - b) * sp.Heaviside(u, 0)
+    if isinstance(condition, (sp.StrictGreaterThan, sp.StrictLessThan)):
+        return b + (a - b) * sp.Heaviside(condition.gts - condition.lts, 0)
+    # u >= v holds where v - u > 0 does not (NaN aside, which H propagates)
+    return a + (b - a) * sp.Heaviside(condition.lts - condition.gts, 0)
+
+
+class _RealAbs(sp.Function):
+    """|u| of a real u, to differentiate: sign(u) u' (SymPy's Abs goes through re and im when it
+    cannot prove u real, as for |sigmoid(x) - 1/2| or |log x|)."""
+
+    def fdiff(self, argindex=1):
+        return _RealSign(self.args[0])
+
+
+class _RealSign(sp.Function):
+    """sign(u), to differentiate: 0, away from u = 0 and by PyTorch's convention at it."""
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+
+class _Max(sp.Function):
+    """max(a, b), to differentiate: a tie goes to a, a' + (b' - a') H(b - a). SymPy's derivative,
+    a' H(a - b) + b' H(b - a), gives 0 on a tie (0 for max(|x|, x) at x > 0, where it is 1)."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        step = sp.Heaviside(b - a)
+        return 1 - step if argindex == 1 else step
+
+
+class _Min(sp.Function):
+    """min(a, b), to differentiate: a tie goes to a, a' + (b' - a') H(a - b)."""
+
+    nargs = 2
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        step = sp.Heaviside(a - b)
+        return 1 - step if argindex == 1 else step
+
+
+def first_wins_ties(extremum):
+    """Max(a, b, ...) as _Max(a, _Max(b, ...)), Min alike, with the arguments that read no array first:
+    a tie goes to the first, so the weights of the two sides' derivatives add up to 1 on a tie, and a
+    kink takes the flat side (0 for ReLU at 0, and for HardTanh at its bounds, as PyTorch)."""
+    first, *rest = sorted(extremum.args, key=lambda a: bool(a.atoms(sp.Indexed)))
+    binary = _Max if isinstance(extremum, sp.Max) else _Min
+    return binary(first, first_wins_ties(type(extremum)(*rest)) if len(rest) > 1 else rest[0])
+
+
+def for_differentiation(expr):
+    """expr with |u|, sign(u), max and min in the forms whose derivatives are the kernels' conventions."""
+    expr = expr.replace(lambda e: isinstance(e, (sp.Max, sp.Min)), first_wins_ties)
+    return expr.replace(sp.Abs, _RealAbs).replace(sp.sign, _RealSign)
+
+
+def differentiated(expr, wrt):
+    """d expr / d wrt with the conventions of for_differentiation, in SymPy's own functions."""
+    derivative = sp.diff(for_differentiation(expr), wrt)
+    return derivative.replace(_RealAbs, sp.Abs).replace(_RealSign, sp.sign).replace(_Max, sp.Max).replace(_Min, sp.Min)
 
 
 def in_terms_of(expr, saved, definition, index):

@@ -12,6 +12,12 @@ class sigmoid(sp.Function):
         # d/du 1/(1 + e^-u) = e^-u/(1 + e^-u)^2 = sigmoid(u) (1 - sigmoid(u)); tests check it
         return self * (1 - self)
 
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_positive(self):
+        return True if self.args[0].is_real else None
+
     def _eval_rewrite_as_exp(self, u, **kwargs):
         return 1 / (1 + sp.exp(-u))
 
@@ -36,9 +42,24 @@ def _logistic_denominator(factor):
     return None
 
 
+def _exponents_of_two(factor):
+    """(a, b) if factor is 1/(e^a + e^b), else None."""
+    if isinstance(factor, sp.Pow) and factor.exp == -1 and isinstance(factor.base, sp.Add) and len(factor.base.args) == 2:
+        a, b = factor.base.args
+        if isinstance(a, sp.exp) and isinstance(b, sp.exp):
+            return a.args[0], b.args[0]
+    return None
+
+
 def _named(expr):
     factors = list(sp.Mul.make_args(expr))
     for position, factor in enumerate(factors):
+        pair = _exponents_of_two(factor)
+        others = factors[:position] + factors[position + 1:]
+        for a, b in [pair, pair[::-1]] if pair else []:
+            if sp.exp(a) in others:  # e^a/(e^a + e^b) = sigmoid(a - b)
+                others.remove(sp.exp(a))
+                return sp.Mul(*others) * sigmoid(a - b)
         u = _logistic_denominator(factor)
         if u is None:
             continue

@@ -2,7 +2,7 @@
 variants a kernel is generated for (options at their neutral values, or in general)."""
 import sympy as sp
 
-from derive.algebra import at_kinks, contract, in_terms_of, tidy
+from derive.algebra import at_kinks, contract, differentiated, in_terms_of, tidy
 from derive.functions import as_sigmoid
 from derive.symbols import c, dy, g, i, j, t, x
 
@@ -41,7 +41,9 @@ def with_target(expr, target):
 
 def derivative(expr, wrt):
     """d expr / d wrt with kinks by convention, deltas contracted and sigmoids named."""
-    return as_sigmoid(contract(at_kinks(sp.diff(expr, wrt))))
+    # 1/(1 + e^-u) named sigmoid(u) first: its derivative is then sigmoid (1 - sigmoid), which logistic
+    # evaluates at any u, where the quotient rule's e^-u/(1 + e^-u)^2 is inf/inf from u = -89 in float32
+    return as_sigmoid(contract(at_kinks(differentiated(as_sigmoid(expr), wrt))))
 
 
 def saved_form(expr, op):

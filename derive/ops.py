@@ -1,10 +1,60 @@
 """What an operation is: the dataclasses every declaration produces, and the registry's rules."""
+import math
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import sympy as sp
 
 from derive.symbols import K
+
+
+# Range.of's forms: a comparison ("> 0", "<= 1") or an interval ("[0, 1]", "(0, 1]")
+RANGE = re.compile(r"\s*(?:(?P<side>[<>]=?)\s*(?P<bound>[^\s,]+)|"
+                   r"(?P<left>[\[(])\s*(?P<low>[^\s,]+)\s*,\s*(?P<high>[^\s,]+)\s*(?P<right>[\])]))\s*")
+
+
+class Range(NamedTuple):
+    """The values a scalar option accepts: low to high, an open end excluded. An infinite end is no
+    bound, and infinity itself is accepted only at a closed one ("[0, inf]"); NaN never is."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = True
+    high_open: bool = True
+
+    def __contains__(self, value):
+        return ((self.low < value) if self.low_open else (self.low <= value)) and (
+            (value < self.high) if self.high_open else (value <= self.high))
+
+    @classmethod
+    def of(cls, text):
+        """The range written "> a", ">= a", "< b", "<= b", or as an interval "[a, b]", "(a, b]", "[a, b)", "(a, b)"."""
+        match = RANGE.fullmatch(text) if isinstance(text, str) else None
+        if match is None:
+            raise ValueError(f"range {text!r} is none of '> a', '>= a', '< b', '<= b', '[a, b]', '(a, b]', "
+                             f"'[a, b)', '(a, b)'")
+        if match["side"]:
+            value, closed = bound(text, match["bound"]), match["side"].endswith("=")
+            found = (cls(low=value, low_open=not closed) if match["side"][0] == ">"
+                     else cls(high=value, high_open=not closed))
+        else:
+            found = cls(bound(text, match["low"]), bound(text, match["high"]), match["left"] == "(",
+                        match["right"] == ")")
+        if not found.low < found.high:
+            raise ValueError(f"range {text!r} holds at most one value")
+        return found
+
+
+def bound(text, word):
+    """A range's end as a float (inf and -inf too), refusing anything else."""
+    try:
+        value = float(word)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        raise ValueError(f"range {text!r}: {word!r} is not a number")
+    return value
 
 
 @dataclass(frozen=True)
@@ -18,6 +68,7 @@ class Param:
     neutral: object = None
     kind: str = "scalar"           # scalar | class_weights | element_weights | ignore_index
     example: object = None         # a value other than the default, for the tests (scalars)
+    range: Range = Range()         # the values a scalar accepts: by default any finite real number
 
 
 @dataclass(frozen=True)
@@ -37,6 +88,7 @@ class Op:
     mean_weight: dict = field(default_factory=dict)  # target -> each entry's weight in the mean
     domain: tuple = (-3.0, 3.0)    # inputs drawn uniformly from here in the tests
     tol: float = 1e-6              # largest finite-difference relative error accepted
+    constraints: tuple = ()        # ((option, "<=", option), ...): comparisons the constructor checks
 
     @staticmethod
     def index_range(index):
@@ -52,7 +104,7 @@ class Op:
 KINDS = ("layer", "loss", "linear")
 
 
-RESERVED_MODULES = ("__init__", "_base", "_checks", "network")
+RESERVED_MODULES = ("__init__", "_base", "_checks", "_special", "network")
 
 
 def build_catalog(*ops, taken=()):

@@ -1,19 +1,23 @@
 """Numerically stable rewrites, each an identity (tests check every one preserves the value).
 
+erf is no rewrite: each backend calls an erf function printed once from derive.special.erf_numpy.
+
 The kernels evaluate what these return; the derivations differentiate the plain forms."""
 import functools
 
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-from derive.functions import sigmoid
-from derive.special import Clip, ExpToInf, erf_numpy
+from derive.functions import as_sigmoid, sigmoid
+from derive.special import Clip, ExpToInf
 from derive.symbols import ClassMax
 
 
 def split_logs(expr):
-    """log(a/b) = log a - log b and log(exp u) = u: log p never forms p, which underflows."""
-    return sp.expand_log(expr, force=True)
+    """log(a/b) = log a - log b and log(exp u) = u: log p never forms p, which underflows. Only where
+    SymPy proves a and b positive (exponentials, their sums): log((x + 5)(x + 4)) is not
+    log(x + 5) + log(x + 4) for x < -5, where the left side is real and the right one NaN."""
+    return sp.expand_log(expr, force=False)
 
 
 def log_of_sigmoid(expr):
@@ -48,7 +52,7 @@ def hinge_as_step(expr):
     product is exact there, each of BCE's two terms is >= 0 for t in [0, 1] (a target outside,
     which PyTorch accepts too, may cancel), and it is one pass less."""
     def stepped(add):
-        for hinge in [a for a in add.args if isinstance(a, sp.Max) and 0 in a.args]:
+        for hinge in [a for a in add.args if isinstance(a, sp.Max) and len(a.args) == 2 and 0 in a.args]:
             (negated,) = [a for a in hinge.args if a != 0]
             u = -negated
             partners = [t for t in add.args if t is not hinge and not (t / u).has(u)]
@@ -76,6 +80,54 @@ def _indexed_base(exponent, index):
     if len(bases) != 1:
         raise ValueError(f"shift_by_max: cannot tell which row to take the max of in exp({exponent})")
     return bases.pop()
+
+
+def exp_sums_shifted(expr):
+    """sum_i c_i exp(a_i) = exp(M) sum_i c_i exp(a_i - M), M = max_i a_i, for two or more exponentials
+    and nothing else: no exp of the sum overflows where the sum itself is finite, and in a quotient of
+    two such sums over the same exponents (log(e^x + e^-x)'s derivative, (e^x - e^-x)/(e^x + e^-x)) the
+    factors exp(M) cancel, where the plain quotient is inf/inf = NaN from x = 89 in float32."""
+    def shifted(add):
+        terms = [term.as_independent(sp.exp, as_Add=False) for term in add.args]
+        if len(terms) < 2 or not all(isinstance(e, sp.exp) and not c.has(sp.exp) for c, e in terms):
+            return add
+        top = sp.Max(*[e.args[0] for _, e in terms])
+        return sp.exp(top) * sp.Add(*[c * sp.exp(e.args[0] - top) for c, e in terms])
+    return expr.replace(lambda e: isinstance(e, sp.Add), shifted)
+
+
+def exp_quotients_shifted(expr):
+    """num / sum_i c_i exp(a_i) = (num exp(-M)) / sum_i c_i exp(a_i - M), M the largest exponent (0 for a
+    constant term, c exp(0)), with exp(-M) taken into num's exponentials: the denominator is then at
+    least one term's c and at most a sum of c's, and (e^2x - 1)/(e^2x + 1), log-cosh's derivative as
+    SymPy cancels it, is 1 at x = 50 in float32, not inf/inf = NaN."""
+    def terms(add):
+        """[(c, a)] of add = sum c exp(a), a constant c as c exp(0); None for any other add."""
+        found = [(term, sp.S.Zero) if term.is_number else term.as_independent(sp.exp, as_Add=False)
+                 for term in sp.Add.make_args(add)]
+        found = [(c, e if e == 0 else e.args[0] if isinstance(e, sp.exp) else None) for c, e in found]
+        exps = sum(1 for _, a in found if a != 0)
+        return found if exps and len(found) > 1 and all(a is not None and not c.has(sp.exp) for c, a in found) else None
+
+    def shifted(mul):
+        for factor in mul.args:
+            if factor.is_Pow and factor.exp.is_Integer and factor.exp < 0 and factor.base.is_Add:
+                found = terms(factor.base)
+                if found:
+                    break
+        else:
+            return mul
+        top = sp.Max(*{a for _, a in found})
+        scale = sp.exp(top * factor.exp)
+        denominator = sp.Add(*[c * sp.exp(a - top) for c, a in found]) ** factor.exp
+        rest = [f for f in mul.args if f is not factor]
+        sums = [f for f in rest if f.is_Add and terms(f)]
+        if sums and factor.exp == -1:  # exp(-M) into the numerator's own sum of exponentials
+            rest.remove(sums[0])
+            scaled = sp.Add(*[c * sp.exp(a - top) for c, a in terms(sums[0])])
+            return sp.Mul(*rest, scaled, denominator)
+        return sp.Mul(*rest, scale, denominator)
+    return expr.replace(lambda e: isinstance(e, sp.Mul), shifted)
 
 
 def logistic(expr):
@@ -115,11 +167,6 @@ def clip_branches(expr):
     return expr.replace(lambda e: isinstance(e, sp.Piecewise), clipped)
 
 
-def erf_by_numpy(expr):
-    """erf(u) as derive.special's series and continued fraction: NumPy has no erf."""
-    return expr.replace(lambda e: isinstance(e, sp.erf), lambda e: erf_numpy(e.args[0]))
-
-
 def sigmoid_by_branches(expr):
     """1/(1 + exp(u)) = (1 where u <= 0, exp(-|u|) where u > 0)/(1 + exp(-|u|)): exact, and its
     exponential is softplus's exp(-|u|), which a fused kernel computes once for both (BCE's loss and
@@ -139,12 +186,13 @@ def sigmoid_by_branches(expr):
 
 
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
-REWRITES = (("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
+REWRITES = (("logistic quotients named", as_sigmoid, True), ("exponential sums shifted", exp_sums_shifted, True),
+            ("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
             ("one softplus", one_softplus, True), ("softplus", softplus, True), ("hinge as a step", hinge_as_step, True),
             ("shift by the row max", shift_by_max, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
-            ("expm1", exp_minus_one, True), ("clip branches", clip_branches, True),
-            ("logistic", logistic, True), ("erf by series and continued fraction", erf_by_numpy, False))
+            ("exponential quotients shifted", exp_quotients_shifted, True), ("expm1", exp_minus_one, True), ("clip branches", clip_branches, True),
+            ("logistic", logistic, True))
 
 
 @functools.lru_cache(maxsize=None)  # pure, and asked for the same forms by every backend and kernel

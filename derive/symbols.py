@@ -51,6 +51,7 @@ class ClassMax(sp.Function):
     """max_k x_k of a row: the same for every class index, so it can shift exponentials."""
 
     nargs = 1
+    is_real = True                 # the max of a row of real numbers
 
     def _latex(self, printer):
         return r"\max_{k} %s_{k}" % printer._print(self.args[0])

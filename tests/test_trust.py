@@ -1,0 +1,234 @@
+"""What new users' own declarations hit, each a regression test: wrong fused kernels, crashes on constant or
+kinked derivatives, nested erf, rewrites that did not hold, ties, dtypes, tails that went NaN, runaway stages,
+and kernels written without verification."""
+import importlib
+import math
+import sys
+import time
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import codegen.pipeline as pipeline
+from codegen.fused import FusedPrinter
+from codegen.pipeline import codegen, summary
+from codegen.printer import KernelPrinter
+from codegen.stages import in_stage
+from derive.declare import DeclarationError, activation, elementwise_loss
+from derive.ops import build_catalog
+
+# name -> declaration: each crashed, hung or printed a wrong kernel before its fix
+DECLARED = {
+    "SigmoidSquared": activation("SigmoidSquared", "sigmoid(x)**2"),       # fused printed /v0*v0 for /(v0*v0)
+    "Double": activation("Double", "2*x"),                                 # a constant derivative: IndexError
+    "Identity": activation("Identity", "x"),
+    "SignedSquare": activation("SignedSquare", "sign(x)*x**2"),            # DiracDelta could not print
+    "PlusSign": activation("PlusSign", "x + sign(x)"),
+    "ErfErf": activation("ErfErf", "erf(erf(x))"),                         # RecursionError
+    "SigmoidErf": activation("SigmoidErf", "sigmoid(erf(x))"),
+    "Deep": activation("Deep", "sigmoid(log(cosh((erf(x))**2)))"),         # ran for 15 minutes
+    "ThreeMax": activation("ThreeMax", "Max(0, -x, x - 3) + 1"),          # too many values to unpack
+    "AbsSigmoid": activation("AbsSigmoid", "Abs(sigmoid(x) - 0.5)"),       # re() and im(): read-only output
+    "LogProduct": activation("LogProduct", "log((x + 5)*(x + 4))", domain=(-30.0, -6.0)),  # NaN below -5
+    "TiedMax": activation("TiedMax", "Max(Abs(x), x)"),                    # backward 0 for x > 0
+    "Swish": activation("Swish", "x/(1 + exp(-x))"),                       # backward NaN from x = 50
+    "LogCoshExp": activation("LogCoshExp", "log(exp(x) + exp(-x))"),       # backward NaN from x = 50
+    "Difference": elementwise_loss("Difference", "x - t"),                 # a constant derivative
+    "AbsErf": elementwise_loss("AbsErf", "Abs(erf(t - x))"),
+    "ExpAbove": elementwise_loss("ExpAbove", "Piecewise((exp(x), x > 2), (x, True))"),  # scalar g with out=
+    "CappedLinear": elementwise_loss("CappedLinear", "Piecewise((x, x <= 1), (1, True))"),  # int64 gradient
+    "Focal": elementwise_loss("Focal", "-(1 - sigmoid(x))**2*t*log(sigmoid(x)) - sigmoid(x)**2*(1 - t)*log(1 - sigmoid(x))"),
+}
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """The declarations generated, verified and published with both backends, imported."""
+    out = tmp_path_factory.mktemp("trust") / "declared"
+    reports, changed, _ = codegen(build_catalog(*DECLARED.values()), out, cache=None)
+    assert changed, summary(reports)
+    sys.path.insert(0, str(out.parent))
+    try:
+        yield importlib.import_module("declared"), importlib.import_module("declared.fast")
+    finally:
+        sys.path.remove(str(out.parent))
+        for name in [m for m in sys.modules if m == "declared" or m.startswith("declared.")]:
+            del sys.modules[name]
+
+
+def both(package, name):
+    return [getattr(module, name) for module in package]
+
+
+def layer_gradient(cls, x):
+    layer = cls()
+    layer.forward(x)
+    return layer.backward(np.ones_like(x))
+
+
+@pytest.mark.parametrize("name", ["Double", "Identity", "PlusSign", "SignedSquare"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_constant_or_kinked_derivative_is_an_array_of_xs_shape_and_dtype(package, name, dtype):
+    x = np.linspace(-2, 2, 12, dtype=dtype).reshape(3, 4)
+    for cls in both(package, name):
+        layer = cls()
+        y = layer.forward(x)
+        g = np.ones_like(x)
+        dx = layer.backward(g)
+        assert dx.shape == x.shape and dx.dtype == dtype and y.dtype == dtype
+        assert dx is not g and y is not x, "a result is an array of its own, never an argument"
+        slope = {"Double": 2.0, "Identity": 1.0, "PlusSign": 1.0}.get(name)
+        expected = np.full_like(x, slope) if slope else 2 * np.abs(x)  # sign's derivative is 0 off 0
+        np.testing.assert_allclose(dx, expected, rtol=1e-6)
+
+
+def test_the_fused_square_of_a_sigmoid_divides_by_the_whole_power(package):
+    x = np.linspace(-3, 3, 7)
+    s = 1 / (1 + np.exp(-x))
+    for cls in both(package, "SigmoidSquared"):
+        np.testing.assert_allclose(layer_gradient(cls, x), 2 * s * s * (1 - s), rtol=1e-12)
+
+
+def test_nested_erf_is_one_call_of_the_generated_erf(package):
+    x = np.linspace(-4, 4, 9)
+    expected = np.array([math.erf(math.erf(v)) for v in x])
+    for cls in both(package, "ErfErf"):
+        np.testing.assert_allclose(cls().forward(x), expected, rtol=1e-14, atol=1e-16)
+
+
+def test_a_tie_between_max_arguments_keeps_the_slope_they_share(package):
+    x = np.array([-2.0, -0.5, 0.5, 2.0])
+    for cls in both(package, "TiedMax"):
+        np.testing.assert_array_equal(layer_gradient(cls, x), [-1.0, -1.0, 1.0, 1.0])
+
+
+def test_max_of_three_arguments_takes_the_largest_ones_slope(package):
+    x = np.array([-2.0, 1.0, 5.0])
+    for cls in both(package, "ThreeMax"):
+        np.testing.assert_array_equal(layer_gradient(cls, x), [-1.0, 0.0, 1.0])
+
+
+def test_a_log_of_a_product_of_negative_factors_is_not_split(package):
+    for cls in both(package, "LogProduct"):
+        np.testing.assert_allclose(cls().forward(np.array([-20.0])), [math.log(15 * 16)], rtol=1e-14)
+
+
+@pytest.mark.parametrize("name, slope", [("Swish", lambda x: 1 / (1 + math.exp(-x)) * (1 + x - x / (1 + math.exp(-x)))),
+                                         ("LogCoshExp", math.tanh)])
+def test_derivatives_stay_finite_and_right_in_float32_tails(package, name, slope):
+    x = np.array([-100, -50, -20, 0.5, 20, 50, 100], np.float32)
+    for cls in both(package, name):
+        dx = layer_gradient(cls, x)
+        np.testing.assert_allclose(dx, [slope(float(v)) for v in x], rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["Difference", "CappedLinear", "ExpAbove"])
+def test_a_loss_gradient_has_xs_dtype_and_shape_whatever_the_reduction(package, name, dtype, reduction):
+    x = np.linspace(-1, 3, 12, dtype=dtype).reshape(3, 4)
+    t = np.zeros_like(x)
+    for cls in both(package, name):
+        loss = cls(reduction=reduction)
+        value = loss.forward(x, t)
+        dx = loss.backward(np.ones_like(x)) if reduction == "none" else loss.backward()
+        assert dx.shape == x.shape and dx.dtype == dtype and np.asarray(value).dtype == dtype
+
+
+def test_log_softmax_subtracts_the_row_max_before_the_log_sum():
+    import generated
+    import generated.fast
+    x = np.array([[0.0, 1e4, 1e4]], np.float32)
+    for cls in (generated.LogSoftmax, generated.fast.LogSoftmax):
+        assert cls().forward(x)[0, 1] == np.float32(-math.log(2))
+
+
+def test_a_stage_past_its_budget_or_raising_is_one_line_naming_the_operation_and_stage():
+    with pytest.raises(DeclarationError, match=r"^Slow: deriving took more than 0.2 s"):
+        with in_stage("Slow", "deriving", seconds=0.2):
+            time.sleep(5)
+    with pytest.raises(DeclarationError, match=r"^Broken: printing failed: IndexError: list index out of range$"):
+        with in_stage("Broken", "printing"):
+            [][0]
+
+
+def test_the_numpy_backend_alone_writes_no_fast_folder(tmp_path):
+    out = tmp_path / "pkg"
+    reports, changed, _ = codegen(build_catalog(DECLARED["Double"]), out, cache=None, backend="numpy")
+    assert changed and not (out / "fast").exists() and [r.name for r in reports] == ["Double"]
+
+
+def test_without_numba_the_fast_backend_is_refused_and_all_writes_numpy_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "numba_installed", lambda: False)
+    with pytest.raises(DeclarationError, match="--backend fast needs numba"):
+        codegen(build_catalog(DECLARED["Double"]), tmp_path / "pkg", cache=None, backend="fast")
+    assert not (tmp_path / "pkg").exists()
+    reports, changed, _ = codegen(build_catalog(DECLARED["Double"]), tmp_path / "pkg", cache=None)
+    assert changed and not (tmp_path / "pkg" / "fast").exists()
+
+
+def test_a_failing_fused_kernel_says_its_numpy_twin_passed(tmp_path, monkeypatch):
+    real = FusedPrinter._print_Pow
+    monkeypatch.setattr(FusedPrinter, "_print_Pow", lambda self, e, rational=False: real(self, e).replace("*", "/", 1)
+                        if e.exp == 2 else real(self, e))
+    reports, changed, _ = codegen(build_catalog(DECLARED["SigmoidSquared"]), tmp_path / "pkg", cache=None)
+    assert changed is None and not (tmp_path / "pkg").exists()
+    assert [r.ok for r in reports] == [True, False]
+    assert "the NumPy kernels passed; the fused kernels of SigmoidSquared did not" in summary(reports)
+    assert "--backend numpy" in summary(reports)
+
+
+# The class of the fused printer's bug: a form printed as a product or a quotient placed by the precedence of
+# a power. Every printer's output is evaluated against SymPy on expressions built to put powers, reciprocals
+# and square roots in each position: divisor, base, exponent, argument.
+u, v = sp.symbols("u v", positive=True)
+PLACES = [lambda a: 1 / a, lambda a: a ** 2, lambda a: a ** -2, lambda a: a ** 3, lambda a: sp.sqrt(a),
+          lambda a: 1 / sp.sqrt(a), lambda a: a ** sp.Rational(3, 2), lambda a: v ** a, lambda a: sp.exp(-a),
+          lambda a: v / a, lambda a: a / (v + 1), lambda a: -a, lambda a: a * v]
+AT = {u: 0.7, v: 1.3}
+NESTED = [e for outer in PLACES for inner in PLACES for e in [outer(inner(u + 1))] if e.subs(AT).is_real]
+
+
+# what either backend's printed code calls, as Python's math computes it
+SCOPE = {"np": np, "math": math, "T": float, "maximum": max, "minimum": min, "exp": math.exp, "log1p": math.log1p,
+         "erf": math.erf}
+
+
+def evaluate(code, values):
+    """A printed expression's value."""
+    return float(eval(code, dict(SCOPE, **values)))  # noqa: S307 (our own printers' output)
+
+
+@pytest.mark.parametrize("printer", [KernelPrinter, FusedPrinter])
+def test_every_printed_power_quotient_and_root_evaluates_as_sympy_does(printer):
+    wrong = [(str(expr), code) for expr in NESTED for code in [printer().doprint(expr)]
+             if not math.isclose(evaluate(code, {s.name: value for s, value in AT.items()}), float(expr.subs(AT)),
+                                 rel_tol=1e-12)]
+    assert not wrong, wrong
+
+
+def test_the_printer_check_catches_a_precedence_bug(monkeypatch):
+    real = FusedPrinter._print_Pow  # the bug as it was: a power printed as a product, unparenthesized
+    monkeypatch.setattr(FusedPrinter, "_print_Pow", lambda self, e, rational=False: "*".join(
+        [self.parenthesize(e.base, 60, strict=True)] * int(e.exp)) if e.exp.is_Integer and 0 < e.exp <= 4
+        else real(self, e))
+    with pytest.raises(AssertionError):
+        test_every_printed_power_quotient_and_root_evaluates_as_sympy_does(FusedPrinter)
+
+
+def test_the_generated_erf_is_within_a_few_ulps_of_maths_in_both_backends():
+    import numba
+
+    import generated._special
+    import generated.fast._runtime as runtime
+    fused = numba.njit(lambda values: np.array([runtime.erf(v) for v in values]))
+    x = np.concatenate([np.linspace(-6, 6, 4001), [0.0, -0.0, 2.0, -2.0, 1e-300, 30.0, 100.0]])
+    for dtype, ulps in ((np.float64, 4), (np.float32, 6)):  # as measured: the series summed in float32
+        values = x.astype(dtype)
+        truth = np.array([math.erf(float(v)) for v in values]).astype(dtype)
+        spacing = np.spacing(np.maximum(np.abs(truth), np.finfo(dtype).tiny))
+        for erf in (generated._special.erf, fused):
+            result = erf(values)
+            assert result.dtype == dtype
+            assert np.max(np.abs(result - truth) / spacing) <= ulps
