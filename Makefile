@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NODE := build/node
 KATEX := $(NODE)/node_modules/katex/dist
 
-.PHONY: test codegen demo docs screenshot chromium bench clean
+.PHONY: test codegen fuzz demo docs screenshot chromium bench clean
 .DEFAULT_GOAL := test
 
 $(PY):
@@ -15,6 +15,12 @@ $(PY):
 
 $(VENV)/installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# make codegen's own stamp: the generator needs sympy, numpy and jinja2, and numba (the fast extra) to verify
+# the fused kernels it writes by default; not the test extra's torch, scikit-learn and matplotlib.
+$(VENV)/codegen-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[fast]"
 	touch $@
 
 # The demo's own stamp: it needs scikit-learn and matplotlib, not the test extra's torch.
@@ -38,8 +44,13 @@ chromium:
 test: $(VENV)/installed $(NODE)/installed chromium
 	$(PY) -m pytest
 
-codegen: $(VENV)/installed
+codegen: $(VENV)/codegen-installed
 	$(VENV)/bin/symgrad codegen
+
+# the expression fuzzer at full size (make test runs a few dozen of its expressions)
+fuzz: $(VENV)/installed
+	mkdir -p build
+	$(PY) tests/fuzz.py --count 2000 --seed 1 --report build/fuzz.json
 
 demo: $(VENV)/demo-installed
 	$(VENV)/bin/symgrad demo

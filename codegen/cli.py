@@ -1,54 +1,86 @@
-"""The symgrad command: symgrad codegen, symgrad derive NAME, symgrad docs, symgrad demo."""
+"""The symgrad command: symgrad codegen, symgrad derive NAME, symgrad docs, symgrad demo.
+
+A user's error (a bad option, a declaration file that does not load, an operation that cannot be
+derived) ends the command with one line on stderr, symgrad <command>: <what is wrong>, and a non-zero
+status, having written nothing; SYMGRAD_DEBUG=1 shows the traceback instead."""
 import argparse
+import ast
+import functools
 import importlib.util
+import os
+import re
 import sys
-import tokenize
 from pathlib import Path
 
 import numpy as np
-import sympy as sp
 
 from codegen.latex import FORMATS
 from codegen.render import ROOT
+from derive.declare import DeclarationError
 
 KATEX_DIST = ROOT / "build" / "node" / "node_modules" / "katex" / "dist"
+# class names the generated package defines besides the operations: templates/package.py.jinja exports
+# Sequential and SGD, and every layer or loss module imports Layer or Loss from _base
+RESERVED_CLASSES = ("Layer", "Loss", "Sequential", "SGD")
+# what a user's input can raise; DeclarationError (a ValueError) is also how the engine names a failing operation
+USER_ERRORS = (DeclarationError, OSError, ValueError, SyntaxError)
+# a user error's exit status: 2 where 1 is the command's verdict (a gradient or a step that does not hold)
+ERROR_STATUS = {"check": 2, "derive": 2}
+
+
+def declared_catalog(path):
+    """{name: Op} of a declaration file, refused as codegen refuses it (a name taken by the catalog or the
+    package); what the file's own code raises becomes a DeclarationError naming the file."""
+    from derive.catalog import CATALOG
+    from derive.declare import load_ops
+    from derive.ops import build_catalog
+    try:
+        ops = load_ops(path)
+    except (DeclarationError, OSError):
+        raise
+    except Exception as error:  # the file's code failed (SyntaxError, NameError, ...): the user's error
+        raise DeclarationError(f"{path}: {type(error).__name__}: {error}") from error
+    return build_catalog(*ops, taken={*CATALOG, *RESERVED_CLASSES})
 
 
 def run_derive(args):
     from codegen.latex import format_derivation
     from derive.derivations import DERIVATIONS
-    if args.expr is not None and args.name:
-        print("symgrad derive: give a derivation's name or --expr, not both", file=sys.stderr)
-        return 2
-    if args.expr is not None:
+    if args.expr is not None and (args.name or args.ops):
+        raise ValueError("give --expr alone, not with a derivation's name or --ops")
+    if args.ops:
+        derivation = ops_derivation(args.ops, args.name)
+    elif args.expr is not None:
         derivation = expression_derivation(args.expr, args.wrt)
-        if derivation is None:
-            return 2
     elif args.list or not args.name:
         print("\n".join(DERIVATIONS))
         return 0
     elif args.name not in DERIVATIONS:
-        print(f"symgrad derive: no derivation named {args.name!r}; try one of: {', '.join(DERIVATIONS)}",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"no derivation named {args.name!r}; try one of: {', '.join(DERIVATIONS)}")
     else:
         derivation = DERIVATIONS[args.name]()
-    # an --expr derivation is always checked (quietly unless asked): no test has seen its input
-    if (args.check or args.expr is not None) and not checked(derivation, args.check):
+    # a derivation of the user's (--expr, --ops) is always checked (quietly unless asked): no test has seen it
+    if (args.check or args.expr is not None or args.ops) and not checked(derivation, args.check):
         return 1
     print(format_derivation(derivation, args.format))
     return 0
 
 
 def expression_derivation(text, wrt):
-    """The element-wise derivation of text by wrt, or None after saying what is wrong with them."""
+    """The element-wise derivation of text by wrt, text parsed as a declaration's expression is."""
+    from derive.declare import expression
     from derive.derivation_steps import elementwise_derivation
-    try:
-        expr = sp.parse_expr(text)
-        return elementwise_derivation(expr, sp.Symbol(wrt), f"y = {text}")
-    except (SyntaxError, tokenize.TokenError, TypeError, ValueError, sp.SympifyError) as error:
-        print(f"symgrad derive: cannot derive --expr {text!r} by {wrt}: {error}", file=sys.stderr)
-        return None
+    return elementwise_derivation(*expression(text, wrt), f"y = {text}")
+
+
+def ops_derivation(path, name):
+    """The element-wise derivation of operation name of a declaration file."""
+    from derive.derivation_steps import declared_derivation
+    catalog = declared_catalog(path)
+    if name not in catalog:
+        missing = f"no operation named {name!r} in {path}" if name else f"--ops {path} needs an operation's name"
+        raise DeclarationError(f"{missing}; it declares {', '.join(catalog) or 'none'}")
+    return declared_derivation(catalog[name])
 
 
 def checked(derivation, verbose):
@@ -66,12 +98,15 @@ def checked(derivation, verbose):
 
 def run_docs(args):
     from codegen.docs import headless_chromium, write_docs
+    from derive.derivation_steps import declared_derivation
     from derive.derivations import DERIVATIONS
     katex = Path(args.katex)
     if not (katex / "katex.min.js").exists():
-        print(f"symgrad docs: no KaTeX in {katex}; make docs installs it (npm ci in build/node)", file=sys.stderr)
-        return 1
-    for path in write_docs(Path(args.out), DERIVATIONS, katex):
+        raise FileNotFoundError(f"no KaTeX in {katex}; make docs installs it (npm ci in build/node)")
+    # declared operations go under their class names, which no built-in derivation's (lower case) can be
+    declared = {name: functools.partial(declared_derivation, op)
+                for name, op in (declared_catalog(args.ops) if args.ops else {}).items()}
+    for path in write_docs(Path(args.out), {**DERIVATIONS, **declared}, katex):
         print(f"wrote {path}")
     if args.screenshot:
         headless_chromium(Path(args.out).resolve() / "derivations.html", "--window-size=1000,1250",
@@ -81,37 +116,30 @@ def run_docs(args):
 
 
 def run_codegen(args):
-    from codegen.pipeline import codegen, summary
+    from codegen.pipeline import codegen, numba_installed, summary
     from derive.catalog import CATALOG
-    from derive.declare import DeclarationError, load_ops
-    from derive.ops import build_catalog
     if args.ops and not args.out:
         print("symgrad codegen: --ops needs --out (the folder of the package to generate)", file=sys.stderr)
         return 2
     out = Path(args.out or ROOT / "generated")
-    try:
-        catalog = build_catalog(*load_ops(args.ops), taken=CATALOG) if args.ops else CATALOG
-        reports, changed, seconds = codegen(catalog, out)
-    except (DeclarationError, ValueError, SyntaxError, NameError, ImportError) as error:
-        print(f"symgrad codegen: {error}\n{out} left untouched", file=sys.stderr)
-        return 1
+    reports, changed, seconds = codegen(declared_catalog(args.ops) if args.ops else CATALOG, out,
+                                        backend=args.backend)
     print(summary(reports))
     if changed is None:
         print(f"FAILED: {out} left untouched", file=sys.stderr)
         return 1
     print(f"{len(changed)} file(s) written in {out} ({seconds:.1f} s)" if changed
           else f"{out} up to date ({seconds:.1f} s)")
+    if args.backend == "all" and not numba_installed():
+        print("the fused backend (fast/) was not generated: numba, which verifies it, is not installed "
+              "(pip install 'symgrad[fast]')")
     return 0
 
 
 def run_new(args):
-    from derive.declare import DeclarationError, add_declaration, declaration_source
+    from derive.declare import add_declaration, declaration_source
     name = args.name[:1].upper() + args.name[1:]  # a class name: swish -> Swish
-    try:
-        line = declaration_source(name, args.expr)
-    except DeclarationError as error:
-        print(f"symgrad new: {error}", file=sys.stderr)
-        return 1
+    line = declaration_source(name, args.expr)
     if args.write:
         Path(args.write).write_text(add_declaration(Path(args.write).read_text() if Path(args.write).exists()
                                                     else None, line))
@@ -121,16 +149,40 @@ def run_new(args):
     return 0
 
 
+def shape_option(text):
+    """--shape's sizes: positive integers separated by commas."""
+    sizes = text.split(",")
+    if not all(size.strip().isdigit() and int(size) > 0 for size in sizes):
+        raise ValueError(f"--shape {text!r}: expected positive integers separated by commas, e.g. 4,5")
+    return tuple(int(size) for size in sizes)
+
+
+def init_options(text):
+    """--init's {name: value} from 'in_features=4,out_features=3', each value a Python literal; a comma
+    splits only before the next name=, so a value may be a tuple: 'shape=(2, 3),scale=0.5'."""
+    return dict(init_option(item) for item in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", text) if item.strip())
+
+
+def init_option(item):
+    """(name, value) of one --init item name=value."""
+    name, equals, value = (part.strip() for part in item.partition("="))
+    try:
+        if equals and name.isidentifier():
+            return name, ast.literal_eval(value)
+    except (ValueError, TypeError, SyntaxError):
+        pass
+    raise ValueError(f"--init {item.strip()!r}: expected name=value, the value a Python literal (4, 0.1, 'mean', None)")
+
+
 def run_check(args):
     from codegen.verify import check_class, load_class
+    cls, shape, init = load_class(args.target), shape_option(args.shape), init_options(args.init)
     try:
-        cls = load_class(args.target)
-        shape = tuple(int(v) for v in args.shape.split(","))
-    except (ValueError, ImportError, AttributeError, FileNotFoundError, SyntaxError) as error:
-        print(f"symgrad check: {error}", file=sys.stderr)
-        return 2
-    result = check_class(cls, shape, np.random.default_rng(args.seed), target=args.kind, tol=args.tol)
-    print(f"{args.target}: {result.report()}")
+        result = check_class(cls, shape, np.random.default_rng(args.seed), target=args.kind, tol=args.tol, init=init)
+    except Exception as error:  # the class's own code failed, or its constructor wants --init: the user's error
+        raise ValueError(f"{args.target}: {type(error).__name__}: {error}") from error
+    for line in result.report().splitlines():
+        print(f"{args.target} {line}")
     return 0 if result.ok else 1
 
 
@@ -151,22 +203,27 @@ def parser():
     top = argparse.ArgumentParser(prog="symgrad", description="Derive, generate and verify gradient code.")
     commands = top.add_subparsers(dest="command", required=True)
     derive = commands.add_parser("derive", help="print a derivation, every step with the rule that produced it")
-    derive.add_argument("name", nargs="?", help="which derivation (see --list)")
+    derive.add_argument("name", nargs="?", help="which derivation (see --list), or which operation of --ops FILE")
     derive.add_argument("--list", action="store_true", help="list the derivations")
     derive.add_argument("--format", choices=FORMATS, default="latex",
                         help="latex: an align* block; markdown: math between $$; text: for a terminal")
     derive.add_argument("--expr", help="derive this element-wise expression instead, e.g. 'log(1 + exp(x))'")
     derive.add_argument("--wrt", default="x", help="the variable of --expr (default x)")
+    derive.add_argument("--ops", metavar="FILE", help="derive operation NAME of this declaration file instead")
     derive.add_argument("--check", action="store_true", help="check every step first, reporting on stderr")
     derive.set_defaults(run=run_derive)
     docs = commands.add_parser("docs", help="write every derivation as Markdown and as HTML rendered by KaTeX")
     docs.add_argument("--out", default=str(ROOT / "build" / "docs"), help="the folder to write")
     docs.add_argument("--katex", default=str(KATEX_DIST), help="KaTeX's dist folder, bundled beside the HTML")
+    docs.add_argument("--ops", metavar="FILE", help="also the derivations of this declaration file's operations")
     docs.add_argument("--screenshot", help="also save a PNG of the HTML as headless Chromium renders it")
     docs.set_defaults(run=run_docs)
     generate = commands.add_parser("codegen", help="derive, generate and verify the kernels")
     generate.add_argument("--out", help="the package folder to write (default: generated/ of this checkout)")
     generate.add_argument("--ops", help="a declaration file of your own (a Python file defining OPS)")
+    generate.add_argument("--backend", choices=("numpy", "fast", "all"), default="all",
+                          help="which backends to generate and verify: numpy (generated/), fast (numba's fused "
+                               "loops in fast/), or all")
     generate.set_defaults(run=run_codegen)
     new = commands.add_parser("new", help="print (or --write) the declaration of an element-wise operation")
     new.add_argument("name", help="the class name, e.g. Swish")
@@ -178,6 +235,7 @@ def parser():
     check.add_argument("--shape", default="4,5", help="the input's shape (default 4,5)")
     check.add_argument("--kind", choices=("labels", "dense"), default="dense",
                        help="a loss's target: integer labels or a float array of the input's shape")
+    check.add_argument("--init", default="", help="the constructor's arguments, e.g. 'in_features=5,out_features=3'")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--tol", type=float, default=1e-6, help="the largest relative error accepted")
     check.set_defaults(run=run_check)
@@ -191,7 +249,13 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        if os.environ.get("SYMGRAD_DEBUG") == "1":
+            raise
+        print(f"symgrad {args.command}: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return ERROR_STATUS.get(args.command, 1)
 
 
 if __name__ == "__main__":

@@ -207,8 +207,8 @@ def fused_code(kernel, rows, loss, summed=False):
     else:
         name = kernel.name
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
-    args = arguments(exprs, {"c"} if uses_label else (), kernel.params)
-    if kernel.weight is not None:
+    args = arguments(exprs, ({"c"} if uses_label else set()) | set(kernel.takes), kernel.params)
+    if kernel.weight is not None and "g" in args:
         args.remove("g")  # the kernel computes it from its total
     unfused = sorted(set(args) - FUSED_ARGS - set(kernel.params))
     if unfused:

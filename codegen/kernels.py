@@ -45,6 +45,8 @@ class Kernel:
     summed: "Kernel" = None        # the same with L summed over every entry (an element-wise loss's forward)
     recompute: bool = False        # negations of arguments recomputed where read, not held in a buffer
     weight: sp.Expr = None         # g, each loss entry's weight, from the total the kernel computes (not an argument)
+    takes: tuple = ()              # arguments taken even where no output reads them (a loss backward's g: its
+                                   # class passes g, and a zero derivative reads none)
 
 
 def layer_kernels(op):
@@ -90,7 +92,7 @@ def loss_kernels(op, target, variant):
                       "is a buffer for it, which may be a saved array this call then overwrites.",
                       f"dx_j = {sp.sstr(gradient)}{note}", (("dx", shaped_like(lower(dense, j), X, FULL_SIZE)),),
                       None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity],
-                      params=param_names(op), out=True)
+                      params=param_names(op), out=True, takes=("g",))
     return forward, backward
 
 
@@ -220,7 +222,8 @@ def kernel_code(kernel):
     lines = assignments_in_place(assignments, returned, kernel.full, "out" if kernel.out else None, kernel.recompute)
     takes_out = any(code.endswith("out=out)") for _, code in lines)
     used = {s.name for e in exprs for s in e.free_symbols}
-    args = arguments(exprs, label_arguments(kernel, exprs), kernel.params) + (["out=None"] if takes_out else [])
+    args = arguments(exprs, label_arguments(kernel, exprs) | set(kernel.takes), kernel.params)
+    args += ["out=None"] if takes_out else []
     full = next((a for a in FULL_SIZE if a in args), None)
     summed = kernel_code(kernel.summed)["lines"] if kernel.summed else None
     if summed:
@@ -229,8 +232,20 @@ def kernel_code(kernel):
                                                       "mean or a sum needs." if summed else ""),
             "derivation": kernel.derivation, "args": args, "lines": lines, "summed_lines": summed,
             "sizes": [(name, how.format(a=full)) for name, how in (kernel.sizes or {}).items() if name in used],
+            "casts": [(name, f"{full}.dtype.type({name})") for name in kernel.params
+                      if full and read_by_function(exprs, name, kernel.params)],
             "at_label": None if kernel.at_label is None else print_code(returned[-1]),
             "returns": names, "overflows": any(e.has(ExpToInf) for e in exprs)}
+
+
+def read_by_function(exprs, name, params):
+    """Whether a NumPy function of numbers alone reads the option name in exprs: np.abs(beta) of a Python float
+    is a float64 scalar, which makes a float32 array float64, so the kernel first takes the option in x's
+    dtype (a Python float in arithmetic with an array, or a function of an array, keeps the array's dtype)."""
+    numbers = set(params) | {N.name, K.name, total.name}
+    return any(name in found and found <= numbers for e in exprs for node in sp.preorder_traversal(e)
+               if isinstance(node, sp.Function) or isinstance(node, sp.Pow) and not node.exp.is_Integer
+               for found in [{s.name for s in node.free_symbols}])
 
 
 def label_arguments(kernel, exprs):

@@ -7,6 +7,7 @@
 import importlib
 import importlib.util
 import inspect
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,10 +142,47 @@ def with_ignored_row(target, op):
     return target
 
 
+def reference(op):
+    """f(x, t) -> (value, derivative in x) of an element-wise op's forward at its default options, in
+    NumPy float64, as SymPy's expressions say (not the kernels'); None for an op over rows."""
+    import sympy as sp
+    from derive.algebra import differentiated
+    from derive.functions import sigmoid
+    from derive.gradients import neutralize
+    from derive.symbols import i, t, x
+    if op.forward.has(sp.Sum) or op.granularity == "row" and op.kind == "loss" or op.kind == "linear":
+        return None
+    xs, ts = sp.symbols("x t", real=True)
+    values = {p.symbol: p.default if p.neutral is None else p.neutral for p in op.params}
+    scalar = neutralize(op.forward, values).xreplace({x[i]: xs, t[i]: ts})
+    scalar = scalar.replace(sigmoid, lambda u: 1 / (1 + sp.exp(-u)))
+    if scalar.free_symbols - {xs, ts}:
+        return None
+    functions = [{"erf": np.vectorize(math.erf, otypes=[float])}, "numpy"]
+    return sp.lambdify((xs, ts), [scalar, differentiated(scalar, xs)], modules=functions)
+
+
+def defined_points(op, shape, rng, target=None, rounds=100):
+    """x of shape drawn from the op's domain where its forward and derivative are finite (log x is not,
+    at x < 0): an entry that is not is drawn again, up to rounds times."""
+    x = rng.uniform(*op.domain, shape)
+    f = reference(op)
+    if f is None:
+        return x
+    t = np.zeros(shape) if target is None or np.shape(target) != shape else target
+    with np.errstate(all="ignore"):
+        for _ in range(rounds):
+            bad = ~np.all([np.isfinite(np.broadcast_to(v, shape)) for v in f(x, t)], axis=0)
+            if not bad.any():
+                break
+            x[bad] = rng.uniform(*op.domain, int(bad.sum()))
+    return x
+
+
 def check_op(op, cls, rng, shape=(4, 5)):
     """[(variant, GradientCheck)] for every variant of a catalog op's generated class, in float64:
-    default options and example ones, every target kind and reduction."""
-    x = rng.uniform(*op.domain, shape)
+    default options and example ones, every target kind and reduction, at points where the op is defined."""
+    x = defined_points(op, shape, rng)
     option_sets = [{}] + ([example_options(op, shape, rng)] if op.params else [])
     if op.kind == "linear":
         layer = cls(shape[1], 3, l2=0.1, rng=rng)
@@ -159,6 +197,7 @@ def check_op(op, cls, rng, shape=(4, 5)):
         for options in option_sets:
             target = sample_target(kind, shape, rng)
             target = with_ignored_row(target, op) if options else target
+            x = defined_points(op, shape, rng, target)
             for reduction in REDUCTIONS:
                 upstream = rng.standard_normal(shape[0] if op.granularity == "row" else shape)
                 label = f"{kind}, {reduction}, {'options' if options else 'defaults'}"
@@ -169,28 +208,61 @@ def check_op(op, cls, rng, shape=(4, 5)):
 
 
 def load_class(spec):
-    """The class named by "path/to/module.py:ClassName"; a module inside a package folder is imported
-    as part of its package, so its relative imports work."""
+    """The class named by "path/to/module.py:ClassName". A module inside a package (generated/fast/relu.py)
+    is imported as part of its whole package, from the folder above the top one, so that its relative
+    imports (from .. import, from .._base import) work; what the module's own code raises is a ValueError."""
     path, _, name = spec.rpartition(":")
     if not path or not name:
         raise ValueError(f"expected path/to/module.py:ClassName, got {spec!r}")
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"no file {path}")
-    if (path.parent / "__init__.py").exists():
-        sys.path.insert(0, str(path.parent.parent))
-        module = importlib.import_module(f"{path.parent.name}.{path.stem}")
-    else:
-        loaded = importlib.util.spec_from_file_location(f"symgrad_checked_{path.stem}", path)
-        module = importlib.util.module_from_spec(loaded)
-        loaded.loader.exec_module(module)
+    top = path.parent
+    while (top / "__init__.py").exists() and (top.parent / "__init__.py").exists():
+        top = top.parent
+    dotted = ".".join(path.relative_to(top.parent).with_suffix("").parts)
+    try:
+        if (top / "__init__.py").exists():
+            if str(top.parent) not in sys.path:
+                sys.path.insert(0, str(top.parent))
+            module = importlib.import_module(dotted)
+        else:
+            loaded = importlib.util.spec_from_file_location(f"symgrad_checked_{path.stem}", path)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+    except Exception as error:  # the user's module failed to import: their error, said in one line
+        raise ValueError(f"{path}: importing it raised {type(error).__name__}: {error}") from error
+    if Path(module.__file__).resolve() != path:
+        raise ValueError(f"{path}: {dotted} is already imported from {module.__file__}")
+    if not inspect.isclass(getattr(module, name, None)):
+        raise ValueError(f"{path} defines no class {name}")
     return getattr(module, name)
 
 
-def check_class(cls, shape, rng, *, target="dense", tol=1e-6):
-    """gradcheck for any class with the forward/backward convention, in float64 at random inputs:
-    a layer (forward(x)) against sum(forward(x) * u), a loss (forward(x, target)) against its value."""
+@dataclass(frozen=True)
+class ClassCheck:
+    """check_class's verdict: the gradient in the input, then in each parameter the class lists in params."""
+
+    checks: tuple                  # ((name, GradientCheck), ...), the input x first
+
+    @property
+    def ok(self):
+        return all(check.ok for _, check in self.checks)
+
+    def report(self):
+        """One line per gradient: d<name>, then GradientCheck.report()."""
+        return "\n".join(f"d{name}: {check.report()}" for name, check in self.checks)
+
+
+def check_class(cls, shape, rng, *, target="dense", tol=1e-6, init=None):
+    """gradcheck for any class with the forward/backward convention, in float64 at random inputs, of one
+    instance cls(**init): a layer (forward(x)) against sum(forward(x) * u), and in each of its params
+    (Linear's W, b) too; a loss (forward(x, target)) against its value."""
+    instance = cls(**(init or {}))  # one instance: a fresh Linear would draw other weights
     x = rng.uniform(-2.0, 2.0, shape)
-    if len(inspect.signature(cls.forward).parameters) == 2:
-        return check_layer(cls, x, rng.standard_normal(shape), tol=tol)
-    return check_loss(cls, x, sample_target(target, shape, rng), tol=tol)
+    if len(inspect.signature(cls.forward).parameters) != 2:  # forward(self, x, target)
+        return ClassCheck((("x", check_loss(lambda: instance, x, sample_target(target, shape, rng), tol=tol)),))
+    upstream = rng.standard_normal(np.shape(instance.forward(x)))
+    checks = [("x", check_layer(lambda: instance, x, upstream, tol=tol))]
+    return ClassCheck((*checks, *check_parameters(instance, x, upstream, tol=tol))
+                      if getattr(instance, "params", None) else tuple(checks))

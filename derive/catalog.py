@@ -7,7 +7,7 @@ from derive import backprop, losses
 from derive.activations import log_softmax
 from derive.declare import activation, elementwise_loss
 from derive.functions import sigmoid
-from derive.ops import Op, Param, build_catalog
+from derive.ops import Op, Param, Range, build_catalog
 from derive.softmax import softmax
 from derive.symbols import eps, i, margin, mask, p, pw, w, x, y
 
@@ -36,9 +36,10 @@ OPS = (
     activation("Mish", "x*tanh(log(1 + exp(x)))", summary="x tanh(softplus(x)), element-wise",
                domain=(-6.0, 6.0)),
     activation("Softsign", "x/(1 + Abs(x))", summary="x / (1 + |x|), element-wise"),
-    # at min_val and max_val the derivative is 0, as PyTorch's hardtanh_backward
-    activation("HardTanh", "Min(Max(x, min_val), max_val)",
-               params={"min_val": -1.0, "max_val": 1.0}, summary="x clipped to [min_val, max_val], element-wise"),
+    # at min_val and max_val the derivative is 0, as PyTorch's hardtanh_backward; F.hardtanh refuses
+    # min_val > max_val
+    activation("HardTanh", "Min(Max(x, min_val), max_val)", params={"min_val": -1.0, "max_val": 1.0},
+               constraints=("min_val <= max_val",), summary="x clipped to [min_val, max_val], element-wise"),
     Op(name="Softmax", kind="layer", summary="softmax over the last axis", source="derive.softmax.softmax",
        forward=softmax(i), saved=((y, softmax(i)),)),
     Op(name="LogSoftmax", kind="layer", summary="log of the softmax over the last axis",
@@ -51,7 +52,8 @@ OPS = (
        saved=((p, softmax(i)),), targets=("labels", "dense"), target_range=(0, None), domain=(-5.0, 5.0),
        params=(Param("weight", w, None, neutral=1, kind="class_weights"),
                Param("ignore_index", mask, -100, neutral=1, kind="ignore_index"),
-               Param("label_smoothing", eps, 0.0, neutral=0, example=0.2)),
+               # PyTorch's check: 0.0 <= label_smoothing <= 1.0
+               Param("label_smoothing", eps, 0.0, neutral=0, example=0.2, range=Range.of("[0, 1]"))),
        mean_weight={"labels": losses.cross_entropy_mean_weight()}),
     Op(name="BinaryCrossEntropyWithLogits", kind="loss",
        summary="sigmoid then binary cross-entropy, fused, as torch.nn.functional.binary_cross_entropy_with_logits",
@@ -61,9 +63,10 @@ OPS = (
        params=(Param("weight", w, None, neutral=1, kind="element_weights"),
                Param("pos_weight", pw, None, neutral=1, kind="class_weights"))),
     elementwise_loss("MeanSquaredError", "(x - t)**2", summary="squared error, as torch.nn.functional.mse_loss"),
-    # Huber: at |x - t| = delta both pieces have the slope delta, so no convention is needed
+    # Huber: at |x - t| = delta both pieces have the slope delta, so no convention is needed; PyTorch
+    # refuses a delta <= 0
     elementwise_loss("Huber", "Piecewise(((x - t)**2/2, Abs(x - t) < delta), (delta*(Abs(x - t) - delta/2), True))",
-                     params={"delta": 1.0}, summary="Huber loss, as torch.nn.functional.huber_loss"),
+                     params={"delta": (1.0, "> 0")}, summary="Huber loss, as torch.nn.functional.huber_loss"),
     Op(name="MulticlassHinge", kind="loss",
        summary="seed 002's multiclass SVM loss: sum over j != c of max(0, x_j - x_c + margin)",
        source="derive.losses.multiclass_hinge", forward=losses.multiclass_hinge(), targets=("labels",),

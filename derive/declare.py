@@ -8,6 +8,9 @@ An expression is SymPy source in x (and t for a loss) and the parameters; each b
 derive.catalog, derived, generated and verified like every built-in one."""
 import importlib.util
 import keyword
+import math
+import operator
+import re
 
 import sympy as sp
 from sympy.core.function import AppliedUndef
@@ -16,13 +19,16 @@ from tokenize import TokenError
 from sympy.parsing.sympy_parser import auto_number, auto_symbol, parse_expr
 
 from derive.functions import sigmoid
-from derive.ops import Op, Param
+from derive.ops import Op, Param, Range
 from derive.symbols import i, t, x, y
 
 # The functions an expression may use, by the names it uses them under.
 FUNCTIONS = {name: getattr(sp, name) for name in ("exp", "log", "sqrt", "tanh", "sinh", "cosh", "atan", "erf",
                                                  "Abs", "sign", "Max", "Min", "Piecewise", "pi", "E")}
 FUNCTIONS["sigmoid"] = sigmoid
+# A constraint between two options, "min_val <= max_val", and how to test it at the defaults
+CONSTRAINT = re.compile(r"\s*(\w+)\s*(<=|<|>=|>)\s*(\w+)\s*")
+COMPARISONS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
 class DeclarationError(ValueError):
@@ -38,7 +44,7 @@ def parse(name, text, variables):
             expr = parse_expr(text, local_dict={**FUNCTIONS, **variables}, global_dict={
                 "Integer": sp.Integer, "Float": sp.Float, "Rational": sp.Rational, "Symbol": sp.Symbol,
                 "Function": sp.Function}, transformations=(auto_symbol, auto_number))
-        except (SyntaxError, TypeError, ValueError, TokenError) as error:
+        except (SyntaxError, TypeError, ValueError, TokenError, AttributeError) as error:
             raise DeclarationError(f"{name}: cannot parse {text!r}: {error}") from None
     if not isinstance(expr, sp.Expr):
         raise DeclarationError(f"{name}: {text!r} is not an expression")
@@ -73,17 +79,56 @@ def differentiable(name, expr, wrt):
 
 
 def declared_params(name, params):
-    """Params of the options {name: default}; each option's symbol is its name."""
-    for option, default in params.items():
-        check_name(option.capitalize())
-        if not isinstance(default, (int, float)):
-            raise DeclarationError(f"{name}: parameter {option} needs a number as default, got {default!r}")
-    return tuple(Param(option, sp.Symbol(option, real=True), float(default),
-                       example=round(0.7 * default, 6) if default else 0.3) for option, default in params.items())
+    """Params of the options {name: default or (default, range)}, a range as derive.ops.Range.of reads it
+    ("> 0", "[0, 1]"; none: any finite number); each option's symbol is its name."""
+    return tuple(declared_param(name, option, value) for option, value in params.items())
 
 
-def activation(name, expr, *, params=None, summary=None, saves_output=False, domain=(-3.0, 3.0), tol=1e-6):
-    """An element-wise layer y = expr(x); saves_output when backward is best written with y."""
+def declared_param(name, option, value):
+    """The Param of one option of the operation name, value its default or (default, range)."""
+    check_name(option.capitalize())
+    default, text = value if isinstance(value, tuple) and len(value) == 2 else (value, None)
+    if isinstance(default, bool) or not isinstance(default, (int, float)) or not math.isfinite(default):
+        raise DeclarationError(f"{name}: parameter {option} needs a finite number as default, got {value!r}")
+    try:
+        bounds = Range() if text is None else Range.of(text)
+    except ValueError as error:
+        raise DeclarationError(f"{name}: parameter {option}: {error}") from None
+    if default not in bounds:
+        raise DeclarationError(f"{name}: parameter {option}'s default {default} is outside its range {text!r}")
+    return Param(option, sp.Symbol(option, real=True), float(default), example=example(float(default), bounds),
+                 range=bounds)
+
+
+def example(default, bounds):
+    """A value other than default within bounds, for the tests: 0.7 times it where that is inside."""
+    near = [round(scale * default, 6) for scale in (0.7, 1.3)] if default else [0.3, -0.3]
+    halfway = [(default + end) / 2 for end in bounds[:2] if math.isfinite(end)]
+    return next(value for value in near + halfway if value != default and value in bounds)
+
+
+def declared_constraints(name, constraints, params):
+    """Constraints "a <= b" (<, <=, >, >=) between two of params as (a, relation, b), refusing one that
+    reads anything else or that the defaults break."""
+    defaults = {param.name: param.default for param in params}
+    declared = []
+    for text in (constraints,) if isinstance(constraints, str) else constraints:
+        match = CONSTRAINT.fullmatch(text) if isinstance(text, str) else None
+        if match is None or match[1] == match[3] or not {match[1], match[3]} <= defaults.keys():
+            raise DeclarationError(f"{name}: constraint {text!r} is not a comparison 'a <= b' (<, <=, >, >=) "
+                                   f"between two of its parameters ({', '.join(defaults) or 'it has none'})")
+        left, relation, right = match.groups()
+        if not COMPARISONS[relation](defaults[left], defaults[right]):
+            raise DeclarationError(f"{name}: the defaults {left}={defaults[left]}, {right}={defaults[right]} "
+                                   f"break constraint {text!r}")
+        declared.append((left, relation, right))
+    return tuple(declared)
+
+
+def activation(name, expr, *, params=None, constraints=(), summary=None, saves_output=False, domain=(-3.0, 3.0),
+               tol=1e-6):
+    """An element-wise layer y = expr(x); saves_output when backward is best written with y; constraints
+    between params as declared_constraints reads them."""
     check_name(name)
     params = declared_params(name, params or {})
     scalar = sp.Symbol("x", real=True)
@@ -92,10 +137,11 @@ def activation(name, expr, *, params=None, summary=None, saves_output=False, dom
     forward = forward.subs(scalar, x[i])
     return Op(name=name, kind="layer", summary=summary or f"{sp.sstr(forward.subs(x[i], sp.Symbol('x')))}, element-wise",
               source=f"derive.declare.activation ({name})", forward=forward,
-              saved=((y, forward),) if saves_output else (), params=params, domain=domain, tol=tol)
+              saved=((y, forward),) if saves_output else (), params=params,
+              constraints=declared_constraints(name, constraints, params), domain=domain, tol=tol)
 
 
-def elementwise_loss(name, expr, *, params=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
+def elementwise_loss(name, expr, *, params=None, constraints=(), summary=None, domain=(-3.0, 3.0), tol=1e-6):
     """A loss of each element, expr(x, t), against a target of x's shape, reduced as PyTorch reduces."""
     check_name(name)
     params = declared_params(name, params or {})
@@ -105,7 +151,8 @@ def elementwise_loss(name, expr, *, params=None, summary=None, domain=(-3.0, 3.0
     loss = loss.subs({scalars["x"]: x[i], scalars["t"]: t[i]})
     return Op(name=name, kind="loss", summary=summary or f"{expr}, element-wise",
               source=f"derive.declare.elementwise_loss ({name})", forward=loss, targets=("dense",),
-              granularity="element", params=params, domain=domain, tol=tol)
+              granularity="element", params=params, constraints=declared_constraints(name, constraints, params),
+              domain=domain, tol=tol)
 
 
 def load_ops(path):
@@ -142,3 +189,23 @@ def add_declaration(text, line):
     if closing is None:
         raise DeclarationError("cannot find the closing ] of the OPS list to add the declaration to")
     return "\n".join(lines[:closing] + [f"    {line},"] + lines[closing:]) + "\n"
+
+
+def expression(text, wrt="x"):
+    """(expr, wrt's symbol) of text for symgrad derive --expr: parsed as a declaration is, with the same
+    functions, and every other name a real constant (beta, gamma: not SymPy's functions of those names)."""
+    import io
+    import tokenize
+    if not wrt.isidentifier() or keyword.iskeyword(wrt) or wrt in FUNCTIONS:
+        raise DeclarationError(f"--wrt {wrt!r}: not a variable's name")
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (TokenError, SyntaxError) as error:
+        raise DeclarationError(f"--expr: cannot parse {text!r}: {error}") from None
+    # a name before ( is a call: left to parse, which refuses it unless FUNCTIONS has it
+    called = {name.string for name, after in zip(tokens, tokens[1:]) if after.string == "("}
+    names = {token.string for token in tokens if token.type == tokenize.NAME} - called - set(FUNCTIONS)
+    symbols = {name: sp.Symbol(name, real=True) for name in {*names, wrt} - set(keyword.kwlist)}
+    expr = parse("--expr", text, symbols)
+    differentiable("--expr", expr, symbols[wrt])
+    return expr, symbols[wrt]

@@ -73,6 +73,9 @@ def meaning(expr, definitions, known=None):
 
     def walk(e, keep):
         if (e, keep) not in known:
+            # e stands for itself while it is evaluated: a Derivative that SymPy leaves unevaluated
+            # (of f(x), of re(x)) comes back from diff unchanged, and would be evaluated again forever
+            known[e, keep] = e
             known[e, keep] = evaluated(e, keep)
         return known[e, keep]
 

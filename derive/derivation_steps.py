@@ -261,7 +261,7 @@ def op_derivations(op):
 def elementwise_derivation(expr, var, title=None, output=OUTPUT):
     """output = expr, its derivative by var as SymPy differentiates it, simplified, then written with
     the output where that gives a polynomial in it (the form a kernel evaluates from what it saved)."""
-    if expr.has(output):
+    if output.name in {str(s) for s in expr.free_symbols}:  # by name: a real y is another Symbol, printed alike
         raise ValueError(f"{expr}: {output} names the output of the derivation; use another name")
     if not expr.has(var):
         raise ValueError(f"{expr} does not depend on {var}")
@@ -274,6 +274,17 @@ def elementwise_derivation(expr, var, title=None, output=OUTPUT):
     if with_output is not None:
         steps.append(Step(d, with_output, f"substitution of the output {output}"))
     return Derivation(title or f"{output} = {sp.sstr(expr)}", without_repeats(steps), ((output, expr),))
+
+
+def declared_derivation(op):
+    """The element-wise derivation of a declared operation (derive.declare's activation or
+    elementwise_loss): its forward in the scalars x (and t), as symgrad derive --expr derives one."""
+    scalars = {x[i]: sp.Symbol("x", real=True), t[i]: sp.Symbol("t", real=True)}
+    scalar = op.forward.xreplace(scalars)
+    if scalar.has(sp.Indexed):
+        raise ValueError(f"{op.name}: its forward {op.forward} is not element-wise")
+    return elementwise_derivation(scalar, scalars[x[i]], f"{op.name}: {op.summary}",
+                                  LOSS if op.kind == "loss" else OUTPUT)
 
 
 def simplest(expr):

@@ -104,15 +104,17 @@ class Op:
 KINDS = ("layer", "loss", "linear")
 
 
-RESERVED_MODULES = ("__init__", "_base", "_checks", "_special", "network")
+RESERVED_MODULES = ("__init__", "_base", "_checks", "_special", "network", "fast")
 
 
 def build_catalog(*ops, taken=()):
     """{name: op}, refusing a name declared twice, one in taken, or two names with one module."""
     catalog, modules = {}, {}
     for op in ops:
-        if op.name in catalog or op.name in taken:
+        if op.name in catalog:
             raise ValueError(f"operation {op.name!r} is declared twice (names must be unique)")
+        if op.name in taken:
+            raise ValueError(f"operation {op.name!r}: the name is taken by symgrad's own {op.name}")
         if op.kind not in KINDS:
             raise ValueError(f"operation {op.name!r}: kind must be one of {KINDS}, got {op.kind!r}")
         if op.module in modules or op.module in RESERVED_MODULES:

@@ -67,7 +67,7 @@ def test_a_bad_name_is_refused_with_the_reason(name, message):
 
 
 def test_a_name_clashing_with_the_catalog_or_another_declaration_is_refused():
-    with pytest.raises(ValueError, match="'Sigmoid' is declared twice"):
+    with pytest.raises(ValueError, match="'Sigmoid': the name is taken by symgrad's own Sigmoid"):
         build_catalog(activation("Sigmoid", "x"), taken=CATALOG)
     with pytest.raises(ValueError, match="'Twice' is declared twice"):
         build_catalog(activation("Twice", "x"), activation("Twice", "x**2"))
@@ -107,7 +107,7 @@ def test_a_user_declaration_file_outside_the_repository_works_end_to_end(tmp_pat
 
 @pytest.mark.parametrize("body, message", [
     ('from derive.declare import activation\nOPS = [activation("Oops", "x*beta")]\n', "Oops: unknown symbol beta"),
-    ('from derive.declare import activation\nOPS = [activation("Sigmoid", "x")]\n', "'Sigmoid' is declared twice"),
+    ('from derive.declare import activation\nOPS = [activation("Sigmoid", "x")]\n', "'Sigmoid': the name is taken"),
     ('OPS = 3\n', "defines no OPS list"),
 ])
 def test_codegen_refuses_a_bad_declaration_file_and_writes_nothing(tmp_path, capsys, body, message):

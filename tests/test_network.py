@@ -86,10 +86,12 @@ def test_sgd_updates_in_place_so_references_stay_valid():
     assert layer.W is weights
 
 
-@pytest.mark.parametrize("kwargs, message", [({"lr": 0.0}, "lr must be positive"),
-                                             ({"lr": 0.1, "momentum": 1.0}, "momentum must be in")])
-def test_sgd_refuses_bad_settings(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"lr": 0.0}, ValueError, "SGD: lr must be a finite real number > 0, got 0.0"),
+    ({"lr": 0.1, "momentum": 1.0}, ValueError, r"SGD: momentum must be a real number in \[0, 1\), got 1.0"),
+    ({"lr": "0.1"}, TypeError, "SGD: lr must be a finite real number > 0, got '0.1'")])
+def test_sgd_refuses_bad_settings(kwargs, error, message):
+    with pytest.raises(error, match=message):
         SGD([], **kwargs)
 
 

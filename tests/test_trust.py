@@ -232,3 +232,18 @@ def test_the_generated_erf_is_within_a_few_ulps_of_maths_in_both_backends():
             result = erf(values)
             assert result.dtype == dtype
             assert np.max(np.abs(result - truth) / spacing) <= ulps
+
+
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": np.array([1.0, 2.0, 0.5])}])
+def test_softmax_cross_entropy_subtracts_the_row_max_before_the_log_sum_on_every_path(options):
+    import generated
+    import generated.fast
+    x, labels = np.array([[0.0, 1e4, 1e4]], np.float32), np.array([1])
+    truth = generated.SoftmaxCrossEntropy(**options).forward(x.astype(np.float64), labels)
+    for cls in (generated.SoftmaxCrossEntropy, generated.fast.SoftmaxCrossEntropy):
+        assert abs(cls(**options).forward(x, labels) - truth) <= 2 * np.spacing(np.float32(truth))
+
+
+def test_an_operation_whose_module_would_shadow_the_fast_package_is_refused():
+    with pytest.raises(ValueError, match="module name 'fast'"):
+        build_catalog(activation("Fast", "x"))
