@@ -1,0 +1,693 @@
+"""Index notation: an operation declared as named steps over arrays, derived by reverse mode.
+
+    tensor_op("LayerNorm", inputs={"x": "n k"}, params={"gamma": ("k", "ones"), "beta": ("k", "zeros")},
+              options={"eps": 1e-5}, steps=["mu[n] = Sum(x[n, k], k) / K", ..., "y[n, k] = ..."])
+
+The language. An array's axes are index letters, and index k runs over 0..K-1 (its capital, a positive
+integer). Sum(e, k, j) sums e over the whole range of each index. An index expression is an index, a
+sum of indices, sizes and integers with each index counted once (m + j, h + H), or an integer target
+(x[n, c[n]], a label); every one must provably stay within its axis. An index that is no axis of an
+input, param or target has its size declared by a formula over the others (sizes={"M": "L - J + 1"}).
+A split axis is a shift: GLU's halves are x[n, h] and x[n, h + H], with sizes={"H": "K/2"}.
+
+The naming contract: y the output of a layer, L the loss of each entry of a loss; g the upstream
+gradient of the output (for a loss, each entry's weight under the reduction); g_s the adjoint of step
+s; dq the vector-Jacobian product of input or param q. A Sum over an empty range is 0 (not SymPy's
+Karr convention): a contracted Kronecker delta restricts a range to max(lo, a)..min(hi, b).
+"""
+import functools
+import io
+import itertools
+import keyword
+import math
+import operator
+import re
+import tokenize
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import sympy as sp
+from sympy.parsing.sympy_parser import auto_number, parse_expr
+
+from derive.algebra import at_kinks, differentiated
+from derive.functions import sigmoid
+
+INITS = ("ones", "zeros", "uniform")
+OUTPUT = {"layer": "y", "loss": "L"}
+STEP = re.compile(r"\s*(\w+)\s*(?:\[([^\]]*)\])?\s*=(?!=)(.*)", re.S)
+PARSE_GLOBALS = {"Integer": sp.Integer, "Float": sp.Float, "Rational": sp.Rational}
+
+
+class Assignment(NamedTuple):
+    """name[indices] = expr: a forward step, an adjoint or a vector-Jacobian product."""
+
+    name: str
+    indices: tuple
+    expr: sp.Expr
+
+    def __str__(self):
+        return f"{self.name}[{', '.join(map(str, self.indices))}] = {sp.sstr(self.expr)}"
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """One operation in index notation: its arrays by their index letters, and its steps."""
+
+    name: str
+    kind: str                      # "layer" (output y) or "loss" (output L, one loss per entry)
+    summary: str
+    source: str
+    inputs: dict                   # {name: (index Symbol, ...)}, differentiated
+    params: dict                   # {name: ((index Symbol, ...), init)}, differentiated, init in INITS
+    options: dict                  # {name: default}, constants
+    targets: dict                  # {name: (index Symbol, ...)} of a loss, not differentiated
+    labels: dict                   # {target: size}: the integer targets and the axis each indexes
+    sizes: dict                    # {size Symbol: formula over the other sizes}
+    steps: tuple                   # (Assignment, ...) in order, the last one the output
+    fan_in: dict                   # {uniform param: size product}: init bound 1/sqrt(fan_in), as PyTorch
+    domain: tuple = (-3.0, 3.0)    # inputs and params drawn uniformly from here in the checks
+    tol: float = 1e-6              # largest finite-difference relative error accepted
+
+
+@dataclass(frozen=True)
+class TensorDerivation:
+    """Reverse mode over an op's steps: the adjoint of each step, and per input and param its program."""
+
+    op: TensorOp
+    forward: tuple                 # op.steps
+    adjoints: tuple                # (Assignment g_s, ...) of every step but the output, output side first
+    gradients: dict                # {input or param: (adjoints it needs ..., Assignment d<name>)}
+
+    def __str__(self):
+        return "\n".join([f"{self.op.name}:", *map(str, self.forward)] + [
+            f"{name}:\n" + "\n".join(f"  {line}" for line in program) for name, program in self.gradients.items()])
+
+
+class GradientCheck(NamedTuple):
+    """One VJP at explicit sizes against central finite differences, and their relative difference."""
+
+    name: str
+    analytic: np.ndarray
+    numeric: np.ndarray
+    error: float
+
+
+def size_of(index):
+    """K for index k."""
+    return sp.Symbol(str(index).upper(), integer=True, positive=True)
+
+
+def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, summary=None, domain=(-3.0, 3.0),
+              tol=1e-6):
+    """A layer y[...] computed by steps from inputs, trainable params {name: (indices, init)} and options."""
+    return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol)
+
+
+def tensor_loss(name, *, inputs, steps, targets=None, params=None, options=None, sizes=None, summary=None,
+                domain=(-3.0, 3.0), tol=1e-6):
+    """A loss L[...] of each entry (reduced later by mean, sum or none), computed by steps from inputs and targets."""
+    return declared(name, "loss", inputs, params or {}, options or {}, targets or {}, sizes or {}, steps, summary,
+                    domain, tol)
+
+
+def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol):
+    """The TensorOp of a declaration, refusing anything ill-formed with a DeclarationError naming it."""
+    from derive.declare import DeclarationError, check_name  # imported here: derive.declare re-exports this module
+    check_name(name)
+
+    def refuse(problem):
+        raise DeclarationError(f"{name}: {problem}")
+
+    for option, default in options.items():
+        if isinstance(default, bool) or not isinstance(default, (int, float)) or not math.isfinite(default):
+            refuse(f"option {option} needs a finite number as default, got {default!r}")
+    for param, value in params.items():
+        if not (isinstance(value, tuple) and len(value) == 2 and value[1] in INITS):
+            refuse(f"param {param} must be (indices, init) with init one of {', '.join(INITS)}, got {value!r}")
+    axes = {array: axes_of(refuse, array, spec) for array, spec in
+            [*inputs.items(), *((p, spec) for p, (spec, _) in params.items()), *targets.items()]}
+    lines = [STEP.fullmatch(text) if isinstance(text, str) else None for text in steps]
+    if not steps or None in lines:
+        refuse(f"step {steps[lines.index(None)] if steps else None!r} is not 'name[i, j] = expression'")
+    known = set().union(*axes.values())
+    size_symbols = {size_of(index): index for index in known}
+    size_formulas = declared_sizes(refuse, sizes, size_symbols)
+    known |= set(size_formulas)
+    for target, spec, _ in (line.groups() for line in lines):
+        axes[target] = axes_of(refuse, target, spec or "", known, what="step")
+    arrays = {array: sp.IndexedBase(array, real=True) for array in axes}
+    names = [*((a, "an input") for a in inputs), *((p, "a param") for p in params), *((t, "a target") for t in targets),
+             *((line[1], "a step") for line in lines), *((o, "an option") for o in options),
+             *((str(i), "an index") for i in known),
+             *((str(size_of(i)), "a size") for i in known)]
+    check_names(refuse, names, arrays)
+    if lines[-1][1] != OUTPUT[kind]:
+        refuse(f"the last step defines {lines[-1][1]}; the output of a {kind} is {OUTPUT[kind]}")
+    namespace = {**arrays, **{str(i): i for i in known}, **{str(size_of(i)): size_of(i) for i in known},
+                 **{o: sp.Symbol(o, real=True) for o in options}, "Sum": Summed}
+    formulas = {size_of(i): formula for i, formula in size_formulas.items()}
+    assignments, labels, read = [], {}, set()
+    for number, line in enumerate(lines):
+        where = f"step {line[1]}"
+        expr = summed_out(refuse, where, parsed(where, line[3].strip(), namespace, refuse), known)
+        reads = reads_of(expr)
+        later = [s.group(1) for s in lines[number:] if s.group(1) in reads]
+        if later:
+            refuse(f"{where} reads {later[0]}, which is defined {'by itself' if later[0] == line[1] else 'later'}")
+        bare = unindexed(expr)
+        if bare:
+            refuse(f"{where} reads array {sorted(map(str, bare))[0]} without indices")
+        for access in expr.atoms(sp.Indexed):
+            check_access(refuse, where, access, axes, targets, labels, formulas, known)
+        lhs, free = set(axes[line[1]]), expr.free_symbols & known
+        if lhs != free:
+            problem = (f"index {sorted(map(str, lhs - free))[0]} of the lhs is not free in the rhs" if lhs - free else
+                       f"index {sorted(map(str, free - lhs))[0]} is free in the rhs but not on the lhs (Sum over it?)")
+            refuse(f"{where}: {problem}")
+        assignments.append(Assignment(line[1], axes[line[1]], expr))
+        read |= reads
+    read |= {str(symbol) for s in assignments for symbol in s.expr.free_symbols}
+    unread = [a for a in [*inputs, *params, *targets, *options, *(s.name for s in assignments[:-1])] if a not in read]
+    if unread:
+        refuse(f"{unread[0]} is never read")
+    return TensorOp(name=name, kind=kind, summary=summary or "; ".join(text.strip() for text in steps),
+                    source=f"derive.tensor.tensor_{'op' if kind == 'layer' else 'loss'} ({name})",
+                    inputs={a: axes[a] for a in inputs}, params={p: (axes[p], params[p][1]) for p in params},
+                    options={o: float(v) for o, v in options.items()}, targets={t: axes[t] for t in targets},
+                    labels=labels, sizes=formulas, steps=tuple(assignments),
+                    fan_in=fan_ins(assignments, [p for p, (_, init) in params.items() if init == "uniform"]),
+                    domain=domain, tol=tol)
+
+
+def axes_of(refuse, array, spec, known=None, what="array"):
+    """The index Symbols of "n k" (or "n, k" of a step's lhs), refusing repeated or unknown letters."""
+    letters = [letter for letter in re.split(r"[\s,]+", spec.strip()) if letter] if isinstance(spec, str) else None
+    if not letters or any(not re.fullmatch(r"[a-z]", letter) for letter in letters):
+        refuse(f"{what} {array}: indices must be single lower-case letters, got {spec!r}")
+    if len(set(letters)) < len(letters):
+        refuse(f"{what} {array}: an index is repeated in {spec!r}")
+    axes = tuple(sp.Symbol(letter, integer=True) for letter in letters)
+    unknown = [str(i) for i in axes if known is not None and i not in known]
+    if unknown:
+        refuse(f"{what} {array}: index {unknown[0]} is no axis of an input, param or target; "
+               f"declare its size {unknown[0].upper()} in sizes")
+    return axes
+
+
+def declared_sizes(refuse, sizes, size_symbols):
+    """{index: formula} of the declared sizes, each over the axes' sizes and the sizes before it."""
+    formulas = {}
+    for size, text in sizes.items():
+        if not re.fullmatch(r"[A-Z]", size):
+            refuse(f"size {size!r} is not a capital letter (the size of index {size.lower()!r})")
+        index = sp.Symbol(size.lower(), integer=True)
+        if index in size_symbols.values():
+            refuse(f"size {size} is already the size of an axis of index {index}")
+        namespace = {str(s): s for s in [*size_symbols, *map(size_of, formulas)]}
+        formulas[index] = parsed(f"size {size}", str(text), namespace, refuse)
+    return formulas
+
+
+def check_names(refuse, names, arrays):
+    """Refuse a name declared twice, and one the language or the naming contract reserves."""
+    seen = {}
+    for name, role in names:
+        if not name.isidentifier() or keyword.iskeyword(name):
+            refuse(f"{role} is named {name!r}, which is not an identifier")
+        if name in seen:
+            refuse(f"{name} is both {seen[name]} and {role}")
+        seen[name] = role
+    from derive.declare import FUNCTIONS
+    reserved = {"g", "Sum", *(f"g_{a}" for a in arrays), *(f"d{a}" for a in arrays), *FUNCTIONS}
+    taken = [name for name, role in names if name in reserved and role not in ("an index", "a size")]
+    if taken:
+        refuse(f"the name {taken[0]} is reserved: Sum, the functions, g (the upstream gradient), g_<step> "
+               f"and d<array> (adjoints)")
+
+
+def parsed(where, text, namespace, refuse):
+    """text as a SymPy expression over namespace and derive.declare.FUNCTIONS, any other name refused by name."""
+    from derive.declare import FUNCTIONS
+    try:
+        tokens = [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline)]
+        unknown = [(at, word) for at, word in enumerate(tokens) if word.isidentifier() and word not in namespace
+                   and word not in FUNCTIONS and word not in ("True", "False")]
+        expr = None if unknown else parse_expr(text, local_dict={**FUNCTIONS, **namespace},
+                                               global_dict=dict(PARSE_GLOBALS), transformations=(auto_number,))
+    except (SyntaxError, TypeError, ValueError, tokenize.TokenError, AttributeError, IndexError) as error:
+        refuse(f"{where}: cannot parse {text!r}: {error}")
+    if unknown:
+        at, word = unknown[0]
+        what = {"[": "array", "(": "function"}.get(tokens[at + 1], "name")
+        hint = f"; declare its size {word.upper()} in sizes if it is an index" if re.fullmatch("[a-z]", word) else ""
+        known = f"; known: {', '.join(sorted(FUNCTIONS))}" if what == "function" else hint if what == "name" else ""
+        refuse(f"{where}: unknown {what} {word} in {text!r}{known}")
+    if not isinstance(expr, sp.Expr):
+        refuse(f"{where}: {text!r} is not an expression")
+    return expr
+
+
+class Sum(sp.Sum):
+    """sp.Sum as given. SymPy's constructor folds a Piecewise out of its body, even out of an inner Sum whose
+    index the condition reads (Sum(g[n] Sum(Piecewise((t[n, k], t[n, k] > 0), ...), k), n) moves
+    t[n, k] > 0 out of the sum over k). Nested Sums merge, as SymPy's do."""
+
+    def __new__(cls, function, *limits):
+        while isinstance(function, Sum):   # Sum(Sum(f, inner), outer) is Sum(f, inner, outer)
+            function, limits = function.function, (*function.limits, *limits)
+        total = sp.Expr.__new__(cls, sp.sympify(function), *(sp.Tuple(*limit) for limit in limits))
+        total.is_commutative = total.function.is_commutative
+        return total
+
+
+class Summed(sp.Function):
+    """Sum(e, k, ...) as written, before summed_out makes it a sum over each index's range."""
+
+
+def summed_out(refuse, where, expr, known):
+    """expr with each Sum(e, k, j) as Sum(e, (k, 0, K - 1), (j, 0, J - 1))."""
+    if isinstance(expr, Summed):
+        body, *over = expr.args
+        if not over or any(index not in known for index in over) or len(set(over)) < len(over):
+            refuse(f"{where}: {sp.sstr(expr).replace('Summed', 'Sum')} must sum over distinct indices")
+        return Sum(summed_out(refuse, where, body, known), *((i, 0, size_of(i) - 1) for i in over))
+    if isinstance(expr, sp.Indexed) or not expr.args:
+        return expr
+    return expr.func(*(summed_out(refuse, where, arg, known) for arg in expr.args))
+
+
+def unindexed(expr):
+    """The arrays expr reads without indices."""
+    if isinstance(expr, sp.IndexedBase):
+        return {expr}
+    args = expr.indices if isinstance(expr, sp.Indexed) else expr.args
+    return set().union(*map(unindexed, args))
+
+
+def check_access(refuse, where, access, axes, targets, labels, formulas, known):
+    """Refuse an access of the wrong arity, or one whose index may leave its axis's range."""
+    array = access.base.name
+    if len(access.indices) != len(axes[array]):
+        refuse(f"{where}: {access} has {len(access.indices)} indices, {array} has {len(axes[array])}")
+    for index, axis in zip(access.indices, axes[array]):
+        if isinstance(index, sp.Indexed):
+            if index.base.name not in targets:
+                refuse(f"{where}: {access} is indexed by {index}; only an integer target can index an axis")
+            if labels.setdefault(index.base.name, size_of(axis)) != size_of(axis):
+                refuse(f"{where}: target {index.base.name} indexes axes of different sizes")
+            continue
+        bounds = extremes(index, known)
+        if bounds is None:
+            refuse(f"{where}: index {index} of {array} is not a sum of indices, sizes and integers, "
+                   f"each index once, nor an integer target")
+        low, high = (in_base_sizes(bound, formulas) for bound in bounds)
+        if not (low.is_nonnegative and (in_base_sizes(size_of(axis), formulas) - 1 - high).is_nonnegative):
+            refuse(f"{where}: index {index} of {access} may leave 0..{size_of(axis) - 1}; declare the size of "
+                   f"a shifted index in sizes")
+
+
+def extremes(index, known):
+    """(min, max) over the indices' ranges of a sum of indices (slopes 1 or -1), sizes and integers, else None."""
+    low = high = index
+    for i in index.free_symbols & known:
+        if linear(index, i) is None:
+            return None
+        first, last = (0, size_of(i) - 1)[::linear(index, i)[0]]
+        low, high = low.subs(i, first), high.subs(i, last)
+    return None if index.has(sp.Indexed) or not low.free_symbols <= set(map(size_of, known)) else (low, high)
+
+
+def linear(expr, v):
+    """(slope, rest) where expr = slope v + rest, slope 1 or -1 and rest free of v; else None."""
+    expr = sp.expand(expr)
+    slope = expr.coeff(v)
+    return (slope, expr - slope * v) if slope in (1, -1) and not (expr - slope * v).has(v) else None
+
+
+def in_base_sizes(expr, formulas):
+    """expr with each declared size replaced by its formula over the axes' sizes."""
+    for size, formula in reversed(formulas.items()):
+        expr = expr.subs(size, formula)
+    return sp.expand(expr)
+
+
+def fan_ins(steps, uniform):
+    """{param: product of the sizes of the indices it is summed over in the first step reading it}; a param
+    summed over none (a bias) takes that of the other params of its step, as PyTorch's bias takes its weight's."""
+    found = {}
+    for step in steps:
+        read = [p for p in uniform if p not in found and p in reads_of(step.expr)]
+        own = {p: sp.Mul(*map(size_of, sorted(summed_over(step.expr, p), key=str))) for p in read}
+        shared = next((fan for fan in own.values() if fan != 1), sp.S.One)
+        found.update({p: shared if fan == 1 else fan for p, fan in own.items()})
+    return found
+
+
+def summed_over(expr, array, bound=frozenset()):
+    """The indices of the Sums around expr's accesses of array that those accesses read."""
+    if isinstance(expr, sp.Sum):
+        return summed_over(expr.function, array, bound | {v for v, *_ in expr.limits})
+    if isinstance(expr, sp.Indexed):
+        return set().union(*(i.free_symbols for i in expr.indices)) & bound if expr.base.name == array else set()
+    return set().union(*(summed_over(arg, array, bound) for arg in expr.args))
+
+
+# Derivation: reverse mode over the named steps
+
+
+def derivation(op):
+    """The TensorDerivation of op: each step's adjoint from the steps that read it, each VJP likewise."""
+    differentiable = set(op.inputs) | set(op.params)
+    for step in op.steps:
+        if reads_of(step.expr) & differentiable:
+            differentiable.add(step.name)
+    output = op.steps[-1].name
+    readers = {name: [s for s in op.steps if name in reads_of(s.expr) and s.name in differentiable]
+               for name in differentiable}
+    contributions = {name: [vjp_term(op, step, name) for step in reversed(readers[name])] for name in differentiable}
+    adjoints = tuple(Assignment(f"g_{step.name}", step.indices, sp.Add(*contributions[step.name]))
+                     for step in reversed(op.steps[:-1]) if step.name in differentiable)
+    gradients = {}
+    for name in [*op.inputs, *op.params]:
+        needed, frontier = set(), [s.name for s in readers[name]]
+        while frontier:
+            step = frontier.pop()
+            if step != output and step not in needed:
+                needed.add(step)
+                frontier += [s.name for s in readers[step]]
+        axes = op.inputs[name] if name in op.inputs else op.params[name][0]
+        gradients[name] = tuple(a for a in adjoints if a.name[2:] in needed) + (
+            Assignment(f"d{name}", axes, sp.Add(*contributions[name])),)
+    return TensorDerivation(op, op.steps, adjoints, gradients)
+
+
+def reads_of(expr):
+    """The names of the arrays expr reads."""
+    return {access.base.name for access in expr.atoms(sp.Indexed)}
+
+
+def vjp_term(op, step, name):
+    """sum over step's indices of g_step * d step / d name[at], contracted, with at named name's own indices."""
+    axes = op.inputs.get(name) or (op.params[name][0] if name in op.params else next(
+        s.indices for s in op.steps if s.name == name))
+    at = tuple(sp.Dummy(str(i), integer=True) for i in axes)
+    adjoint = sp.IndexedBase("g" if step is op.steps[-1] else f"g_{step.name}", real=True)
+    derivative = at_kinks(differentiated(step.expr, sp.IndexedBase(name, real=True)[at]))
+    summed = Sum(adjoint[step.indices] * derivative, *((i, 0, size_of(i) - 1) for i in reversed(step.indices)))
+    ranges = {a: (0, size_of(i) - 1) for a, i in zip(at, axes)}
+    return in_terms_of_steps(substituted(contracted(summed, ranges, op.sizes), dict(zip(at, axes))), op.steps)
+
+
+def in_terms_of_steps(expr, steps):
+    """expr with each Sum a step defines written as that step, also within a Sum of terms:
+    Sum(2 mu[n] - 2 x[n, k], k) = 2 K mu[n] - 2 Sum(x[n, k], k) = 0 where mu[n] = Sum(x[n, k], k) / K."""
+    def rewritten(total):
+        variables = [v for v, *_ in total.limits]
+        if any(bound.has(sp.Max, sp.Min) for limit in total.limits for bound in limit[1:]):
+            return total
+        parts = [term.as_independent(*variables, as_Add=False) for term in sp.Add.make_args(total.function)]
+        parts = [(c, Sum(f, *total.limits) if f.has(*variables) else f * sp.Mul(
+            *(hi - lo + 1 for _, lo, hi in total.limits))) for c, f in parts]
+        defined = [(c, next(filter(None, (definition(f, step) for step in steps)), None)) for c, f in parts]
+        if all(d is None for _, d in defined):
+            return total
+        return sp.Add(*(c * (f if d is None else d) for (c, f), (_, d) in zip(parts, defined)))
+    return expr.replace(lambda e: isinstance(e, Sum), rewritten)
+
+
+def definition(total, step):
+    """step[...] if total is the Sum of step's rhs, c Sum(...), at some indices, divided by c; else None."""
+    coefficient, defining = step.expr.as_independent(Sum, as_Add=False)
+    if not (isinstance(total, Sum) and isinstance(defining, Sum)) or [l[1:] for l in total.limits] != [
+            l[1:] for l in defining.limits]:
+        return None
+    bound = [v for v, *_ in defining.limits]
+    if set(bound) & (total.function.free_symbols - {v for v, *_ in total.limits}):
+        return None   # renaming total's indices to the definition's would capture a free index
+    body = substituted(total.function, {v: w for (v, *_), w in zip(total.limits, bound)})
+    wilds = {i: sp.Wild(f"{i}_", exclude=bound) for i in step.indices}
+    match = body.match(defining.function.xreplace(wilds))
+    if match is None or any(w not in match for w in wilds.values()):
+        return None
+    at = tuple(match[wilds[i]] for i in step.indices)
+    return sp.IndexedBase(step.name, real=True)[at] / coefficient.xreplace(dict(zip(step.indices, at)))
+
+
+def contracted(expr, ranges, sizes):
+    """expr with each Kronecker delta in a Sum contracted: sum_v f(v) delta(v + a, b) = f(b - a) where
+    lo <= b - a <= hi; the condition folds into an enclosing Sum's range when it bounds that Sum's index,
+    is dropped when the ranges of the free indices prove it, and otherwise guards the term."""
+    if isinstance(expr, sp.Sum):
+        limits = expr.limits
+        body = contracted(expr.function, {**ranges, **{v: (lo, hi) for v, lo, hi in limits}}, sizes)
+        for depth, (v, lo, hi) in enumerate(limits):
+            scope = {**ranges, **{w: (l, h) for w, l, h in limits[depth + 1:]}}
+            body = sp.Add(*(summed_term(p, c, v, lo, hi, scope, sizes) for p, c in terms(body)))
+        return body
+    if isinstance(expr, (sp.Indexed, sp.IndexedBase)) or not expr.args:
+        return expr
+    return expr.func(*(contracted(arg, ranges, sizes) for arg in expr.args))
+
+
+def terms(expr):
+    """expr as [(product, conditions)], products distributed over the sums that hold a Kronecker delta or a
+    Piecewise, a Piecewise that holds a delta or is a guard Piecewise((e, c), (0, True)) opened into its
+    branches, each under its condition and the negations of the conditions before it."""
+    if not expr.has(sp.KroneckerDelta, sp.Piecewise):
+        return [(expr, ())]
+    if isinstance(expr, sp.Add):
+        return [term for arg in expr.args for term in terms(arg)]
+    if isinstance(expr, sp.Mul):
+        found = [(sp.S.One, ())]
+        for factor in expr.args:
+            found = [(p * q, c + d) for p, c in found for q, d in terms(factor)]
+        return found
+    if isinstance(expr, sp.Piecewise) and (expr.has(sp.KroneckerDelta) or expr.args[-1] == (0, True)):
+        found, before = [], ()
+        for value, condition in expr.args:
+            found += [(p, c + before + tuple(sorted(sp.And.make_args(condition), key=sp.default_sort_key)))
+                      for p, c in terms(value) if p != 0]
+            before += (sp.Not(condition),)
+        return found
+    return [(expr, ())]
+
+
+def summed_term(product, conditions, v, lo, hi, scope, sizes):
+    """sum over v in lo..hi of product where conditions hold."""
+    factors = sp.Mul.make_args(product)
+    for factor in factors:
+        value = solved(factor, v)
+        if value is not None:
+            rest = substituted(sp.Mul(*(f for f in factors if f is not factor)), {v: value})
+            return guarded(rest, [substituted(c, {v: value}) for c in conditions] + [
+                sp.Le(lo, value), sp.Le(value, hi)], scope, sizes)
+    inside = [c for c in conditions if v in c.free_symbols]
+    outside = [c for c in conditions if v not in c.free_symbols]
+    limits, inside = folded(inside, v, lo, hi, scope, sizes)
+    varying = sp.Mul(*(f for f in factors if v in f.free_symbols))
+    constant = sp.Mul(*(f for f in factors if v not in f.free_symbols))
+    whole = varying == 1 and not inside and limits == (lo, hi)
+    body = hi - lo + 1 if whole else Sum(guarded(varying, inside, {**scope, v: limits}, sizes), (v, *limits))
+    return guarded(constant * body, outside, scope, sizes)
+
+
+def solved(factor, v):
+    """e if factor is a Kronecker delta that holds where v = e, v read linearly (slope 1 or -1); else None."""
+    found = linear(factor.args[0] - factor.args[1], v) if isinstance(factor, sp.KroneckerDelta) else None
+    return None if found is None else -found[1] * found[0]
+
+
+def bound_of(condition, v):
+    """("lo", e) if condition says v >= e, ("hi", e) if it says v <= e, e free of v; else None."""
+    if not isinstance(condition, (sp.LessThan, sp.GreaterThan)) or condition.has(sp.Indexed):
+        return None
+    found = linear(condition.gts - condition.lts, v)   # slope v + rest >= 0
+    return None if found is None else ("lo", -found[1]) if found[0] == 1 else ("hi", found[1])
+
+
+def folded(conditions, v, lo, hi, scope, sizes):
+    """((lo, hi) narrowed by the conditions that bound v, the other conditions)."""
+    kept = []
+    for condition in conditions:
+        side, bound = bound_of(condition, v) or (None, None)
+        if side == "lo":
+            lo = lo if provable(bound, lo, scope, sizes) else bound if provable(lo, bound, scope, sizes) else sp.Max(
+                lo, bound)
+        elif side == "hi":
+            hi = hi if provable(hi, bound, scope, sizes) else bound if provable(bound, hi, scope, sizes) else sp.Min(
+                hi, bound)
+        else:
+            kept.append(condition)
+    return (sp.expand(lo), sp.expand(hi)), kept
+
+
+def guarded(expr, conditions, scope, sizes):
+    """Piecewise((expr, conditions), (0, True)) without the conditions that scope's ranges prove."""
+    open_ = []
+    for condition in dict.fromkeys(conditions):
+        if condition is sp.false:
+            return sp.S.Zero
+        if condition is not sp.true and not (isinstance(condition, (sp.LessThan, sp.GreaterThan)) and provable(
+                condition.lts, condition.gts, scope, sizes)):
+            open_.append(isolated(condition, scope))
+    return sp.Piecewise((expr, sp.And(*open_)), (0, True)) if open_ and expr != 0 else expr
+
+
+def isolated(condition, scope):
+    """condition solved for the one index of scope it reads, if it bounds it: 0 <= k - H as H <= k."""
+    inside = [s for s in condition.free_symbols if s in scope]
+    side, bound = bound_of(condition, inside[0]) if len(inside) == 1 and bound_of(condition, inside[0]) else (0, 0)
+    return sp.Le(bound, inside[0]) if side == "lo" else sp.Le(inside[0], bound) if side == "hi" else condition
+
+
+def provable(lesser, greater, scope, sizes):
+    """Whether lesser <= greater for every value of the indices in scope, each in its (lo, hi)."""
+    gap = sp.expand(greater - lesser)
+    for _ in range(len(scope) + 1):   # a bound may read an outer index: substitute again
+        inside = [s for s in gap.free_symbols if s in scope]
+        if not inside:
+            return bool(in_base_sizes(gap, sizes).is_nonnegative)
+        for s in inside:
+            if linear(gap, s) is None:
+                return False
+            gap = sp.expand(gap.subs(s, scope[s][0] if linear(gap, s)[0] > 0 else scope[s][1]))
+    return False
+
+
+def substituted(expr, mapping):
+    """expr with mapping's free symbols replaced: a Sum over one of them left alone, and a Sum whose index
+    a replacement reads renamed first (k to k'), so that nothing is captured."""
+    if isinstance(expr, sp.Symbol):
+        return mapping.get(expr, expr)
+    if isinstance(expr, sp.IndexedBase) or not expr.args:
+        return expr
+    if isinstance(expr, sp.Indexed):
+        return expr.base[tuple(substituted(i, mapping) for i in expr.indices)]
+    if not isinstance(expr, sp.Sum):
+        return expr.func(*(substituted(arg, mapping) for arg in expr.args))
+    variables = [v for v, *_ in expr.limits]
+    inner = {old: new for old, new in mapping.items() if old not in variables}
+    reads = set().union(*(sp.sympify(new).free_symbols for new in inner.values()))
+    taken = reads | expr.free_symbols | set(variables)
+    renamed = {v: next(fresh for n in itertools.count(1) if (fresh := sp.Symbol(f"{v.name}{chr(39) * n}",
+                                                                                integer=True)) not in taken)
+               for v in variables if v in reads}
+    limits = [(renamed.get(v, v), substituted(lo, mapping), substituted(hi, mapping)) for v, lo, hi in expr.limits]
+    return Sum(substituted(expr.function, {**inner, **renamed}), *limits)
+
+
+# The numeric check: explicit sizes, float64 loops, central differences
+
+OPERATIONS = {sp.Add: lambda *terms: sum(terms), sp.Mul: lambda *factors: math.prod(factors), sp.Pow: operator.pow,
+              sp.And: lambda *holds: all(holds), sp.Or: lambda *holds: any(holds), sp.Not: operator.not_,
+              sp.StrictLessThan: operator.lt, sp.LessThan: operator.le, sp.StrictGreaterThan: operator.gt,
+              sp.GreaterThan: operator.ge, sp.Equality: operator.eq, sp.Unequality: operator.ne,
+              sp.exp: math.exp, sp.log: math.log, sp.tanh: math.tanh, sp.sinh: math.sinh, sp.cosh: math.cosh,
+              sp.atan: math.atan, sp.erf: math.erf, sp.Abs: abs, sp.Max: max, sp.Min: min,
+              sp.sign: lambda u: float(u > 0) - float(u < 0), sigmoid: lambda u: 1 / (1 + math.exp(-u)),
+              sp.Heaviside: lambda u, at_zero=0.5: 1.0 if u > 0 else at_zero if u == 0 else 0.0,
+              sp.KroneckerDelta: lambda a, b: float(a == b)}
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(expr):
+    """A function (arrays, scope) -> the value of expr: arrays by name, symbols' values in scope. Only the
+    chosen branch of a Piecewise is evaluated, and an access outside its array raises IndexError."""
+    if isinstance(expr, sp.Indexed):
+        return read_of(expr)
+    if isinstance(expr, sp.Sum):
+        return sum_of(expr)
+    if isinstance(expr, sp.Piecewise):
+        branches = [(compiled(value), compiled(condition)) for value, condition in expr.args]
+        return lambda arrays, scope: next(value(arrays, scope) for value, holds in branches if holds(arrays, scope))
+    if isinstance(expr, sp.Symbol):
+        return lambda arrays, scope: scope[expr]
+    if not expr.args:   # an index's integers stay integers
+        value = bool(expr) if expr in (sp.true, sp.false) else int(expr) if expr.is_Integer else float(expr)
+        return lambda arrays, scope: value
+    if expr.func not in OPERATIONS:
+        raise TypeError(f"cannot evaluate {type(expr).__name__}: {expr}")
+    operation, args = OPERATIONS[expr.func], [compiled(arg) for arg in expr.args]
+    return lambda arrays, scope: operation(*(arg(arrays, scope) for arg in args))
+
+
+def read_of(access):
+    """The reader of one array entry, refusing an index outside the array (NumPy would wrap a negative one)."""
+    name, indices = access.base.name, [compiled(i) for i in access.indices]
+
+    def read(arrays, scope):
+        at = tuple(int(index(arrays, scope)) for index in indices)
+        if any(not 0 <= i < n for i, n in zip(at, arrays[name].shape)):
+            raise IndexError(f"{access} reads {name}{list(at)}, outside its shape {arrays[name].shape}")
+        return arrays[name][at]
+    return read
+
+
+def sum_of(total):
+    """The evaluator of a Sum, its last limit outermost; lo > hi is an empty range."""
+    body, limits = compiled(total.function), [(v, compiled(lo), compiled(hi)) for v, lo, hi in total.limits]
+
+    def summed(arrays, scope, depth=len(limits) - 1):
+        if depth < 0:
+            return body(arrays, scope)
+        v, lo, hi = limits[depth]
+        return sum(summed(arrays, {**scope, v: value}, depth - 1)
+                   for value in range(int(lo(arrays, scope)), int(hi(arrays, scope)) + 1))
+    return summed
+
+
+def explicit_sizes(op, given):
+    """{size Symbol: int} of the given sizes and op's formulas, each a positive integer."""
+    scope = {sp.Symbol(name, integer=True, positive=True): value for name, value in given.items()}
+    for size, formula in op.sizes.items():
+        value = formula.subs(scope)
+        if not (value.is_Integer and value > 0):
+            raise ValueError(f"{op.name}: size {size} = {formula} is {value} at {given}, not a positive integer")
+        scope[size] = int(value)
+    return scope
+
+
+def evaluated(assignments, arrays, scope):
+    """arrays with each assignment computed, in order, for every value of its indices."""
+    for assignment in assignments:
+        value, shape = compiled(assignment.expr), tuple(scope[size_of(i)] for i in assignment.indices)
+        result = np.empty(shape)
+        for at in np.ndindex(shape):
+            result[at] = value(arrays, {**scope, **dict(zip(assignment.indices, at))})
+        arrays = {**arrays, assignment.name: result}
+    return arrays
+
+
+def check_derivation_numerically(op, derivation, sizes, seed=0, values=None, step=1e-6):
+    """(GradientCheck, ...) of every VJP of derivation at the explicit sizes, against central differences of
+    sum(g * output); inputs and params random in op.domain, labels random classes, dense targets in 0..1,
+    unless values gives them."""
+    rng = np.random.default_rng(seed)
+    scope = {**explicit_sizes(op, sizes), **{sp.Symbol(o, real=True): v for o, v in op.options.items()}}
+
+    def shape(axes):
+        return tuple(scope[size_of(i)] for i in axes)
+
+    arrays = {name: rng.uniform(*op.domain, shape(axes)) for name, axes in
+              [*op.inputs.items(), *((p, axes) for p, (axes, _) in op.params.items())]}
+    arrays |= {t: rng.integers(0, scope[op.labels[t]], shape(axes)) if t in op.labels else
+               rng.uniform(0, 1, shape(axes)) for t, axes in op.targets.items()}
+    arrays |= {"g": rng.uniform(-1, 1, shape(op.steps[-1].indices)), **(values or {})}
+    forward = evaluated(op.steps, arrays, scope)
+    output = op.steps[-1].name
+
+    def objective(name, at, shift):
+        moved = arrays[name].copy()
+        moved[at] += shift
+        return float(np.sum(arrays["g"] * evaluated(op.steps, {**arrays, name: moved}, scope)[output]))
+
+    checks = []
+    for name, program in derivation.gradients.items():
+        analytic = evaluated(program, forward, scope)[program[-1].name]
+        numeric = np.zeros_like(arrays[name])
+        for at in np.ndindex(numeric.shape):
+            numeric[at] = (objective(name, at, step) - objective(name, at, -step)) / (2 * step)
+        scale = max(np.max(np.abs(numeric)), np.max(np.abs(analytic)), 1e-300)
+        checks.append(GradientCheck(name, analytic, numeric, float(np.max(np.abs(analytic - numeric)) / scale)))
+    return tuple(checks)
