@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-from codegen.lower import (AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Shifted, Squeeze,
-                           Transpose)
+from codegen.lower import (AtLabel, AxisSum, BatchSum, Column, FullLike, LabelEntry, MatMul, RowMax, RowSum, Shifted,
+                           Squeeze, Transpose)
 from codegen.printer import one_bound_clip, positive_first, print_code
 from derive.special import ExpToInf
 
@@ -150,6 +150,10 @@ class Flattener:
             return self.emit(POWERS[expr.exp], self.operand(expr.base))
         if isinstance(expr, sp.Pow) and expr.exp.is_Integer:
             return self.emit("power", self.operand(expr.base), expr.exp)
+        if isinstance(expr, FullLike):
+            # its value is printed whole: a choice between numbers is no float buffer to write into
+            like, value = expr.args
+            return self.whole_step(FullLike(self.operand(like), self.small(value, whole=True)))
         if isinstance(expr, Shifted):
             return self.emit("subtract", self.operand(expr.args[0]), self.small(expr.args[1]))
         if type(expr) in UNARY:
@@ -177,6 +181,10 @@ class Flattener:
             expr = sp.Piecewise(*[(self.operand(value), self.small(cond)) for value, cond in expr.args])
         else:
             expr = expr.func(*[self.operand(a) for a in expr.args])
+        return self.whole_step(expr)
+
+    def whole_step(self, expr):
+        """A step printing expr whole into a new full-size buffer."""
         self.count += 1
         target = sp.Symbol(f"u{self.count}")
         self.steps.append(Step(target, expr=expr, buffer=True))

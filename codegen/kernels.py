@@ -70,7 +70,8 @@ def loss_kernels(op, target, variant):
     values = variants(op, target)[variant]
     index = j if op.granularity == "row" else i
     loss = loss_forward(op, target, values)
-    per_entry = lower(stable(loss), index)
+    per_entry = shaped_like(lower(stable(loss), index), X, FULL_SIZE) if op.granularity == "element" else lower(
+        stable(loss), index)
     saved, in_saved, note = saved_arrays(op)
     # a row's weight depends on its row (its label, its mask) but for a number: sum only that over N
     omega = mean_weight(op, target, values)

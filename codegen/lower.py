@@ -124,6 +124,10 @@ def lower(expr, index, *, column=False):
     if not expr.args:
         return expr
     lowered = expr.func(*[lower(arg, index, column=column) for arg in expr.args])
+    if isinstance(expr, sp.Piecewise) and not any(value.atoms(sp.Indexed) for value, _ in expr.args):
+        # a choice between numbers by a condition on arrays: np.where would give float64 numbers
+        (array, *_), = [sorted(cond.atoms(sp.Indexed), key=str) for _, cond in expr.args[:1]]
+        return FullLike(sp.Symbol(array.base.name), lowered)
     return grouped_shifts(lowered) if isinstance(lowered, sp.Add) else into_branches(lowered)
 
 

@@ -172,7 +172,11 @@ def defined_points(op, shape, rng, target=None, rounds=100):
     t = np.zeros(shape) if target is None or np.shape(target) != shape else target
     with np.errstate(all="ignore"):
         for _ in range(rounds):
-            bad = ~np.all([np.isfinite(np.broadcast_to(v, shape)) for v in f(x, t)], axis=0)
+            try:
+                values = f(x, t)
+            except (TypeError, ValueError, ZeroDivisionError):  # what lambdify cannot evaluate: x as drawn
+                return x
+            bad = ~np.all([np.isfinite(np.broadcast_to(v, shape)) for v in values], axis=0)
             if not bad.any():
                 break
             x[bad] = rng.uniform(*op.domain, int(bad.sum()))

@@ -1,6 +1,5 @@
 """The simplification passes SymPy lacks for index notation: contracting Kronecker deltas in sums,
 a convention for derivatives at kinks, and writing a result in terms of a saved quantity."""
-from functools import reduce
 
 import sympy as sp
 
@@ -50,13 +49,18 @@ def _delta_partner(factor, index):
 
 
 def deltas_out_of_piecewise(expr):
-    """Piecewise((d a, c), (d b, True)) = d Piecewise((a, c), (b, True)) for a factor d common to all
-    branches, so that a Kronecker delta inside a piecewise derivative can contract."""
+    """Piecewise((d a, c), (d b, True)) = d Piecewise((a, c), (b, True)) for a Kronecker delta d that every
+    term of every branch holds once (a derivative by x_j of a function of x_i: each term has one
+    delta(i, j)), or a branch is 0, so that the delta can contract. The branches are not expanded: a gcd
+    would expand their polynomials, and (x - t)^5 expanded cancels to 1e-8 of its value."""
     def pulled(piecewise):
-        common = reduce(sp.gcd, [value for value, _ in piecewise.args])
-        if common in (0, 1):
+        values = [value for value, _ in piecewise.args if value != 0]
+        common = [d for d in sorted(piecewise.atoms(sp.KroneckerDelta), key=sp.default_sort_key)
+                  if values and all(value.has(d) and value.xreplace({d: 0}) == 0 for value in values)]
+        if not common:
             return piecewise
-        return common * sp.Piecewise(*[(sp.cancel(value / common), cond) for value, cond in piecewise.args])
+        delta = common[0]
+        return delta * sp.Piecewise(*[(value.xreplace({delta: 1}), cond) for value, cond in piecewise.args])
     return expr.replace(lambda e: isinstance(e, sp.Piecewise), pulled)
 
 

@@ -63,7 +63,7 @@ CONSTANTS = ("2", "3", "1/2", "pi", "E")
 THRESHOLDS = ("0", "1/2", "-1", "1")
 UNARY = ("exp", "tanh", "sinh", "cosh", "atan", "erf", "sigmoid", "Abs", "sign")
 # positive for any real argument: what log, sqrt, a denominator or a fractional power is given; the
-# bare "{}" (one time in eleven) lets an expression that is not real everywhere through too
+# bare "{}" (one time in thirteen) lets an expression that is not real everywhere through too
 GUARDS = ("({})**2 + 1", "exp({})", "1 + Abs({})", "cosh({})", "sigmoid({})", "({})**2 + 1/4") * 2 + ("{}",)
 POWERS = ("2", "3", "-1", "-2", "1/2", "3/2", "-1/2", "1/3")
 
@@ -110,13 +110,15 @@ def expression(choose, depth, principal, variables, params):
     if rule == "domain":
         return f"{choose.pick(('log', 'sqrt'))}({guard(a)})"
     if rule == "binary":
-        a, b = choose.pick(((a, other()), (other(), a)))
+        b = other()
+        a, b = choose.pick(((a, b), (b, a)))
         op = choose.pick(("+", "-", "*", "/", "Max", "Min"))
         if op in ("Max", "Min"):
             return f"{op}({a}, {b})"
         return f"({a})/({guard(b)})" if op == "/" else f"({a}) {op} ({b})"
     if rule == "branch":
-        a, b = choose.pick(((a, other()), (other(), a)))
+        b = other()
+        a, b = choose.pick(((a, b), (b, a)))
         condition = expression(choose, choose.pick(range(depth)), choose.pick(variables), variables, params)
         return f"Piecewise(({a}, {condition} > {choose.pick(THRESHOLDS + params)}), ({b}, True))"
     if rule == "power":
@@ -569,6 +571,7 @@ class Result:
     category: str = ""             # the reason without its specifics, for counting
     errors: dict = field(default_factory=dict)  # {quantity: worst error in tolerances}
     seconds: float = 0.0
+    jit: bool = False              # whether the fused class ran compiled by numba
 
     @property
     def defect(self):
@@ -739,21 +742,28 @@ def run_case(case, seconds=60, jit=False):
             outcome = "hang", f"no result within {seconds:g} s", "budget", {}
         except Exception as error:  # noqa: BLE001 - the fuzzer's own failure, kept with its case
             outcome = "fuzzer_error", one_line(error), type(error).__name__, {}
-    return Result(case, *outcome, time.perf_counter() - start)
+    return Result(case, *outcome, time.perf_counter() - start, jit)
 
 
 # ---- the command --------------------------------------------------------------------------------
 
-def run_all(cases, jobs=1, seconds=60, jit=False, progress=None):
-    """[Result] of every case in order, jobs of them at a time (each job a process of its own)."""
+def run_all(cases, jobs=1, seconds=60, jit_every=0, progress=None):
+    """[Result] of every case in order, jobs of them at a time (each job a process of its own), the
+    fused classes of every jit_every-th one compiled by numba (0: none)."""
+    jits = [bool(jit_every) and index % jit_every == 0 for index in range(len(cases))]
     # (no max_tasks_per_child: in 3.11 a pool whose workers retire can stop handing out work)
     pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) if jobs > 1 else None
     results = []
     with pool or nullcontext():
-        for result in (pool.map if pool else map)(run_case, cases, itertools.repeat(seconds), itertools.repeat(jit)):
-            results.append(result)
-            if progress:
-                progress(result, len(results))
+        try:
+            for result in (pool.map if pool else map)(run_case, cases, itertools.repeat(seconds), jits):
+                results.append(result)
+                if progress:
+                    progress(result, len(results))
+        except BaseException:  # interrupted: the workers finish the declaration they are on, no other
+            if pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return results
 
 
@@ -781,7 +791,9 @@ def summary(results):
         if len(members) > 5:
             lines.append(f"    ... and {len(members) - 5} more")
     seconds = sum(result.seconds for result in results)
-    lines.append(f"\n{len(results)} declaration(s), {seconds:.0f} s of work")
+    compiled = sum(1 for result in results if result.jit and result.errors.get("classes") == 2)
+    lines.append(f"\n{len(results)} declaration(s) ({compiled} with their fused class compiled by numba), "
+                 f"{seconds:.0f} s of work")
     return "\n".join(lines)
 
 
@@ -800,8 +812,9 @@ def main(argv=None):
     parser.add_argument("--report", help="write every result as JSON here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
     parser.add_argument("--budget", type=float, default=60, help="seconds each declaration may take (default 60)")
-    parser.add_argument("--jit", action="store_true",
-                        help="run the fused classes compiled by numba (default: interpreted, as codegen verifies them)")
+    parser.add_argument("--jit", type=int, default=20, metavar="EVERY",
+                        help="compile the fused classes of every EVERY-th declaration with numba, some seconds each "
+                             "(default 20; 1: all, 0: none); the others run interpreted, as codegen verifies them")
     parser.add_argument("--verbose", action="store_true", help="print every result, not only the defects")
     args = parser.parse_args(argv)
 
@@ -811,6 +824,7 @@ def main(argv=None):
         elif done % 50 == 0:
             print(f"[{done}/{args.count}]", file=sys.stderr, flush=True)
 
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so the pool shuts down
     results = run_all(sample(args.seed, args.count), args.jobs, args.budget, args.jit, progress)
     print(summary(results))
     if args.report:

@@ -121,10 +121,17 @@ def test_the_generators_own_failure_reported_as_a_refusal_is_an_internal_error(m
 
 
 def test_the_command_prints_the_counts_writes_the_report_and_fails_on_a_defect(tmp_path, capsys):
+    # the first declaration's fused class compiled by numba (--jit 2), the second's interpreted
     report = tmp_path / "fuzz.json"
-    status = fuzz.main(["--count", "2", "--seed", "3", "--jobs", "1", "--report", str(report)])
+    status = fuzz.main(["--count", "2", "--seed", "3", "--jobs", "1", "--jit", "2", "--report", str(report)])
     written = json.loads(report.read_text())
     assert [r["declaration"] for r in written["results"]] == [c.declaration() for c in fuzz.sample(3, 2)]
+    assert [r["jit"] for r in written["results"]] == [True, False]
     assert status == (1 if any(r["outcome"] in fuzz.DEFECTS for r in written["results"]) else 0)
     out = capsys.readouterr().out
     assert out.startswith("outcome") and "accepted" in out and "2 declaration(s)" in out
+
+
+def test_the_fused_class_is_checked_compiled_by_numba_too():
+    result = fuzz.run_case(fuzz.Case("loss", "log(cosh(x - t))*alpha", (("alpha", 1.5),)), jit=True)
+    assert result.outcome == "accepted" and result.errors["classes"] == 2, result.line()
