@@ -2,8 +2,10 @@
 import hashlib
 import importlib.util
 import json
+import math
 import shutil
 import time
+import types
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -51,6 +53,35 @@ def interpreted():
         yield
     finally:
         numba.config.DISABLE_JIT = disabled
+
+
+class CompiledMath:
+    """math as numba compiles it, for the fused kernels run interpreted: a NaN or an infinity where
+    Python's math raises (log(-1), log(0), sqrt(-1), exp(1000)), so that what verification runs is what
+    the compiled loops compute."""
+
+    def __getattr__(self, name):
+        function = getattr(math, name)
+        if not callable(function):
+            return function
+
+        def compiled(*args):
+            try:
+                return function(*args)
+            except OverflowError:
+                return math.inf
+            except ValueError:  # a pole is its infinite limit (log 0, log1p(-1)), anything else NaN
+                pole = {"log": 0, "log1p": -1}.get(name)
+                return -math.inf if pole is not None and args[0] == pole else math.nan
+        return compiled
+
+
+def with_compiled_math(fast):
+    """fast's modules with CompiledMath for math (the package as codegen verifies it interpreted)."""
+    for module in vars(fast).values():
+        if isinstance(module, types.ModuleType) and getattr(module, "math", None) is math:
+            module.math = CompiledMath()
+    return fast
 
 
 def verify_package(package, catalog, seed=0):
@@ -136,6 +167,7 @@ def generate(catalog, out, fused=True):
         if fused:
             with interpreted():
                 package = import_package(staged, [FAST])
+            with_compiled_math(getattr(package, FAST))
         else:
             package = import_package(staged)
         reports = verify_package(package, catalog)

@@ -38,6 +38,11 @@ DECLARED = {
     "AbsErf": elementwise_loss("AbsErf", "Abs(erf(t - x))"),
     "ExpAbove": elementwise_loss("ExpAbove", "Piecewise((exp(x), x > 2), (x, True))"),  # scalar g with out=
     "CappedLinear": elementwise_loss("CappedLinear", "Piecewise((x, x <= 1), (1, True))"),  # int64 gradient
+    # found by the fuzzer: np.where of two numbers was float64; a loss constant on its domain; a gcd
+    # that expanded (x - t)^5 into a polynomial cancelling to 1e-8
+    "NumberChoice": activation("NumberChoice", "exp(Piecewise((atan(3*x), x + E > 0), (Piecewise((0, log(x) > 1), (E, True)), True)))"),
+    "ConstantLoss": elementwise_loss("ConstantLoss", "x*0 + sign(log(sigmoid(tanh(x - t))))"),
+    "SixthPower": elementwise_loss("SixthPower", "((Piecewise((x - t, t > 1/2), (pi, True)))**6 + 1/4)**(3/2)"),
     "Focal": elementwise_loss("Focal", "-(1 - sigmoid(x))**2*t*log(sigmoid(x)) - sigmoid(x)**2*(1 - t)*log(1 - sigmoid(x))"),
 }
 
@@ -65,6 +70,21 @@ def layer_gradient(cls, x):
     layer = cls()
     layer.forward(x)
     return layer.backward(np.ones_like(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_choice_between_numbers_keeps_xs_dtype(package, dtype):
+    for cls in both(package, "NumberChoice"):
+        assert cls().forward(np.array([-3.0, 1.0, 20.0], dtype)).dtype == dtype
+
+
+def test_a_power_of_a_difference_is_not_expanded_into_cancelling_terms(package):
+    x, t = np.array([1.6934443456666664]), np.array([1.6214464347404407])
+    u = x - t
+    for cls in both(package, "SixthPower"):
+        loss = cls(reduction="none")
+        loss.forward(x, t)
+        np.testing.assert_allclose(loss.backward(np.ones(1)), 9 * np.sqrt(u ** 6 + 0.25) * u ** 5, rtol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["Double", "Identity", "PlusSign", "SignedSquare"])
@@ -125,7 +145,7 @@ def test_derivatives_stay_finite_and_right_in_float32_tails(package, name, slope
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", ["Difference", "CappedLinear", "ExpAbove"])
+@pytest.mark.parametrize("name", ["Difference", "CappedLinear", "ExpAbove", "ConstantLoss", "SixthPower"])
 def test_a_loss_gradient_has_xs_dtype_and_shape_whatever_the_reduction(package, name, dtype, reduction):
     x = np.linspace(-1, 3, 12, dtype=dtype).reshape(3, 4)
     t = np.zeros_like(x)
@@ -247,3 +267,10 @@ def test_softmax_cross_entropy_subtracts_the_row_max_before_the_log_sum_on_every
 def test_an_operation_whose_module_would_shadow_the_fast_package_is_refused():
     with pytest.raises(ValueError, match="module name 'fast'"):
         build_catalog(activation("Fast", "x"))
+
+
+def test_fused_kernels_run_interpreted_see_maths_values_as_numba_compiles_them():
+    compiled = pipeline.CompiledMath()
+    assert compiled.log(0.0) == -math.inf and compiled.log1p(-1.0) == -math.inf and compiled.exp(1000.0) == math.inf
+    assert math.isnan(compiled.log(-1.0)) and math.isnan(compiled.sqrt(-1.0)) and compiled.inf == math.inf
+    assert compiled.tanh(0.5) == math.tanh(0.5)
