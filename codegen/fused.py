@@ -114,6 +114,15 @@ class FusedPrinter(KernelPrinter):
         otherwise = self._print(type(expr)(*rest)) if len(rest) > 1 or rest[0][1] is not True else self._print(rest[0][0])
         return f"({self._print(value)} if {self._print(condition)} else {otherwise})"
 
+    def _print_Or(self, expr):
+        return "(" + " or ".join(self._print(a) for a in sorted(expr.args, key=sp.default_sort_key)) + ")"
+
+    def _print_And(self, expr):
+        return "(" + " and ".join(self._print(a) for a in sorted(expr.args, key=sp.default_sort_key)) + ")"
+
+    def _print_Not(self, expr):
+        return f"(not {self._print(expr.args[0])})"
+
     def _print_Heaviside(self, expr):
         u, at_zero = expr.args
         if at_zero != 0:

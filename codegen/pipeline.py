@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from codegen.render import FAST, ROOT, generator_digest, inputs_digest, render_package
-from codegen.verify import check_op
+from codegen.verify import check_agreement, check_op
 from codegen.stages import in_stage
 from codegen.write import import_package, modules, publish, stage
 from derive.declare import DeclarationError
@@ -101,6 +101,9 @@ def verify_package(package, catalog, seed=0):
             # np.where evaluates both branches: log(x) warns where x < 0 although that branch is not taken
             with in_stage(name, "verification"), np.errstate(all="ignore"):
                 checks = check_op(op, cls, rng)
+                if where is fast:  # the fused backend also computes what the NumPy one does
+                    checks += [(f"against NumPy, {variant}", check)
+                               for variant, check in check_agreement(op, getattr(package, op.name), cls, rng)]
         except DeclarationError as error:
             reports.append(OpReport(name, kernels, float("inf"), False, (str(error),)))
             continue

@@ -1,5 +1,5 @@
 """The one printer: SymPy's NumPyPrinter with the array operations of codegen.lower added."""
-from sympy import Expr, Max, Min, oo
+from sympy import Expr, Max, Min, default_sort_key as sp_key, oo
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 
@@ -75,6 +75,14 @@ class KernelPrinter(NumPyPrinter):
     def _print_Min(self, expr):
         clip = one_bound_clip(expr)
         return self._print(Clip(*clip, evaluate=False)) if clip else self._fold("np.minimum", expr.args)
+
+    # pairwise: np.logical_or.reduce((a, b, c)) makes one array of its arguments, which fails where one is
+    # a number (a condition on options alone) and the others arrays
+    def _print_Or(self, expr):
+        return self._fold("np.logical_or", sorted(expr.args, key=sp_key))
+
+    def _print_And(self, expr):
+        return self._fold("np.logical_and", sorted(expr.args, key=sp_key))
 
     def _fold(self, function, args):
         first, *rest = args

@@ -11,8 +11,10 @@ from codegen.kernels import (erf_kernel, kernel_code, layer_kernels, linear_kern
                              sgd_kernel, with_mean_gradient)
 from codegen.printer import print_code
 from codegen.stages import in_stage
+from codegen.tensor_lower import module_context
 from derive.gradients import variants
 from derive.ops import Range
+from derive.tensor import TensorOp
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
@@ -261,7 +263,14 @@ def render_package(catalog, fused=True):
              "_special.py": render(env, "special.py.jinja", "derive/special.py", generator,
                                    {"erf": kernel_code(erf_kernel())})}
     contexts = {}
+    if any(isinstance(op, TensorOp) for op in ops):
+        files["_tensor.py"] = render(env, "tensor_runtime.py.jinja", "templates/tensor_runtime.py.jinja", generator, {})
     for op in ops:
+        if isinstance(op, TensorOp):  # index notation: lowered to whole arrays by codegen.tensor_lower
+            with in_stage(op.name, "lowering its derivation to arrays and printing them"):
+                files[f"{op.module}.py"] = render(env, "tensor.py.jinja", f"{CATALOG_SOURCE} ({op.name})", generator,
+                                                  module_context(op))
+            continue
         with in_stage(op.name, "deriving and printing its NumPy kernels"):
             contexts[op.name] = op_context(op)
             files[f"{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
@@ -270,7 +279,7 @@ def render_package(catalog, fused=True):
         return files
     fast = []
     for op in ops:
-        if op.kind in ("layer", "loss"):
+        if op.kind in ("layer", "loss") and not isinstance(op, TensorOp):  # a TensorOp has no fused form (yet)
             with in_stage(op.name, "printing its fused kernels (--backend numpy skips them)"):
                 fast.append((op, fast_context(op, contexts[op.name])))
     fast = [(op, context) for op, context in fast if context is not None]

@@ -186,6 +186,10 @@ def defined_points(op, shape, rng, target=None, rounds=100):
 def check_op(op, cls, rng, shape=(4, 5)):
     """[(variant, GradientCheck)] for every variant of a catalog op's generated class, in float64:
     default options and example ones, every target kind and reduction, at points where the op is defined."""
+    from derive.tensor import TensorOp
+    if isinstance(op, TensorOp):  # index notation: every input and param at its own sizes (codegen.tensor_verify)
+        from codegen.tensor_verify import check_tensor_op
+        return check_tensor_op(op, cls, rng)
     x = defined_points(op, shape, rng)
     option_sets = [{}] + ([example_options(op, shape, rng)] if op.params else [])
     if op.kind == "linear":
@@ -208,6 +212,40 @@ def check_op(op, cls, rng, shape=(4, 5)):
                 make = lambda: cls(**options, reduction=reduction)  # noqa: E731
                 checks.append((label, check_loss(make, x, target, upstream if reduction == "none" else None,
                                                  tol=op.tol)))
+    return checks
+
+
+# how far a fused kernel's values may be from the NumPy kernel's (relative to the larger max norm): its
+# fastmath reassociates sums and contracts multiply-adds, a few ulps; a wrong branch is off by far more
+AGREEMENT = 1e-9
+
+
+def check_agreement(op, reference, cls, rng, shape=(4, 5)):
+    """[(variant, GradientCheck)]: the forward values and gradients of cls (a fused class) against those of
+    reference (the op's NumPy class) at the same inputs, default options, every target kind and reduction.
+    A wrong value that its own gradient is consistent with (a branch chosen by the target alone) passes
+    the finite differences, and not this."""
+    def both(make, run):
+        return [np.asarray(run(make(c)), dtype=np.float64) for c in (cls, reference)]
+
+    def compared(label, make, run):
+        mine, theirs = both(make, run)
+        return (label, GradientCheck(mine, theirs, AGREEMENT))
+    if op.kind == "layer":
+        x, g = defined_points(op, shape, rng), rng.standard_normal(shape)
+        return [compared("forward", lambda c: c(), lambda layer: layer.forward(x)),
+                compared("backward", lambda c: c(), lambda layer: (layer.forward(x), layer.backward(g))[1])]
+    checks = []
+    for kind in op.targets:
+        target = sample_target(kind, shape, rng)
+        x = defined_points(op, shape, rng, target)
+        for reduction in REDUCTIONS:
+            upstream = rng.standard_normal(shape[0] if op.granularity == "row" else shape)
+            gradient = (lambda loss: loss.backward(upstream)) if reduction == "none" else (lambda loss: loss.backward())
+            make = lambda c, reduction=reduction: c(reduction=reduction)  # noqa: E731
+            checks += [compared(f"{kind}, {reduction}: forward", make, lambda loss: loss.forward(x, target)),
+                       compared(f"{kind}, {reduction}: backward", make,
+                                lambda loss: (loss.forward(x, target), gradient(loss))[1])]
     return checks
 
 

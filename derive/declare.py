@@ -163,8 +163,9 @@ def load_ops(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     ops = getattr(module, "OPS", None)
-    if not isinstance(ops, (list, tuple)) or not all(isinstance(op, Op) for op in ops):
-        raise DeclarationError(f"{path}: defines no OPS list of declarations (activation(...), elementwise_loss(...))")
+    if not isinstance(ops, (list, tuple)) or not all(isinstance(op, (Op, TensorOp)) for op in ops):
+        raise DeclarationError(f"{path}: defines no OPS list of declarations (activation(...), elementwise_loss(...), "
+                               f"tensor_op(...), tensor_loss(...))")
     return tuple(ops)
 
 
@@ -209,3 +210,7 @@ def expression(text, wrt="x"):
     expr = parse("--expr", text, symbols)
     differentiable("--expr", expr, symbols[wrt])
     return expr, symbols[wrt]
+
+
+# Index-notation declarations (derive.tensor imports this module's FUNCTIONS and errors when called, so last)
+from derive.tensor import TensorOp, tensor_loss, tensor_op  # noqa: E402,F401

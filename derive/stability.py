@@ -174,8 +174,10 @@ def sigmoid_by_branches(expr):
     evaluates both). For the fused kernels alone, whose branches are selects; NumPy's np.where would
     evaluate both sides, so the NumPy kernels keep logistic's form."""
     def is_sigmoid(e):
+        # not of a piecewise u: SymPy folds u <= 0 into the branches' conditions, and after cse, whose
+        # condition is a symbol, it kept one branch's (a wrong sigmoid, found by the fuzzer)
         return (e.is_Pow and e.exp == -1 and e.base.is_Add and len(e.base.args) == 2 and 1 in e.base.args
-                and any(isinstance(a, ExpToInf) for a in e.base.args))
+                and any(isinstance(a, ExpToInf) and not a.has(sp.Piecewise) for a in e.base.args))
 
     def branches(e):
         u = next(a for a in e.base.args if isinstance(a, ExpToInf)).args[0]

@@ -69,6 +69,11 @@ class TensorOp:
     domain: tuple = (-3.0, 3.0)    # inputs and params drawn uniformly from here in the checks
     tol: float = 1e-6              # largest finite-difference relative error accepted
 
+    @property
+    def module(self):
+        """The generated module's name: snake case of the class name, as derive.ops.Op.module."""
+        return re.sub(r"(?<=[a-z])(?=[A-Z][a-z])", "_", self.name).lower()
+
 
 @dataclass(frozen=True)
 class TensorDerivation:

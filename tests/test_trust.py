@@ -43,6 +43,11 @@ DECLARED = {
     "NumberChoice": activation("NumberChoice", "exp(Piecewise((atan(3*x), x + E > 0), (Piecewise((0, log(x) > 1), (E, True)), True)))"),
     "ConstantLoss": elementwise_loss("ConstantLoss", "x*0 + sign(log(sigmoid(tanh(x - t))))"),
     "SixthPower": elementwise_loss("SixthPower", "((Piecewise((x - t, t > 1/2), (pi, True)))**6 + 1/4)**(3/2)"),
+    # a sigmoid of a piecewise value chose its stable branch by x alone in the fused mean kernel; a
+    # condition on an option among conditions on arrays made np.logical_or.reduce fail
+    "BranchSigmoid": elementwise_loss("BranchSigmoid", "sigmoid(Piecewise((x, x - t > 0), (t, True)))**(3/2)"),
+    "OptionOr": elementwise_loss("OptionOr", "Piecewise((x**2, (x > t) | (alpha > 1)), (x, True))",
+                                 params={"alpha": 2.0}),
     "Focal": elementwise_loss("Focal", "-(1 - sigmoid(x))**2*t*log(sigmoid(x)) - sigmoid(x)**2*(1 - t)*log(1 - sigmoid(x))"),
 }
 
@@ -145,7 +150,7 @@ def test_derivatives_stay_finite_and_right_in_float32_tails(package, name, slope
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", ["Difference", "CappedLinear", "ExpAbove", "ConstantLoss", "SixthPower"])
+@pytest.mark.parametrize("name", ["Difference", "CappedLinear", "ExpAbove", "ConstantLoss", "SixthPower", "OptionOr"])
 def test_a_loss_gradient_has_xs_dtype_and_shape_whatever_the_reduction(package, name, dtype, reduction):
     x = np.linspace(-1, 3, 12, dtype=dtype).reshape(3, 4)
     t = np.zeros_like(x)
@@ -274,3 +279,18 @@ def test_fused_kernels_run_interpreted_see_maths_values_as_numba_compiles_them()
     assert compiled.log(0.0) == -math.inf and compiled.log1p(-1.0) == -math.inf and compiled.exp(1000.0) == math.inf
     assert math.isnan(compiled.log(-1.0)) and math.isnan(compiled.sqrt(-1.0)) and compiled.inf == math.inf
     assert compiled.tanh(0.5) == math.tanh(0.5)
+
+
+def test_a_fused_sigmoid_of_a_piecewise_value_equals_the_numpy_one(package):
+    x, t = np.array([[0.3, -1.2], [2.0, 0.1]]), np.array([[1.0, -2.0], [0.5, 0.7]])
+    numpy_loss, fused_loss = both(package, "BranchSigmoid")
+    assert fused_loss().forward(x, t) == pytest.approx(numpy_loss().forward(x, t), rel=1e-14)
+
+
+def test_a_fused_kernel_that_disagrees_with_its_numpy_twin_is_refused(tmp_path, monkeypatch):
+    import codegen.fused as fused
+    # t read as 1.01 t by the fused kernels alone: their values and gradients in x agree with each other
+    monkeypatch.setattr(fused, "sigmoid_by_branches", lambda e: e.xreplace({sp.Symbol("t"): 1.01 * sp.Symbol("t")}))
+    reports, changed, _ = codegen(build_catalog(DECLARED["BranchSigmoid"]), tmp_path / "pkg", cache=None)
+    assert changed is None and [r.ok for r in reports] == [True, False]
+    assert all("against NumPy" in failure for failure in reports[1].failures)

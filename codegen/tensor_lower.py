@@ -1,0 +1,955 @@
+"""Stages 3-5 of an index-notation operation: its TensorDerivation lowered to whole-array NumPy.
+
+    derivation(op) --REWRITES--> forward and backward assignments (the max shift, powers combined,
+    branches guarded, the logistic) --ArrayLowering--> array program: statements over views,
+    np.einsum with its path chosen here, reductions, sliding windows, gathers and scatters
+    --TensorPrinter--> NumPy source --templates/tensor.py.jinja--> the generated class.
+
+The lowering rules. An array's axes are its index letters in declared order, and an expression is
+evaluated over a scope, the ordered indices it is broadcast over (each with its range): a read
+x[n, k] is a view of x aligned to the scope (transposed, None where it has no axis). A Sum of a
+product is np.einsum over its factors' views (its output in scope order, its path chosen once, from
+np.einsum_path at the check sizes), any other summand is broadcast over its indices and reduced
+(np.add.reduce). A shifted index is a slice (x[n, h + H]) or, two indices in one (x[n, c, m + j]),
+a sliding window, the array zero-padded where the derivation narrowed the range to keep the read
+inside it (the transposed convolution's l - m): no read is ever out of range. A label x[n, c[n]] is
+np.take_along_axis; a Kronecker delta at a label on the gradient side is a scatter
+(np.put_along_axis). A term guarded by a bound on an index (GLU's halves) updates that slice of its
+array. A Piecewise on data is np.where once guarded_branches has made both branches safe."""
+import itertools
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import sympy as sp
+from sympy.core.symbol import Str
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.pycode import PythonCodePrinter
+
+from codegen.printer import KernelPrinter, positive_first
+from derive.special import ExpToInf
+from derive.stability import logistic
+from derive.tensor import (Assignment, Sum, bound_of, derivation, explicit_sizes, folded, in_base_sizes, linear,
+                           reads_of, size_of)
+
+
+class LoweringError(ValueError):
+    """An index expression that has no whole-array form here; the message names the operation and the form."""
+
+
+# Stage 3: the rewrites before lowering, each a named identity with the domain where it holds
+
+
+class Maximum(sp.Expr):
+    """Maximum(e, (v, lo, hi), ...): the largest e over the ranges, as Sum is their total."""
+
+    def __new__(cls, function, *limits):
+        return sp.Expr.__new__(cls, sp.sympify(function), *(sp.Tuple(*limit) for limit in limits))
+
+    @property
+    def function(self):
+        return self.args[0]
+
+    @property
+    def limits(self):
+        return self.args[1:]
+
+    @property
+    def free_symbols(self):
+        return self.function.free_symbols - {v for v, *_ in self.limits}
+
+    def _sympystr(self, printer):
+        return f"Max({printer.doprint(self.function)}, {', '.join(map(printer.doprint, self.limits))})"
+
+
+class Scale(sp.Function):
+    """exp(m): the factor a max shift takes out of a sum of exponentials; max_shifted keeps a shift only
+    where every Scale cancels, so none is ever printed."""
+
+
+class Program(NamedTuple):
+    """What the lowering reads: the forward steps and the backward assignments, in order, and the array
+    whose value each rewrite added (the max of a shifted sum) with its axes."""
+
+    forward: tuple
+    backward: tuple
+    returns: tuple                 # d<name> of every input and param, in order
+
+
+def program_of(op):
+    """The forward steps and one backward program over every input's and param's adjoints, each adjoint
+    computed once though several gradients read it (attention's g_A, for dQ and dK)."""
+    found = derivation(op)
+    needed = {a.name for program in found.gradients.values() for a in program[:-1]}
+    backward = tuple(a for a in found.adjoints if a.name in needed)
+    return Program(tuple(found.forward), backward + tuple(p[-1] for p in found.gradients.values()),
+                   tuple(p[-1].name for p in found.gradients.values()))
+
+
+def max_shifted(program, taken):
+    """A step s[F] = Sum(exp(u), V) becomes s[F] = Sum(exp(u - m[F]), V) with m[F] = Max(u, V), read as
+    s exp(m) (and its adjoint g_s, scaled by exp(m), as g_s exp(-m)); every exp(u) elsewhere becomes
+    exp(u - m) exp(m). The value is the same for any m; with m the max, no exponential overflows and
+    the sum is at least 1. Kept only where every factor exp(m) cancels (a softmax, its log, their
+    gradients), so a sum of exponentials that is itself the output stays as it is."""
+    forward, backward = list(program.forward), list(program.backward)
+    for step in list(forward):
+        if not (isinstance(step.expr, Sum) and isinstance(step.expr.function, sp.exp)):
+            continue
+        u, limits = step.expr.function.args[0], step.expr.limits
+        name = fresh(f"{step.name}_max", taken)
+        shift = sp.IndexedBase(name, real=True)
+        wilds = {i: sp.Wild(f"w_{i}") for i in (*step.indices, *(v for v, *_ in limits))}
+        pattern = u.xreplace(wilds)
+
+        def split(e, step=step, shift=shift, wilds=wilds, pattern=pattern):
+            match = e.args[0].match(pattern)
+            if match is None or any(w not in match for w in wilds.values()):
+                return e
+            at = shift[tuple(match[wilds[i]] for i in step.indices)]
+            return sp.exp(e.args[0] - at) * Scale(at)
+
+        def scaled(a, step=step, shift=shift):
+            base, adjoint = sp.IndexedBase(step.name, real=True), sp.IndexedBase(f"g_{step.name}", real=True)
+            expr = a.expr.replace(lambda e: isinstance(e, sp.exp), split)
+            expr = expr.xreplace({r: r * Scale(shift[r.indices]) for r in expr.atoms(sp.Indexed) if r.base == base})
+            expr = expr.xreplace({r: r / Scale(shift[r.indices]) for r in expr.atoms(sp.Indexed)
+                                  if r.base == adjoint})
+            if a.name == step.name:     # s exp(m) = Sum(exp(u - m) exp(m)): s is Sum(exp(u - m))
+                expr = pulled(expr) / Scale(shift[a.indices])
+            if a.name == f"g_{step.name}":
+                expr = expr * Scale(shift[a.indices])
+            return a._replace(expr=cancelled(expr))
+
+        at = forward.index(step)
+        shifted_forward = ([scaled(a) for a in forward[:at]] + [Assignment(name, step.indices, Maximum(u, *limits))]
+                           + [scaled(a) for a in forward[at:]])
+        shifted_backward = [scaled(a) for a in backward]
+        if not any(a.expr.has(Scale) for a in shifted_forward + shifted_backward):
+            forward, backward = shifted_forward, shifted_backward
+            taken.add(name)
+    return program._replace(forward=tuple(forward), backward=tuple(backward))
+
+
+def pulled(expr):
+    """expr with each Scale factor of a Sum's summand that is free of the summed indices taken out of it."""
+    def out(total):
+        variables = {v for v, *_ in total.limits}
+        terms = [sp.Mul.make_args(t) for t in sp.Add.make_args(total.function)]
+        common = set.intersection(*(set(f for f in t if f.has(Scale) and not f.free_symbols & variables)
+                                    for t in terms))
+        if not common:
+            return total
+        factor = sp.Mul(*common)
+        return factor * Sum(sp.Add(*(sp.Mul(*(f for f in t if f not in common)) for t in terms)), *total.limits)
+    return expr.replace(lambda e: isinstance(e, Sum), out)
+
+
+def cancelled(expr):
+    """expr with its Scale factors out of sums and logs (log(s exp(m)) = log(s) + m), where they cancel."""
+    def split_log(e):
+        factors = sp.Mul.make_args(e.args[0])
+        scales = [f for f in factors if isinstance(sp.Pow(f, 1).as_base_exp()[0], Scale)]
+        if not scales:
+            return e
+        rest = sp.Mul(*(f for f in factors if f not in scales))
+        return sp.log(rest) + sp.Add(*(f.as_base_exp()[1] * f.as_base_exp()[0].args[0] for f in scales))
+    return pulled(expr).replace(lambda e: isinstance(e, sp.log), split_log)
+
+
+def combined_powers(expr):
+    """f**a * f**b = f**(a + b) for one base f (not e): the focal loss's gamma (1 - p)**gamma / (1 - p) is
+    gamma (1 - p)**(gamma - 1), 0 rather than 0/0 where p = 1. Equal wherever the left side is defined."""
+    def combined(mul):
+        powers = {}
+        for factor in mul.args:
+            base, exponent = factor.as_base_exp()
+            powers.setdefault(base, []).append(exponent)
+        if all(len(e) == 1 for base, e in powers.items() if base != sp.E):
+            return mul
+        return sp.Mul(*(sp.Pow(base, sp.Add(*e)) if base != sp.E else sp.Mul(*(sp.exp(x) for x in e))
+                        for base, e in powers.items()))
+    return expr.replace(lambda e: isinstance(e, sp.Mul), combined)
+
+
+# a point inside and one outside each comparison u <op> c, for guarded_branches
+INSIDE = {sp.StrictGreaterThan: (1, 0), sp.GreaterThan: (0, -1), sp.StrictLessThan: (-1, 0),
+          sp.LessThan: (0, 1), sp.Unequality: (1, 0), sp.Equality: (0, 1)}
+
+
+def unsafe(expr):
+    """Whether expr may be undefined for a finite argument: a log, a division or a fractional power."""
+    return isinstance(expr, sp.log) or expr.is_Pow and not (expr.exp.is_Integer and expr.exp >= 0)
+
+
+def guarded_branches(expr):
+    """Piecewise((a, u > c), (b, True)) with u an array read: where a takes a log, a quotient or a root of
+    u, u is read there as np.where(u > c, u, c + 1), and likewise in b; the chosen branch reads u itself,
+    so the value is the same, and np.where, which evaluates both branches, never takes log(0) (KLDiv's
+    t log t at t = 0)."""
+    def guarded(piecewise):
+        if len(piecewise.args) != 2 or piecewise.args[1][1] is not sp.true:
+            return piecewise
+        (a, condition), (b, _) = piecewise.args
+        if type(condition) not in INSIDE or not isinstance(condition.lhs, sp.Indexed) or not condition.rhs.is_number:
+            return piecewise
+        u, c = condition.lhs, condition.rhs
+        inside, outside = (c + d for d in INSIDE[type(condition)])
+        a = a.replace(lambda e: unsafe(e) and e.has(u), lambda e: e.xreplace({u: sp.Piecewise((u, condition),
+                                                                                              (inside, True))}))
+        b = b.replace(lambda e: unsafe(e) and e.has(u), lambda e: e.xreplace({u: sp.Piecewise((outside, condition),
+                                                                                              (u, True))}))
+        return sp.Piecewise((a, condition), (b, True))
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), guarded)
+
+
+# (name, rewrite of one expression) after max_shifted, which rewrites the program as a whole
+REWRITES = (("powers of one base combined", combined_powers), ("branches guarded", guarded_branches),
+            ("logistic", logistic))
+
+
+def rewritten(program, taken):
+    """program after max_shifted and then every rewrite of REWRITES on each assignment."""
+    program = max_shifted(program, taken)
+
+    def each(assignments):
+        out = []
+        for a in assignments:
+            expr = a.expr
+            for _, rewrite in REWRITES:
+                expr = rewrite(expr)
+            out.append(a._replace(expr=expr))
+        return tuple(out)
+    return program._replace(forward=each(program.forward), backward=each(program.backward))
+
+
+def fresh(name, taken):
+    """name, or name with a number, whichever no array, option, size or index of the op has."""
+    return next(n for n in itertools.chain([name], (f"{name}{k}" for k in itertools.count(1))) if n not in taken)
+
+
+# Stage 4: the array program
+
+
+class View(sp.Symbol):
+    """An array read as NumPy source: its name and the indexing that aligns it to a scope."""
+
+    def __new__(cls, text):
+        return super().__new__(cls, text, real=True)
+
+
+class ArrayOperation(sp.Function):
+    """An operation of the array program: an array-valued function of arrays and of its printed settings
+    (Str arguments, which SymPy would otherwise take as non-commuting)."""
+
+    def _eval_is_commutative(self):
+        return True
+
+    def _eval_is_real(self):
+        return True
+
+
+class Aligned(ArrayOperation):
+    """An array result indexed by the given text (a slice, None for a broadcast axis, a transpose)."""
+
+
+class Einsum(ArrayOperation):
+    """np.einsum(subscripts, *operands) along the contraction path chosen at generation time."""
+
+
+class Reduce(ArrayOperation):
+    """np.<ufunc>.reduce(operand, axis=axes): add for a Sum, maximum for a Maximum."""
+
+
+class Gather(ArrayOperation):
+    """np.take_along_axis(array, index, axis) with the gathered axis dropped: x[n, c[n]]."""
+
+
+class Window(ArrayOperation):
+    """sliding_window_view(array, size, axis): the last axis a window along axis, which holds positions."""
+
+
+class Padded(ArrayOperation):
+    """np.pad(array, widths): zeros around the axes, so a shifted read past an end reads 0."""
+
+
+class Broadcast(ArrayOperation):
+    """np.broadcast_to(value, shape): a value of fewer axes than its target."""
+
+
+class Statement(NamedTuple):
+    """One line of an array program: target = value, or an update of a region of target."""
+
+    target: str
+    value: sp.Expr
+    form: str = "define"           # define | zeros | add (target[region] += value) | scatter (at the labels)
+    region: object = ""            # add: the slice it adds into; scatter: (index array, axis, into zeros)
+
+    def source(self, printer):
+        value = printer.doprint(self.value)
+        if self.form == "define":
+            return f"{self.target} = {value}"
+        if self.form == "zeros":
+            return f"{self.target} = np.zeros({value}, dtype)"
+        if self.form == "add":
+            return f"{self.target}[{self.region}] += {value}"
+        index, axis, fresh = printer.doprint(self.region[0]), self.region[1], self.region[2]
+        if not fresh:      # added to what is there
+            taken = f"np.take_along_axis({self.target}, {index}, axis={axis})"
+            value = (f"{taken} - {printer.parenthesize(-self.value, PRECEDENCE['Add'])}"
+                     if self.value.could_extract_minus_sign() else f"{taken} + {value}")
+        return f"np.put_along_axis({self.target}, {index}, {value}, axis={axis})"
+
+
+@dataclass(frozen=True)
+class ArrayFunction:
+    """A generated function: its arguments, the sizes it reads from their shapes, its statements, what it
+    returns; derivation lists the assignments it lowers, for the reader."""
+
+    name: str
+    doc: str
+    args: tuple
+    sizes: tuple                   # ((size, how it is read or computed), ...)
+    statements: tuple
+    returns: tuple
+    derivation: tuple
+    imports: frozenset = frozenset()   # sliding_window_view where a window is read
+
+    def lines(self, printer=None):
+        """The body's source lines: sizes, shared subexpressions and statements in order."""
+        printer = printer or TensorPrinter()
+        return [f"{s} = {how}" for s, how in self.sizes] + [s.source(printer) for s in self.statements]
+
+    def __str__(self):
+        return "\n".join([f"def {self.name}({', '.join(self.args)}):", *(f"    {line}" for line in self.lines()),
+                          f"    return {', '.join(self.returns)}"])
+
+
+class Scope(NamedTuple):
+    """The indices an expression is broadcast over, in order, each with its range and whether it is summed."""
+
+    indices: tuple
+    ranges: dict                   # {index: (lo, hi)}
+    summed: frozenset = frozenset()
+
+    def restricted(self, keep):
+        return Scope(tuple(i for i in self.indices if i in keep), {i: self.ranges[i] for i in keep if i in self.ranges},
+                     self.summed & set(keep))
+
+
+def full_scope(indices):
+    return Scope(tuple(indices), {i: (sp.S.Zero, size_of(i) - 1) for i in indices})
+
+
+class ArrayLowering:
+    """Lowers the assignments of one function of an op into statements, given every array's axes."""
+
+    def __init__(self, op, axes, check_sizes):
+        self.op, self.axes, self.check_sizes = op, axes, check_sizes
+        self.statements, self.sizes, self.imports, self.dtype = [], set(), set(), False
+        self.size_symbols = {size_of(i) for axes in axes.values() for i in axes} | set(op.sizes)
+
+    def fail(self, problem):
+        raise LoweringError(f"{self.op.name}: {problem}")
+
+    # reading arrays
+
+    def integer(self, expr):
+        """An index or size expression as Python source; its sizes are noted as read."""
+        self.sizes |= sp.sympify(expr).free_symbols & self.size_symbols
+        return ScalarPrinter().doprint(sp.sympify(expr))
+
+    def same(self, a, b):
+        return sp.expand(in_base_sizes(sp.sympify(a) - b, self.op.sizes)) == 0
+
+    def native(self, access, scope):
+        """(expr, axes): access as a NumPy expression whose axes are the index symbols axes, in its own order."""
+        name = access.base.name
+        own = self.axes[name]
+        if len(own) != len(access.indices):
+            self.fail(f"{access} has {len(access.indices)} indices, {name} has {len(own)}")
+        basic, axes, windows, labels, flips = [], [], [], [], []
+        for position, (index, axis) in enumerate(zip(access.indices, own)):
+            size = size_of(axis)
+            if isinstance(index, sp.Indexed):
+                labels.append((len(axes), index))
+                basic.append(":")
+                axes.append(None)
+                continue
+            free = [i for i in scope.indices if i in index.free_symbols]
+            if not free:
+                basic.append(self.integer(index))
+                continue
+            if len(free) == 2:
+                windows.append((len(axes), index, free, size))
+                basic.append(":")
+                axes.append(None)
+                continue
+            (i,) = free if len(free) == 1 else self.fail(f"index {index} of {access} reads {len(free)} indices")
+            found = linear(index, i)
+            if found is None:
+                self.fail(f"index {index} of {access} is not i + c or c - i")
+            slope, offset = found
+            lo, hi = scope.ranges[i]
+            start, stop = (lo + offset, hi + offset + 1) if slope == 1 else (offset - hi, offset - lo + 1)
+            if slope == -1:
+                flips.append(len(axes))
+            text = ("" if self.same(start, 0) else self.integer(start)) + ":" + (
+                "" if self.same(stop, size) else self.integer(stop))
+            basic.append(text)
+            axes.append(i)
+        expr = View(name) if all(b == ":" for b in basic) else View(f"{name}[{', '.join(trimmed(basic))}]")
+        if flips:
+            expr = Aligned(expr, Str(", ".join("::-1" if a in flips else ":" for a in range(max(flips) + 1))))
+        for at, index, free, size in windows:
+            expr, axes = self.windowed(expr, axes, at, index, free, size, scope)
+        for at, label in reversed(labels):
+            expr, axes = self.gathered(expr, axes, at, label, scope)
+        return expr, tuple(axes)
+
+    def windowed(self, expr, axes, at, index, free, size, scope):
+        """The view of x[..., p + w, ...] with p a position and w a window axis (the summed one where one
+        is), zero-padded where the read would leave the array, as a sliding window (the window axis last)."""
+        for i in free:
+            lo, hi = scope.ranges[i]
+            if not self.same(lo, 0) or not self.same(hi, size_of(i) - 1):
+                self.fail(f"the shifted read of index {index} needs the whole range of {i}, not {lo}..{hi}")
+        summed = [i for i in free if i in scope.summed]
+        window, position = (summed[0], next(i for i in free if i != summed[0])) if len(summed) == 1 else free[::-1]
+        slopes = {i: linear(index, i)[0] for i in free}
+        offset = index.subs({i: 0 for i in free})
+        low = offset + sum(-(size_of(i) - 1) for i in free if slopes[i] == -1)
+        high = offset + sum(size_of(i) - 1 for i in free if slopes[i] == 1)
+        front, back = self.padding(-low), self.padding(high - (size - 1))
+        if front != 0 or back != 0:
+            widths = ", ".join(f"({self.integer(front)}, {self.integer(back)})" if a == at else "(0, 0)"
+                               for a in range(len(axes)))
+            expr = Padded(expr, Str(f"({widths}{',' if len(axes) == 1 else ''})"))
+        # index + front = p~ + w~ + start, p~ and w~ the positions counted from 0 in reading order
+        start = sp.expand(offset + front - sum(size_of(i) - 1 for i in free if slopes[i] == -1))
+        length = size + front + back
+        expr = Window(expr, Str(self.integer(size_of(window))), Str(str(at)))
+        self.imports.add("sliding_window_view")
+        available = sp.expand(length - size_of(window) + 1 - start)
+        post = [":"] * len(axes) + [":"]
+        span = ("" if self.same(start, 0) else self.integer(start)) + ":" + (
+            "" if self.same(available, size_of(position)) else self.integer(start + size_of(position)))
+        post[at] = span
+        if slopes[window] == -1:
+            post[-1] = "::-1"
+        if any(p != ":" for p in post):
+            expr = Aligned(expr, Str(", ".join(trimmed(post))))
+        if slopes[position] == -1:
+            expr = Aligned(expr, Str(", ".join([":"] * at + ["::-1"])))
+        axes = list(axes)
+        axes[at] = position
+        return expr, axes + [window]
+
+    def padding(self, amount):
+        """max(0, amount) for an amount whose sign the sizes decide: each declared size is positive (M =
+        L - J + 1 >= 1 says L - J >= 0), so the amount is also read with a formula solved for a size in it."""
+        forms = [sp.expand(amount), sp.expand(in_base_sizes(amount, self.op.sizes))]
+        for size, formula in self.op.sizes.items():
+            for base in formula.free_symbols:
+                forms += [sp.expand(forms[1].subs(base, solution)) for solution in sp.solve(sp.Eq(size, formula), base)]
+        if any(form.is_nonpositive for form in forms):
+            return sp.S.Zero
+        if any(form.is_nonnegative for form in forms):
+            return forms[0]
+        self.fail(f"cannot tell whether a shifted read passes the end of its array by {amount}")
+
+    def gathered(self, expr, axes, at, label, scope):
+        """x[..., c[F], ...]: np.take_along_axis along the label's axis, that axis dropped."""
+        index, index_axes = self.native(label, scope)
+        others = [a for a in axes if a is not None]
+        if not set(index_axes) <= set(others):
+            self.fail(f"label {label} reads an index its array's other axes lack")
+        slot = sp.Dummy("slot")
+        order = [slot if a is None and n == at else a for n, a in enumerate(axes)]
+        index = self.align(index, index_axes, order, full=True)
+        expr = Gather(expr, index, Str(str(at)))
+        return expr, [a for n, a in enumerate(axes) if n != at]
+
+    def align(self, expr, axes, order, full=False):
+        """expr (axes in its own order) broadcast to the order: transposed if its order differs, None
+        where it has no axis (leading ones left to broadcasting, unless full)."""
+        axes = list(axes)
+        missing = [a for a in axes if a not in order]
+        if missing:
+            self.fail(f"axis {missing[0]} is not in the scope {order}")
+        ordered = sorted(axes, key=order.index)
+        if ordered != axes:
+            expr = Aligned(expr, Str(f"transpose({', '.join(str(axes.index(a)) for a in ordered)})"))
+        if not ordered:
+            return expr
+        first = 0 if full else order.index(ordered[0])
+        entries = [":" if a in ordered else "None" for a in order[first:]]
+        entries = trimmed(entries)
+        return Aligned(expr, Str(", ".join(entries))) if entries else expr
+
+    # expressions
+
+    def value(self, expr, scope):
+        """expr over arrays as a NumPy expression broadcast over scope."""
+        if isinstance(expr, sp.Indexed):
+            return self.align(*self.native(expr, scope), list(scope.indices))
+        if isinstance(expr, Sum):
+            return self.summed(expr, scope)
+        if isinstance(expr, Maximum):
+            return self.reduced(expr, scope, "maximum")
+        if isinstance(expr, sp.KroneckerDelta):
+            self.fail(f"{expr} is no factor of a term of an assignment (a scatter) here")
+        if isinstance(expr, sp.Symbol) and expr in scope.ranges:
+            lo, hi = scope.ranges[expr]
+            values = View(f"np.arange({self.integer(lo) + ', ' if not self.same(lo, 0) else ''}{self.integer(hi + 1)})")
+            return self.align(values, (expr,), list(scope.indices))
+        if isinstance(expr, sp.Symbol):
+            self.sizes |= {expr} & self.size_symbols
+            return expr
+        if not expr.args or isinstance(expr, sp.IndexedBase):
+            return expr
+        return expr.func(*(self.value(arg, scope) for arg in expr.args))
+
+    def inner(self, total, scope):
+        """(scope of a Sum's or Maximum's summand, its free indices in scope's order): the summand's indices
+        in the order of its widest array read (BatchNorm's x[n, k] in a Sum over n: (n, k), no transpose),
+        then any others in scope's order, then the summed ones."""
+        variables = [v for v, *_ in total.limits]
+        free = [i for i in scope.indices if i in total.free_symbols]
+        reads = sorted(total.function.atoms(sp.Indexed), key=lambda r: (-len(r.indices), sp.default_sort_key(r)))
+        native = [i for r in reads[:1] for i in r.indices if i in set(free) | set(variables)]
+        order = list(dict.fromkeys(native + free + variables))
+        return Scope(tuple(order), {**{i: scope.ranges[i] for i in free}, **{v: (lo, hi) for v, lo, hi in total.limits}},
+                     frozenset(variables)), free
+
+    def widened(self, total, scope):
+        """total with each range narrowed by a Max or Min back to the whole range, where the narrowing only
+        kept a shifted read inside its array (the padded window then reads 0 outside it); else refused."""
+        limits = []
+        for depth, (v, lo, hi) in enumerate(total.limits):
+            if self.same(lo, 0) and self.same(hi, size_of(v) - 1):
+                limits.append((v, lo, hi))
+                continue
+            conditions = []
+            for access in total.function.atoms(sp.Indexed):
+                for index, axis in zip(access.indices, self.axes[access.base.name]):
+                    if not isinstance(index, sp.Indexed) and v in index.free_symbols and len(
+                            index.free_symbols & set(scope.indices) | {v}) > 1:
+                        conditions += [sp.Le(0, index), sp.Le(index, size_of(axis) - 1)]
+            outer = {**scope.ranges, **{w: (l, h) for w, l, h in total.limits[depth + 1:]}}
+            expected, _ = folded(conditions, v, sp.S.Zero, size_of(v) - 1, outer, self.op.sizes)
+            if not (self.same(expected[0], lo) and self.same(expected[1], hi)):
+                self.fail(f"the range {lo}..{hi} of {v} does not come from keeping a shifted read in range")
+            limits.append((v, sp.S.Zero, size_of(v) - 1))
+        return Sum(total.function, *limits)
+
+    def summed(self, total, scope):
+        """A Sum: np.einsum over a product's factors, or the summand reduced by np.add.reduce."""
+        total = self.widened(total, scope)
+        inner, free = self.inner(total, scope)
+        variables = [v for v, *_ in total.limits]
+        coefficient, rest = total.function.as_independent(*variables, as_Add=False)
+        for v in [v for v in variables if v not in rest.free_symbols]:
+            coefficient, variables = coefficient * size_of(v), [w for w in variables if w != v]
+            inner = inner.restricted([i for i in inner.indices if i != v])
+        if not variables:
+            return self.value(coefficient * rest, scope)
+        factors = sp.Mul.make_args(rest)
+        operands = [self.native(f, inner) for f in factors if isinstance(f, sp.Indexed)]
+        others = sp.Mul(*(f for f in factors if not isinstance(f, sp.Indexed)))
+        if others != 1:
+            sub = inner.restricted(others.free_symbols & set(inner.indices))
+            operands.append((self.value(others, sub), sub.indices))
+        if len(operands) == 1:
+            (operand, axes), = operands
+            result = Reduce(operand, Str(axis_text(sorted(axes.index(v) for v in variables))), Str("add"))
+            kept = [a for a in axes if a not in variables]
+            return self.value(coefficient, scope) * self.align(result, kept, list(scope.indices))
+        return self.value(coefficient, scope) * self.align(self.einsum(operands, free), free, list(scope.indices))
+
+    def einsum(self, operands, out):
+        """Einsum over operands [(expr, axes)] giving the axes out, along the path np.einsum_path chooses at
+        the check sizes."""
+        letters = einsum_letters([a for _, axes in operands for a in axes])
+        subscripts = ",".join("".join(letters[a] for a in axes) for _, axes in operands) + "->" + "".join(
+            letters[a] for a in out)
+        dummies = [np.zeros([int(in_base_sizes(size_of(a), self.op.sizes).subs(self.check_sizes)) for a in axes])
+                   for _, axes in operands]
+        path, _ = np.einsum_path(subscripts, *dummies, optimize="optimal")
+        return Einsum(Str(f'"{subscripts}"'), Str(repr(path)), *(expr for expr, _ in operands))
+
+    def reduced(self, total, scope, ufunc):
+        """A Maximum: the summand over its scope, reduced by np.maximum.reduce over the summed axes."""
+        inner, free = self.inner(total, scope)
+        positions = sorted(inner.indices.index(v) for v, *_ in total.limits)
+        result = Reduce(self.value(total.function, inner), Str(axis_text(positions)), Str(ufunc))
+        return self.align(result, [i for i in inner.indices if i in free], list(scope.indices))
+
+    # assignments
+
+    def assign(self, assignment):
+        """The statements computing assignment: its plain terms, then each guarded term into its slice and
+        each term at a label scattered."""
+        target, indices = assignment.name, assignment.indices
+        scope = full_scope(indices)
+        plain, regions, scatters = [], [], {}
+        for term in sp.Add.make_args(assignment.expr):
+            guard = self.guard(term, indices)
+            delta = next((f for f in sp.Mul.make_args(term) if isinstance(f, sp.KroneckerDelta)), None)
+            if guard is not None:
+                regions.append(guard)
+            elif delta is not None:
+                scatters.setdefault(delta, []).append(term / delta)
+            else:
+                plain.append(term)
+        shape = sp.Tuple(*(size_of(i) for i in indices))
+        self.sizes |= set(shape)
+        if plain:
+            value = self.value(sp.Add(*plain), scope)
+            if not set(indices) <= sp.Add(*plain).free_symbols:   # a view of fewer axes: broadcast to the shape
+                value = Aligned(Broadcast(value, shape), Str("copy()"))
+            elif (regions or scatters) and isinstance(value, (View, Aligned, Window, Padded)):
+                value = Aligned(value, Str("copy()"))    # a view of an argument: updated below, so copied
+            self.statements.append(Statement(target, value))
+        else:
+            self.dtype = True
+            self.statements.append(Statement(target, shape, "zeros"))
+        for ranges, term in regions:
+            narrowed = Scope(scope.indices, {**scope.ranges, **ranges})
+            region = ", ".join(trimmed([
+                ("" if self.same(lo, 0) else self.integer(lo)) + ":" + (
+                    "" if self.same(hi, size_of(i) - 1) else self.integer(hi + 1)) if i in ranges else ":"
+                for i in indices for lo, hi in [narrowed.ranges[i]]]))
+            self.statements.append(Statement(target, self.value(term, narrowed), "add", region))
+        for number, (delta, terms) in enumerate(scatters.items()):
+            fresh = not plain and not regions and number == 0
+            self.statements.append(self.scatter(target, indices, delta, sp.Add(*terms), fresh))
+
+    def guard(self, term, indices):
+        """({index: (lo, hi)}, value) of c Piecewise((e, bounds on the target's indices), (0, True)), else None."""
+        pieces = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.Piecewise)]
+        if len(pieces) != 1 or len(pieces[0].args) != 2 or pieces[0].args[1] != (0, True):
+            return None
+        (value, condition), _ = pieces[0].args
+        ranges = {}
+        for bound in sp.And.make_args(condition):
+            inside = [i for i in indices if i in bound.free_symbols]
+            found = bound_of(bound, inside[0]) if len(inside) == 1 and not bound.has(sp.Indexed) else None
+            if found is None:
+                return None
+            i = inside[0]
+            lo, hi = ranges.get(i, (sp.S.Zero, size_of(i) - 1))
+            ranges[i] = (found[1], hi) if found[0] == "lo" else (lo, found[1])
+        return ranges, sp.Mul(*(f for f in sp.Mul.make_args(term) if f is not pieces[0])) * value
+
+    def scatter(self, target, indices, delta, rest, fresh):
+        """rest added into target at delta's label: np.put_along_axis over np.take_along_axis (each label
+        position is written by one entry of rest, so no position is written twice)."""
+        index, label = sorted(delta.args, key=lambda a: isinstance(a, sp.Indexed))
+        if not (index in indices and isinstance(label, sp.Indexed)):
+            self.fail(f"{delta} is not a Kronecker delta between an index of {target} and a label")
+        at = indices.index(index)
+        rest = rest.xreplace({index: label}) if index in rest.free_symbols else rest
+        others = Scope(tuple(i for i in indices if i != index), {i: (sp.S.Zero, size_of(i) - 1) for i in indices
+                                                                 if i != index})
+        slot = sp.Dummy("slot")
+        order = [slot if i == index else i for i in indices]
+        labels, label_axes = self.native(label, others)
+        where = self.align(labels, label_axes, order, full=True)
+        # rest over the target's axes with a slot of one entry for the label's: it broadcasts against where
+        value = self.value(rest, Scope(tuple(order), {**others.ranges, slot: (sp.S.Zero, sp.S.Zero)}))
+        return Statement(target, value, "scatter", (where, at, fresh))
+
+
+def trimmed(entries):
+    """An index tuple without its trailing ":" entries, which NumPy implies, and two or more leading ones
+    as "..." (m[..., None])."""
+    entries = list(entries)
+    while entries and entries[-1] == ":":
+        entries.pop()
+    leading = next((n for n, e in enumerate(entries) if e != ":"), len(entries))
+    return ["..."] + entries[leading:] if leading >= 2 else entries
+
+
+def axis_text(positions):
+    return str(positions[0]) if len(positions) == 1 else f"({', '.join(map(str, positions))})"
+
+
+def einsum_letters(indices):
+    """{index: einsum letter}: an index's own letter where it is one and free, else the next unused one."""
+    letters, used = {}, set()
+    for index in dict.fromkeys(indices):
+        name = str(index)
+        letter = name if len(name) == 1 and name.isalpha() and name not in used else next(
+            c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in used
+            and c not in {str(i) for i in indices})
+        letters[index] = letter
+        used.add(letter)
+    return letters
+
+
+# The two functions of a generated module
+
+# names the generated functions use for themselves, which no array may take
+SOURCE_NAMES = ("np", "math", "erf", "sliding_window_view", "dtype", "g")
+
+
+def names_of(op):
+    """Every name an op's arrays, options, sizes and indices take; temporaries take others."""
+    indices = {i for axes in [*op.inputs.values(), *(a for a, _ in op.params.values()), *op.targets.values(),
+                              *(s.indices for s in op.steps)] for i in axes}
+    return ({*op.inputs, *op.params, *op.targets, *op.options, *(s.name for s in op.steps), "g",
+             *(f"g_{s.name}" for s in op.steps), *(f"d{a}" for a in [*op.inputs, *op.params])}
+            | {str(i) for i in indices} | {str(size_of(i)) for i in indices} | set(SOURCE_NAMES))
+
+
+def check_sizes(op):
+    """{size: int} for the checks (and the einsum paths): small distinct sizes of the axes, for which every
+    declared size is a positive integer (GLU's K even, Conv1d's L at least J)."""
+    base = list(dict.fromkeys(size_of(i) for axes in [*op.inputs.values(), *(a for a, _ in op.params.values()),
+                                                       *op.targets.values()] for i in axes))
+    base += [s for s in dict.fromkeys(op.labels.values()) if s not in base]
+    candidates = itertools.chain(itertools.permutations(range(3, len(base) + 6), len(base)),
+                                 itertools.product(range(1, 9), repeat=len(base)))
+    for values in candidates:
+        try:
+            return explicit_sizes(op, {str(s): v for s, v in zip(base, values)})
+        except ValueError:
+            continue
+    raise LoweringError(f"{op.name}: no sizes up to 8 make every declared size a positive integer")
+
+
+def lowered(op):
+    """(forward, backward) ArrayFunctions of op: forward(inputs, params, targets, options) returns the output
+    and what backward reads; backward(what it reads, g, options) returns every input's and param's gradient."""
+    taken = names_of(op)
+    clash = sorted(taken & set(SOURCE_NAMES) - {"g"} & ({*op.inputs, *op.params, *op.targets, *op.options,
+                                                         *(s.name for s in op.steps)}))
+    if clash:
+        raise LoweringError(f"{op.name}: the name {clash[0]} is taken by the generated code; rename it")
+    program = rewritten(program_of(op), taken)
+    axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets, "g": op.steps[-1].indices,
+            **{a.name: a.indices for a in (*program.forward, *program.backward)}}
+    sizes = check_sizes(op)
+    given = [*op.inputs, *op.params, *op.targets]
+    output = op.steps[-1].name
+    steps = [a.name for a in program.forward]
+    read = set().union(*(reads_of(a.expr) for a in program.backward))
+    saved = [name for name in steps if name in read and name != output]
+    options = [sp.Symbol(o, real=True) for o in op.options]
+    forward = function(op, "forward", f"{output} and what backward reads, by the forward steps.", program.forward,
+                       given, (output, *saved), axes, sizes, options, taken)
+    backward = function(op, "backward", "The gradient of each input and param: g times the Jacobian (a "
+                        "vector-Jacobian product) by the adjoint steps.", program.backward,
+                        [name for name in given + saved if name in read] + ["g"], program.returns, axes, sizes,
+                        options, taken)
+    return forward, backward
+
+
+def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, taken):
+    """The ArrayFunction computing assignments from the arrays and the options they read."""
+    lowering = ArrayLowering(op, axes, sizes)
+    for assignment in assignments:
+        lowering.assign(assignment)
+    statements = shared(lowering.statements, taken)
+    used = set().union(*(sp.sympify(s.value).free_symbols for s in statements if s.form != "zeros"))
+    lines, arrays = size_lines(op, lowering.sizes, arrays, axes)
+    args = tuple(arrays) + tuple(o.name for o in options if o in used)
+    if lowering.dtype:   # the dtype of g, or of the first input (never of integer labels)
+        lines.append(("dtype", f"{'g' if 'g' in arrays else next(iter(op.inputs))}.dtype"))
+    return ArrayFunction(name, doc, args, tuple(lines), tuple(statements), tuple(returns),
+                         tuple(str(a) for a in assignments), frozenset(lowering.imports))
+
+
+def size_lines(op, needed, arrays, axes):
+    """((size, source), ...): each size the statements read, from an argument's shape where one has that axis
+    (several from one shape: N, K = x.shape), else from its declared formula."""
+    needed = set(needed)
+    for size in list(needed):
+        needed |= in_base_sizes(size, op.sizes).free_symbols if size in op.sizes else set()
+    lines, known = [], set()
+    given = [*op.inputs, *op.params, *op.targets]
+    # a size no argument has (NLL's K, in a backward that reads only g and the labels): the input's shape
+    extra = [a for a in given if a not in arrays and any(
+        size_of(i) in needed - {size_of(j) for b in arrays for j in axes[b]} for i in axes[a])][:1]
+    arrays = [a for a in arrays if a != "g"] + extra + ["g"] * ("g" in arrays)
+    for array in arrays:
+        mine = [size_of(i) for i in axes[array]]
+        if any(s in needed and s not in known for s in mine):
+            names = [str(s) if s in needed and s not in known and mine.index(s) == n else "_"
+                     for n, s in enumerate(mine)]
+            lines.append((", ".join(names) + ("," if len(names) == 1 else ""), f"{array}.shape"))
+            known |= {s for s in mine if s in needed}
+    for size, formula in op.sizes.items():
+        if size in needed and size not in known:
+            numerator, denominator = sp.fraction(sp.together(formula))
+            text = ScalarPrinter().doprint(numerator)
+            text = f"({text})" if numerator.is_Add and denominator != 1 else text
+            lines.append((str(size), text if denominator == 1 else f"{text} // {denominator}"))
+            known.add(size)
+    missing = sorted(map(str, needed - known))
+    if missing:
+        raise LoweringError(f"{op.name}: size {missing[0]} is read by no argument's shape and declared by no formula")
+    return lines, arrays
+
+
+def shared(statements, taken):
+    """statements with every subexpression they share computed once (sympy.cse), each just before its
+    first use."""
+    names = (View(n) for n in (f"t{k}" for k in itertools.count()) if n not in taken)
+    values = [s.value for s in statements if s.form != "zeros"]
+    replacements, reduced = sp.cse(values, symbols=names, order="none")
+    reduced = iter(reduced)
+    statements = [s if s.form == "zeros" else s._replace(value=next(reduced)) for s in statements]
+    pending = dict(replacements)
+    out = []
+
+    def emit(expr):
+        for symbol in sorted(sp.sympify(expr).atoms(View), key=str):
+            if symbol in pending:
+                value = pending.pop(symbol)
+                emit(value)
+                out.append(Statement(symbol.name, value))
+    for statement in statements:
+        emit(statement.value)
+        out.append(statement)
+    return out
+
+
+def module_context(op):
+    """What templates/tensor.py.jinja needs to print op's module: its two functions' source and its class's
+    structure (constructor, input checks, calls, saved arrays), every formula printed from SymPy."""
+    from codegen.kernels import reductions
+    forward, backward = lowered(op)
+    printer = TensorPrinter()
+    output, given = op.steps[-1].name, [*op.inputs, *op.params, *op.targets]
+    functions = [{"name": f.name, "doc": f.doc, "args": list(f.args), "lines": f.lines(printer),
+                  "returns": list(f.returns), "derivation": list(f.derivation),
+                  "overflows": any(sp.sympify(s.value).has(ExpToInf) for s in f.statements)} for f in (forward, backward)]
+    sizes = list(dict.fromkeys(str(size_of(i)) for axes, _ in op.params.values() for i in axes))
+    params = [{"name": p, "init": init, "shape": shape_text(axes),
+               "bound": printer.scalar.doprint(1 / sp.sqrt(op.fan_in[p])) if init == "uniform" else None}
+              for p, (axes, init) in op.params.items()]
+    imports = set().union(forward.imports, backward.imports)
+    imports |= {"math"} if printer.scalar.module_imports else set()
+    imports |= {"erf"} if any(sp.sympify(s.value).has(sp.erf) for f in (forward, backward) for s in f.statements) else set()
+    source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options}}
+    size_names = {s: sp.Symbol(f'size["{s}"]') for s in {size_of(i) for axes in op.inputs.values() for i in axes}
+                  | {size_of(i) for axes, _ in op.params.values() for i in axes}
+                  | {size_of(i) for axes in op.targets.values() for i in axes}}
+    derived = []
+    for size, formula in op.sizes.items():
+        numerator, denominator = sp.fraction(sp.together(in_base_sizes(formula, op.sizes)))
+        derived.append({"name": str(size), "formula": sp.sstr(formula),
+                        "numerator": printer.scalar.doprint(numerator.xreplace(size_names)), "denominator": denominator})
+    inputs = [{"name": a, "ndim": len(axes), "labels": a in op.labels} for a, axes in [*op.inputs.items(),
+                                                                                       *op.targets.items()]]
+    shaped = [{"name": a, "source": source.get(a, a), "letters": "".join(map(str, axes))}
+              for a, axes in [*op.inputs.items(), *((p, ax) for p, (ax, _) in op.params.items()), *op.targets.items()]]
+    gradients = [f"d{a}" for a in op.inputs]
+    shapes = "; ".join(f"{a}: ({', '.join(str(size_of(i)) for i in axes)}{',' if len(axes) == 1 else ''})"
+                       for a, axes in [*op.inputs.items(), *((p, ax) for p, (ax, _) in op.params.items()),
+                                       *op.targets.items()])
+    arguments = [*op.inputs, *op.targets]
+    layer = op.kind == "layer"
+    signature = (f"forward({', '.join(arguments)}) -> {output if layer else 'the loss'}, "
+                 f"{'backward(g)' if layer else 'backward() (backward(G) under reduction=none)'} -> "
+                 f"{', '.join(gradients)}" + (f", setting {', '.join('d' + p for p in op.params)}" if op.params else ""))
+    return {"op": op, "kind": op.kind, "functions": functions, "imports": sorted(imports),
+            "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set())
+                              | ({"derived_size"} if derived else set())
+                              | ({"label_input", "label_range"} if op.labels else set())),
+            "sizes": sizes, "options": [{"name": o, "default": repr(v)} for o, v in op.options.items()],
+            "params": params, "cleared": " = ".join(f"self.d{p}" for p in op.params), "inputs": inputs, "arguments": arguments, "shaped": shaped,
+            "cast": [t for t in op.targets if t not in op.labels], "first": next(iter(op.inputs)),
+            "derived": derived, "labels": [{"name": t, "size": str(s)} for t, s in op.labels.items()],
+            "forward_call": [source.get(a, a) for a in forward.args], "forward_returns": list(forward.returns),
+            "saved": [source.get(a, a) for a in backward.args[:backward.args.index("g")]],
+            "backward_options": [source[a] for a in backward.args[backward.args.index("g") + 1:]],
+            "backward_returns": [f"self.{r}" if r[1:] in op.params else r for r in backward.returns],
+            "gradients": gradients, "output": output, "reductions": reductions("element"),
+            "signature": signature, "shapes": shapes,
+            "forward_doc": f"{output}[{', '.join(map(str, op.steps[-1].indices))}] = {op.summary}"
+                           + ("." if layer else ", reduced by self.reduction."),
+            "backward_doc": (f"{', '.join(gradients)} for the upstream gradient g of {output}'s shape"
+                             if layer else f"{', '.join(gradients)} of the reduced loss (G: the upstream gradient of "
+                             f"the unreduced losses)") + (f"; sets {', '.join('d' + p for p in op.params)}"
+                                                          if op.params else "") + "."}
+
+
+def shape_text(axes):
+    """(K,) or (O, C, J): a shape of sizes, as Python source."""
+    return f"({', '.join(str(size_of(i)) for i in axes)}{',' if len(axes) == 1 else ''})"
+
+
+# Stage 5: printing
+
+
+class ScalarPrinter(PythonCodePrinter):
+    """Sizes and options (Python numbers) as Python: math.sqrt(D) is a float, np.sqrt(D) a float64 that
+    would turn a float32 array into float64."""
+
+    def _print_Symbol(self, expr):
+        return expr.name
+
+    def _as_ordered_terms(self, expr, order=None):
+        return positive_first(super()._as_ordered_terms(expr, order=order))
+
+
+class TensorPrinter(KernelPrinter):
+    """KernelPrinter with the array program's operations."""
+
+    def __init__(self, scalars=()):
+        super().__init__()
+        self.scalar = ScalarPrinter()
+
+    def _print(self, expr, **kwargs):
+        if (isinstance(expr, sp.Expr) and not expr.is_number and not expr.atoms(View)
+                and not isinstance(expr, (sp.Symbol, Aligned, Einsum, Reduce, Gather, Window, Padded))
+                and (expr.atoms(sp.Function) or any(not p.exp.is_Integer for p in expr.atoms(sp.Pow)))):
+            return self.scalar.doprint(expr)
+        return super()._print(expr, **kwargs)
+
+    def _print_View(self, expr):
+        return expr.name
+
+    def _print_Str(self, expr):
+        return expr.name
+
+    def _print_Aligned(self, expr):
+        operand, text = expr.args
+        inner = self._print(operand)
+        if not isinstance(operand, View):
+            inner = inner if isinstance(operand, (Einsum, Reduce, Gather, Window, Padded, Aligned)) else f"({inner})"
+        if text.name in ("copy()",) or text.name.startswith("transpose("):
+            return f"{inner}.{text.name}"
+        return f"{inner}[{text.name}]"
+
+    def _print_Einsum(self, expr):
+        subscripts, path, *operands = expr.args
+        return f"np.einsum({subscripts.name}, {', '.join(self._print(o) for o in operands)}, optimize={path.name})"
+
+    def _print_Reduce(self, expr):
+        operand, axes, ufunc = expr.args
+        return f"np.{ufunc.name}.reduce({self._print(operand)}, axis={axes.name})"
+
+    def _print_Gather(self, expr):
+        array, index, axis = expr.args
+        drop = ", ".join([":"] * int(axis.name) + ["0"])
+        return f"np.take_along_axis({self._print(array)}, {self._print(index)}, axis={axis.name})[{drop}]"
+
+    def _print_Window(self, expr):
+        array, size, axis = expr.args
+        return f"sliding_window_view({self._print(array)}, {size.name}, axis={axis.name})"
+
+    def _print_Padded(self, expr):
+        array, widths = expr.args
+        return f"np.pad({self._print(array)}, {widths.name})"
+
+    def _print_Broadcast(self, expr):
+        value, shape = expr.args
+        return f"np.broadcast_to({self._print(value)}, ({''.join(self.scalar.doprint(s) + ', ' for s in shape)}))"
+
+    def _print_Scale(self, expr):
+        raise LoweringError(f"exp({expr.args[0]}) of a max shift did not cancel")

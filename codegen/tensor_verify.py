@@ -1,0 +1,72 @@
+"""Finite-difference checks of a generated index-notation class: every input's and param's gradient, in
+float64 at small distinct sizes (codegen.tensor_lower.check_sizes), seeded, at the default options and at 0.7
+times them; a loss under every reduction."""
+import numpy as np
+import sympy as sp
+
+from codegen.tensor_lower import check_sizes
+from codegen.verify import check_gradient
+from derive.tensor import size_of
+
+
+def guarded_targets(op):
+    """The dense targets a Piecewise condition of a step reads (KLDiv's t > 0): the checks give them zeros."""
+    return {a.base.name for s in op.steps for p in s.expr.atoms(sp.Piecewise) for c in p.args
+            for a in sp.sympify(c[1]).atoms(sp.Indexed) if a.base.name in op.targets}
+
+
+def sample(op, rng):
+    """(constructor sizes, {input or target: array}, {param: array}) at the check sizes: inputs and params
+    uniform in op.domain, labels uniform classes, dense targets uniform in [0, 1], a guarded one with zeros."""
+    sizes = check_sizes(op)
+
+    def shape(axes):
+        return tuple(sizes[size_of(i)] for i in axes)
+    arrays = {a: rng.uniform(*op.domain, shape(axes)) for a, axes in op.inputs.items()}
+    for t, axes in op.targets.items():
+        if t in op.labels:
+            arrays[t] = rng.integers(0, sizes[op.labels[t]], shape(axes))
+        else:
+            arrays[t] = rng.uniform(0.0, 1.0, shape(axes))
+            if t in guarded_targets(op):
+                arrays[t].flat[::3] = 0.0
+    params = {p: rng.uniform(*op.domain, shape(axes)) for p, (axes, _) in op.params.items()}
+    constructor = {str(size_of(i)): sizes[size_of(i)] for axes, _ in op.params.values() for i in axes}
+    return constructor, arrays, params
+
+
+def check_tensor_op(op, cls, rng):
+    """[(variant, GradientCheck)] of every input's and param's gradient of op's generated class cls."""
+    constructor, arrays, params = sample(op, rng)
+    option_sets = [{}] + ([{o: 0.7 * v if v else 0.3 for o, v in op.options.items()}] if op.options else [])
+    settings = [(options, reduction) for options in option_sets
+                for reduction in ((None,) if op.kind == "layer" else ("mean", "sum", "none"))]
+    checks = []
+    for options, reduction in settings:
+        label = ", ".join([f"{o}={v}" for o, v in options.items()] + [reduction] * (reduction is not None)) or "defaults"
+        instance = cls(**constructor, **options, **({"reduction": reduction} if reduction else {}))
+        for p, value in params.items():
+            setattr(instance, p, value.copy())
+        given = [arrays[a] for a in [*op.inputs, *op.targets]]
+        out = instance.forward(*given)
+        upstream = rng.standard_normal(np.shape(out)) if reduction in (None, "none") else None
+        weight = 1.0 if upstream is None else upstream
+        analytic = (instance.backward(upstream) if reduction != "mean" and reduction != "sum"
+                    else instance.backward())
+        analytic = analytic if isinstance(analytic, tuple) else (analytic,)
+
+        def objective(name, value):
+            moved = [value if a == name else arrays[a] for a in [*op.inputs, *op.targets]]
+            saved = getattr(instance, name, None) if name in params else None
+            if name in params:
+                setattr(instance, name, value)
+            result = float(np.sum(instance.forward(*(moved if name not in params else given)) * weight))
+            if name in params:
+                setattr(instance, name, saved)
+            return result
+        param_grads = {p: getattr(instance, f"d{p}") for p in params}
+        for name, grad in [*zip(op.inputs, analytic), *param_grads.items()]:
+            start = arrays[name] if name in arrays else params[name]
+            checks.append((f"d{name} ({label})", check_gradient(lambda v, name=name: objective(name, v), start, grad,
+                                                                tol=op.tol)))
+    return checks
