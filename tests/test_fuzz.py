@@ -11,7 +11,7 @@ import pytest
 import sympy as sp
 from hypothesis import assume, given, settings, strategies as st
 
-from codegen import inplace, pipeline, printer, render
+from codegen import fused, inplace, pipeline, printer, render
 from codegen.verify import GradientCheck
 from derive.functions import sigmoid
 from tests import fuzz
@@ -70,13 +70,13 @@ def test_a_wrong_function_that_verification_refuses_is_a_caught_bug(monkeypatch)
 
 
 def test_a_consistently_wrong_kernel_that_verification_publishes_is_a_wrong_kernel(monkeypatch):
-    # pi printed as 3 in the NumPy kernels: forward and backward agree with each other, not with pi
-    print_number = printer.KernelPrinter._print
-
-    def pi_is_three(self, expr, **kwargs):
-        return print_number(self, expr.subs(sp.pi, 3) if isinstance(expr, sp.Expr) and expr.is_number else expr,
-                            **kwargs)
-    monkeypatch.setattr(printer.KernelPrinter, "_print", pi_is_three)
+    # pi printed as 3 by both backends' printers: forward and backward agree with each other, and the fused
+    # kernels with the NumPy ones, not with pi
+    for printer_class in (printer.KernelPrinter, fused.FusedPrinter):
+        def pi_is_three(self, expr, print_number=printer_class._print, **kwargs):
+            return print_number(self, expr.subs(sp.pi, 3) if isinstance(expr, sp.Expr) and expr.is_number else expr,
+                                **kwargs)
+        monkeypatch.setattr(printer_class, "_print", pi_is_three)
     for case in (fuzz.Case("activation", "pi*tanh(x)"), fuzz.Case("activation", "x**2*pi")):
         result = fuzz.run_case(case)
         assert result.outcome == "wrong_kernel" and result.category.startswith("NumPy"), result.line()
