@@ -45,11 +45,12 @@ class GradientCheck:
     analytic: np.ndarray
     numeric: np.ndarray
     tol: float
+    floor: float = SCALE_FLOOR     # the least scale errors are taken relative to (see check_gradient)
 
     @property
     def error(self):
-        """max |analytic - numeric| relative to the larger of the two gradients' max norms (at least SCALE_FLOOR)."""
-        scale = max(np.max(np.abs(self.analytic), initial=0.0), np.max(np.abs(self.numeric), initial=0.0), SCALE_FLOOR)
+        """max |analytic - numeric| relative to the larger of the two gradients' max norms (at least floor)."""
+        scale = max(np.max(np.abs(self.analytic), initial=0.0), np.max(np.abs(self.numeric), initial=0.0), self.floor)
         gap = np.max(np.abs(self.analytic - self.numeric), initial=0.0)
         return float(gap / scale)
 
@@ -78,7 +79,10 @@ def check_gradient(f, x, analytic, *, eps=EPS, tol=1e-6):
     analytic = np.asarray(analytic, dtype=np.float64)
     if analytic.shape != np.shape(x):
         raise ValueError(f"analytic gradient has shape {analytic.shape}, x has {np.shape(x)}")
-    return GradientCheck(analytic, numerical_gradient(f, x, eps), tol)
+    # a difference of two values of f carries f's rounding, |f| eps, over 2 eps: where f is large (a sum of
+    # many losses), a slope of that size is noise, and the floor of the scale grows with it
+    noise = abs(float(f(np.array(x, dtype=np.float64)))) * np.finfo(np.float64).eps / eps
+    return GradientCheck(analytic, numerical_gradient(f, x, eps), tol, max(SCALE_FLOOR, noise / tol))
 
 
 def check_layer(make_layer, x, upstream, *, tol=1e-6):

@@ -294,3 +294,11 @@ def test_a_fused_kernel_that_disagrees_with_its_numpy_twin_is_refused(tmp_path, 
     reports, changed, _ = codegen(build_catalog(DECLARED["BranchSigmoid"]), tmp_path / "pkg", cache=None)
     assert changed is None and [r.ok for r in reports] == [True, False]
     assert all("against NumPy" in failure for failure in reports[1].failures)
+
+
+def test_a_tiny_slope_of_a_large_sum_is_within_the_finite_differences_noise_and_a_wrong_one_is_not():
+    from codegen.verify import check_gradient
+    x = np.linspace(-1, 1, 20)
+    f = lambda z: float(np.sum(np.sin(z) * 1e-8 + 1.0))  # noqa: E731 (a sum of 20 losses near 1)
+    assert check_gradient(f, x, 1e-8 * np.cos(x)).ok
+    assert not check_gradient(f, x, 1e-8 * np.cos(x) + 1e-2).ok
