@@ -80,9 +80,10 @@ def check_gradient(f, x, analytic, *, eps=EPS, tol=1e-6):
     if analytic.shape != np.shape(x):
         raise ValueError(f"analytic gradient has shape {analytic.shape}, x has {np.shape(x)}")
     # a difference of two values of f carries f's rounding, |f| eps, over 2 eps: where f is large (a sum of
-    # many losses), a slope of that size is noise, and the floor of the scale grows with it
+    # many losses), a slope of that size is noise, and the floor of the scale grows with it (to where that
+    # noise is 1e-6 of it, as SCALE_FLOOR is of a slope's noise where |f| is near 1)
     noise = abs(float(f(np.array(x, dtype=np.float64)))) * np.finfo(np.float64).eps / eps
-    return GradientCheck(analytic, numerical_gradient(f, x, eps), tol, max(SCALE_FLOOR, noise / tol))
+    return GradientCheck(analytic, numerical_gradient(f, x, eps), tol, max(SCALE_FLOOR, 1e6 * noise))
 
 
 def check_layer(make_layer, x, upstream, *, tol=1e-6):
