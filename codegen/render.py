@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
 # Everything whose change can change a generated file; its digest goes in every header.
 GENERATOR = ("derive/*.py", "codegen/lower.py", "codegen/printer.py", "codegen/kernels.py", "codegen/inplace.py",
-             "codegen/fused.py", "codegen/render.py", "templates/*.jinja")
+             "codegen/fused.py", "codegen/render.py", "codegen/tensor_lower.py", "templates/*.jinja")
 # The derivations printed for readers (symgrad derive, make docs) never reach a generated file.
 NOT_GENERATOR = "derive/derivation*.py"
 CATALOG_SOURCE = "derive/catalog.py"

@@ -17,7 +17,6 @@ np.take_along_axis; a Kronecker delta at a label on the gradient side is a scatt
 (np.put_along_axis). A term guarded by a bound on an index (GLU's halves) updates that slice of its
 array. A Piecewise on data is np.where once guarded_branches has made both branches safe."""
 import itertools
-import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -26,6 +25,7 @@ import sympy as sp
 from sympy.core.symbol import Str
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
+from sympy.printing.str import StrPrinter
 
 from codegen.printer import KernelPrinter, positive_first
 from derive.special import ExpToInf
@@ -69,12 +69,12 @@ class Scale(sp.Function):
 
 
 class Program(NamedTuple):
-    """What the lowering reads: the forward steps and the backward assignments, in order, and the array
-    whose value each rewrite added (the max of a shifted sum) with its axes."""
+    """What the lowering reads: the forward steps and the backward assignments, in order."""
 
     forward: tuple
     backward: tuple
     returns: tuple                 # d<name> of every input and param, in order
+    rewrites: tuple = ()           # the names of the rewrites that changed it, for the reader
 
 
 def program_of(op):
@@ -88,48 +88,60 @@ def program_of(op):
 
 
 def max_shifted(program, taken):
-    """A step s[F] = Sum(exp(u), V) becomes s[F] = Sum(exp(u - m[F]), V) with m[F] = Max(u, V), read as
-    s exp(m) (and its adjoint g_s, scaled by exp(m), as g_s exp(-m)); every exp(u) elsewhere becomes
-    exp(u - m) exp(m). The value is the same for any m; with m the max, no exponential overflows and
-    the sum is at least 1. Kept only where every factor exp(m) cancels (a softmax, its log, their
-    gradients), so a sum of exponentials that is itself the output stays as it is."""
-    forward, backward = list(program.forward), list(program.backward)
-    for step in list(forward):
-        if not (isinstance(step.expr, Sum) and isinstance(step.expr.function, sp.exp)):
-            continue
-        u, limits = step.expr.function.args[0], step.expr.limits
+    """Each sum of exponentials Sum(exp(u), V) in a forward step, over the free indices F, is shifted by its
+    max m[F] = Max(u, V), a step computed just before: every exp(u) (at any indices) becomes exp(u - m)
+    exp(m); a step s that is such a sum becomes Sum(exp(u - m)), read as s exp(m), and its adjoint g_s,
+    scaled by exp(m), is read as g_s exp(-m). The value is the same for any m; with m the max no
+    exponential overflows and the sum is at least 1. A shift is kept only where every factor exp(m)
+    cancels (a softmax, a log-sum-exp, their gradients): a sum of exponentials that is itself the output
+    stays as it is, as its value overflows."""
+    forward, backward, rewrites = list(program.forward), list(program.backward), list(program.rewrites)
+    shifts, tried = set(), set()
+    while True:
+        found = [(step, total) for step in forward for total in sorted(step.expr.atoms(Sum), key=sp.default_sort_key)
+                 if isinstance(total.function, sp.exp) and not reads_of(total) & shifts
+                 and (step.name, total) not in tried]
+        if not found:
+            return program._replace(forward=tuple(forward), backward=tuple(backward), rewrites=tuple(rewrites))
+        step, total = found[0]
+        tried.add((step.name, total))
+        u, limits = total.function.args[0], total.limits
+        outer = [i for i in total.free_symbols if i.is_integer and i not in step.indices and not i.name[0].isupper()]
+        indices = [i for i in step.indices if i in total.free_symbols] + sorted(outer, key=str)
         name = fresh(f"{step.name}_max", taken)
         shift = sp.IndexedBase(name, real=True)
-        wilds = {i: sp.Wild(f"w_{i}") for i in (*step.indices, *(v for v, *_ in limits))}
-        pattern = u.xreplace(wilds)
+        wilds = {i: sp.Wild(f"w_{i}") for i in (*indices, *(v for v, *_ in limits))}
+        pattern, whole = u.xreplace(wilds), step.expr == total
 
-        def split(e, step=step, shift=shift, wilds=wilds, pattern=pattern):
+        def split(e, shift=shift, wilds=wilds, pattern=pattern, indices=indices):
             match = e.args[0].match(pattern)
             if match is None or any(w not in match for w in wilds.values()):
                 return e
-            at = shift[tuple(match[wilds[i]] for i in step.indices)]
+            at = shift[tuple(match[wilds[i]] for i in indices)]
             return sp.exp(e.args[0] - at) * Scale(at)
 
-        def scaled(a, step=step, shift=shift):
-            base, adjoint = sp.IndexedBase(step.name, real=True), sp.IndexedBase(f"g_{step.name}", real=True)
+        def scaled(a, step=step, shift=shift, whole=whole):
             expr = a.expr.replace(lambda e: isinstance(e, sp.exp), split)
-            expr = expr.xreplace({r: r * Scale(shift[r.indices]) for r in expr.atoms(sp.Indexed) if r.base == base})
-            expr = expr.xreplace({r: r / Scale(shift[r.indices]) for r in expr.atoms(sp.Indexed)
-                                  if r.base == adjoint})
-            if a.name == step.name:     # s exp(m) = Sum(exp(u - m) exp(m)): s is Sum(exp(u - m))
-                expr = pulled(expr) / Scale(shift[a.indices])
-            if a.name == f"g_{step.name}":
-                expr = expr * Scale(shift[a.indices])
+            if whole:
+                base, adjoint = sp.IndexedBase(step.name, real=True), sp.IndexedBase(f"g_{step.name}", real=True)
+                expr = expr.xreplace({r: r * Scale(shift[r.indices]) for r in expr.atoms(sp.Indexed) if r.base == base})
+                expr = expr.xreplace({r: r / Scale(shift[r.indices]) for r in expr.atoms(sp.Indexed)
+                                      if r.base == adjoint})
+                if a.name == step.name:     # s exp(m) = Sum(exp(u - m) exp(m)): s is Sum(exp(u - m))
+                    expr = pulled(expr) / Scale(shift[a.indices])
+                if a.name == f"g_{step.name}":
+                    expr = expr * Scale(shift[a.indices])
             return a._replace(expr=cancelled(expr))
 
         at = forward.index(step)
-        shifted_forward = ([scaled(a) for a in forward[:at]] + [Assignment(name, step.indices, Maximum(u, *limits))]
+        shifted_forward = ([scaled(a) for a in forward[:at]] + [Assignment(name, tuple(indices), Maximum(u, *limits))]
                            + [scaled(a) for a in forward[at:]])
         shifted_backward = [scaled(a) for a in backward]
         if not any(a.expr.has(Scale) for a in shifted_forward + shifted_backward):
             forward, backward = shifted_forward, shifted_backward
             taken.add(name)
-    return program._replace(forward=tuple(forward), backward=tuple(backward))
+            shifts.add(name)
+            rewrites.append(f"{'' if whole else 'a sum in '}{step.name} shifted by its max {name}")
 
 
 def pulled(expr):
@@ -213,15 +225,19 @@ def rewritten(program, taken):
     """program after max_shifted and then every rewrite of REWRITES on each assignment."""
     program = max_shifted(program, taken)
 
+    applied = list(program.rewrites)
+
     def each(assignments):
         out = []
         for a in assignments:
             expr = a.expr
-            for _, rewrite in REWRITES:
-                expr = rewrite(expr)
+            for name, rewrite in REWRITES:
+                expr, before = rewrite(expr), expr
+                applied.extend([name] if expr != before and name not in applied else [])
             out.append(a._replace(expr=expr))
         return tuple(out)
-    return program._replace(forward=each(program.forward), backward=each(program.backward))
+    program = program._replace(forward=each(program.forward), backward=each(program.backward))
+    return program._replace(rewrites=tuple(applied))
 
 
 def fresh(name, taken):
@@ -294,8 +310,8 @@ class Statement(NamedTuple):
             return f"{self.target} = np.zeros({value}, dtype)"
         if self.form == "add":
             return f"{self.target}[{self.region}] += {value}"
-        index, axis, fresh = printer.doprint(self.region[0]), self.region[1], self.region[2]
-        if not fresh:      # added to what is there
+        index, axis, into_zeros = printer.doprint(self.region[0]), self.region[1], self.region[2]
+        if not into_zeros:      # added to what is there
             taken = f"np.take_along_axis({self.target}, {index}, axis={axis})"
             value = (f"{taken} - {printer.parenthesize(-self.value, PRECEDENCE['Add'])}"
                      if self.value.could_extract_minus_sign() else f"{taken} + {value}")
@@ -314,7 +330,7 @@ class ArrayFunction:
     statements: tuple
     returns: tuple
     derivation: tuple
-    imports: frozenset = frozenset()   # sliding_window_view where a window is read
+    imports: tuple = ()            # sliding_window_view where a window is read
 
     def lines(self, printer=None):
         """The body's source lines: sizes, shared subexpressions and statements in order."""
@@ -339,7 +355,12 @@ class Scope(NamedTuple):
 
 
 def full_scope(indices):
-    return Scope(tuple(indices), {i: (sp.S.Zero, size_of(i) - 1) for i in indices})
+    return Scope(tuple(indices), {i: (sp.S.Zero, extent(i) - 1) for i in indices})
+
+
+def extent(index):
+    """The size of an index's range: K for k, and for k' too (a Sum's index the derivation renamed)."""
+    return size_of(sp.Symbol(str(index).rstrip("'"), integer=True))
 
 
 class ArrayLowering:
@@ -348,7 +369,7 @@ class ArrayLowering:
     def __init__(self, op, axes, check_sizes):
         self.op, self.axes, self.check_sizes = op, axes, check_sizes
         self.statements, self.sizes, self.imports, self.dtype = [], set(), set(), False
-        self.size_symbols = {size_of(i) for axes in axes.values() for i in axes} | set(op.sizes)
+        self.size_symbols = {extent(i) for axes in axes.values() for i in axes} | set(op.sizes)
 
     def fail(self, problem):
         raise LoweringError(f"{self.op.name}: {problem}")
@@ -370,7 +391,7 @@ class ArrayLowering:
         if len(own) != len(access.indices):
             self.fail(f"{access} has {len(access.indices)} indices, {name} has {len(own)}")
         basic, axes, windows, labels, flips = [], [], [], [], []
-        for position, (index, axis) in enumerate(zip(access.indices, own)):
+        for index, axis in zip(access.indices, own):
             size = size_of(axis)
             if isinstance(index, sp.Indexed):
                 labels.append((len(axes), index))
@@ -413,28 +434,28 @@ class ArrayLowering:
         is), zero-padded where the read would leave the array, as a sliding window (the window axis last)."""
         for i in free:
             lo, hi = scope.ranges[i]
-            if not self.same(lo, 0) or not self.same(hi, size_of(i) - 1):
+            if not self.same(lo, 0) or not self.same(hi, extent(i) - 1):
                 self.fail(f"the shifted read of index {index} needs the whole range of {i}, not {lo}..{hi}")
         summed = [i for i in free if i in scope.summed]
         window, position = (summed[0], next(i for i in free if i != summed[0])) if len(summed) == 1 else free[::-1]
         slopes = {i: linear(index, i)[0] for i in free}
         offset = index.subs({i: 0 for i in free})
-        low = offset + sum(-(size_of(i) - 1) for i in free if slopes[i] == -1)
-        high = offset + sum(size_of(i) - 1 for i in free if slopes[i] == 1)
+        low = offset + sum(-(extent(i) - 1) for i in free if slopes[i] == -1)
+        high = offset + sum(extent(i) - 1 for i in free if slopes[i] == 1)
         front, back = self.padding(-low), self.padding(high - (size - 1))
         if front != 0 or back != 0:
             widths = ", ".join(f"({self.integer(front)}, {self.integer(back)})" if a == at else "(0, 0)"
                                for a in range(len(axes)))
             expr = Padded(expr, Str(f"({widths}{',' if len(axes) == 1 else ''})"))
         # index + front = p~ + w~ + start, p~ and w~ the positions counted from 0 in reading order
-        start = sp.expand(offset + front - sum(size_of(i) - 1 for i in free if slopes[i] == -1))
+        start = sp.expand(offset + front - sum(extent(i) - 1 for i in free if slopes[i] == -1))
         length = size + front + back
-        expr = Window(expr, Str(self.integer(size_of(window))), Str(str(at)))
+        expr = Window(expr, Str(self.integer(extent(window))), Str(str(at)))
         self.imports.add("sliding_window_view")
-        available = sp.expand(length - size_of(window) + 1 - start)
+        available = sp.expand(length - extent(window) + 1 - start)
         post = [":"] * len(axes) + [":"]
         span = ("" if self.same(start, 0) else self.integer(start)) + ":" + (
-            "" if self.same(available, size_of(position)) else self.integer(start + size_of(position)))
+            "" if self.same(available, extent(position)) else self.integer(start + extent(position)))
         post[at] = span
         if slopes[window] == -1:
             post[-1] = "::-1"
@@ -502,7 +523,8 @@ class ArrayLowering:
             self.fail(f"{expr} is no factor of a term of an assignment (a scatter) here")
         if isinstance(expr, sp.Symbol) and expr in scope.ranges:
             lo, hi = scope.ranges[expr]
-            values = View(f"np.arange({self.integer(lo) + ', ' if not self.same(lo, 0) else ''}{self.integer(hi + 1)})")
+            start = "" if self.same(lo, 0) else f"{self.integer(lo)}, "
+            values = View(f"np.arange({start}{self.integer(hi + 1)})")
             return self.align(values, (expr,), list(scope.indices))
         if isinstance(expr, sp.Symbol):
             self.sizes |= {expr} & self.size_symbols
@@ -520,15 +542,16 @@ class ArrayLowering:
         reads = sorted(total.function.atoms(sp.Indexed), key=lambda r: (-len(r.indices), sp.default_sort_key(r)))
         native = [i for r in reads[:1] for i in r.indices if i in set(free) | set(variables)]
         order = list(dict.fromkeys(native + free + variables))
-        return Scope(tuple(order), {**{i: scope.ranges[i] for i in free}, **{v: (lo, hi) for v, lo, hi in total.limits}},
-                     frozenset(variables)), free
+        ranges = {**{i: scope.ranges[i] for i in free}, **{v: (lo, hi) for v, lo, hi in total.limits}}
+        return Scope(tuple(order), ranges, frozenset(variables)), free
 
     def widened(self, total, scope):
         """total with each range narrowed by a Max or Min back to the whole range, where the narrowing only
-        kept a shifted read inside its array (the padded window then reads 0 outside it); else refused."""
-        limits = []
+        kept a shifted read inside its array (the padded window then reads 0 outside it); a range narrowed
+        by a condition on indices alone (s <= t) is the whole range with the summand's first factor masked."""
+        limits, masks = [], []
         for depth, (v, lo, hi) in enumerate(total.limits):
-            if self.same(lo, 0) and self.same(hi, size_of(v) - 1):
+            if self.same(lo, 0) and self.same(hi, extent(v) - 1):
                 limits.append((v, lo, hi))
                 continue
             conditions = []
@@ -538,20 +561,25 @@ class ArrayLowering:
                             index.free_symbols & set(scope.indices) | {v}) > 1:
                         conditions += [sp.Le(0, index), sp.Le(index, size_of(axis) - 1)]
             outer = {**scope.ranges, **{w: (l, h) for w, l, h in total.limits[depth + 1:]}}
-            expected, _ = folded(conditions, v, sp.S.Zero, size_of(v) - 1, outer, self.op.sizes)
-            if not (self.same(expected[0], lo) and self.same(expected[1], hi)):
-                self.fail(f"the range {lo}..{hi} of {v} does not come from keeping a shifted read in range")
-            limits.append((v, sp.S.Zero, size_of(v) - 1))
-        return Sum(total.function, *limits)
+            expected, _ = folded(conditions, v, sp.S.Zero, extent(v) - 1, outer, self.op.sizes)
+            if conditions and not (self.same(expected[0], lo) and self.same(expected[1], hi)):
+                self.fail(f"the range {lo}..{hi} of {v} is narrower than its shifted reads need; no form for both")
+            if not conditions:   # a range from a condition on the indices (a causal mask): the summand masked
+                masks.append(sp.And(sp.Le(lo, v), sp.Le(v, hi)))
+            limits.append((v, sp.S.Zero, extent(v) - 1))
+        if not masks:
+            return Sum(total.function, *limits)
+        first, *rest = sp.Mul.make_args(total.function)
+        return Sum(sp.Mul(sp.Piecewise((first, sp.And(*masks)), (0, True)), *rest), *limits)
 
     def summed(self, total, scope):
         """A Sum: np.einsum over a product's factors, or the summand reduced by np.add.reduce."""
-        total = self.widened(total, scope)
+        total = self.widened(nested(total), scope)
         inner, free = self.inner(total, scope)
         variables = [v for v, *_ in total.limits]
         coefficient, rest = total.function.as_independent(*variables, as_Add=False)
         for v in [v for v in variables if v not in rest.free_symbols]:
-            coefficient, variables = coefficient * size_of(v), [w for w in variables if w != v]
+            coefficient, variables = coefficient * extent(v), [w for w in variables if w != v]
             inner = inner.restricted([i for i in inner.indices if i != v])
         if not variables:
             return self.value(coefficient * rest, scope)
@@ -574,7 +602,7 @@ class ArrayLowering:
         letters = einsum_letters([a for _, axes in operands for a in axes])
         subscripts = ",".join("".join(letters[a] for a in axes) for _, axes in operands) + "->" + "".join(
             letters[a] for a in out)
-        dummies = [np.zeros([int(in_base_sizes(size_of(a), self.op.sizes).subs(self.check_sizes)) for a in axes])
+        dummies = [np.zeros([int(in_base_sizes(extent(a), self.op.sizes).subs(self.check_sizes)) for a in axes])
                    for _, axes in operands]
         path, _ = np.einsum_path(subscripts, *dummies, optimize="optimal")
         return Einsum(Str(f'"{subscripts}"'), Str(repr(path)), *(expr for expr, _ in operands))
@@ -597,34 +625,39 @@ class ArrayLowering:
         for term in sp.Add.make_args(assignment.expr):
             guard = self.guard(term, indices)
             delta = next((f for f in sp.Mul.make_args(term) if isinstance(f, sp.KroneckerDelta)), None)
+            at = [a for a in delta.args if a not in indices] if delta is not None else None
             if guard is not None:
                 regions.append(guard)
+            elif delta is not None and len(at) == 1 and not at[0].free_symbols & set(indices) | at[0].atoms(
+                    sp.Indexed):   # delta(k, e), e a size or a number (x[n, 0]'s derivative): the entry k = e
+                (index,) = [a for a in delta.args if a in indices]
+                regions.append(({index: (at[0], at[0])}, term / delta))
             elif delta is not None:
                 scatters.setdefault(delta, []).append(term / delta)
             else:
                 plain.append(term)
-        shape = sp.Tuple(*(size_of(i) for i in indices))
-        self.sizes |= set(shape)
+        shape = sp.Tuple(*(extent(i) for i in indices))
         if plain:
             value = self.value(sp.Add(*plain), scope)
             if not set(indices) <= sp.Add(*plain).free_symbols:   # a view of fewer axes: broadcast to the shape
+                self.sizes |= set(shape)
                 value = Aligned(Broadcast(value, shape), Str("copy()"))
             elif (regions or scatters) and isinstance(value, (View, Aligned, Window, Padded)):
                 value = Aligned(value, Str("copy()"))    # a view of an argument: updated below, so copied
             self.statements.append(Statement(target, value))
         else:
-            self.dtype = True
+            self.dtype, self.sizes = True, self.sizes | set(shape)
             self.statements.append(Statement(target, shape, "zeros"))
         for ranges, term in regions:
             narrowed = Scope(scope.indices, {**scope.ranges, **ranges})
             region = ", ".join(trimmed([
                 ("" if self.same(lo, 0) else self.integer(lo)) + ":" + (
-                    "" if self.same(hi, size_of(i) - 1) else self.integer(hi + 1)) if i in ranges else ":"
+                    "" if self.same(hi, extent(i) - 1) else self.integer(hi + 1)) if i in ranges else ":"
                 for i in indices for lo, hi in [narrowed.ranges[i]]]))
             self.statements.append(Statement(target, self.value(term, narrowed), "add", region))
         for number, (delta, terms) in enumerate(scatters.items()):
-            fresh = not plain and not regions and number == 0
-            self.statements.append(self.scatter(target, indices, delta, sp.Add(*terms), fresh))
+            into_zeros = not plain and not regions and number == 0
+            self.statements.append(self.scatter(target, indices, delta, sp.Add(*terms), into_zeros))
 
     def guard(self, term, indices):
         """({index: (lo, hi)}, value) of c Piecewise((e, bounds on the target's indices), (0, True)), else None."""
@@ -639,11 +672,11 @@ class ArrayLowering:
             if found is None:
                 return None
             i = inside[0]
-            lo, hi = ranges.get(i, (sp.S.Zero, size_of(i) - 1))
+            lo, hi = ranges.get(i, (sp.S.Zero, extent(i) - 1))
             ranges[i] = (found[1], hi) if found[0] == "lo" else (lo, found[1])
         return ranges, sp.Mul(*(f for f in sp.Mul.make_args(term) if f is not pieces[0])) * value
 
-    def scatter(self, target, indices, delta, rest, fresh):
+    def scatter(self, target, indices, delta, rest, into_zeros):
         """rest added into target at delta's label: np.put_along_axis over np.take_along_axis (each label
         position is written by one entry of rest, so no position is written twice)."""
         index, label = sorted(delta.args, key=lambda a: isinstance(a, sp.Indexed))
@@ -651,7 +684,7 @@ class ArrayLowering:
             self.fail(f"{delta} is not a Kronecker delta between an index of {target} and a label")
         at = indices.index(index)
         rest = rest.xreplace({index: label}) if index in rest.free_symbols else rest
-        others = Scope(tuple(i for i in indices if i != index), {i: (sp.S.Zero, size_of(i) - 1) for i in indices
+        others = Scope(tuple(i for i in indices if i != index), {i: (sp.S.Zero, extent(i) - 1) for i in indices
                                                                  if i != index})
         slot = sp.Dummy("slot")
         order = [slot if i == index else i for i in indices]
@@ -659,7 +692,23 @@ class ArrayLowering:
         where = self.align(labels, label_axes, order, full=True)
         # rest over the target's axes with a slot of one entry for the label's: it broadcasts against where
         value = self.value(rest, Scope(tuple(order), {**others.ranges, slot: (sp.S.Zero, sp.S.Zero)}))
-        return Statement(target, value, "scatter", (where, at, fresh))
+        return Statement(target, value, "scatter", (where, at, into_zeros))
+
+
+def nested(total):
+    """Sum(a Sum(b, j), o) as Sum(a b, o, j), j not read by a: one einsum over every factor (a bilinear
+    form's dx), not one inside another. Only over whole ranges (a narrowed one is widened alone)."""
+    factors = sp.Mul.make_args(total.function)
+    inner = [f for f in factors if isinstance(f, Sum) and not any(b.has(sp.Max, sp.Min) for l in f.limits
+                                                                    for b in l[1:])]
+    if len(inner) != 1 or any(b.has(sp.Max, sp.Min) for l in total.limits for b in l[1:]):
+        return total
+    (sub,) = inner
+    rest = [f for f in factors if f is not sub]
+    bound = {v for v, *_ in sub.limits}
+    if bound & (sp.Mul(*rest).free_symbols | {v for v, *_ in total.limits}):
+        return total
+    return Sum(sp.Mul(*rest, sub.function), *total.limits, *sub.limits)
 
 
 def trimmed(entries):
@@ -724,11 +773,12 @@ def lowered(op):
     """(forward, backward) ArrayFunctions of op: forward(inputs, params, targets, options) returns the output
     and what backward reads; backward(what it reads, g, options) returns every input's and param's gradient."""
     taken = names_of(op)
-    clash = sorted(taken & set(SOURCE_NAMES) - {"g"} & ({*op.inputs, *op.params, *op.targets, *op.options,
-                                                         *(s.name for s in op.steps)}))
+    clash = sorted((set(SOURCE_NAMES) - {"g"}) & {*op.inputs, *op.params, *op.targets, *op.options,
+                                                 *(s.name for s in op.steps)})
     if clash:
         raise LoweringError(f"{op.name}: the name {clash[0]} is taken by the generated code; rename it")
-    program = rewritten(program_of(op), taken)
+    original = program_of(op)
+    program = rewritten(original, taken)
     axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets, "g": op.steps[-1].indices,
             **{a.name: a.indices for a in (*program.forward, *program.backward)}}
     sizes = check_sizes(op)
@@ -738,16 +788,18 @@ def lowered(op):
     read = set().union(*(reads_of(a.expr) for a in program.backward))
     saved = [name for name in steps if name in read and name != output]
     options = [sp.Symbol(o, real=True) for o in op.options]
+    notes = [f"rewritten: {', '.join(program.rewrites)} (codegen.tensor_lower)"] if program.rewrites else []
     forward = function(op, "forward", f"{output} and what backward reads, by the forward steps.", program.forward,
-                       given, (output, *saved), axes, sizes, options, taken)
+                       given, (output, *saved), axes, sizes, options, taken,
+                       [str(a) for a in original.forward] + notes)
     backward = function(op, "backward", "The gradient of each input and param: g times the Jacobian (a "
                         "vector-Jacobian product) by the adjoint steps.", program.backward,
                         [name for name in given + saved if name in read] + ["g"], program.returns, axes, sizes,
-                        options, taken)
+                        options, taken, [str(a) for a in original.backward] + notes)
     return forward, backward
 
 
-def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, taken):
+def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, taken, derivation):
     """The ArrayFunction computing assignments from the arrays and the options they read."""
     lowering = ArrayLowering(op, axes, sizes)
     for assignment in assignments:
@@ -759,7 +811,7 @@ def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, 
     if lowering.dtype:   # the dtype of g, or of the first input (never of integer labels)
         lines.append(("dtype", f"{'g' if 'g' in arrays else next(iter(op.inputs))}.dtype"))
     return ArrayFunction(name, doc, args, tuple(lines), tuple(statements), tuple(returns),
-                         tuple(str(a) for a in assignments), frozenset(lowering.imports))
+                         tuple(derivation), tuple(sorted(lowering.imports)))
 
 
 def size_lines(op, needed, arrays, axes):
@@ -826,14 +878,16 @@ def module_context(op):
     output, given = op.steps[-1].name, [*op.inputs, *op.params, *op.targets]
     functions = [{"name": f.name, "doc": f.doc, "args": list(f.args), "lines": f.lines(printer),
                   "returns": list(f.returns), "derivation": list(f.derivation),
-                  "overflows": any(sp.sympify(s.value).has(ExpToInf) for s in f.statements)} for f in (forward, backward)]
+                  "overflows": any(sp.sympify(s.value).has(ExpToInf) for s in f.statements)}
+                 for f in (forward, backward)]
     sizes = list(dict.fromkeys(str(size_of(i)) for axes, _ in op.params.values() for i in axes))
     params = [{"name": p, "init": init, "shape": shape_text(axes),
                "bound": printer.scalar.doprint(1 / sp.sqrt(op.fan_in[p])) if init == "uniform" else None}
               for p, (axes, init) in op.params.items()]
     imports = set().union(forward.imports, backward.imports)
     imports |= {"math"} if printer.scalar.module_imports else set()
-    imports |= {"erf"} if any(sp.sympify(s.value).has(sp.erf) for f in (forward, backward) for s in f.statements) else set()
+    if any(sp.sympify(s.value).has(sp.erf) for f in (forward, backward) for s in f.statements):
+        imports.add("erf")
     source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options}}
     size_names = {s: sp.Symbol(f'size["{s}"]') for s in {size_of(i) for axes in op.inputs.values() for i in axes}
                   | {size_of(i) for axes, _ in op.params.values() for i in axes}
@@ -841,27 +895,28 @@ def module_context(op):
     derived = []
     for size, formula in op.sizes.items():
         numerator, denominator = sp.fraction(sp.together(in_base_sizes(formula, op.sizes)))
-        derived.append({"name": str(size), "formula": sp.sstr(formula),
-                        "numerator": printer.scalar.doprint(numerator.xreplace(size_names)), "denominator": denominator})
+        derived.append({"name": str(size), "formula": FormulaPrinter().doprint(formula), "denominator": denominator,
+                        "numerator": printer.scalar.doprint(numerator.xreplace(size_names))})
     inputs = [{"name": a, "ndim": len(axes), "labels": a in op.labels} for a, axes in [*op.inputs.items(),
                                                                                        *op.targets.items()]]
     shaped = [{"name": a, "source": source.get(a, a), "letters": "".join(map(str, axes))}
               for a, axes in [*op.inputs.items(), *((p, ax) for p, (ax, _) in op.params.items()), *op.targets.items()]]
     gradients = [f"d{a}" for a in op.inputs]
-    shapes = "; ".join(f"{a}: ({', '.join(str(size_of(i)) for i in axes)}{',' if len(axes) == 1 else ''})"
-                       for a, axes in [*op.inputs.items(), *((p, ax) for p, (ax, _) in op.params.items()),
-                                       *op.targets.items()])
+    shapes = "; ".join(f"{a}: {shape_text(axes)}" for a, axes in [*op.inputs.items(), *(
+        (p, ax) for p, (ax, _) in op.params.items()), *op.targets.items()])
     arguments = [*op.inputs, *op.targets]
     layer = op.kind == "layer"
     signature = (f"forward({', '.join(arguments)}) -> {output if layer else 'the loss'}, "
                  f"{'backward(g)' if layer else 'backward() (backward(G) under reduction=none)'} -> "
-                 f"{', '.join(gradients)}" + (f", setting {', '.join('d' + p for p in op.params)}" if op.params else ""))
+                 f"{', '.join(gradients)}")
+    signature += f", setting {', '.join('d' + p for p in op.params)}" if op.params else ""
     return {"op": op, "kind": op.kind, "functions": functions, "imports": sorted(imports),
             "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set())
                               | ({"derived_size"} if derived else set())
                               | ({"label_input", "label_range"} if op.labels else set())),
             "sizes": sizes, "options": [{"name": o, "default": repr(v)} for o, v in op.options.items()],
-            "params": params, "cleared": " = ".join(f"self.d{p}" for p in op.params), "inputs": inputs, "arguments": arguments, "shaped": shaped,
+            "params": params, "cleared": " = ".join(f"self.d{p}" for p in op.params), "inputs": inputs,
+            "arguments": arguments, "shaped": shaped,
             "cast": [t for t in op.targets if t not in op.labels], "first": next(iter(op.inputs)),
             "derived": derived, "labels": [{"name": t, "size": str(s)} for t, s in op.labels.items()],
             "forward_call": [source.get(a, a) for a in forward.args], "forward_returns": list(forward.returns),
@@ -897,16 +952,23 @@ class ScalarPrinter(PythonCodePrinter):
         return positive_first(super()._as_ordered_terms(expr, order=order))
 
 
+class FormulaPrinter(StrPrinter):
+    """A size's formula as its declaration writes it (L - J + 1, K/2), for the messages."""
+
+    def _as_ordered_terms(self, expr, order=None):
+        return positive_first(super()._as_ordered_terms(expr, order=order))
+
+
 class TensorPrinter(KernelPrinter):
     """KernelPrinter with the array program's operations."""
 
-    def __init__(self, scalars=()):
+    def __init__(self):
         super().__init__()
         self.scalar = ScalarPrinter()
 
     def _print(self, expr, **kwargs):
         if (isinstance(expr, sp.Expr) and not expr.is_number and not expr.atoms(View)
-                and not isinstance(expr, (sp.Symbol, Aligned, Einsum, Reduce, Gather, Window, Padded))
+                and not isinstance(expr, (sp.Symbol, ArrayOperation))
                 and (expr.atoms(sp.Function) or any(not p.exp.is_Integer for p in expr.atoms(sp.Pow)))):
             return self.scalar.doprint(expr)
         return super()._print(expr, **kwargs)
@@ -921,8 +983,8 @@ class TensorPrinter(KernelPrinter):
         operand, text = expr.args
         inner = self._print(operand)
         if not isinstance(operand, View):
-            inner = inner if isinstance(operand, (Einsum, Reduce, Gather, Window, Padded, Aligned)) else f"({inner})"
-        if text.name in ("copy()",) or text.name.startswith("transpose("):
+            inner = inner if isinstance(operand, ArrayOperation) else f"({inner})"
+        if text.name == "copy()" or text.name.startswith("transpose("):
             return f"{inner}.{text.name}"
         return f"{inner}[{text.name}]"
 

@@ -1,6 +1,6 @@
 """Finite-difference checks of a generated index-notation class: every input's and param's gradient, in
-float64 at small distinct sizes (codegen.tensor_lower.check_sizes), seeded, at the default options and at 0.7
-times them; a loss under every reduction."""
+float64 at small distinct sizes (codegen.tensor_lower.check_sizes), seeded, at the default options and at
+0.7 times them; a loss under every reduction."""
 import numpy as np
 import sympy as sp
 
@@ -11,8 +11,8 @@ from derive.tensor import size_of
 
 def guarded_targets(op):
     """The dense targets a Piecewise condition of a step reads (KLDiv's t > 0): the checks give them zeros."""
-    return {a.base.name for s in op.steps for p in s.expr.atoms(sp.Piecewise) for c in p.args
-            for a in sp.sympify(c[1]).atoms(sp.Indexed) if a.base.name in op.targets}
+    return {a.base.name for s in op.steps for p in s.expr.atoms(sp.Piecewise) for _, c in p.args
+            for a in sp.sympify(c).atoms(sp.Indexed) if a.base.name in op.targets}
 
 
 def sample(op, rng):
@@ -36,37 +36,36 @@ def sample(op, rng):
 
 
 def check_tensor_op(op, cls, rng):
-    """[(variant, GradientCheck)] of every input's and param's gradient of op's generated class cls."""
+    """[(variant, GradientCheck)] of every input's and param's gradient of op's generated class cls, against
+    central differences of sum(forward * u) (a layer, a loss unreduced) or of the reduced loss."""
     constructor, arrays, params = sample(op, rng)
     option_sets = [{}] + ([{o: 0.7 * v if v else 0.3 for o, v in op.options.items()}] if op.options else [])
-    settings = [(options, reduction) for options in option_sets
-                for reduction in ((None,) if op.kind == "layer" else ("mean", "sum", "none"))]
+    reductions = (None,) if op.kind == "layer" else ("mean", "sum", "none")
+    names = [*op.inputs, *op.targets]
     checks = []
-    for options, reduction in settings:
-        label = ", ".join([f"{o}={v}" for o, v in options.items()] + [reduction] * (reduction is not None)) or "defaults"
-        instance = cls(**constructor, **options, **({"reduction": reduction} if reduction else {}))
-        for p, value in params.items():
-            setattr(instance, p, value.copy())
-        given = [arrays[a] for a in [*op.inputs, *op.targets]]
-        out = instance.forward(*given)
-        upstream = rng.standard_normal(np.shape(out)) if reduction in (None, "none") else None
-        weight = 1.0 if upstream is None else upstream
-        analytic = (instance.backward(upstream) if reduction != "mean" and reduction != "sum"
-                    else instance.backward())
-        analytic = analytic if isinstance(analytic, tuple) else (analytic,)
+    for options in option_sets:
+        for reduction in reductions:
+            label = ", ".join([f"{o}={v:g}" for o, v in options.items()] + [reduction] * bool(reduction))
+            label = label or "defaults"
+            instance = cls(**constructor, **options, **({"reduction": reduction} if reduction else {}))
+            for p, value in params.items():
+                setattr(instance, p, value.copy())
+            out = instance.forward(*(arrays[a] for a in names))
+            upstream = rng.standard_normal(np.shape(out)) if reduction in (None, "none") else None
+            analytic = instance.backward(upstream) if upstream is not None else instance.backward()
+            analytic = dict(zip(op.inputs, analytic if isinstance(analytic, tuple) else (analytic,)))
+            analytic.update({p: getattr(instance, f"d{p}") for p in params})
 
-        def objective(name, value):
-            moved = [value if a == name else arrays[a] for a in [*op.inputs, *op.targets]]
-            saved = getattr(instance, name, None) if name in params else None
-            if name in params:
-                setattr(instance, name, value)
-            result = float(np.sum(instance.forward(*(moved if name not in params else given)) * weight))
-            if name in params:
-                setattr(instance, name, saved)
-            return result
-        param_grads = {p: getattr(instance, f"d{p}") for p in params}
-        for name, grad in [*zip(op.inputs, analytic), *param_grads.items()]:
-            start = arrays[name] if name in arrays else params[name]
-            checks.append((f"d{name} ({label})", check_gradient(lambda v, name=name: objective(name, v), start, grad,
-                                                                tol=op.tol)))
+            def objective(name, value, instance=instance, weight=1.0 if upstream is None else upstream):
+                """The checked scalar with name (an input or a param) at value, the others as sampled."""
+                if name in params:   # a fresh instance with the param at value, the others as sampled
+                    instance = cls(**constructor, **options, **({"reduction": reduction} if reduction else {}))
+                    for p in params:
+                        setattr(instance, p, value if p == name else params[p])
+                given = [value if a == name else arrays[a] for a in names]
+                return float(np.sum(instance.forward(*given) * weight))
+            for name, grad in analytic.items():
+                start = arrays[name] if name in arrays else params[name]
+                checks.append((f"d{name} ({label})", check_gradient(lambda v, name=name: objective(name, v), start,
+                                                                    grad, tol=op.tol)))
     return checks

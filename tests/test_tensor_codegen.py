@@ -1,0 +1,329 @@
+"""Index-notation operations generated, verified and written by codegen, then compared with PyTorch autograd:
+every forward and every input's and param's gradient in float64 to 1e-10, float32 kept, extreme inputs
+finite and accurate, a planted lowering bug caught by verification, the max shift shown to keep values."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+import torch
+import torch.nn.functional as F
+
+from codegen.pipeline import codegen
+from codegen.render import render_package
+from codegen.tensor_lower import (Aligned, ArrayLowering, Maximum, Scale, check_sizes, lowered, max_shifted, names_of,
+                                  program_of)
+from codegen.tensor_verify import sample
+from codegen.write import import_package
+from derive.ops import build_catalog
+from derive.tensor import compiled, evaluated, size_of
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tensor_ops.py"
+spec = importlib.util.spec_from_file_location("tensor_ops_examples", EXAMPLES)
+examples = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(examples)
+OPS = {op.name: op for op in examples.OPS}
+
+
+def focal(x, c, gamma):
+    lp = F.log_softmax(x, 1).gather(1, c[:, None])[:, 0]
+    return -(1 - lp.exp()) ** gamma * lp
+
+
+def kl_div(x, t, reduction):
+    log_p = F.log_softmax(x, 1)
+    return (F.kl_div(log_p, t, reduction="none").sum(1) if reduction == "none"
+            else F.kl_div(log_p, t, reduction={"mean": "batchmean", "sum": "sum"}[reduction]))
+
+
+def reduced(L, reduction):
+    return {"mean": L.mean(), "sum": L.sum(), "none": L}[reduction]
+
+
+# PyTorch's output of each op: f(arrays, params, options, reduction) from tensors by the declared names;
+# KLDiv's mean is kl_div's batchmean (the mean of each row's divergence), as the per-row loss is reduced
+TORCH = {
+    "TemperedSoftmax": lambda a, p, o, r: torch.softmax(a["x"] / o["T"], dim=1),
+    "LayerNorm": lambda a, p, o, r: F.layer_norm(a["x"], a["x"].shape[1:], p["gamma"], p["beta"], o["eps"]),
+    "LayerNormNoAffine": lambda a, p, o, r: F.layer_norm(a["x"], a["x"].shape[1:], eps=o["eps"]),
+    "RMSNorm": lambda a, p, o, r: F.rms_norm(a["x"], a["x"].shape[1:], p["gamma"], o["eps"]),
+    "BatchNorm": lambda a, p, o, r: F.batch_norm(a["x"], None, None, p["gamma"], p["beta"], training=True,
+                                                 eps=o["eps"]),
+    "Attention": lambda a, p, o, r: F.scaled_dot_product_attention(a["Q"], a["K"], a["V"]),
+    "Conv1d": lambda a, p, o, r: F.conv1d(a["x"], p["w"], p["b"]),
+    "GLU": lambda a, p, o, r: F.glu(a["x"], dim=1),
+    "KLDiv": lambda a, p, o, r: kl_div(a["x"], a["t"], r),
+    "NLL": lambda a, p, o, r: F.nll_loss(a["x"], a["c"], reduction=r),
+    "FocalLoss": lambda a, p, o, r: reduced(focal(a["x"], a["c"], o["gamma"]), r),
+}
+SETTINGS = [(name, r) for name, op in OPS.items() for r in ((None,) if op.kind == "layer" else ("mean", "sum", "none"))]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    out = tmp_path_factory.mktemp("generated") / "tensor_ops"
+    reports, changed, _ = codegen(build_catalog(*OPS.values()), out, cache=None, backend="numpy")
+    assert changed is not None and all(r.ok for r in reports), "\n".join(str(r) for r in reports)
+    return import_package(out)
+
+
+def close(ours, theirs, what, tol=1e-10):
+    theirs = theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else np.asarray(theirs)
+    assert np.shape(ours) == np.shape(theirs), f"{what}: shape {np.shape(ours)} vs PyTorch's {np.shape(theirs)}"
+    assert np.all(np.isfinite(ours)), f"{what}: not finite\n{ours}"
+    gap = np.max(np.abs(ours - theirs), initial=0) / max(1.0, np.max(np.abs(theirs), initial=0))
+    assert gap < tol, f"{what}: relative gap {gap:.2e}\nours:\n{ours}\nPyTorch:\n{theirs}"
+
+
+def run(package, op, arrays, params, reduction, rng, dtype=np.float64, options=None):
+    """(instance, output, gradients by name) of op's generated class, and the upstream gradient used."""
+    constructor = {str(size_of(i)): arrays_size(arrays, op, i) for axes, _ in op.params.values() for i in axes}
+    extra = {"dtype": dtype} if op.params else {}
+    instance = getattr(package, op.name)(**constructor, **(options or {}), **extra,
+                                         **({"reduction": reduction} if reduction else {}))
+    for p, value in params.items():
+        setattr(instance, p, value.astype(dtype))
+    out = instance.forward(*(arrays[a] for a in [*op.inputs, *op.targets]))
+    upstream = rng.standard_normal(np.shape(out)).astype(dtype) if reduction in (None, "none") else None
+    grads = instance.backward(upstream) if upstream is not None else instance.backward()
+    grads = dict(zip(op.inputs, grads if isinstance(grads, tuple) else (grads,)))
+    grads.update({p: getattr(instance, f"d{p}") for p in op.params})
+    return out, grads, upstream
+
+
+def arrays_size(arrays, op, index):
+    """The size of index's axis in the first array that has it (a param's size, from the inputs' shapes)."""
+    for a, axes in [*op.inputs.items(), *op.targets.items()]:
+        if index in axes:
+            return arrays[a].shape[axes.index(index)]
+    return check_sizes(op)[size_of(index)]
+
+
+def torch_run(op, arrays, params, reduction, upstream, options=None):
+    """(output, gradients by name) of PyTorch's form of op, by autograd."""
+    tensors = {a: torch.tensor(v, requires_grad=a in op.inputs) for a, v in arrays.items()}
+    weights = {p: torch.tensor(v, requires_grad=True) for p, v in params.items()}
+    out = TORCH[op.name](tensors, weights, {**op.options, **(options or {})}, reduction)
+    (out * torch.tensor(upstream) if upstream is not None else out).sum().backward()
+    return out, {**{a: tensors[a].grad for a in op.inputs}, **{p: weights[p].grad for p in params}}
+
+
+@pytest.mark.parametrize("name, reduction", SETTINGS, ids=[f"{n}-{r}" if r else n for n, r in SETTINGS])
+def test_forward_and_every_gradient_match_pytorch_in_float64(package, name, reduction):
+    op = OPS[name]
+    rng = np.random.default_rng(1)
+    _, arrays, params = sample(op, rng)
+    for options in ({}, {o: 0.5 * v for o, v in op.options.items()}):
+        out, grads, upstream = run(package, op, arrays, params, reduction, rng, options=options)
+        theirs, their_grads = torch_run(op, arrays, params, reduction, upstream, options)
+        close(out, theirs, f"{name} forward {options}")
+        for a, grad in grads.items():
+            close(grad, their_grads[a], f"{name} d{a} {options}")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_float32_stays_float32(package, name):
+    op = OPS[name]
+    rng = np.random.default_rng(2)
+    _, arrays, params = sample(op, rng)
+    arrays = {a: v.astype(np.float32) if v.dtype.kind == "f" else v for a, v in arrays.items()}
+    out, grads, _ = run(package, op, arrays, params, "none" if op.kind == "loss" else None, rng, np.float32)
+    assert out.dtype == np.float32 and all(g.dtype == np.float32 for g in grads.values()), (
+        out.dtype, {a: g.dtype for a, g in grads.items()})
+    theirs, their_grads = torch_run(op, {a: v.astype(np.float64) if v.dtype.kind == "f" else v
+                                         for a, v in arrays.items()},
+                                    {p: v.astype(np.float32).astype(np.float64) for p, v in params.items()},
+                                    "none" if op.kind == "loss" else None, np.ones(np.shape(out)))
+    close(out, theirs, f"{name} float32 forward", tol=1e-5)
+
+
+# logits far apart: the max shift keeps every exponential finite; attention's scores Q K^T / sqrt(D) too
+EXTREME = ["TemperedSoftmax", "KLDiv", "NLL", "FocalLoss", "GLU", "Attention"]
+
+
+@pytest.mark.parametrize("name", EXTREME)
+def test_logits_of_1e4_give_finite_accurate_results(package, name):
+    op = OPS[name]
+    rng = np.random.default_rng(3)
+    _, arrays, params = sample(op, rng)
+    first = next(iter(op.inputs))
+    arrays[first] = rng.choice([-1e4, 1e4], arrays[first].shape) * (rng.uniform(0.5, 1, arrays[first].shape))
+    reduction = "sum" if op.kind == "loss" else None
+    out, grads, upstream = run(package, op, arrays, params, reduction, rng)
+    theirs, their_grads = torch_run(op, arrays, params, reduction, upstream)
+    close(out, theirs, f"{name} forward at 1e4")
+    for a, grad in grads.items():
+        close(grad, their_grads[a], f"{name} d{a} at 1e4")
+
+
+def test_layer_norm_of_rows_with_mean_1e3_in_float32(package):
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((16, 64)) + 1e3).astype(np.float32)
+    g = rng.standard_normal((16, 64)).astype(np.float32)
+    layer = package.LayerNorm(64, dtype=np.float32)
+    y, dx = layer.forward(x), None
+    dx = layer.backward(g)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = F.layer_norm(xt, (64,), eps=1e-5)
+    (yt * torch.tensor(g)).sum().backward()
+    assert y.dtype == dx.dtype == np.float32
+    # both are float32: PyTorch's own error against float64 is 7e-5 here, a one-pass variance's is 1e0
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_lowering_computes_what_the_derivation_says(package):
+    """Every op's generated forward and backward against derive.tensor's loop evaluator of its derivation (no
+    rewrite, no NumPy), at the check sizes."""
+    from derive.tensor import derivation
+    rng = np.random.default_rng(5)
+    for op in OPS.values():
+        constructor, arrays, params = sample(op, rng)
+        scope = {**check_sizes(op), **{sp.Symbol(o, real=True): v for o, v in op.options.items()}}
+        found = derivation(op)
+        reduction = "none" if op.kind == "loss" else None
+        out, grads, upstream = run(package, op, arrays, params, reduction, rng)
+        values = evaluated(op.steps, {**arrays, **params, "g": upstream}, scope)
+        np.testing.assert_allclose(out, values[op.steps[-1].name], rtol=1e-12, atol=1e-12, err_msg=op.name)
+        for name, program in found.gradients.items():
+            expected = evaluated(program, values, scope)[program[-1].name]
+            np.testing.assert_allclose(grads[name], expected, rtol=1e-11, atol=1e-11, err_msg=f"{op.name} d{name}")
+
+
+def evaluated_shifted(program, arrays, scope):
+    """derive.tensor.evaluated, with a Maximum step computed by its own loops (as the Sum's are)."""
+    for a in program:
+        if isinstance(a.expr, Maximum):
+            value, shape = compiled(a.expr.function), tuple(scope[size_of(i)] for i in a.indices)
+            (v, lo, hi), = a.expr.limits
+            result = np.empty(shape)
+            for at in np.ndindex(shape):
+                inner = {**scope, **dict(zip(a.indices, at))}
+                result[at] = max(value(arrays, {**inner, v: k}) for k in range(int(lo.subs(scope)),
+                                                                              int(hi.subs(scope)) + 1))
+            arrays = {**arrays, a.name: result}
+        else:
+            arrays = evaluated([a], arrays, scope)
+    return arrays
+
+
+@pytest.mark.parametrize("name", ["TemperedSoftmax", "Attention", "KLDiv", "FocalLoss"])
+def test_the_max_shift_keeps_every_value(name):
+    """max_shifted's program gives s exp(-m) for each shifted sum s, g_s exp(m) for its adjoint, and every
+    other array as it was; no Scale is left to print."""
+    op = OPS[name]
+    rng = np.random.default_rng(6)
+    _, arrays, params = sample(op, rng)
+    scope = {**check_sizes(op), **{sp.Symbol(o, real=True): v for o, v in op.options.items()}}
+    arrays = {**arrays, **params, "g": rng.standard_normal(tuple(scope[size_of(i)] for i in op.steps[-1].indices))}
+    plain = program_of(op)
+    shifted = max_shifted(plain, set(names_of(op)))
+    added = [a.name for a in shifted.forward if isinstance(a.expr, Maximum)]
+    assert added and not any(a.expr.has(Scale) for a in shifted.forward + shifted.backward)
+    before = evaluated(plain.backward, evaluated(plain.forward, arrays, scope), scope)
+    after = evaluated_shifted(shifted.backward, evaluated_shifted(shifted.forward, arrays, scope), scope)
+    for maximum in added:
+        step = maximum[: -len("_max")]
+        shape = (slice(None),) * after[maximum].ndim
+        np.testing.assert_allclose(after[step] * np.exp(after[maximum])[shape], before[step], rtol=1e-12)
+        if f"g_{step}" in before:
+            np.testing.assert_allclose(after[f"g_{step}"] * np.exp(-after[maximum]), before[f"g_{step}"], rtol=1e-12,
+                                       atol=1e-14)
+    unchanged = [a.name for a in plain.forward + plain.backward if not any(a.name in (m[:-4], f"g_{m[:-4]}")
+                                                                             for m in added)]
+    for a in unchanged:
+        np.testing.assert_allclose(after[a], before[a], rtol=1e-12, atol=1e-14, err_msg=a)
+
+
+def test_a_planted_lowering_bug_is_caught_and_nothing_written(tmp_path, monkeypatch):
+    """The transposed convolution reading its kernel unflipped (w[l + m] for w[l - m]): verification fails
+    on Conv1d's dx, and codegen writes nothing."""
+    windowed = ArrayLowering.windowed
+
+    def unflipped(self, *args):
+        expr, axes = windowed(self, *args)
+        if isinstance(expr, Aligned) and expr.args[1].name.endswith("::-1"):
+            expr = expr.args[0]
+        return expr, axes
+    monkeypatch.setattr(ArrayLowering, "windowed", unflipped)
+    out = tmp_path / "pkg"
+    reports, changed, _ = codegen(build_catalog(OPS["Conv1d"]), out, cache=None, backend="numpy")
+    (report,) = reports
+    assert changed is None and not out.exists()
+    assert not report.ok and any(failure.startswith("dx") for failure in report.failures), report.failures
+    assert all(not failure.startswith(("dw", "db")) for failure in report.failures), "only dx reads the flip"
+
+
+def test_the_fused_backend_says_it_skips_a_tensor_op(tmp_path):
+    reports, changed, _ = codegen(build_catalog(OPS["GLU"]), tmp_path / "pkg", cache=None, backend="fast")
+    skipped = [r for r in reports if r.name == "GLU (fast)"]
+    assert changed is not None and skipped and skipped[0].failures[0].startswith("skipped: an index-notation op")
+    assert not (tmp_path / "pkg" / "fast" / "glu.py").exists()
+
+
+def test_inputs_are_checked_in_one_clear_line(package):
+    layer = package.LayerNorm(4)
+    with pytest.raises(ValueError, match=r"LayerNorm: x must have 2 axes, got shape \(4,\)"):
+        layer.forward(np.ones(4))
+    with pytest.raises(ValueError, match=r"LayerNorm: gamma has shape \(4,\) and x has \(2, 3\): their axes k"):
+        layer.forward(np.ones((2, 3)))
+    with pytest.raises(TypeError, match="LayerNorm: gamma has dtype float64 but x has float32"):
+        package.LayerNorm(3).forward(np.ones((2, 3), np.float32))
+    attention = package.Attention()
+    with pytest.raises(ValueError, match=r"Attention: K has shape \(2, 3, 4\) and Q has \(2, 3, 5\): their axes d"):
+        attention.forward(np.ones((2, 3, 5)), np.ones((2, 3, 4)), np.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match="GLU: size H = K/2 is 1.5 at these shapes"):
+        package.GLU().forward(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"Conv1d: size M = L - J \+ 1 is -1"):
+        package.Conv1d(O=2, C=1, J=5).forward(np.ones((1, 1, 3)))
+    nll = package.NLL()
+    with pytest.raises(TypeError, match="NLL: c must hold integer class labels, got dtype float64"):
+        nll.forward(np.ones((2, 3)), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"NLL: c\[1\] = 3 is not a class index in \[0, 3\)"):
+        nll.forward(np.ones((2, 3)), np.array([0, 3]))
+    with pytest.raises(RuntimeError, match="called before forward"):
+        package.NLL().backward()
+    with pytest.raises(ValueError, match='takes G exactly when reduction="none"'):
+        nll.forward(np.ones((2, 3)), np.array([0, 1]))
+        nll.backward(np.ones(2))
+
+
+def test_a_network_of_tensor_layers_trains(package):
+    rng = np.random.default_rng(7)
+    net = package.Sequential([package.LayerNorm(6), package.GLU(), package.RMSNorm(3)])
+    x, target = rng.standard_normal((5, 6)), rng.standard_normal((5, 3))
+    opt = package.SGD(net.parameters(), lr=0.1)
+    losses = []
+    for _ in range(20):
+        y = net.forward(x)
+        losses.append(float(np.sum((y - target) ** 2)))
+        net.backward(2 * (y - target))
+        opt.step()
+    assert [name for _, name in net.parameters()] == ["gamma", "beta", "gamma"]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_rendering_is_deterministic_and_every_file_says_what_it_is():
+    catalog = build_catalog(*OPS.values())
+    first, second = render_package(catalog, fused=False), render_package(catalog, fused=False)
+    assert first == second
+    assert first["layer_norm.py"].startswith("# Code generated by symgrad from derive/catalog.py (LayerNorm). DO NOT "
+                                             "EDIT.\n# Template templates/tensor.py.jinja; inputs sha256 ")
+
+
+def test_the_array_program_reads_as_the_rules_say():
+    """Stage 4 alone, printed: einsum with a literal path, a window for m + j, padding and a flipped window
+    for l - m, take_along_axis at a label, put_along_axis for its delta, slices for GLU's halves."""
+    conv_forward, conv_backward = lowered(OPS["Conv1d"])
+    assert 'np.einsum("ocj,ncmj->nom", w, sliding_window_view(x, J, axis=2), optimize=[' in str(conv_forward)
+    assert ("sliding_window_view(np.pad(w, ((0, 0), (0, 0), (M - 1, L - J))), M, axis=2)[..., ::-1]"
+            in str(conv_backward))
+    nll_forward, nll_backward = lowered(OPS["NLL"])
+    assert "L = -np.take_along_axis(x, c[:, None], axis=1)[:, 0]" in str(nll_forward)
+    assert "np.put_along_axis(dx, c[:, None], -g[:, None], axis=1)" in str(nll_backward)
+    glu_forward, glu_backward = lowered(OPS["GLU"])
+    assert "x[:, :H]" in str(glu_forward) and "x[:, H:]" in str(glu_forward)
+    assert "dx[:, :H] +=" in str(glu_backward) and "dx[:, H:] +=" in str(glu_backward)
+    softmax_forward, _ = lowered(OPS["TemperedSoftmax"])
+    assert "s_max = np.maximum.reduce(" in str(softmax_forward)
