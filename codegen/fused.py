@@ -12,7 +12,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.precedence import PRECEDENCE
 
-from codegen.kernels import FULL_SIZE, DENOMINATOR, arguments, kernel_assignments
+from codegen.kernels import FULL_SIZE, DENOMINATOR, arguments, kernel_assignments, shared
 from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
 from codegen.printer import KernelPrinter
 from derive.special import FORMATS, ExpToInf, PowerOfTwo, erf_numpy, exp_steps, log1p_steps
@@ -47,7 +47,7 @@ FASTMATH = ("arcp", "contract", "reassoc")
 
 def shared_steps(expr):
     """expr as assignments [(symbol, expr)], each subexpression it repeats computed once, the last y."""
-    temporaries, (value,) = sp.cse([expr], symbols=sp.numbered_symbols("v"), order="canonical")
+    temporaries, (value,) = shared([expr])
     return temporaries + [(sp.Symbol("y"), value)]
 
 
@@ -125,8 +125,10 @@ class FusedPrinter(KernelPrinter):
 
     def _print_Heaviside(self, expr):
         u, at_zero = expr.args
+        if at_zero == 1:  # derive.stability.steps_as_branches's complement: 1 - H(-u)
+            return f"(T(1) - {self._print(sp.Heaviside(-u, 0))})"
         if at_zero != 0:
-            raise FusionError(f"only Heaviside(u, 0) prints, got {expr}")
+            raise FusionError(f"only Heaviside(u, 0) and (u, 1) print, got {expr}")
         return f"np.sign(np.maximum({self._print(u)}, T(0)))"
 
     def _print_sign(self, expr):

@@ -166,6 +166,8 @@ class Flattener:
         if isinstance(expr, sp.Heaviside) and expr.args[1] == 0:
             # as the printer's Heaviside, one operation a line
             return self.emit("ceil", self.emit("clip", self.operand(expr.args[0]), 0, 1))
+        if isinstance(expr, sp.Heaviside) and expr.args[1] == 1:
+            return self.emit("subtract", 1, self.operand(sp.Heaviside(-expr.args[0], 0)))
         return self.whole(expr)
 
     def whole(self, expr):

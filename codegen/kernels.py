@@ -47,6 +47,8 @@ class Kernel:
     weight: sp.Expr = None         # g, each loss entry's weight, from the total the kernel computes (not an argument)
     takes: tuple = ()              # arguments taken even where no output reads them (a loss backward's g: its
                                    # class passes g, and a zero derivative reads none)
+    arrays: tuple = ()             # arguments made arrays first: erf is called on an option alone too, and
+                                   # its kernel computes in place, which a NumPy scalar (or a 0-d array) cannot
 
 
 def layer_kernels(op):
@@ -55,9 +57,9 @@ def layer_kernels(op):
     return (Kernel("forward", f"y = {op.summary}.", f"y_i = {sp.sstr(op.forward)}",
                    (("y", shaped_like(lower(stable(op.forward), i), X, FULL_SIZE)),), params=param_names(op)),
             Kernel("backward", "dx = g times the Jacobian of y (a vector-Jacobian product), in out if that is given.",
-                   f"dx_j = {sp.sstr(backward)}", (("dx", shaped_like(lower(stable(backward), j), X, FULL_SIZE)),),
+                   f"dx_j = {sp.sstr(backward)}", (("dx", shaped_like(lower(stable(backward), j), X, FULL_SIZE + ("g",))),),
                    params=param_names(op),
-                   full=FULL_SIZE + ("g",), out=True))
+                   full=FULL_SIZE + ("g",), out=True, takes=("x",)))  # x: its class checks g against it
 
 
 def param_names(op):
@@ -197,7 +199,7 @@ def erf_kernel():
     """erf(x) with NumPy alone, the generated package's _special.erf: derive.special's series and
     continued fraction, each branch's argument clamped to its range."""
     return Kernel("erf", "erf(x), element-wise: to a few ulp in float64, as math.erf.", "erf(x)",
-                  (("y", erf_numpy(X)),))
+                  (("y", erf_numpy(X)),), arrays=("x",))
 
 
 def kernel_assignments(kernel):
@@ -211,10 +213,25 @@ def kernel_assignments(kernel):
 
 def _assignments(kernel):
     exprs = [expr for _, expr in kernel.outputs] + ([kernel.at_label] if kernel.at_label is not None else [])
-    temporaries, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("v"), order="canonical")
+    temporaries, reduced = shared(exprs)
     names = [name for name, _ in kernel.outputs]
     assignments = temporaries + [(sp.Symbol(name), expr) for name, expr in zip(names, reduced)]
     return exprs, assignments, [sp.Symbol(name) for name in names] + reduced[len(names):], names
+
+
+def shared(exprs):
+    """sympy.cse of exprs, which leaves each real constant that is not rational (exp(-pi), sqrt(2/pi))
+    whole: named apart (v0 = -pi), np.exp(v0) is a float64 scalar, which makes float32 arrays float64;
+    whole, it prints as a Python float, which keeps their dtype."""
+    constants = {}
+    def named(e):
+        return constants.setdefault(e, sp.Dummy(f"c{len(constants)}"))
+    def constant(e):
+        return isinstance(e, sp.Expr) and e.is_number and not e.is_Rational and not e.is_Float and e.is_real
+    hidden = [expr.replace(constant, named) for expr in exprs]
+    temporaries, reduced = sp.cse(hidden, symbols=sp.numbered_symbols("v"), order="canonical")
+    back = {dummy: e for e, dummy in constants.items()}
+    return [(name, e.xreplace(back)) for name, e in temporaries], [e.xreplace(back) for e in reduced]
 
 
 def kernel_code(kernel):
@@ -233,8 +250,9 @@ def kernel_code(kernel):
                                                       "mean or a sum needs." if summed else ""),
             "derivation": kernel.derivation, "args": args, "lines": lines, "summed_lines": summed,
             "sizes": [(name, how.format(a=full)) for name, how in (kernel.sizes or {}).items() if name in used],
-            "casts": [(name, f"{full}.dtype.type({name})") for name in kernel.params
-                      if full and read_by_function(exprs, name, kernel.params)],
+            "casts": [(name, f"np.atleast_1d({name})") for name in kernel.arrays]
+                     + [(name, f"{full}.dtype.type({name})") for name in kernel.params
+                        if full and read_by_function(exprs, name, kernel.params)],
             "at_label": None if kernel.at_label is None else print_code(returned[-1]),
             "returns": names, "overflows": any(e.has(ExpToInf) for e in exprs)}
 

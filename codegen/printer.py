@@ -1,5 +1,5 @@
 """The one printer: SymPy's NumPyPrinter with the array operations of codegen.lower added."""
-from sympy import Expr, Max, Min, default_sort_key as sp_key, oo
+from sympy import Expr, Heaviside, Max, Min, default_sort_key as sp_key, oo
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 
@@ -103,8 +103,10 @@ class KernelPrinter(NumPyPrinter):
         # nor do np.maximum and np.minimum against a number (three times slower than clip's); the
         # method clip skips np.clip's dispatch, a microsecond a call
         u, at_zero = expr.args
+        if at_zero == 1:  # derive.stability.steps_as_branches's complement: 1 - H(-u)
+            return f"(1 - {self._print(Heaviside(-u, 0))})"
         if at_zero != 0:
-            raise ValueError(f"only Heaviside(u, 0) prints, got {expr}")
+            raise ValueError(f"only Heaviside(u, 0) and (u, 1) print, got {expr}")
         return f"np.ceil({self.parenthesize(u, PRECEDENCE['Func'], strict=True)}.clip(0, 1))"
 
     def _print_erf(self, expr):

@@ -151,6 +151,7 @@ def reference(op):
     """f(x, t) -> (value, derivative in x) of an element-wise op's forward at its default options, in
     NumPy float64, as SymPy's expressions say (not the kernels'); None for an op over rows."""
     import sympy as sp
+    from codegen.printer import KernelPrinter
     from derive.algebra import differentiated
     from derive.functions import sigmoid
     from derive.gradients import neutralize
@@ -163,8 +164,11 @@ def reference(op):
     scalar = scalar.replace(sigmoid, lambda u: 1 / (1 + sp.exp(-u)))
     if scalar.free_symbols - {xs, ts}:
         return None
-    functions = [{"erf": np.vectorize(math.erf, otypes=[float])}, "numpy"]
-    return sp.lambdify((xs, ts), [scalar, differentiated(scalar, xs)], modules=functions)
+    # printed as the kernels are (SymPy's NumPy printer rewrites a Heaviside of a max into a Piecewise
+    # whose condition it then simplifies, which recursed without end); a kink's value is not read here
+    derivative = differentiated(scalar, xs).replace(sp.Heaviside, lambda u, *_: sp.Heaviside(u, 0))
+    functions = [{"erf": np.vectorize(math.erf, otypes=[float]), "np": np}, "numpy"]
+    return sp.lambdify((xs, ts), [scalar, derivative], modules=functions, printer=KernelPrinter())
 
 
 def defined_points(op, shape, rng, target=None, rounds=100):

@@ -64,6 +64,24 @@ def hinge_as_step(expr):
     return expr.replace(lambda e: isinstance(e, sp.Add), stepped)
 
 
+def steps_as_branches(expr):
+    """An expression f(H) in a step H = H(u) (0 at u = 0, the kinks' convention) is H f(1) + H'(-u) f(0),
+    with H'(v) = 1 - H(-v) the step that is 1 at v = 0: exact, as H is 0 or 1. The derivative of max(a, b)
+    is H a' + (1 - H) b', which differentiation expands to b' + H (a' - b'); where H is 1 that is
+    b' - b' + a', and a small a' is lost beside a large b' (tanh(max(e^u, x))' was 0 for 5e-19). In f(1)
+    and f(0) SymPy cancels b' - b' exactly, and H' keeps them apart (1 - H would be expanded again).
+    Steps, not np.where, so that a NaN u still gives NaN. Applied where a sum holds the step and the
+    result is shorter than f."""
+    steps = sorted((h for h in expr.atoms(sp.Heaviside) if len(h.args) == 2 and h.args[1] == 0
+                    and any(a.is_Add and a.has(h) for a in sp.preorder_traversal(expr))), key=sp.default_sort_key)
+    if not steps:
+        return expr
+    step = steps[0]
+    above, below = (steps_as_branches(expr.xreplace({step: value})) for value in (1, 0))
+    branches = step * above + sp.Heaviside(-step.args[0], 1) * below
+    return branches if sp.count_ops(branches) < sp.count_ops(expr) else expr
+
+
 def shift_by_max(expr):
     """sum_k exp(x_k) = exp(M) sum_k exp(x_k - M) with M = max_k x_k: no exp overflows."""
     def shifted(total):
@@ -188,7 +206,7 @@ def sigmoid_by_branches(expr):
 
 
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
-REWRITES = (("logistic quotients named", as_sigmoid, True), ("exponential sums shifted", exp_sums_shifted, True),
+REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients named", as_sigmoid, True), ("exponential sums shifted", exp_sums_shifted, True),
             ("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
             ("one softplus", one_softplus, True), ("softplus", softplus, True), ("hinge as a step", hinge_as_step, True),
             ("shift by the row max", shift_by_max, True),
