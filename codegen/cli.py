@@ -1,4 +1,4 @@
-"""The symgrad command: symgrad codegen, symgrad derive NAME, symgrad docs, symgrad demo.
+"""The symgrad command: symgrad codegen, symgrad derive NAME, symgrad docs, symgrad explain NAME, symgrad demo.
 
 A user's error (a bad option, a declaration file that does not load, an operation that cannot be
 derived) ends the command with one line on stderr, symgrad <command>: <what is wrong>, and a non-zero
@@ -45,11 +45,14 @@ def declared_catalog(path):
 
 def run_derive(args):
     from codegen.latex import format_derivation
+    from derive.derivation_steps import declared_derivation
     from derive.derivations import DERIVATIONS
     if args.expr is not None and (args.name or args.ops):
         raise ValueError("give --expr alone, not with a derivation's name or --ops")
+    op = None
     if args.ops:
-        derivation = ops_derivation(args.ops, args.name)
+        op = declared_op(args.ops, args.name)
+        derivation = declared_derivation(op)
     elif args.expr is not None:
         derivation = expression_derivation(args.expr, args.wrt)
     elif args.list or not args.name:
@@ -60,7 +63,7 @@ def run_derive(args):
     else:
         derivation = DERIVATIONS[args.name]()
     # a derivation of the user's (--expr, --ops) is always checked (quietly unless asked): no test has seen it
-    if (args.check or args.expr is not None or args.ops) and not checked(derivation, args.check):
+    if (args.check or args.expr is not None or args.ops) and not checked(derivation, args.check, op):
         return 1
     print(format_derivation(derivation, args.format))
     return 0
@@ -73,20 +76,24 @@ def expression_derivation(text, wrt):
     return elementwise_derivation(*expression(text, wrt), f"y = {text}")
 
 
-def ops_derivation(path, name):
-    """The element-wise derivation of operation name of a declaration file."""
-    from derive.derivation_steps import declared_derivation
+def declared_op(path, name):
+    """Operation name of a declaration file."""
     catalog = declared_catalog(path)
     if name not in catalog:
         missing = f"no operation named {name!r} in {path}" if name else f"--ops {path} needs an operation's name"
         raise DeclarationError(f"{missing}; it declares {', '.join(catalog) or 'none'}")
-    return declared_derivation(catalog[name])
+    return catalog[name]
 
 
-def checked(derivation, verbose):
-    """Check every step, report on stderr each one (if verbose) or each that fails; whether all hold."""
+def checked(derivation, verbose, op=None):
+    """Check every step, report on stderr each one (if verbose) or each that fails; whether all hold. The
+    derivation of a TensorOp op is checked at the sizes its generated code is verified at."""
+    from codegen.tensor_lower import check_sizes
     from derive.derivation_check import check_derivation
-    checks = check_derivation(derivation)
+    from derive.derivation_tensor import check_tensor_derivation
+    from derive.tensor import TensorOp
+    checks = (check_tensor_derivation(op, derivation, {str(size): value for size, value in check_sizes(op).items()})
+              if isinstance(op, TensorOp) else check_derivation(derivation))
     for check in checks:
         if verbose or not check.ok:
             print(check.report(), file=sys.stderr)
@@ -112,6 +119,20 @@ def run_docs(args):
         headless_chromium(Path(args.out).resolve() / "derivations.html", "--window-size=1000,1250",
                           f"--screenshot={Path(args.screenshot).resolve()}")
         print(f"wrote {args.screenshot}")
+    return 0
+
+
+def run_explain(args):
+    from codegen.explain import explanation
+    from derive.catalog import CATALOG
+    if args.ops:
+        op = declared_op(args.ops, args.name)
+    elif args.name in CATALOG:
+        op = CATALOG[args.name]
+    else:
+        raise ValueError(f"no operation named {args.name!r} in the catalog; try one of: {', '.join(CATALOG)}, "
+                         f"or --ops FILE for a declared one")
+    print(explanation(op))
     return 0
 
 
@@ -218,6 +239,11 @@ def parser():
     docs.add_argument("--ops", metavar="FILE", help="also the derivations of this declaration file's operations")
     docs.add_argument("--screenshot", help="also save a PNG of the HTML as headless Chromium renders it")
     docs.set_defaults(run=run_docs)
+    explain = commands.add_parser("explain", help="print an operation at every stage: its declaration, derivation, "
+                                  "array program and kernel source")
+    explain.add_argument("name", help="a catalog operation (Softmax), or an operation of --ops FILE")
+    explain.add_argument("--ops", metavar="FILE", help="explain operation NAME of this declaration file instead")
+    explain.set_defaults(run=run_explain)
     generate = commands.add_parser("codegen", help="derive, generate and verify the kernels")
     generate.add_argument("--out", help="the package folder to write (default: generated/ of this checkout)")
     generate.add_argument("--ops", help="a declaration file of your own (a Python file defining OPS)")

@@ -14,6 +14,7 @@ from derive.gradients import layer_backward, loss_forward, loss_gradient, saved_
 from derive.reduction import REDUCTIONS, row_weight
 from derive.stability import REWRITES
 from derive.symbols import L, N, c, dy, g, i, j, k, n, over_classes, r, t, total, x, y
+from derive.tensor import TensorOp
 
 LOSS = sp.Symbol("L")
 MEAN = sp.Symbol("Lbar")           # printed as L with a bar
@@ -277,8 +278,12 @@ def elementwise_derivation(expr, var, title=None, output=OUTPUT):
 
 
 def declared_derivation(op):
-    """The element-wise derivation of a declared operation (derive.declare's activation or
-    elementwise_loss): its forward in the scalars x (and t), as symgrad derive --expr derives one."""
+    """The derivation of a declared operation: of an element-wise one (derive.declare's activation or
+    elementwise_loss) its forward in the scalars x (and t), as symgrad derive --expr derives one; of an
+    index-notation one (tensor_op, tensor_loss) its reverse mode, derive.derivation_tensor's."""
+    if isinstance(op, TensorOp):
+        from derive.derivation_tensor import tensor_derivation  # imported here: that module builds on this one
+        return tensor_derivation(op)
     scalars = {x[i]: sp.Symbol("x", real=True), t[i]: sp.Symbol("t", real=True)}
     scalar = op.forward.xreplace(scalars)
     if scalar.has(sp.Indexed):

@@ -142,14 +142,18 @@ NAMED = {
 }
 
 
+def entry_derivations(op):
+    """{name: function returning the Derivation} of a catalog entry: Linear's is the written-out linear layer
+    of derive.derivation_networks, any other's its gradient and its stable forms."""
+    return {op.module: linear} if op.kind == "linear" else op_derivations(op)
+
+
 def build_registry(catalog, named):
     """{name: function returning its Derivation}: each catalog entry's, then the named ones; a name
     declared twice is refused (a named one must not take the name of an entry's module, or of it
     with _stable: Linear will be linear, LogSoftmax log_softmax)."""
     registry = {}
-    # Linear's derivation is the written-out linear layer of derive.derivation_networks
-    entries = [{op.module: linear} if op.kind == "linear" else op_derivations(op) for op in catalog.values()]
-    for builders in [*entries, named]:
+    for builders in [*map(entry_derivations, catalog.values()), named]:
         for name, build in builders.items():
             if name in registry:
                 raise ValueError(f"derivation {name!r} is declared twice")
