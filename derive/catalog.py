@@ -1,15 +1,15 @@
 """The registry: every operation declared once. Derivations, kernels, tests and docs follow from it.
 
-Element-wise operations are declared the way users declare their own (derive.declare); the rest
-are Op entries over index notation. Names follow the contract of derive.symbols: x input, y output,
+Element-wise and row-wise operations are declared the way users declare their own (derive.declare:
+activation, and tensor_op in index notation, made a row layer by row_layer); Linear and the losses with
+PyTorch's options are still Op entries over index notation. Names follow the contract of derive.symbols: x input, y output,
 t target, g upstream gradient."""
 from derive import backprop, losses
-from derive.activations import log_softmax
-from derive.declare import activation, elementwise_loss
+from derive.declare import activation, elementwise_loss, row_layer, tensor_op
 from derive.functions import sigmoid
 from derive.ops import Op, Param, Range, build_catalog
 from derive.softmax import softmax
-from derive.symbols import eps, i, margin, mask, p, pw, w, x, y
+from derive.symbols import eps, i, margin, mask, p, pw, w, x
 
 # SELU's constants (Klambauer et al. 2017), as torch.nn.SELU has them
 SELU_ALPHA, SELU_SCALE = "1.6732632423543772848170429916717", "1.0507009873554804934193349852946"
@@ -40,10 +40,10 @@ OPS = (
     # min_val > max_val
     activation("HardTanh", "Min(Max(x, min_val), max_val)", params={"min_val": -1.0, "max_val": 1.0},
                constraints=("min_val <= max_val",), summary="x clipped to [min_val, max_val], element-wise"),
-    Op(name="Softmax", kind="layer", summary="softmax over the last axis", source="derive.softmax.softmax",
-       forward=softmax(i), saved=((y, softmax(i)),)),
-    Op(name="LogSoftmax", kind="layer", summary="log of the softmax over the last axis",
-       source="derive.activations.log_softmax", forward=log_softmax(), saved=((y, log_softmax()),)),
+    row_layer(tensor_op("Softmax", inputs={"x": "n k"}, summary="softmax over the last axis",
+                        steps=["s[n] = Sum(exp(x[n, k]), k)", "y[n, k] = exp(x[n, k]) / s[n]"])),
+    row_layer(tensor_op("LogSoftmax", inputs={"x": "n k"}, summary="log of the softmax over the last axis",
+                        steps=["s[n] = Sum(exp(x[n, k]), k)", "y[n, k] = log(exp(x[n, k]) / s[n])"])),
     Op(name="Linear", kind="linear", summary="affine map y = x @ W + b, with an optional L2 penalty on W",
        source="derive.backprop.linear", forward=backprop.linear()),
     Op(name="SoftmaxCrossEntropy", kind="loss",

@@ -20,7 +20,7 @@ from sympy.parsing.sympy_parser import auto_number, auto_symbol, parse_expr
 
 from derive.functions import sigmoid
 from derive.ops import Op, Param, Range
-from derive.symbols import i, t, x, y
+from derive.symbols import K, i, m, t, x, y
 
 # The functions an expression may use, by the names it uses them under.
 FUNCTIONS = {name: getattr(sp, name) for name in ("exp", "log", "sqrt", "tanh", "sinh", "cosh", "atan", "erf",
@@ -213,4 +213,36 @@ def expression(text, wrt="x"):
 
 
 # Index-notation declarations (derive.tensor imports this module's FUNCTIONS and errors when called, so last)
-from derive.tensor import TensorOp, tensor_loss, tensor_op  # noqa: E402,F401
+from derive.tensor import TensorOp, size_of, tensor_loss, tensor_op  # noqa: E402,F401
+
+
+def row_layer(op):
+    """The layer of a TensorOp whose steps read one input x[n, k] a row at a time (no params, every Sum
+    over the last axis), as an Op of one row: the form whose kernels, NumPy and fused, work a row at a
+    time and whose backward may read the saved output y. Its steps are inlined into one expression in
+    the row's entries x[i], each Sum's index a new one over 0..K-1 (derive.symbols' naming contract)."""
+    (name, (row, axis)), = op.inputs.items() if len(op.inputs) == 1 and len(next(iter(op.inputs.values()))) == 2 \
+        else ((None, (None, None)),)
+    if op.kind != "layer" or name is None or op.params or op.targets or op.sizes:
+        raise DeclarationError(f"{op.name}: a row layer has one input over two axes, and no params, targets or sizes")
+    expr = op.steps[-1].expr
+    for step in reversed(op.steps[:-1]):  # inline each intermediate where it is read
+        expr = expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name == step.name,
+                            lambda e, step=step: step.expr.xreplace(dict(zip(step.indices, e.indices))))
+    fresh = iter([m])
+
+    def bound(total):  # each sum over the last axis, its index m (another one a Dummy): x[n, k'] -> x[m]
+        (index, low, high), = total.limits if len(total.limits) == 1 else ((None, None, None),)
+        if index != axis:
+            raise DeclarationError(f"{op.name}: a row layer sums over its last axis {axis} alone")
+        new = next(fresh, None) or sp.Dummy("m", integer=True)
+        return sp.Sum(total.function.xreplace({index: new}), (new, low, high.xreplace({size_of(axis): K})))
+    expr = expr.replace(lambda e: isinstance(e, sp.Sum), bound)
+    if op.steps[-1].indices != (row, axis) or any(e.base.name != name or e.indices[0] != row
+                                                  for e in expr.atoms(sp.Indexed)):
+        raise DeclarationError(f"{op.name}: a row layer's output is y[{row}, {axis}] and it reads x[{row}, ...] alone")
+    expr = expr.replace(lambda e: isinstance(e, sp.Indexed), lambda e: x[e.indices[1]]).xreplace({axis: i})
+    params = declared_params(op.name, op.options)
+    expr = expr.xreplace({sp.Symbol(p.name, real=True): p.symbol for p in params})
+    return Op(name=op.name, kind="layer", summary=op.summary, source=f"derive.declare.row_layer ({op.name})",
+              forward=expr, saved=((y, expr),), params=params, domain=op.domain, tol=op.tol)

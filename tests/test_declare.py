@@ -185,3 +185,22 @@ def test_a_declared_loss_with_a_constant_term_counts_it_once_per_entry(tmp_path)
     losses = (x - t) ** 2 + 1.5
     for reduction, expected in (("mean", losses.mean()), ("sum", losses.sum()), ("none", losses)):
         assert np.allclose(package.Offset(reduction=reduction).forward(x, t), expected), reduction
+
+
+def test_the_catalogs_row_layers_are_index_notation_declarations_of_the_seeds_forms():
+    from derive.activations import log_softmax
+    from derive.softmax import softmax
+    from derive.symbols import i
+    assert CATALOG["Softmax"].forward == softmax(i) and CATALOG["LogSoftmax"].forward == log_softmax()
+    assert CATALOG["Softmax"].source == "derive.declare.row_layer (Softmax)"
+
+
+@pytest.mark.parametrize("declaration, message", [
+    (dict(inputs={"x": "n k"}, params={"gamma": ("k", "ones")}, steps=["y[n, k] = x[n, k] * gamma[k]"]), "no params"),
+    (dict(inputs={"x": "n k"}, steps=["mu[k] = Sum(x[n, k], n) / N", "y[n, k] = x[n, k] - mu[k]"]), "last axis k alone"),
+    (dict(inputs={"x": "n k"}, steps=["y[n, k] = x[n, k] - x[0, k]"]), r"reads x\[n, \.\.\.\] alone"),
+])
+def test_a_tensor_op_that_is_not_a_row_layer_is_refused_as_one(declaration, message):
+    from derive.declare import row_layer, tensor_op
+    with pytest.raises(DeclarationError, match=message):
+        row_layer(tensor_op("NotRow", **declaration))
