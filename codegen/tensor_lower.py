@@ -29,7 +29,7 @@ from sympy.printing.str import StrPrinter
 
 from codegen.printer import KernelPrinter, positive_first
 from derive.special import ExpToInf
-from derive.stability import logistic
+from derive.stability import index_steps_as_masks, logistic
 from derive.tensor import (Assignment, Sum, bound_of, derivation, explicit_sizes, folded, in_base_sizes, linear,
                            reads_of, size_of)
 
@@ -99,13 +99,13 @@ def max_shifted(program, taken):
     shifts, tried = set(), set()
     while True:
         found = [(step, total) for step in forward for total in sorted(step.expr.atoms(Sum), key=sp.default_sort_key)
-                 if isinstance(total.function, sp.exp) and not reads_of(total) & shifts
+                 if exponent_of(total.function) is not None and not reads_of(total) & shifts
                  and (step.name, total) not in tried]
         if not found:
             return program._replace(forward=tuple(forward), backward=tuple(backward), rewrites=tuple(rewrites))
         step, total = found[0]
         tried.add((step.name, total))
-        u, limits = total.function.args[0], total.limits
+        (u, mask), limits = exponent_of(total.function), total.limits
         outer = [i for i in total.free_symbols if i.is_integer and i not in step.indices and not i.name[0].isupper()]
         indices = [i for i in step.indices if i in total.free_symbols] + sorted(outer, key=str)
         name = fresh(f"{step.name}_max", taken)
@@ -129,12 +129,13 @@ def max_shifted(program, taken):
                                       if r.base == adjoint})
                 if a.name == step.name:     # s exp(m) = Sum(exp(u - m) exp(m)): s is Sum(exp(u - m))
                     expr = pulled(expr) / Scale(shift[a.indices])
-                if a.name == f"g_{step.name}":
-                    expr = expr * Scale(shift[a.indices])
+                if a.name == f"g_{step.name}":  # term by term, where each term's 1/exp(m) cancels it
+                    expr = sp.Add(*(term * Scale(shift[a.indices]) for term in sp.Add.make_args(expr)))
             return a._replace(expr=cancelled(expr))
 
         at = forward.index(step)
-        shifted_forward = ([scaled(a) for a in forward[:at]] + [Assignment(name, tuple(indices), Maximum(u, *limits))]
+        largest = Maximum(u if mask is None else sp.Piecewise((u, mask), (-sp.oo, True)), *limits)
+        shifted_forward = ([scaled(a) for a in forward[:at]] + [Assignment(name, tuple(indices), largest)]
                            + [scaled(a) for a in forward[at:]])
         shifted_backward = [scaled(a) for a in backward]
         if not any(a.expr.has(Scale) for a in shifted_forward + shifted_backward):
@@ -142,6 +143,30 @@ def max_shifted(program, taken):
             taken.add(name)
             shifts.add(name)
             rewrites.append(f"{'' if whole else 'a sum in '}{step.name} shifted by its max {name}")
+
+
+def exponent_of(summand):
+    """(u, None) of exp(u), (u, c) of a masked Piecewise((exp(u), c), (0, True)) (a causal softmax's), else None."""
+    if isinstance(summand, sp.exp):
+        return summand.args[0], None
+    if (isinstance(summand, sp.Piecewise) and len(summand.args) == 2 and isinstance(summand.args[0].expr, sp.exp)
+            and summand.args[1] == (0, True)):
+        return summand.args[0].expr.args[0], summand.args[0].cond
+    return None
+
+
+def out_of_masks(expr):
+    """Piecewise((a Scale(m), c), (0, True)) = Scale(m) Piecewise((a, c), (0, True)): a masked entry is 0 at any scale."""
+    def out(piecewise):
+        if len(piecewise.args) != 2 or piecewise.args[1] != (0, True):
+            return piecewise
+        (value, condition), _ = piecewise.args
+        scales = [f for f in sp.Mul.make_args(value) if isinstance(sp.Pow(f, 1).as_base_exp()[0], Scale)]
+        if not scales:
+            return piecewise
+        return sp.Mul(*scales) * sp.Piecewise((sp.Mul(*(f for f in sp.Mul.make_args(value) if f not in scales)),
+                                               condition), (0, True))
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), out)
 
 
 def pulled(expr):
@@ -167,7 +192,7 @@ def cancelled(expr):
             return e
         rest = sp.Mul(*(f for f in factors if f not in scales))
         return sp.log(rest) + sp.Add(*(f.as_base_exp()[1] * f.as_base_exp()[0].args[0] for f in scales))
-    return pulled(expr).replace(lambda e: isinstance(e, sp.log), split_log)
+    return pulled(out_of_masks(expr)).replace(lambda e: isinstance(e, sp.log), split_log)
 
 
 def combined_powers(expr):
@@ -217,7 +242,8 @@ def guarded_branches(expr):
 
 
 # (name, rewrite of one expression) after max_shifted, which rewrites the program as a whole
-REWRITES = (("powers of one base combined", combined_powers), ("branches guarded", guarded_branches),
+REWRITES = (("masks of indices", index_steps_as_masks), ("powers of one base combined", combined_powers),
+            ("branches guarded", guarded_branches),
             ("logistic", logistic))
 
 

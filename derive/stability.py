@@ -82,6 +82,51 @@ def steps_as_branches(expr):
     return branches if sp.count_ops(branches) < sp.count_ops(expr) else expr
 
 
+def index_steps(expr):
+    """The steps H(u) of indices alone in expr (u an integer, never NaN), in a fixed order."""
+    return sorted((h for h in expr.atoms(sp.Heaviside) if not h.args[0].has(sp.Indexed)
+                   and all(s.is_integer for s in h.args[0].free_symbols)), key=sp.default_sort_key)
+
+
+def sums_merged(add):
+    """c1 Sum(f1, V) + c2 Sum(f2, V) = Sum(c1 f1 + c2 f2, V), the c free of V, where a summand holds a step
+    of indices: the masked terms of the sums cancel only inside one."""
+    groups = {}
+    for term in add.args:
+        sums = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.Sum)]
+        if len(sums) == 1 and not (term / sums[0]).free_symbols & {v for v, *_ in sums[0].limits}:
+            groups.setdefault(sums[0].limits, []).append((term, term / sums[0] * sums[0].function, type(sums[0])))
+    merged = [members for members in groups.values()
+              if len(members) > 1 and any(index_steps(summand) for _, summand, _ in members)]
+    if not merged:
+        return add
+    taken = {term for members in merged for term, _, _ in members}
+    return sp.Add(*(term for term in add.args if term not in taken),
+                  *(members[0][2](sp.Add(*(summand for _, summand, _ in members)), *limits)
+                    for limits, members in groups.items() if members in merged))
+
+
+def index_steps_as_masks(expr):
+    """A sum f(H) in a step H(u) of indices alone (a causal mask's derivative, H(s - t)) is f(1) where u > 0
+    and f(0) elsewhere: exact, and a mask, since u is an integer and never NaN. The masked entries' terms,
+    which cancel to 0, are then not evaluated: exp(A - m) there may overflow (m the max over the entries
+    the mask keeps), and inf - inf is NaN. Sums over the same range are first merged (sums_merged)."""
+    def split(add):
+        steps = [h for h in index_steps(add) if h.args[0].free_symbols <= add.free_symbols]
+        if not steps:
+            return add
+        above, below = (split_all(add.xreplace({steps[0]: value})) for value in (1, 0))
+        terms = sp.Add.make_args(steps[0].args[0])  # s - t > 0 as s > t, the form a mask of indices is read in
+        positive = sp.Add(*(u for u in terms if not u.could_extract_minus_sign()))
+        return sp.Piecewise((above, positive > positive - steps[0].args[0]), (below, True))
+
+    def split_all(e):
+        e = e.replace(lambda a: a.is_Add and any(isinstance(f, sp.Sum) for t in a.args for f in sp.Mul.make_args(t)),
+                      sums_merged)
+        return e.replace(lambda a: a.is_Add and index_steps(a), split)
+    return split_all(expr) if index_steps(expr) else expr
+
+
 def shift_by_max(expr):
     """sum_k exp(x_k) = exp(M) sum_k exp(x_k - M) with M = max_k x_k: no exp overflows."""
     def shifted(total):

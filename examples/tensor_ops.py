@@ -37,6 +37,14 @@ ATTENTION = tensor_op(
            "P[n, t, s] = exp(A[n, t, s]) / Z[n, t]",
            "y[n, t, e] = Sum(P[n, t, s] * V[n, s, e], s)"],
     summary="scaled dot-product attention softmax(Q K^T / sqrt(D)) V, one head")
+# the causal mask: query t attends to keys s <= t; a masked entry is 0 in Z and P (and in their gradients)
+CAUSAL_ATTENTION = tensor_op(
+    "CausalAttention", inputs={"Q": "n t d", "K": "n s d", "V": "n s e"},
+    steps=["A[n, t, s] = Sum(Q[n, t, d] * K[n, s, d], d) / sqrt(D)",
+           "Z[n, t] = Sum(Piecewise((exp(A[n, t, s]), s <= t), (0, True)), s)",
+           "P[n, t, s] = Piecewise((exp(A[n, t, s]) / Z[n, t], s <= t), (0, True))",
+           "y[n, t, e] = Sum(P[n, t, s] * V[n, s, e], s)"],
+    summary="scaled dot-product attention with a causal mask (key s <= query t), one head")
 CONV1D = tensor_op(
     "Conv1d", inputs={"x": "n c l"}, params={"w": ("o c j", "uniform"), "b": ("o", "uniform")},
     sizes={"M": "L - J + 1"}, steps=["y[n, o, m] = Sum(w[o, c, j] * x[n, c, m + j], c, j) + b[o]"],
@@ -62,4 +70,4 @@ FOCAL_LOSS = tensor_loss(
            "L[n] = -(1 - exp(lp[n, c[n]]))**gamma * lp[n, c[n]]"],
     summary="softmax focal loss -(1 - p)^gamma log p at integer labels c")
 
-OPS = [SOFTMAX, LAYER_NORM, LAYER_NORM_NO_AFFINE, RMS_NORM, BATCH_NORM, ATTENTION, CONV1D, GLU, KL_DIV, NLL, FOCAL_LOSS]
+OPS = [SOFTMAX, LAYER_NORM, LAYER_NORM_NO_AFFINE, RMS_NORM, BATCH_NORM, ATTENTION, CAUSAL_ATTENTION, CONV1D, GLU, KL_DIV, NLL, FOCAL_LOSS]
