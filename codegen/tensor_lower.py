@@ -1,7 +1,7 @@
 """Stages 3-5 of an index-notation operation: its TensorDerivation lowered to whole-array NumPy.
 
-    derivation(op) --REWRITES--> forward and backward assignments (the max shift, powers combined,
-    branches guarded, the logistic) --ArrayLowering--> array program: statements over views,
+    derivation(op) --max shift, derive.stability.INDEX_REWRITES--> forward and backward assignments
+    (masks of indices, powers combined, branches guarded, the logistic) --ArrayLowering--> array program: statements over views,
     np.einsum with its path chosen here, reductions, sliding windows, gathers and scatters
     --TensorPrinter--> NumPy source --templates/tensor.py.jinja--> the generated class.
 
@@ -29,7 +29,7 @@ from sympy.printing.str import StrPrinter
 
 from codegen.printer import KernelPrinter, positive_first
 from derive.special import ExpToInf
-from derive.stability import index_steps_as_masks, logistic
+from derive.stability import INDEX_REWRITES, rewritten_by
 from derive.tensor import (Assignment, Sum, bound_of, derivation, explicit_sizes, folded, in_base_sizes, linear,
                            reads_of, size_of)
 
@@ -195,60 +195,9 @@ def cancelled(expr):
     return pulled(out_of_masks(expr)).replace(lambda e: isinstance(e, sp.log), split_log)
 
 
-def combined_powers(expr):
-    """f**a * f**b = f**(a + b) for one base f (not e): the focal loss's gamma (1 - p)**gamma / (1 - p) is
-    gamma (1 - p)**(gamma - 1), 0 rather than 0/0 where p = 1. Equal wherever the left side is defined."""
-    def combined(mul):
-        powers = {}
-        for factor in mul.args:
-            base, exponent = factor.as_base_exp()
-            powers.setdefault(base, []).append(exponent)
-        if all(len(e) == 1 for base, e in powers.items() if base != sp.E):
-            return mul
-        return sp.Mul(*(sp.Pow(base, sp.Add(*e)) if base != sp.E else sp.Mul(*(sp.exp(x) for x in e))
-                        for base, e in powers.items()))
-    return expr.replace(lambda e: isinstance(e, sp.Mul), combined)
-
-
-# a point inside and one outside each comparison u <op> c, for guarded_branches
-INSIDE = {sp.StrictGreaterThan: (1, 0), sp.GreaterThan: (0, -1), sp.StrictLessThan: (-1, 0),
-          sp.LessThan: (0, 1), sp.Unequality: (1, 0), sp.Equality: (0, 1)}
-
-
-def unsafe(expr):
-    """Whether expr may be undefined for a finite argument: a log, a division or a fractional power."""
-    return isinstance(expr, sp.log) or expr.is_Pow and not (expr.exp.is_Integer and expr.exp >= 0)
-
-
-def guarded_branches(expr):
-    """Piecewise((a, u > c), (b, True)) with u an array read: where a takes a log, a quotient or a root of
-    u, u is read there as np.where(u > c, u, c + 1), and likewise in b; the chosen branch reads u itself,
-    so the value is the same, and np.where, which evaluates both branches, never takes log(0) (KLDiv's
-    t log t at t = 0)."""
-    def guarded(piecewise):
-        if len(piecewise.args) != 2 or piecewise.args[1][1] is not sp.true:
-            return piecewise
-        (a, condition), (b, _) = piecewise.args
-        if type(condition) not in INSIDE or not isinstance(condition.lhs, sp.Indexed) or not condition.rhs.is_number:
-            return piecewise
-        u, c = condition.lhs, condition.rhs
-        inside, outside = (c + d for d in INSIDE[type(condition)])
-        a = a.replace(lambda e: unsafe(e) and e.has(u), lambda e: e.xreplace({u: sp.Piecewise((u, condition),
-                                                                                              (inside, True))}))
-        b = b.replace(lambda e: unsafe(e) and e.has(u), lambda e: e.xreplace({u: sp.Piecewise((outside, condition),
-                                                                                              (u, True))}))
-        return sp.Piecewise((a, condition), (b, True))
-    return expr.replace(lambda e: isinstance(e, sp.Piecewise), guarded)
-
-
-# (name, rewrite of one expression) after max_shifted, which rewrites the program as a whole
-REWRITES = (("masks of indices", index_steps_as_masks), ("powers of one base combined", combined_powers),
-            ("branches guarded", guarded_branches),
-            ("logistic", logistic))
-
-
 def rewritten(program, taken):
-    """program after max_shifted and then every rewrite of REWRITES on each assignment."""
+    """program after max_shifted, which rewrites it as a whole, then every rewrite of
+    derive.stability.INDEX_REWRITES on each assignment."""
     program = max_shifted(program, taken)
 
     applied = list(program.rewrites)
@@ -256,10 +205,8 @@ def rewritten(program, taken):
     def each(assignments):
         out = []
         for a in assignments:
-            expr = a.expr
-            for name, rewrite in REWRITES:
-                expr, before = rewrite(expr), expr
-                applied.extend([name] if expr != before and name not in applied else [])
+            expr, names = rewritten_by(a.expr, INDEX_REWRITES)
+            applied.extend(name for name in names if name not in applied)
             out.append(a._replace(expr=expr))
         return tuple(out)
     program = program._replace(forward=each(program.forward), backward=each(program.backward))

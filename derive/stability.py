@@ -250,6 +250,52 @@ def sigmoid_by_branches(expr):
     return expr.replace(is_sigmoid, branches) if expr.has(ExpToInf) else expr
 
 
+def combined_powers(expr):
+    """f**a * f**b = f**(a + b) for one base f (not e): the focal loss's gamma (1 - p)**gamma / (1 - p) is
+    gamma (1 - p)**(gamma - 1), 0 rather than 0/0 where p = 1. Equal wherever the left side is defined."""
+    def combined(mul):
+        powers = {}
+        for factor in mul.args:
+            base, exponent = factor.as_base_exp()
+            powers.setdefault(base, []).append(exponent)
+        if all(len(e) == 1 for base, e in powers.items() if base != sp.E):
+            return mul
+        return sp.Mul(*(sp.Pow(base, sp.Add(*e)) if base != sp.E else sp.Mul(*(sp.exp(x) for x in e))
+                        for base, e in powers.items()))
+    return expr.replace(lambda e: isinstance(e, sp.Mul), combined)
+
+
+# a point inside and one outside each comparison u <op> c, for guarded_branches
+INSIDE = {sp.StrictGreaterThan: (1, 0), sp.GreaterThan: (0, -1), sp.StrictLessThan: (-1, 0),
+          sp.LessThan: (0, 1), sp.Unequality: (1, 0), sp.Equality: (0, 1)}
+
+
+def unsafe(expr):
+    """Whether expr may be undefined for a finite argument: a log, a division or a fractional power."""
+    return isinstance(expr, sp.log) or expr.is_Pow and not (expr.exp.is_Integer and expr.exp >= 0)
+
+
+def guarded_branches(expr):
+    """Piecewise((a, u > c), (b, True)) with u an array read: where a takes a log, a quotient or a root of
+    u, u is read there as np.where(u > c, u, c + 1), and likewise in b; the chosen branch reads u itself,
+    so the value is the same, and np.where, which evaluates both branches, never takes log(0) (KLDiv's
+    t log t at t = 0)."""
+    def guarded(piecewise):
+        if len(piecewise.args) != 2 or piecewise.args[1][1] is not sp.true:
+            return piecewise
+        (a, condition), (b, _) = piecewise.args
+        if type(condition) not in INSIDE or not isinstance(condition.lhs, sp.Indexed) or not condition.rhs.is_number:
+            return piecewise
+        u, c = condition.lhs, condition.rhs
+        inside, outside = (c + d for d in INSIDE[type(condition)])
+        a = a.replace(lambda e: unsafe(e) and e.has(u), lambda e: e.xreplace({u: sp.Piecewise((u, condition),
+                                                                                              (inside, True))}))
+        b = b.replace(lambda e: unsafe(e) and e.has(u), lambda e: e.xreplace({u: sp.Piecewise((outside, condition),
+                                                                                              (u, True))}))
+        return sp.Piecewise((a, condition), (b, True))
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), guarded)
+
+
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
 REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients named", as_sigmoid, True), ("exponential sums shifted", exp_sums_shifted, True),
             ("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
@@ -260,9 +306,21 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("logistic", logistic, True))
 
 
+# the rewrites of an index-notation operation's steps and adjoints (codegen.tensor_lower, after its max shift)
+INDEX_REWRITES = (("masks of indices", index_steps_as_masks, True), ("powers of one base combined", combined_powers, True),
+                  ("branches guarded", guarded_branches, True), ("logistic", logistic, True))
+
+
+def rewritten_by(expr, rewrites):
+    """(expr with every rewrite of rewrites applied in order, the names of those that changed it): the one driver."""
+    names = []
+    for name, rewrite, _ in rewrites:
+        expr, before = rewrite(expr), expr
+        names += [name] if expr != before else []
+    return expr, tuple(names)
+
+
 @functools.lru_cache(maxsize=None)  # pure, and asked for the same forms by every backend and kernel
 def stable(expr):
     """expr with every rewrite of REWRITES applied in order."""
-    for _, rewrite, _ in REWRITES:
-        expr = rewrite(expr)
-    return expr
+    return rewritten_by(expr, REWRITES)[0]

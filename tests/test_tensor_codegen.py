@@ -15,6 +15,8 @@ from codegen.render import render_package
 from codegen.tensor_lower import (Aligned, ArrayLowering, Maximum, Scale, check_sizes, lowered, max_shifted, names_of,
                                   program_of)
 from codegen.tensor_verify import sample
+from derive.special import ExpToInf
+from derive.stability import INDEX_REWRITES
 from codegen.write import import_package
 from derive.ops import build_catalog
 from derive.tensor import compiled, evaluated, size_of
@@ -349,3 +351,26 @@ def test_a_step_of_indices_becomes_a_mask_equal_to_it_at_every_index():
             point = {s: at[0], t: at[1]}
             before, after = (e.subs(point).doit().xreplace(values) for e in (expr, masked))  # subs: s bound in a Sum
             assert sp.simplify(before - after) == 0, (expr, at)
+
+
+@pytest.mark.parametrize("rule, rewrite", [(name, rewrite) for name, rewrite, _ in INDEX_REWRITES],
+                         ids=[name for name, _, _ in INDEX_REWRITES])
+def test_each_index_rewrite_keeps_every_value_of_every_example(rule, rewrite):
+    """Each rule of derive.stability.INDEX_REWRITES alone, on every forward step and adjoint of every example
+    (max-shifted as the lowering rewrites them), evaluated at the check sizes by derive.tensor's loops."""
+    rng, changed = np.random.default_rng(8), []
+    for op in OPS.values():
+        _, arrays, params = sample(op, rng)
+        scope = {**check_sizes(op), **{sp.Symbol(o, real=True): v for o, v in op.options.items()}}
+        arrays = {**arrays, **params, "g": rng.standard_normal(tuple(scope[size_of(i)] for i in op.steps[-1].indices))}
+        plain = max_shifted(program_of(op), set(names_of(op)))
+        def ruled_form(a):  # ExpToInf is exp, printed to overflow quietly: the loops evaluate it as exp
+            return a._replace(expr=rewrite(a.expr).replace(lambda e: isinstance(e, ExpToInf), lambda e: sp.exp(e.args[0])))
+        ruled = plain._replace(forward=tuple(map(ruled_form, plain.forward)), backward=tuple(map(ruled_form, plain.backward)))
+        changed += [op.name] if ruled != plain else []
+        before = evaluated_shifted(plain.backward, evaluated_shifted(plain.forward, arrays, scope), scope)
+        after = evaluated_shifted(ruled.backward, evaluated_shifted(ruled.forward, arrays, scope), scope)
+        for name, value in before.items():
+            scale = max(1.0, float(np.abs(value).max())) if np.size(value) else 1.0
+            np.testing.assert_allclose(after[name], value, rtol=1e-12, atol=1e-13 * scale, err_msg=f"{rule}: {op.name} {name}")
+    assert changed, f"{rule} changes no example: its test shows nothing"
