@@ -37,7 +37,7 @@ RUNTIME = (("exp", "u", "e^u without libm: a clamp, a floor, a polynomial and tw
 # np.maximum's branches keep the loop scalar (2 ns an element against 0.14)
 REDUCE = {RowSum: ("T(0)", "{acc} + {value}"), RowMax: ("T(-math.inf)", "maximum({acc}, {value})")}
 UNFUSED = (LabelEntry, BatchSum, AxisSum, Column, MatMul, Transpose)
-FUSED_ARGS = set(FULL_SIZE) | {"g", "c", "margin", DENOMINATOR}
+FUSED_ARGS = set(FULL_SIZE) | {"g", "c", DENOMINATOR}
 # per-row arrays a kernel takes as columns (N, 1), read at [n, 0]
 COLUMNS = ("c", DENOMINATOR)
 # fastmath flags that keep the NumPy kernels' values: sums over a row reassociated into SIMD lanes,

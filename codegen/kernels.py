@@ -16,7 +16,7 @@ from derive.algebra import contract
 from derive.symbols import K, L, N, i, j, k, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
-ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "e", "den", "W", "b", "g", "eps", "margin", "l2",
+ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "e", "den", "W", "b", "g", "eps", "l2",
              "K_in", "param", "grad", "velocity", "lr", "momentum")
 # How a loss kernel reads the sizes its formulas use from a full-size argument {a}: N loss entries
 # (rows or elements) and K classes.
@@ -260,10 +260,11 @@ def kernel_code(kernel):
 def read_by_function(exprs, name, params):
     """Whether a NumPy function of numbers alone reads the option name in exprs: np.abs(beta) of a Python float
     is a float64 scalar, which makes a float32 array float64, so the kernel first takes the option in x's
-    dtype (a Python float in arithmetic with an array, or a function of an array, keeps the array's dtype)."""
+    dtype (a Python float in arithmetic with an array, or a function of an array, keeps the array's dtype).
+    A max or min against a number prints as the method clip, which a Python float lacks and a NumPy scalar has."""
     numbers = set(params) | {N.name, K.name, total.name}
     return any(name in found and found <= numbers for e in exprs for node in sp.preorder_traversal(e)
-               if isinstance(node, sp.Function) or isinstance(node, sp.Pow) and not node.exp.is_Integer
+               if isinstance(node, (sp.Function, sp.Max, sp.Min)) or isinstance(node, sp.Pow) and not node.exp.is_Integer
                for found in [{s.name for s in node.free_symbols}])
 
 

@@ -1,15 +1,15 @@
 """The registry: every operation declared once. Derivations, kernels, tests and docs follow from it.
 
 Element-wise and row-wise operations are declared the way users declare their own (derive.declare:
-activation, and tensor_op in index notation, made a row layer by row_layer); Linear and the losses with
-PyTorch's options are still Op entries over index notation. Names follow the contract of derive.symbols: x input, y output,
-t target, g upstream gradient."""
+activation, and tensor_op / tensor_loss in index notation, made row operations by row_layer and
+row_loss); Linear and the losses with PyTorch's options are still Op entries over index notation.
+Names follow the contract of derive.symbols: x input, y output, t target, g upstream gradient."""
 from derive import backprop, losses
-from derive.declare import activation, elementwise_loss, row_layer, tensor_op
+from derive.declare import activation, elementwise_loss, row_layer, row_loss, tensor_loss, tensor_op
 from derive.functions import sigmoid
 from derive.ops import Op, Param, Range, build_catalog
 from derive.softmax import softmax
-from derive.symbols import eps, i, margin, mask, p, pw, w, x
+from derive.symbols import eps, i, mask, p, pw, w, x
 
 # SELU's constants (Klambauer et al. 2017), as torch.nn.SELU has them
 SELU_ALPHA, SELU_SCALE = "1.6732632423543772848170429916717", "1.0507009873554804934193349852946"
@@ -67,10 +67,9 @@ OPS = (
     # refuses a delta <= 0
     elementwise_loss("Huber", "Piecewise(((x - t)**2/2, Abs(x - t) < delta), (delta*(Abs(x - t) - delta/2), True))",
                      params={"delta": (1.0, "> 0")}, summary="Huber loss, as torch.nn.functional.huber_loss"),
-    Op(name="MulticlassHinge", kind="loss",
-       summary="seed 002's multiclass SVM loss: sum over j != c of max(0, x_j - x_c + margin)",
-       source="derive.losses.multiclass_hinge", forward=losses.multiclass_hinge(), targets=("labels",),
-       params=(Param("margin", margin, 1.0, example=0.5),)),
+    row_loss(tensor_loss("MulticlassHinge", inputs={"x": "n k"}, targets={"c": "n"}, options={"margin": 1.0},
+                         steps=["L[n] = Sum((1 - KroneckerDelta(k, c[n])) * Max(0, x[n, k] - x[n, c[n]] + margin), k)"],
+                         summary="multiclass SVM loss: sum over k != c of max(0, x_k - x_c + margin)")),
 )
 
 CATALOG = build_catalog(*OPS)

@@ -20,7 +20,7 @@ from sympy.parsing.sympy_parser import auto_number, auto_symbol, parse_expr
 
 from derive.functions import sigmoid
 from derive.ops import Op, Param, Range
-from derive.symbols import K, i, m, t, x, y
+from derive.symbols import K, c, i, k, m, t, x, y
 
 # The functions an expression may use, by the names it uses them under.
 FUNCTIONS = {name: getattr(sp, name) for name in ("exp", "log", "sqrt", "tanh", "sinh", "cosh", "atan", "erf",
@@ -220,29 +220,53 @@ def row_layer(op):
     """The layer of a TensorOp whose steps read one input x[n, k] a row at a time (no params, every Sum
     over the last axis), as an Op of one row: the form whose kernels, NumPy and fused, work a row at a
     time and whose backward may read the saved output y. Its steps are inlined into one expression in
-    the row's entries x[i], each Sum's index a new one over 0..K-1 (derive.symbols' naming contract)."""
+    the row's entries x[i], each Sum's index m over 0..K-1 (derive.symbols' naming contract)."""
+    expr, params = row_form(op, "layer", m)
+    return Op(name=op.name, kind="layer", summary=op.summary, source=f"derive.declare.row_layer ({op.name})",
+              forward=expr, saved=((y, expr),), params=params, domain=op.domain, tol=op.tol)
+
+
+def row_loss(op):
+    """The loss of a TensorOp whose steps read one input x[n, k] a row at a time against an integer label
+    c[n] (no params, every Sum over the last axis), as an Op of one row, its Sum's index k and its label
+    c (derive.symbols' naming contract): the form whose kernels, NumPy and fused, work a row at a time."""
+    expr, params = row_form(op, "loss", k)
+    return Op(name=op.name, kind="loss", summary=op.summary, source=f"derive.declare.row_loss ({op.name})",
+              forward=expr, targets=("labels",), params=params, domain=op.domain, tol=op.tol)
+
+
+def row_form(op, kind, first):
+    """(forward of one row, params of the options) of a TensorOp of kind that works a row at a time: its
+    steps inlined, each Sum's index first (a second one a Dummy), x[n, j] read as x[j], a label c[n] as c
+    and the output's last index (a layer's) as i; anything else refused, naming the operation."""
     (name, (row, axis)), = op.inputs.items() if len(op.inputs) == 1 and len(next(iter(op.inputs.values()))) == 2 \
         else ((None, (None, None)),)
-    if op.kind != "layer" or name is None or op.params or op.targets or op.sizes:
-        raise DeclarationError(f"{op.name}: a row layer has one input over two axes, and no params, targets or sizes")
+    labels = [t for t, axes in op.targets.items() if t in op.labels and axes == (row,)]
+    if (op.kind != kind or name is None or op.params or op.sizes
+            or (op.targets and (kind == "layer" or len(op.targets) > 1 or not labels))):
+        with_targets = "targets" if kind == "layer" else "targets but one integer label per row"
+        raise DeclarationError(f"{op.name}: a row {kind} has one input over two axes, and no params, sizes or "
+                               f"{with_targets}")
     expr = op.steps[-1].expr
     for step in reversed(op.steps[:-1]):  # inline each intermediate where it is read
         expr = expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name == step.name,
                             lambda e, step=step: step.expr.xreplace(dict(zip(step.indices, e.indices))))
-    fresh = iter([m])
+    bounds = []
 
-    def bound(total):  # each sum over the last axis, its index m (another one a Dummy): x[n, k'] -> x[m]
+    def bound(total):  # each sum over the last axis, its index a Dummy until the free axis is i
         (index, low, high), = total.limits if len(total.limits) == 1 else ((None, None, None),)
         if index != axis:
-            raise DeclarationError(f"{op.name}: a row layer sums over its last axis {axis} alone")
-        new = next(fresh, None) or sp.Dummy("m", integer=True)
-        return sp.Sum(total.function.xreplace({index: new}), (new, low, high.xreplace({size_of(axis): K})))
-    expr = expr.replace(lambda e: isinstance(e, sp.Sum), bound)
-    if op.steps[-1].indices != (row, axis) or any(e.base.name != name or e.indices[0] != row
-                                                  for e in expr.atoms(sp.Indexed)):
-        raise DeclarationError(f"{op.name}: a row layer's output is y[{row}, {axis}] and it reads x[{row}, ...] alone")
+            raise DeclarationError(f"{op.name}: a row {kind} sums over its last axis {axis} alone")
+        bounds.append(sp.Dummy(str(first), integer=True))
+        return sp.Sum(total.function.xreplace({index: bounds[-1]}), (bounds[-1], low, high.xreplace({size_of(axis): K})))
+    expr = expr.replace(lambda e: isinstance(e, sp.Sum), bound).xreplace({sp.IndexedBase(t, real=True)[row]: c
+                                                                          for t in labels})
+    output = (row, axis) if kind == "layer" else (row,)
+    if op.steps[-1].indices != output or any(e.base.name != name or e.indices[0] != row
+                                             for e in expr.atoms(sp.Indexed)):
+        raise DeclarationError(f"{op.name}: a row {kind}'s output is {op.steps[-1].name}[{', '.join(map(str, output))}]"
+                               f" and it reads x[{row}, ...] alone")
     expr = expr.replace(lambda e: isinstance(e, sp.Indexed), lambda e: x[e.indices[1]]).xreplace({axis: i})
+    expr = expr.xreplace({bounds[0]: first}) if bounds else expr  # the first sum's index first, others Dummies
     params = declared_params(op.name, op.options)
-    expr = expr.xreplace({sp.Symbol(p.name, real=True): p.symbol for p in params})
-    return Op(name=op.name, kind="layer", summary=op.summary, source=f"derive.declare.row_layer ({op.name})",
-              forward=expr, saved=((y, expr),), params=params, domain=op.domain, tol=op.tol)
+    return expr.xreplace({sp.Symbol(p.name, real=True): p.symbol for p in params}), params

@@ -150,7 +150,8 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     if lines[-1][1] != OUTPUT[kind]:
         refuse(f"the last step defines {lines[-1][1]}; the output of a {kind} is {OUTPUT[kind]}")
     namespace = {**arrays, **{str(i): i for i in known}, **{str(size_of(i)): size_of(i) for i in known},
-                 **{o: sp.Symbol(o, real=True) for o in options}, "Sum": Summed}
+                 **{o: sp.Symbol(o, real=True) for o in options}, "Sum": Summed,
+                 "KroneckerDelta": sp.KroneckerDelta}  # 1 where its two indices are equal, else 0
     formulas = {size_of(i): formula for i, formula in size_formulas.items()}
     assignments, labels, read = [], {}, set()
     for number, line in enumerate(lines):

@@ -204,3 +204,25 @@ def test_a_tensor_op_that_is_not_a_row_layer_is_refused_as_one(declaration, mess
     from derive.declare import row_layer, tensor_op
     with pytest.raises(DeclarationError, match=message):
         row_layer(tensor_op("NotRow", **declaration))
+
+
+def test_the_catalogs_hinge_is_an_index_notation_declaration_right_for_any_margin():
+    from derive import losses
+    assert CATALOG["MulticlassHinge"].source == "derive.declare.row_loss (MulticlassHinge)"
+    from derive.symbols import margin
+    declared = CATALOG["MulticlassHinge"].forward
+    assert declared.xreplace({sp.Symbol("margin", real=True): margin}) == losses.multiclass_hinge()  # the seeds' form
+    rng = np.random.default_rng(4)
+    x, c = rng.normal(size=(6, 5)), rng.integers(0, 5, 6)
+    for margin in (1.0, 0.3, -0.5):  # the k = c term is max(0, margin), 0 for a negative margin
+        terms = np.maximum(0, x - x[np.arange(6), c][:, None] + margin)
+        terms[np.arange(6), c] = 0
+        loss = generated.MulticlassHinge(margin=margin, reduction="none")
+        np.testing.assert_allclose(loss.forward(x, c), terms.sum(axis=1), rtol=1e-14, atol=1e-15)
+
+
+def test_a_tensor_loss_that_is_not_a_row_loss_is_refused_as_one():
+    from derive.declare import row_loss, tensor_loss
+    with pytest.raises(DeclarationError, match="one integer label per row"):
+        row_loss(tensor_loss("NotRow", inputs={"x": "n k"}, targets={"t": "n k"},
+                             steps=["L[n] = Sum((x[n, k] - t[n, k])**2, k)"]))
