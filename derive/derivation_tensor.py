@@ -17,7 +17,7 @@ from derive.algebra import at_kinks, differentiated
 from derive.derivation_check import StepCheck
 from derive.derivation_steps import Derivation, Step, continues, without_repeats
 from derive.tensor import (Assignment, Sum, contracted, derivation, evaluated, explicit_sizes, in_terms_of_steps,
-                           reads_of, size_of, substituted)
+                           random_arrays, reads_of, size_of, substituted)
 
 RULES = ("chain rule: the adjoint of each step that reads it times its partial derivative", "differentiation",
          "contraction of the Kronecker deltas, their ranges kept", "each sum that a step defines written as that step")
@@ -82,17 +82,6 @@ def with_partials_taken(expr, definitions):
         instance = substituted(rhs, dict(zip(lhs.indices, partial.expr.indices)))
         return substituted(at_kinks(differentiated(instance, wrt.base[at])), dict(zip(at, wrt.indices)))
     return expr.replace(lambda e: isinstance(e, sp.Derivative), taken)
-
-
-def random_arrays(op, scope, rng):
-    """Inputs and params uniform in op.domain, labels random classes, dense targets in 0..1, g in -1..1."""
-    def shape(axes):
-        return tuple(scope[size_of(i)] for i in axes)
-    arrays = {name: rng.uniform(*op.domain, shape(axes)) for name, axes in
-              [*op.inputs.items(), *((p, axes) for p, (axes, _) in op.params.items())]}
-    arrays |= {t: rng.integers(0, scope[op.labels[t]], shape(axes)) if t in op.labels else
-               rng.uniform(0, 1, shape(axes)) for t, axes in op.targets.items()}
-    return arrays | {"g": rng.uniform(-1, 1, shape(op.steps[-1].indices))}
 
 
 def check_tensor_derivation(op, found, sizes, seed=0, values=None, step=1e-6):

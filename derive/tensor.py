@@ -665,21 +665,24 @@ def evaluated(assignments, arrays, scope):
     return arrays
 
 
+def random_arrays(op, scope, rng):
+    """Inputs and params uniform in op.domain, labels random classes, dense targets in 0..1, g in -1..1."""
+    def shape(axes):
+        return tuple(scope[size_of(i)] for i in axes)
+    arrays = {name: rng.uniform(*op.domain, shape(axes)) for name, axes in
+              [*op.inputs.items(), *((p, axes) for p, (axes, _) in op.params.items())]}
+    arrays |= {t: rng.integers(0, scope[op.labels[t]], shape(axes)) if t in op.labels else
+               rng.uniform(0, 1, shape(axes)) for t, axes in op.targets.items()}
+    return arrays | {"g": rng.uniform(-1, 1, shape(op.steps[-1].indices))}
+
+
 def check_derivation_numerically(op, derivation, sizes, seed=0, values=None, step=1e-6):
     """(GradientCheck, ...) of every VJP of derivation at the explicit sizes, against central differences of
     sum(g * output); inputs and params random in op.domain, labels random classes, dense targets in 0..1,
     unless values gives them."""
     rng = np.random.default_rng(seed)
     scope = {**explicit_sizes(op, sizes), **{sp.Symbol(o, real=True): v for o, v in op.options.items()}}
-
-    def shape(axes):
-        return tuple(scope[size_of(i)] for i in axes)
-
-    arrays = {name: rng.uniform(*op.domain, shape(axes)) for name, axes in
-              [*op.inputs.items(), *((p, axes) for p, (axes, _) in op.params.items())]}
-    arrays |= {t: rng.integers(0, scope[op.labels[t]], shape(axes)) if t in op.labels else
-               rng.uniform(0, 1, shape(axes)) for t, axes in op.targets.items()}
-    arrays |= {"g": rng.uniform(-1, 1, shape(op.steps[-1].indices)), **(values or {})}
+    arrays = random_arrays(op, scope, rng) | (values or {})
     forward = evaluated(op.steps, arrays, scope)
     output = op.steps[-1].name
 
