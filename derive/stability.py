@@ -39,6 +39,28 @@ def one_softplus(expr):
     return sp.collect(sp.expand(expr.xreplace({sp.log(1 + sp.exp(v)): sp.log(1 + sp.exp(-v)) + v for v in both})), both)
 
 
+def log_cosh(expr):
+    """log(cosh(u)) = |u| + log1p(exp(-2|u|)) - log 2: cosh(u) overflows from |u| = 89 in float32 (710 in
+    float64) where log cosh u is about |u|; here no exponential exceeds 1."""
+    u = sp.Wild("u")
+    return expr.replace(sp.log(sp.cosh(u)), lambda u: sp.Abs(u) + log1p(sp.exp(-2 * sp.Abs(u))) - sp.log(2))
+
+
+def tanh_quotients(expr):
+    """sinh(u)/cosh(u) = tanh(u) (log cosh's derivative, as SymPy writes it): both overflow from |u| = 89 in
+    float32, to inf/inf = NaN, where tanh is +-1."""
+    def merged(mul):
+        factors = list(mul.args)
+        for factor in mul.args:
+            quotient = sp.cosh(factor.args[0]) ** -1 if isinstance(factor, sp.sinh) else None
+            if quotient is not None and quotient in factors and factor in factors:
+                factors.remove(factor)
+                factors.remove(quotient)
+                factors.append(sp.tanh(factor.args[0]))
+        return sp.Mul(*factors) if len(factors) != len(mul.args) else mul
+    return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sp.sinh), merged)
+
+
 def softplus(expr):
     """log(1 + exp(u)) = max(u, 0) + log1p(exp(-|u|)): the exponential never exceeds 1."""
     u = sp.Wild("u")
@@ -299,7 +321,8 @@ def guarded_branches(expr):
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
 REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients named", as_sigmoid, True), ("exponential sums shifted", exp_sums_shifted, True),
             ("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
-            ("one softplus", one_softplus, True), ("softplus", softplus, True), ("hinge as a step", hinge_as_step, True),
+            ("one softplus", one_softplus, True), ("softplus", softplus, True), ("log cosh", log_cosh, True),
+            ("tanh quotients", tanh_quotients, True), ("hinge as a step", hinge_as_step, True),
             ("shift by the row max", shift_by_max, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
             ("exponential quotients shifted", exp_quotients_shifted, True), ("expm1", exp_minus_one, True), ("clip branches", clip_branches, True),

@@ -6,6 +6,7 @@ import math
 import sys
 import time
 
+import mpmath
 import numpy as np
 import pytest
 import sympy as sp
@@ -58,6 +59,8 @@ DECLARED = {
     # SymPy's NumPy printer simplified the reference derivative's conditions until it recursed (for some hash seeds)
     "MaxSinhLogSigmoid": elementwise_loss("MaxSinhLogSigmoid", "Max(sinh(sqrt(1 + Abs(atan(t - x)))), log(sigmoid(x - t))/alpha + 3)",
                                           params={"alpha": 1.5}),
+    # the README's example: log cosh overflowed to inf, and its derivative sinh/cosh to NaN, from |x - t| = 89 in float32
+    "LogCosh": elementwise_loss("LogCosh", "log(cosh(x - t))"),
     "Focal": elementwise_loss("Focal", "-(1 - sigmoid(x))**2*t*log(sigmoid(x)) - sigmoid(x)**2*(1 - t)*log(1 - sigmoid(x))"),
 }
 
@@ -335,3 +338,26 @@ def test_a_tiny_slope_of_a_large_sum_is_within_the_finite_differences_noise_and_
     f = lambda z: float(np.sum(np.sin(z) * 1e-8 + 1.0))  # noqa: E731 (a sum of 20 losses near 1)
     assert check_gradient(f, x, 1e-8 * np.cos(x)).ok
     assert not check_gradient(f, x, 1e-8 * np.cos(x) + 1e-2).ok
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_log_cosh_and_its_derivative_stay_finite_and_right_in_the_tails(package, dtype):
+    u = np.array([-1e4, -800.0, -100.0, -0.5, 0.0, 0.5, 100.0, 800.0, 1e4])
+    expected = [float(mpmath.log(mpmath.cosh(v))) for v in u]
+    for cls in both(package, "LogCosh"):
+        loss = cls(reduction="none")
+        value = loss.forward(u.astype(dtype), np.zeros(len(u), dtype))
+        np.testing.assert_allclose(value, expected, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=1e-7)
+        np.testing.assert_allclose(loss.backward(np.ones(len(u), dtype)), np.tanh(u), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ["log_cosh", "tanh_quotients"])
+def test_the_hyperbolic_rewrites_keep_the_value_to_50_digits(rule):
+    import derive.stability as stability
+    u = sp.Symbol("u", real=True)
+    expr = {"log_cosh": 3 * sp.log(sp.cosh(u - 2)) + u, "tanh_quotients": u * sp.sinh(u + 1) / sp.cosh(u + 1)}[rule]
+    rewritten = getattr(stability, rule)(expr)
+    assert rewritten != expr
+    for point in (-300, -20, -1, 0, sp.Rational(1, 3), 5, 300):
+        before, after = (sp.N(e.subs(u, point), 50) for e in (expr, rewritten))
+        assert abs(before - after) <= sp.Float(10) ** -45 * max(1, abs(before)), (point, before, after)
