@@ -237,6 +237,17 @@ def exp_minus_one(expr):
     return expr.replace(lambda e: isinstance(e, sp.Add), combined)
 
 
+def log_one_plus(expr):
+    """log(1 + u) = log1p(u): exact near u = 0, where 1 + u rounds u away (log(1 + x^2) at x = 1e-10 was 0,
+    not 1e-20). A log of 1 plus an exponential is softplus's, rewritten before this."""
+    def one_plus(log):
+        argument = log.args[0]
+        if not (argument.is_Add and 1 in argument.args):
+            return log
+        return log1p(argument - 1)
+    return expr.replace(lambda e: isinstance(e, sp.log), one_plus)
+
+
 def clip_branches(expr):
     """In Piecewise((a(u), u > c), (b(u), True)), b is used only where u <= c, so b(u) = b(min(u, c))
     there, and a(u) = a(max(u, c)): then np.where, which evaluates both, never overflows an exp."""
@@ -325,7 +336,7 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("tanh quotients", tanh_quotients, True), ("hinge as a step", hinge_as_step, True),
             ("shift by the row max", shift_by_max, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
-            ("exponential quotients shifted", exp_quotients_shifted, True), ("expm1", exp_minus_one, True), ("clip branches", clip_branches, True),
+            ("exponential quotients shifted", exp_quotients_shifted, True), ("expm1", exp_minus_one, True), ("log1p", log_one_plus, True), ("clip branches", clip_branches, True),
             ("logistic", logistic, True))
 
 

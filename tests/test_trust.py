@@ -61,6 +61,7 @@ DECLARED = {
                                           params={"alpha": 1.5}),
     # the README's example: log cosh overflowed to inf, and its derivative sinh/cosh to NaN, from |x - t| = 89 in float32
     "LogCosh": elementwise_loss("LogCosh", "log(cosh(x - t))"),
+    "LogOnePlusSquare": activation("LogOnePlusSquare", "log(1 + x**2)"),    # 0 where x^2 < 1e-16 rounds away
     "Focal": elementwise_loss("Focal", "-(1 - sigmoid(x))**2*t*log(sigmoid(x)) - sigmoid(x)**2*(1 - t)*log(1 - sigmoid(x))"),
 }
 
@@ -351,13 +352,21 @@ def test_log_cosh_and_its_derivative_stay_finite_and_right_in_the_tails(package,
         np.testing.assert_allclose(loss.backward(np.ones(len(u), dtype)), np.tanh(u), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("rule", ["log_cosh", "tanh_quotients"])
-def test_the_hyperbolic_rewrites_keep_the_value_to_50_digits(rule):
+@pytest.mark.parametrize("rule", ["log_cosh", "tanh_quotients", "log_one_plus"])
+def test_the_tail_rewrites_keep_the_value_to_50_digits(rule):
     import derive.stability as stability
     u = sp.Symbol("u", real=True)
-    expr = {"log_cosh": 3 * sp.log(sp.cosh(u - 2)) + u, "tanh_quotients": u * sp.sinh(u + 1) / sp.cosh(u + 1)}[rule]
+    expr = {"log_cosh": 3 * sp.log(sp.cosh(u - 2)) + u, "tanh_quotients": u * sp.sinh(u + 1) / sp.cosh(u + 1),
+            "log_one_plus": sp.log(1 + u ** 2) * sp.log(3 + u ** 2)}[rule]
     rewritten = getattr(stability, rule)(expr)
     assert rewritten != expr
     for point in (-300, -20, -1, 0, sp.Rational(1, 3), 5, 300):
         before, after = (sp.N(e.subs(u, point), 50) for e in (expr, rewritten))
         assert abs(before - after) <= sp.Float(10) ** -45 * max(1, abs(before)), (point, before, after)
+
+
+def test_log_of_one_plus_a_tiny_value_keeps_it(package):
+    x = np.array([1e-10, -3e-9, 1e-4, 2.0])
+    for cls in both(package, "LogOnePlusSquare"):
+        np.testing.assert_allclose(cls().forward(x), np.log1p(x ** 2), rtol=1e-14)
+        np.testing.assert_allclose(layer_gradient(cls, x), 2 * x / (1 + x ** 2), rtol=1e-14)
