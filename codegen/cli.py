@@ -63,7 +63,7 @@ def run_derive(args):
     else:
         derivation = DERIVATIONS[args.name]()
     # a derivation of the user's (--expr, --ops) is always checked (quietly unless asked): no test has seen it
-    if (args.check or args.expr is not None or args.ops) and not checked(derivation, args.check, op):
+    if (args.check or args.expr is not None or args.ops) and not checked(derivation, args.check):
         return 1
     print(format_derivation(derivation, args.format))
     return 0
@@ -85,15 +85,11 @@ def declared_op(path, name):
     return catalog[name]
 
 
-def checked(derivation, verbose, op=None):
+def checked(derivation, verbose):
     """Check every step, report on stderr each one (if verbose) or each that fails; whether all hold. The
-    derivation of a TensorOp op is checked at the sizes its generated code is verified at."""
-    from codegen.tensor_lower import check_sizes
+    derivation of an index-notation op is checked at the sizes its generated code is verified at."""
     from derive.derivation_check import check_derivation
-    from derive.derivation_tensor import check_tensor_derivation
-    from derive.tensor import TensorOp
-    checks = (check_tensor_derivation(op, derivation, {str(size): value for size, value in check_sizes(op).items()})
-              if isinstance(op, TensorOp) else check_derivation(derivation))
+    checks = check_derivation(derivation)
     for check in checks:
         if verbose or not check.ok:
             print(check.report(), file=sys.stderr)

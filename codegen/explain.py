@@ -6,7 +6,7 @@ import dataclasses
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
-from codegen.kernels import kernel_assignments, kernel_code, layer_kernels, linear_kernels, loss_kernels
+from codegen.kernels import kernel_assignments, kernel_code, layer_kernels, loss_kernels
 from codegen.render import environment
 from codegen.stages import in_stage
 from codegen.tensor_lower import lowered, names_of, program_of, rewritten
@@ -19,13 +19,11 @@ STAGES = ("declaration", "derivation", "array program", "kernel source")
 
 
 class ProgramPrinter(StrPrinter):
-    """SymPy's str, with codegen.lower's MatMul and Transpose printed as the functions they are (StrPrinter
-    takes them for matrices by their names)."""
+    """SymPy's str, with codegen.tensor_lower's MatMul printed as the function it is (StrPrinter takes it for
+    a product of matrices by its name)."""
 
     def _print_MatMul(self, expr):
         return self._print_Function(expr)
-
-    _print_Transpose = _print_MatMul
 
 
 def program(expr):
@@ -73,8 +71,6 @@ def elementwise_stages(op):
 
 def kernels_of(op):
     """The NumPy kernels of an element-wise op's module, as codegen.render makes them."""
-    if op.kind == "linear":
-        return linear_kernels(op)
     if op.kind == "layer":
         return layer_kernels(op)
     return [k for target in op.targets for variant in variants(op, target) for k in loss_kernels(op, target, variant)]

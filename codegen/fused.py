@@ -13,7 +13,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.precedence import PRECEDENCE
 
 from codegen.kernels import FULL_SIZE, DENOMINATOR, arguments, kernel_assignments, shared
-from codegen.lower import AtLabel, AxisSum, BatchSum, Column, LabelEntry, MatMul, RowMax, RowSum, Squeeze, Transpose
+from codegen.lower import AtLabel, BatchSum, Column, LabelEntry, RowMax, RowSum, Squeeze
 from codegen.printer import KernelPrinter
 from derive.special import FORMATS, ExpToInf, PowerOfTwo, erf_numpy, exp_steps, log1p_steps
 from derive.stability import sigmoid_by_branches
@@ -36,7 +36,7 @@ RUNTIME = (("exp", "u", "e^u without libm: a clamp, a floor, a polynomial and tw
 # (llvm.maximum: NaN if either is NaN, as np.maximum), a reduction the loop vectorizer vectorizes;
 # np.maximum's branches keep the loop scalar (2 ns an element against 0.14)
 REDUCE = {RowSum: ("T(0)", "{acc} + {value}"), RowMax: ("T(-math.inf)", "maximum({acc}, {value})")}
-UNFUSED = (LabelEntry, BatchSum, AxisSum, Column, MatMul, Transpose)
+UNFUSED = (LabelEntry, BatchSum, Column)
 FUSED_ARGS = set(FULL_SIZE) | {"g", "c", DENOMINATOR}
 # per-row arrays a kernel takes as columns (N, 1), read at [n, 0]
 COLUMNS = ("c", DENOMINATOR)

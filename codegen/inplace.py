@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-from codegen.lower import (AtLabel, AxisSum, BatchSum, Column, FullLike, LabelEntry, MatMul, RowMax, RowSum, Shifted,
-                           Squeeze, Transpose)
+from codegen.lower import AtLabel, BatchSum, Column, FullLike, LabelEntry, RowMax, RowSum, Shifted, Squeeze
 from codegen.printer import one_bound_clip, positive_first, print_code
 from derive.special import ExpToInf
 
@@ -23,7 +22,7 @@ UNARY = {sp.exp: "exp", ExpToInf: "exp", sp.log: "log", sp.tanh: "tanh", log1p: 
          sp.sign: "sign", sp.sin: "sin", sp.cos: "cos"}
 POWERS = {-1: "reciprocal", 2: "square", sp.Rational(1, 2): "sqrt"}
 # these produce an array smaller than the input (a column, a scalar), one of another shape, or a view
-NARROWING = (RowSum, RowMax, BatchSum, AxisSum, AtLabel, LabelEntry, Column, Squeeze, MatMul, Transpose)
+NARROWING = (RowSum, RowMax, BatchSum, AtLabel, LabelEntry, Column, Squeeze)
 
 
 class RowDot(sp.Function):
@@ -82,12 +81,6 @@ class Flattener:
 
     def assign(self, lhs, expr):
         """The steps of lhs = expr."""
-        products = [t for t in sp.Add.make_args(expr) if isinstance(t, MatMul)]
-        if isinstance(expr, sp.Add) and len(products) == 1:
-            # a matrix product plus terms: the product's new array takes the terms in place (y = x W + b)
-            value = self.emit("matmul", *map(self.small, products[0].args))
-            self.steps.append(Step(lhs, "add", (value, self.small(expr - products[0])), buffer=True))
-            return
         if is_float_full(expr, self.full):
             self.named[expr] = lhs
             value = self.operand(expr)

@@ -4,16 +4,16 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from codegen.lower import AtLabel, BatchSum, LabelEntry, Squeeze, lower, lower_tensor, shaped_like, split_at_label
+from codegen.lower import AtLabel, BatchSum, LabelEntry, Squeeze, lower, shaped_like, split_at_label
 from codegen.inplace import assignments_in_place
 from codegen.printer import print_code
-from derive import backprop, optim
+from derive import optim
 from derive.gradients import layer_backward, loss_forward, loss_gradient, mean_weight, variants
 from derive.reduction import REDUCTIONS, row_weight
 from derive.special import ExpToInf, erf_numpy
 from derive.stability import stable
 from derive.algebra import contract
-from derive.symbols import K, L, N, i, j, k, n, over_batch, r, total
+from derive.symbols import K, L, N, i, j, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
 ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "e", "den", "W", "b", "g", "eps", "l2",
@@ -166,25 +166,6 @@ def reductions(granularity):
              "total": print_code(reduced.xreplace({over_batch(L[n]): summed})) if reduced.has(sp.Sum) else None,
              "weight": print_code(lower(row_weight(reduced), r, column=granularity == "row"))}
             for name, reduced in REDUCTIONS.items()]
-
-
-def linear_kernels(op):
-    """forward, backward (with and without the L2 term), the penalty and the init bound of Linear."""
-    grads = backprop.linear_backward()
-    with_l2 = dict(grads, W=grads["W"] + backprop.l2_gradient())
-    outputs = lambda g: (("dx", lower_tensor(g["x"], (n, k))), ("dW", lower_tensor(g["W"], (k, j))),  # noqa: E731
-                         ("db", lower_tensor(g["b"], (j,))))
-    derivation = "; ".join(f"d{name} = {sp.sstr(value)}" for name, value in grads.items())
-    return (Kernel("forward", "y = x @ W + b.", f"y_nj = {sp.sstr(op.forward)}",
-                   (("y", lower_tensor(op.forward, (n, j))),)),
-            Kernel("backward", "dx, dW, db from the upstream gradient g (BP2, BP4, BP3).", derivation,
-                   outputs(grads)),
-            Kernel("backward_l2", "dx, dW, db with the L2 penalty's gradient added to dW.",
-                   f"{derivation}; dW += {sp.sstr(backprop.l2_gradient())}", outputs(with_l2)),
-            Kernel("penalty", "The L2 penalty l2 * sum(W**2).", f"P = {sp.sstr(backprop.l2_penalty())}",
-                   (("P", lower_tensor(backprop.l2_penalty(), ())),)),
-            Kernel("init_bound", "PyTorch's init bound for W and b: 1/sqrt(in_features).",
-                   f"bound = {sp.sstr(backprop.init_bound())}", (("bound", backprop.init_bound()),)))
 
 
 def sgd_kernel():

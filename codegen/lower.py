@@ -2,9 +2,9 @@
 
 An element x_j becomes the array x (rows on axis 0, classes on the last axis); a sum over the
 class index becomes a reduction over the last axis that keeps it; x_c at the integer label
-becomes the gathered column; a sum over the batch becomes a total. A two-index contraction
-(a linear layer's) becomes a matrix product. The results are still SymPy expressions, so cse
-can share subexpressions between everything a kernel computes."""
+becomes the gathered column; a sum over the batch becomes a total. (An operation over more axes is
+codegen.tensor_lower's.) The results are still SymPy expressions, so cse can share subexpressions
+between everything a kernel computes."""
 import sympy as sp
 
 from derive.symbols import ClassMax, c, pw, w
@@ -33,24 +33,12 @@ class BatchSum(sp.Function):
     """Sum of every entry."""
 
 
-class AxisSum(sp.Function):
-    """Sum over one axis (the second argument), dropping it."""
-
-
 class Column(sp.Function):
     """A per-row vector as a column, to broadcast against rows."""
 
 
 class Squeeze(sp.Function):
     """A column of per-row values as a vector."""
-
-
-class MatMul(sp.Function):
-    """Matrix product."""
-
-
-class Transpose(sp.Function):
-    """Matrix transpose."""
 
 
 class Shifted(sp.Function):
@@ -152,49 +140,3 @@ def split_at_label(expr, index):
     if dense.has(sp.KroneckerDelta) or at_label.has(sp.KroneckerDelta):
         raise LoweringError(f"cannot split {expr} into a dense part and one at the label")
     return sp.factor_terms(dense), sp.factor_terms(at_label.subs(index, c))
-
-
-def lower_tensor(expr, out):
-    """The array of expr whose axes are the indices out (1 or 2 of them): matrix products for
-    two-index contractions, axis sums, transposes and broadcast vectors."""
-    if isinstance(expr, sp.Indexed):
-        array, indices = sp.Symbol(expr.base.name), tuple(expr.indices)
-        if indices == out or indices == out[-1:]:
-            return array
-        if indices == out[::-1]:
-            return Transpose(array)
-        raise LoweringError(f"cannot lower {expr} to axes {out}")
-    if isinstance(expr, sp.Sum) and len(expr.limits) > 1:
-        # a sum over every index of its summand (SymPy merges nested sums): a total
-        bounds = tuple(limit[0] for limit in expr.limits)
-        if out or any(set(a.indices) - set(bounds) for a in expr.function.atoms(sp.Indexed)):
-            raise LoweringError(f"cannot lower {expr} to axes {out}")
-        return BatchSum(lower_tensor(expr.function, bounds[::-1]))
-    if isinstance(expr, sp.Sum):
-        (bound, _, _), = expr.limits
-        return _contraction(expr.function, bound, out)
-    if not expr.args:
-        return expr
-    return expr.func(*[lower_tensor(arg, out) for arg in expr.args])
-
-
-def _contraction(summand, bound, out):
-    """sum over bound of summand as a matrix product (two arrays share bound) or an axis sum."""
-    arrays = [f for f in sp.Mul.make_args(summand) if isinstance(f, sp.Indexed) and bound in f.indices]
-    scale = sp.Mul(*[f for f in sp.Mul.make_args(summand) if f not in arrays])
-    if scale.has(bound):
-        raise LoweringError(f"cannot lower the sum over {bound} of {summand}")
-    if len(arrays) == 2 and len(out) == 2:
-        left, right = sorted(arrays, key=lambda a: out[0] not in a.indices)
-        return scale * MatMul(lower_tensor(left, (out[0], bound)), lower_tensor(right, (bound, out[1])))
-    if len(arrays) == 1 and not out:
-        return scale * BatchSum(sp.Symbol(arrays[0].base.name))
-    if len(arrays) == 1:
-        (array,) = arrays
-        kept = tuple(at for at in array.indices if at != bound)
-        if kept != out:
-            raise LoweringError(f"cannot lower the sum over {bound} of {array} to axes {out}")
-        return scale * AxisSum(sp.Symbol(array.base.name), array.indices.index(bound))
-    if not out:
-        return scale * BatchSum(lower_tensor(sp.Mul(*arrays), arrays[0].indices))
-    raise LoweringError(f"cannot lower the sum over {bound} of {summand} to axes {out}")

@@ -149,18 +149,11 @@ class KernelPrinter(NumPyPrinter):
     def _print_BatchSum(self, expr):
         return f"np.add.reduce({self._print(expr.args[0])}, axis=None)"
 
-    def _print_AxisSum(self, expr):
-        return f"np.add.reduce({self._print(expr.args[0])}, axis={expr.args[1]})"
-
     def _print_Column(self, expr):
         return f"{self._print(expr.args[0])}[:, None]"
 
     def _print_Squeeze(self, expr):
         return f"{self.parenthesize(expr.args[0], PRECEDENCE['Func'], strict=True)}[..., 0]"
-
-    def _print_MatMul(self, expr):
-        left, right = (self.parenthesize(arg, PRECEDENCE["Mul"]) for arg in expr.args)
-        return f"{left} @ {right}"
 
     def _print_Shifted(self, expr):
         return f"({self._print(expr.args[0])} - {self._print(expr.args[1])})"
@@ -169,10 +162,14 @@ class KernelPrinter(NumPyPrinter):
         like, value = expr.args
         return f"{self._print(like)}.copy()" if like == value else f"np.full_like({self._print(like)}, {self._print(value)})"
 
-    def _print_Transpose(self, expr):
-        return f"{self.parenthesize(expr.args[0], PRECEDENCE['Func'], strict=True)}.T"
-
 
 def print_code(expr):
     """expr as NumPy source."""
     return KernelPrinter().doprint(expr)
+
+
+def range_arguments(bounds):
+    """A derive.ops.Range as _checks.option's keyword arguments: those that differ from the default (any finite
+    number)."""
+    return [f"{field}={print_code(value) if field in ('low', 'high') else value}"
+            for field, value in bounds._asdict().items() if value != type(bounds)._field_defaults[field]]

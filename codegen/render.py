@@ -7,13 +7,12 @@ import jinja2
 import sympy as sp
 
 from codegen.fused import FASTMATH, FusionError, fused_code, runtime_functions
-from codegen.kernels import (erf_kernel, kernel_code, layer_kernels, linear_kernels, loss_kernels, reductions,
+from codegen.kernels import (erf_kernel, kernel_code, layer_kernels, loss_kernels, reductions,
                              sgd_kernel, with_mean_gradient)
-from codegen.printer import print_code
+from codegen.printer import print_code, range_arguments
 from codegen.stages import in_stage
 from codegen.tensor_lower import module_context
 from derive.gradients import variants
-from derive.ops import Range
 from derive.tensor import TensorOp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,11 +76,6 @@ def param_context(param):
     return {"name": param.name, "default": repr(param.default), "check": check,
             "arguments": [f'"{param.name}"', param.name, *accepted]}
 
-
-def range_arguments(bounds):
-    """A Range as _checks.option's keyword arguments: those that differ from the default, any finite number."""
-    return [f"{field}={print_code(value) if field in ('low', 'high') else value}"
-            for field, value in bounds._asdict().items() if value != Range._field_defaults[field]]
 
 
 def with_calls(code, op):
@@ -185,8 +179,6 @@ def op_context(op, kernels=None):
         forward, backward = (with_calls(kernel_code(k), op) for k in kernels or layer_kernels(op))
         return {"op": op, "forward": forward, "backward": backward, "params": [param_context(p) for p in op.params],
                 "vector": op.forward.has(sp.Sum), **NUMPY, "runtime": special_functions(op)}
-    if op.kind == "linear":
-        return {"op": op, "kernels": [kernel_code(k) for k in linear_kernels(op)]}
     return dict(loss_context(op), **dict(NUMPY, runtime=special_functions(op)))
 
 

@@ -27,10 +27,10 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 from sympy.printing.str import StrPrinter
 
-from codegen.printer import KernelPrinter, positive_first
+from codegen.printer import KernelPrinter, positive_first, range_arguments
 from derive.special import ExpToInf
 from derive.stability import INDEX_REWRITES, rewritten_by
-from derive.tensor import (Assignment, Sum, bound_of, derivation, explicit_sizes, folded, in_base_sizes, linear,
+from derive.tensor import (Assignment, Sum, bound_of, check_sizes, derivation, folded, in_base_sizes, linear,
                            reads_of, size_of)
 
 
@@ -245,6 +245,10 @@ class Aligned(ArrayOperation):
 
 class Einsum(ArrayOperation):
     """np.einsum(subscripts, *operands) along the contraction path chosen at generation time."""
+
+
+class MatMul(ArrayOperation):
+    """a @ b: a contraction of two arrays over one index, their leading axes a batch (np.matmul's form)."""
 
 
 class Reduce(ArrayOperation):
@@ -578,7 +582,7 @@ class ArrayLowering:
         dummies = [np.zeros([int(in_base_sizes(extent(a), self.op.sizes).subs(self.check_sizes)) for a in axes])
                    for _, axes in operands]
         path, _ = np.einsum_path(subscripts, *dummies, optimize="optimal")
-        return Einsum(Str(f'"{subscripts}"'), Str(repr(path)), *(expr for expr, _ in operands))
+        return matmul(operands, out) or Einsum(Str(f'"{subscripts}"'), Str(repr(path)), *(expr for expr, _ in operands))
 
     def reduced(self, total, scope, ufunc):
         """A Maximum: the summand over its scope, reduced by np.maximum.reduce over the summed axes."""
@@ -668,6 +672,31 @@ class ArrayLowering:
         return Statement(target, value, "scatter", (where, at, into_zeros))
 
 
+def matmul(operands, out):
+    """The MatMul of two operands [(expr, axes)] giving the axes out, where it is one: a single index summed,
+    a single free one of each, the batch indices the leading axes of both and of out in one order; else None.
+    BLAS, without einsum's parsing of its subscripts and choice of a path on every call."""
+    if len(operands) != 2:
+        return None
+    (a, a_axes), (b, b_axes) = operands
+    shared = set(a_axes) & set(b_axes)
+    batch = [i for i in out if i in shared]
+    summed = shared - set(out)
+    own_a, own_b = [i for i in a_axes if i not in shared], [i for i in b_axes if i not in shared]
+    if not (len(summed) == len(own_a) == len(own_b) == 1 and len(out) == len(batch) + 2
+            and list(a_axes[:len(batch)]) == list(b_axes[:len(batch)]) == batch):
+        return None
+    (v,) = summed
+
+    def arranged(expr, axes, last):   # expr with its two matrix axes ordered (first, last)
+        if axes[-1] == last:
+            return expr
+        return Aligned(expr, Str("T" if len(axes) == 2 else f"swapaxes({len(axes) - 2}, {len(axes) - 1})"))
+    if list(out[len(batch):]) == [own_a[0], own_b[0]]:
+        return MatMul(arranged(a, a_axes, v), arranged(b, b_axes, own_b[0]))
+    return MatMul(arranged(b, b_axes, v), arranged(a, a_axes, own_a[0]))
+
+
 def nested(total):
     """Sum(a Sum(b, j), o) as Sum(a b, o, j), j not read by a: one einsum over every factor (a bilinear
     form's dx), not one inside another. Only over whole ranges (a narrowed one is widened alone)."""
@@ -726,25 +755,11 @@ def names_of(op):
             | {str(i) for i in indices} | {str(size_of(i)) for i in indices} | set(SOURCE_NAMES))
 
 
-def check_sizes(op):
-    """{size: int} for the checks (and the einsum paths): small distinct sizes of the axes, for which every
-    declared size is a positive integer (GLU's K even, Conv1d's L at least J)."""
-    base = list(dict.fromkeys(size_of(i) for axes in [*op.inputs.values(), *(a for a, _ in op.params.values()),
-                                                       *op.targets.values()] for i in axes))
-    base += [s for s in dict.fromkeys(op.labels.values()) if s not in base]
-    candidates = itertools.chain(itertools.permutations(range(3, len(base) + 6), len(base)),
-                                 itertools.product(range(1, 9), repeat=len(base)))
-    for values in candidates:
-        try:
-            return explicit_sizes(op, {str(s): v for s, v in zip(base, values)})
-        except ValueError:
-            continue
-    raise LoweringError(f"{op.name}: no sizes up to 8 make every declared size a positive integer")
-
-
 def lowered(op):
     """(forward, backward) ArrayFunctions of op: forward(inputs, params, targets, options) returns the output
-    and what backward reads; backward(what it reads, g, options) returns every input's and param's gradient."""
+    and what backward reads; backward(what it reads, g, options) returns every input's and param's gradient.
+    An op with a penalty has two more: penalty(params, options) returns its value and penalty_backward its
+    gradient in each param it reads."""
     taken = names_of(op)
     clash = sorted((set(SOURCE_NAMES) - {"g"}) & {*op.inputs, *op.params, *op.targets, *op.options,
                                                  *(s.name for s in op.steps)})
@@ -769,7 +784,18 @@ def lowered(op):
                         "vector-Jacobian product) by the adjoint steps.", program.backward,
                         [name for name in given + saved if name in read] + ["g"], program.returns, axes, sizes,
                         options, taken, [str(a) for a in original.backward] + notes)
-    return forward, backward
+    if op.penalty is None:
+        return forward, backward
+    gradients = derivation(op).penalty
+    axes |= {"P": (), **{a.name: a.indices for a in gradients}}
+    read = [p for p in op.params if p in reads_of(op.penalty)]
+    value = Assignment("P", (), op.penalty)
+    return forward, backward, *(
+        function(op, name, doc, assignments, read, tuple(a.name for a in assignments), axes, sizes, options, taken,
+                 list(map(str, assignments)))
+        for name, doc, assignments in [("penalty", "The penalty P, to add to the loss.", [value]),
+                                       ("penalty_backward", "The penalty's gradient in each param it reads.",
+                                        gradients)])
 
 
 def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, taken, derivation):
@@ -846,14 +872,15 @@ def module_context(op):
     """What templates/tensor.py.jinja needs to print op's module: its two functions' source and its class's
     structure (constructor, input checks, calls, saved arrays), every formula printed from SymPy."""
     from codegen.kernels import reductions
-    forward, backward = lowered(op)
+    forward, backward, *penalty = lowered(op)
     printer = TensorPrinter()
-    output, given = op.steps[-1].name, [*op.inputs, *op.params, *op.targets]
+    output = op.steps[-1].name
     functions = [{"name": f.name, "doc": f.doc, "args": list(f.args), "lines": f.lines(printer),
                   "returns": list(f.returns), "derivation": list(f.derivation),
                   "overflows": any(sp.sympify(s.value).has(ExpToInf) for s in f.statements)}
-                 for f in (forward, backward)]
-    sizes = list(dict.fromkeys(str(size_of(i)) for axes, _ in op.params.values() for i in axes))
+                 for f in (forward, backward, *penalty)]
+    sizes = [{"size": size, "name": op.names.get(size, size)} for size in
+             dict.fromkeys(str(size_of(i)) for axes, _ in op.params.values() for i in axes)]
     params = [{"name": p, "init": init, "shape": shape_text(axes),
                "bound": printer.scalar.doprint(1 / sp.sqrt(op.fan_in[p])) if init == "uniform" else None}
               for p, (axes, init) in op.params.items()]
@@ -875,7 +902,7 @@ def module_context(op):
     shaped = [{"name": a, "source": source.get(a, a), "letters": "".join(map(str, axes))}
               for a, axes in [*op.inputs.items(), *((p, ax) for p, (ax, _) in op.params.items()), *op.targets.items()]]
     gradients = [f"d{a}" for a in op.inputs]
-    shapes = "; ".join(f"{a}: {shape_text(axes)}" for a, axes in [*op.inputs.items(), *(
+    shapes = "; ".join(f"{a}: {shape_text(axes, op.names)}" for a, axes in [*op.inputs.items(), *(
         (p, ax) for p, (ax, _) in op.params.items()), *op.targets.items()])
     arguments = [*op.inputs, *op.targets]
     layer = op.kind == "layer"
@@ -887,7 +914,9 @@ def module_context(op):
             "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set())
                               | ({"derived_size"} if derived else set())
                               | ({"label_input", "label_range"} if op.labels else set())),
-            "sizes": sizes, "options": [{"name": o, "default": repr(v)} for o, v in op.options.items()],
+            "sizes": sizes, "options": [{"name": o, "default": repr(v), "checks": range_arguments(op.ranges[o])}
+                                        for o, v in op.options.items()],
+            "penalty": penalty_context(op, penalty, source),
             "params": params, "cleared": " = ".join(f"self.d{p}" for p in op.params), "inputs": inputs,
             "arguments": arguments, "shaped": shaped,
             "cast": [t for t in op.targets if t not in op.labels], "first": next(iter(op.inputs)),
@@ -906,9 +935,22 @@ def module_context(op):
                                                           if op.params else "") + "."}
 
 
-def shape_text(axes):
-    """(K,) or (O, C, J): a shape of sizes, as Python source."""
-    return f"({', '.join(str(size_of(i)) for i in axes)}{',' if len(axes) == 1 else ''})"
+def penalty_context(op, functions, source):
+    """How the class calls the penalty's functions, and the options at 0 of which the penalty is 0 (its
+    gradient is then not computed), or None without a penalty."""
+    if not functions:
+        return None
+    value, gradient = functions
+    zero_at = [o for o in op.options if op.penalty.subs(sp.Symbol(o, real=True), 0) == 0]
+    return {"call": [source[a] for a in value.args], "gradient_call": [source[a] for a in gradient.args],
+            "returns": list(gradient.returns), "zero_at": [source[o] for o in zero_at],
+            "doc": sp.sstr(op.penalty)}
+
+
+def shape_text(axes, names=None):
+    """(K,) or (O, C, J): a shape of sizes, as Python source; a size by its name in names if it has one."""
+    text = [(names or {}).get(str(size_of(i)), str(size_of(i))) for i in axes]
+    return f"({', '.join(text)}{',' if len(axes) == 1 else ''})"
 
 
 # Stage 5: printing
@@ -957,13 +999,22 @@ class TensorPrinter(KernelPrinter):
         inner = self._print(operand)
         if not isinstance(operand, View):
             inner = inner if isinstance(operand, ArrayOperation) else f"({inner})"
-        if text.name == "copy()" or text.name.startswith("transpose("):
+        if text.name in ("copy()", "T") or text.name.startswith(("transpose(", "swapaxes(")):
             return f"{inner}.{text.name}"
         return f"{inner}[{text.name}]"
 
     def _print_Einsum(self, expr):
         subscripts, path, *operands = expr.args
         return f"np.einsum({subscripts.name}, {', '.join(self._print(o) for o in operands)}, optimize={path.name})"
+
+    def doprint(self, expr, *args, **kwargs):
+        if isinstance(expr, MatMul):   # a statement's whole value needs no parentheses
+            return self._print_MatMul(expr)[1:-1]
+        return super().doprint(expr, *args, **kwargs)
+
+    def _print_MatMul(self, expr):
+        # in parentheses: @ binds as * does in Python, and looser than ** and unary minus
+        return "(" + " @ ".join(self._print(o) for o in expr.args) + ")"
 
     def _print_Reduce(self, expr):
         operand, axes, ufunc = expr.args

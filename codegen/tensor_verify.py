@@ -1,11 +1,13 @@
 """Finite-difference checks of a generated index-notation class: every input's and param's gradient, in
 float64 at small distinct sizes (codegen.tensor_lower.check_sizes), seeded, at the default options and at
-0.7 times them; a loss under every reduction."""
+other values in their ranges (derive.declare.example); a loss under every reduction; a penalty added to the
+checked scalar."""
 import numpy as np
 import sympy as sp
 
 from codegen.tensor_lower import check_sizes
 from codegen.verify import check_gradient
+from derive.declare import example
 from derive.tensor import size_of
 
 
@@ -31,7 +33,8 @@ def sample(op, rng):
             if t in guarded_targets(op):
                 arrays[t].flat[::3] = 0.0
     params = {p: rng.uniform(*op.domain, shape(axes)) for p, (axes, _) in op.params.items()}
-    constructor = {str(size_of(i)): sizes[size_of(i)] for axes, _ in op.params.values() for i in axes}
+    constructor = {op.names.get(str(size_of(i)), str(size_of(i))): sizes[size_of(i)]
+                   for axes, _ in op.params.values() for i in axes}
     return constructor, arrays, params
 
 
@@ -39,7 +42,7 @@ def check_tensor_op(op, cls, rng):
     """[(variant, GradientCheck)] of every input's and param's gradient of op's generated class cls, against
     central differences of sum(forward * u) (a layer, a loss unreduced) or of the reduced loss."""
     constructor, arrays, params = sample(op, rng)
-    option_sets = [{}] + ([{o: 0.7 * v if v else 0.3 for o, v in op.options.items()}] if op.options else [])
+    option_sets = [{}] + ([{o: example(v, op.ranges[o]) for o, v in op.options.items()}] if op.options else [])
     reductions = (None,) if op.kind == "layer" else ("mean", "sum", "none")
     names = [*op.inputs, *op.targets]
     checks = []
@@ -63,7 +66,8 @@ def check_tensor_op(op, cls, rng):
                     for p in params:
                         setattr(instance, p, value if p == name else params[p])
                 given = [value if a == name else arrays[a] for a in names]
-                return float(np.sum(instance.forward(*given) * weight))
+                penalty = instance.penalty() if op.penalty is not None else 0.0
+                return float(np.sum(instance.forward(*given) * weight) + penalty)
             for name, grad in analytic.items():
                 start = arrays[name] if name in arrays else params[name]
                 checks.append((f"d{name} ({label})", check_gradient(lambda v, name=name: objective(name, v), start,

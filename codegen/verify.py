@@ -156,7 +156,7 @@ def reference(op):
     from derive.functions import sigmoid
     from derive.gradients import neutralize
     from derive.symbols import i, t, x
-    if op.forward.has(sp.Sum) or op.granularity == "row" and op.kind == "loss" or op.kind == "linear":
+    if op.forward.has(sp.Sum) or op.granularity == "row" and op.kind == "loss":
         return None
     xs, ts = sp.symbols("x t", real=True)
     values = {p.symbol: p.default if p.neutral is None else p.neutral for p in op.params}
@@ -201,11 +201,6 @@ def check_op(op, cls, rng, shape=(4, 5)):
         return check_tensor_op(op, cls, rng)
     x = defined_points(op, shape, rng)
     option_sets = [{}] + ([example_options(op, shape, rng)] if op.params else [])
-    if op.kind == "linear":
-        layer = cls(shape[1], 3, l2=0.1, rng=rng)
-        upstream = rng.standard_normal((shape[0], 3))
-        return ([("dx", check_layer(lambda: layer, x, upstream, tol=op.tol))]
-                + check_parameters(layer, x, upstream, tol=op.tol))
     if op.kind == "layer":
         return [(f"{options or 'defaults'}", check_layer(lambda: cls(**options), x, rng.standard_normal(shape),
                                                          tol=op.tol)) for options in option_sets]

@@ -1,10 +1,10 @@
 """The registry: every operation declared once. Derivations, kernels, tests and docs follow from it.
 
-Element-wise and row-wise operations are declared the way users declare their own (derive.declare:
-activation, and tensor_op / tensor_loss in index notation, made row operations by row_layer and
-row_loss); Linear and the losses with PyTorch's options are still Op entries over index notation.
+Every operation is declared the way users declare their own (derive.declare: activation, and tensor_op /
+tensor_loss in index notation, made row operations by row_layer and row_loss) but the two losses with
+PyTorch's array options (class and element weights, ignore_index), still Op entries over index notation.
 Names follow the contract of derive.symbols: x input, y output, t target, g upstream gradient."""
-from derive import backprop, losses
+from derive import losses
 from derive.declare import activation, elementwise_loss, row_layer, row_loss, tensor_loss, tensor_op
 from derive.functions import sigmoid
 from derive.ops import Op, Param, Range, build_catalog
@@ -44,8 +44,12 @@ OPS = (
                         steps=["s[n] = Sum(exp(x[n, k]), k)", "y[n, k] = exp(x[n, k]) / s[n]"])),
     row_layer(tensor_op("LogSoftmax", inputs={"x": "n k"}, summary="log of the softmax over the last axis",
                         steps=["s[n] = Sum(exp(x[n, k]), k)", "y[n, k] = log(exp(x[n, k]) / s[n])"])),
-    Op(name="Linear", kind="linear", summary="affine map y = x @ W + b, with an optional L2 penalty on W",
-       source="derive.backprop.linear", forward=backprop.linear()),
+    # PyTorch's nn.Linear(in_features, out_features), W stored (in_features, out_features) so y = x @ W + b; the
+    # L2 penalty is the derivation l2_penalty's (symgrad derive l2_penalty), its gradient added to dW
+    tensor_op("Linear", inputs={"x": "n i"}, params={"W": ("i o", "uniform"), "b": ("o", "uniform")},
+              options={"l2": (0.0, ">= 0")}, penalty="l2 * Sum(W[i, o]**2, i, o)",
+              names={"I": "in_features", "O": "out_features"}, steps=["y[n, o] = Sum(x[n, i] * W[i, o], i) + b[o]"],
+              summary="affine map y = x @ W + b, with an optional L2 penalty on W"),
     Op(name="SoftmaxCrossEntropy", kind="loss",
        summary="softmax then cross-entropy, fused, as torch.nn.functional.cross_entropy",
        source="derive.losses.cross_entropy_options", forward=losses.cross_entropy_options(),

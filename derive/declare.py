@@ -84,25 +84,26 @@ def declared_params(name, params):
     return tuple(declared_param(name, option, value) for option, value in params.items())
 
 
-def declared_param(name, option, value):
-    """The Param of one option of the operation name, value its default or (default, range)."""
+def declared_param(name, option, value, role="parameter"):
+    """The Param of one option of the operation name, value its default or (default, range); role names
+    what the declaration calls it in an error."""
     check_name(option.capitalize())
     default, text = value if isinstance(value, tuple) and len(value) == 2 else (value, None)
     if isinstance(default, bool) or not isinstance(default, (int, float)) or not math.isfinite(default):
-        raise DeclarationError(f"{name}: parameter {option} needs a finite number as default, got {value!r}")
+        raise DeclarationError(f"{name}: {role} {option} needs a finite number as default, got {value!r}")
     try:
         bounds = Range() if text is None else Range.of(text)
     except ValueError as error:
-        raise DeclarationError(f"{name}: parameter {option}: {error}") from None
+        raise DeclarationError(f"{name}: {role} {option}: {error}") from None
     if default not in bounds:
-        raise DeclarationError(f"{name}: parameter {option}'s default {default} is outside its range {text!r}")
+        raise DeclarationError(f"{name}: {role} {option}'s default {default} is outside its range {text!r}")
     return Param(option, sp.Symbol(option, real=True), float(default), example=example(float(default), bounds),
                  range=bounds)
 
 
 def example(default, bounds):
     """A value other than default within bounds, for the tests: 0.7 times it where that is inside."""
-    near = [round(scale * default, 6) for scale in (0.7, 1.3)] if default else [0.3, -0.3]
+    near = [float(f"{scale * default:.6g}") for scale in (0.7, 1.3)] if default else [0.3, -0.3]
     halfway = [(default + end) / 2 for end in bounds[:2] if math.isfinite(end)]
     return next(value for value in near + halfway if value != default and value in bounds)
 

@@ -38,7 +38,13 @@ class StepCheck:
 
 
 def check_derivation(derivation, seed=0):
-    """[StepCheck] for every step of derivation, in order."""
+    """[StepCheck] for every step of derivation, in order; an index-notation op's derivation at explicit sizes,
+    derive.derivation_tensor's way."""
+    if derivation.op is not None:
+        from derive.derivation_tensor import check_tensor_derivation   # that module builds on this one
+        from derive.tensor import check_sizes
+        sizes = {str(size): value for size, value in check_sizes(derivation.op).items()}
+        return check_tensor_derivation(derivation.op, derivation, sizes, seed=seed)
     rng = np.random.default_rng(seed)
     definitions, equations, known = list(derivation.definitions), [], {}
     ranges = {**INDEX_RANGES, **dict(derivation.ranges)}

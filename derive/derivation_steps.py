@@ -42,6 +42,7 @@ class Derivation:
     steps: tuple
     definitions: tuple = ()        # ((pattern, value), ...): (p[i], softmax(i)), (sigma(z), ...), (L, ...)
     ranges: tuple = ()             # ((free index, size), ...) beyond the class and batch indices
+    op: object = None              # the index-notation op derived (derive.tensor.TensorOp): its checker checks it
 
 
 def fresh_bounds(expr, clashing=None):

@@ -19,6 +19,7 @@ from derive.derivation_steps import Derivation, Step, continues, without_repeats
 from derive.tensor import (Assignment, Sum, contracted, derivation, evaluated, explicit_sizes, in_terms_of_steps,
                            random_arrays, reads_of, size_of, substituted)
 
+PENALTY = sp.Symbol("P")
 RULES = ("chain rule: the adjoint of each step that reads it times its partial derivative", "differentiation",
          "contraction of the Kronecker deltas, their ranges kept", "each sum that a step defines written as that step")
 STEP_TOLERANCE = 1e-9              # relative, between two forms of one array at every index
@@ -67,13 +68,40 @@ def tensor_derivation(op):
         steps += chain(a.name[2:], array(a.name)[a.indices])
     for name, program in found.gradients.items():
         steps += chain(name, array(program[-1].name)[program[-1].indices])
-    return Derivation(f"{op.name}: {op.summary}", without_repeats(steps),
-                      tuple((array(s.name)[s.indices], s.expr) for s in op.steps))
+    definitions = tuple((array(s.name)[s.indices], s.expr) for s in op.steps)
+    if op.penalty is not None:
+        steps += penalty_steps(op, found)
+        definitions += ((PENALTY, op.penalty),)
+    return Derivation(f"{op.name}: {op.summary}", without_repeats(steps), definitions, op=op)
+
+
+def penalty_steps(op, found):
+    """The penalty P's definition, then its gradient in each param it reads: taken, then its deltas contracted."""
+    steps = [Step(PENALTY, op.penalty, "definition: the penalty the class adds to the loss")]
+    for gradient in found.penalty:
+        param = gradient.name[1:]
+        axes = op.params[param][0]
+        at = tuple(sp.Dummy(str(i), integer=True) for i in axes)
+        taken = substituted(at_kinks(differentiated(op.penalty, array(param)[at])), dict(zip(at, axes)))
+        lhs = array(f"dP_d{param}")[axes]
+        steps += [Step(lhs, taken, "differentiation"), Step(lhs, gradient.expr, RULES[2])]
+    return steps
+
+
+def penalty_against_differences(op, param, analytic, arrays, scope, rng, step, where):
+    """(ok, method, detail) of the claim that analytic is the gradient of the penalty by param."""
+    direction = rng.uniform(-1, 1, arrays[param].shape)
+    moved = [float(evaluated([Assignment("P", (), op.penalty)], {**arrays, param: arrays[param] + shift * direction},
+                             scope)["P"]) for shift in (step, -step)]
+    numeric, projected = (moved[0] - moved[1]) / (2 * step), float(np.sum(direction * analytic))
+    ok = abs(projected - numeric) <= op.tol * max(1.0, float(np.sum(np.abs(direction * analytic))))
+    return ok, f"central differences of P along a random direction, {where}", (
+        "" if ok else f"{projected:.10g} from the step, {numeric:.10g} by central differences")
 
 
 def with_partials_taken(expr, definitions):
     """expr with each partial derivative d s[i, ...] / d q[j, ...] of a defined step taken from its definition."""
-    defined = {lhs.base.name: (lhs, rhs) for lhs, rhs in definitions}
+    defined = {lhs.base.name: (lhs, rhs) for lhs, rhs in definitions if isinstance(lhs, sp.Indexed)}
 
     def taken(partial):
         (wrt, _), = partial.variable_count
@@ -94,8 +122,8 @@ def check_tensor_derivation(op, found, sizes, seed=0, values=None, step=1e-6):
     declared = {s.name: s for s in op.steps}
 
     def value(s):
-        name = s.lhs.base.name
-        return evaluated([Assignment(name, s.lhs.indices, with_partials_taken(s.rhs, found.definitions))],
+        name, indices = (s.lhs.name, ()) if s.lhs == PENALTY else (s.lhs.base.name, s.lhs.indices)
+        return evaluated([Assignment(name, indices, with_partials_taken(s.rhs, found.definitions))],
                          arrays, scope)[name]
 
     def against_differences(name, analytic):
@@ -114,7 +142,8 @@ def check_tensor_derivation(op, found, sizes, seed=0, values=None, step=1e-6):
 
     checks, before = [], None
     for number, s in enumerate(found.steps):
-        name, current = s.lhs.base.name, value(s)
+        name = s.lhs.name if s.lhs == PENALTY else s.lhs.base.name
+        current = value(s)
         if continues(found.steps, number):
             gap = float(np.max(np.abs(before - current), initial=0.0))
             ok = gap <= STEP_TOLERANCE * max(1.0, float(np.max(np.abs(before), initial=0.0)))
@@ -124,6 +153,11 @@ def check_tensor_derivation(op, found, sizes, seed=0, values=None, step=1e-6):
             verdict = ok, "the declared step", "" if ok else f"the declaration says {declared[name]}"
         elif name.startswith("g_") and name[2:] in declared or name[1:] in {*op.inputs, *op.params}:
             verdict = against_differences(name[2:] if name.startswith("g_") else name[1:], current)
+        elif s.lhs == PENALTY:
+            ok = s.rhs == op.penalty
+            verdict = ok, "the declared penalty", "" if ok else f"the declaration says P = {op.penalty}"
+        elif name.startswith("dP_d") and name[4:] in op.params:
+            verdict = penalty_against_differences(op, name[4:], current, arrays, scope, rng, step, where)
         else:
             verdict = False, "none", f"{name} is no step, adjoint g_<step> or gradient d<input or param> of {op.name}"
         checks.append(StepCheck(number + 1, s.rule, *verdict))

@@ -1,5 +1,7 @@
 """Every derivation symgrad prints: the gradient and the stable forms of each catalog entry, computed
 from the entry, and the named ones a student asks for (seeds 000-004). Pure: each returns a Derivation."""
+import functools
+
 import sympy as sp
 
 from derive.algebra import contract, in_terms_of, tidy
@@ -11,6 +13,7 @@ from derive.derivation_steps import (LOSS, MEAN, OUTPUT, Derivation, Step, eleme
 from derive.reduction import REDUCTIONS, row_weight
 from derive.softmax import cross_entropy, cross_entropy_gradient, softmax
 from derive.symbols import G, K, L, c, i, j, k, n, over_batch, over_classes, p, r, t, x
+from derive.tensor import TensorOp
 
 X = sp.Symbol("x")                                  # the input of an element-wise activation
 ALPHA = sp.Symbol("alpha", positive=True)           # LeakyReLU's slope below 0
@@ -133,6 +136,7 @@ NAMED = {
     "backprop": backprop,
     "l2_penalty": l2_penalty,
     "linear_softmax_classifier": linear_softmax_classifier,
+    "linear_jacobians": linear,
     "label_smoothing": label_smoothing,
     "class_weights": class_weights,
     "reductions": reductions,
@@ -143,9 +147,12 @@ NAMED = {
 
 
 def entry_derivations(op):
-    """{name: function returning the Derivation} of a catalog entry: Linear's is the written-out linear layer
-    of derive.derivation_networks, any other's its gradient and its stable forms."""
-    return {op.module: linear} if op.kind == "linear" else op_derivations(op)
+    """{name: function returning the Derivation} of a catalog entry: an index-notation one's reverse mode
+    through its steps, any other's its gradient and its stable forms."""
+    if isinstance(op, TensorOp):
+        from derive.derivation_tensor import tensor_derivation  # imported here: that module builds on this one
+        return {op.module: functools.partial(tensor_derivation, op)}
+    return op_derivations(op)
 
 
 def build_registry(catalog, named):

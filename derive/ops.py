@@ -76,7 +76,7 @@ class Op:
     """One operation: its forward in index notation and what its forward saves for backward."""
 
     name: str                      # class name in generated/
-    kind: str                      # layer: forward(x) -> y; loss: forward(x, target) -> loss; linear
+    kind: str                      # layer: forward(x) -> y; loss: forward(x, target) -> loss
     summary: str                   # one line for docstrings and the codegen table
     source: str                    # the derivation the forward comes from
     forward: sp.Expr               # layer: y_i; loss: the loss of a row, or of element i
@@ -101,7 +101,7 @@ class Op:
         return re.sub(r"(?<=[a-z])(?=[A-Z][a-z])", "_", self.name).lower()
 
 
-KINDS = ("layer", "loss", "linear")
+KINDS = ("layer", "loss")
 
 
 RESERVED_MODULES = ("__init__", "_base", "_checks", "_special", "network", "fast")

@@ -47,7 +47,8 @@ class Assignment(NamedTuple):
     expr: sp.Expr
 
     def __str__(self):
-        return f"{self.name}[{', '.join(map(str, self.indices))}] = {sp.sstr(self.expr)}"
+        at = f"[{', '.join(map(str, self.indices))}]" if self.indices else ""
+        return f"{self.name}{at} = {sp.sstr(self.expr)}"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class TensorOp:
     inputs: dict                   # {name: (index Symbol, ...)}, differentiated
     params: dict                   # {name: ((index Symbol, ...), init)}, differentiated, init in INITS
     options: dict                  # {name: default}, constants
+    ranges: dict                   # {option: derive.ops.Range}: the values each option accepts
     targets: dict                  # {name: (index Symbol, ...)} of a loss, not differentiated
     labels: dict                   # {target: size}: the integer targets and the axis each indexes
     sizes: dict                    # {size Symbol: formula over the other sizes}
@@ -68,6 +70,8 @@ class TensorOp:
     fan_in: dict                   # {uniform param: size product}: init bound 1/sqrt(fan_in), as PyTorch
     domain: tuple = (-3.0, 3.0)    # inputs and params drawn uniformly from here in the checks
     tol: float = 1e-6              # largest finite-difference relative error accepted
+    penalty: sp.Expr = None        # a scalar over params and options the user adds to the loss (an L2 term)
+    names: dict = None             # {size: constructor argument name} where it is not the capital letter
 
     @property
     def module(self):
@@ -83,10 +87,13 @@ class TensorDerivation:
     forward: tuple                 # op.steps
     adjoints: tuple                # (Assignment g_s, ...) of every step but the output, output side first
     gradients: dict                # {input or param: (adjoints it needs ..., Assignment d<name>)}
+    penalty: tuple = ()            # (Assignment d<param> of the penalty alone, ...) of each param it reads
 
     def __str__(self):
         return "\n".join([f"{self.op.name}:", *map(str, self.forward)] + [
-            f"{name}:\n" + "\n".join(f"  {line}" for line in program) for name, program in self.gradients.items()])
+            f"{name}:\n" + "\n".join(f"  {line}" for line in program) for name, program in self.gradients.items()]
+            + [f"penalty P = {sp.sstr(self.op.penalty)}:\n" + "\n".join(f"  {line}" for line in self.penalty)]
+            * bool(self.penalty))
 
 
 class GradientCheck(NamedTuple):
@@ -103,30 +110,34 @@ def size_of(index):
     return sp.Symbol(str(index).upper(), integer=True, positive=True)
 
 
-def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, summary=None, domain=(-3.0, 3.0),
-              tol=1e-6):
-    """A layer y[...] computed by steps from inputs, trainable params {name: (indices, init)} and options."""
-    return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol)
+def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, penalty=None, names=None, summary=None,
+              domain=(-3.0, 3.0), tol=1e-6):
+    """A layer y[...] computed by steps from inputs, trainable params {name: (indices, init)} and options
+    {name: default or (default, range)}; penalty a scalar over params and options that the class's penalty()
+    returns and backward adds the gradient of (an L2 term); names the constructor's argument for a param
+    axis's size ({"I": "in_features"}), by default its capital letter."""
+    return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol,
+                    penalty, names or {})
 
 
-def tensor_loss(name, *, inputs, steps, targets=None, params=None, options=None, sizes=None, summary=None,
-                domain=(-3.0, 3.0), tol=1e-6):
+def tensor_loss(name, *, inputs, steps, targets=None, params=None, options=None, sizes=None, penalty=None,
+                names=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
     """A loss L[...] of each entry (reduced later by mean, sum or none), computed by steps from inputs and targets."""
     return declared(name, "loss", inputs, params or {}, options or {}, targets or {}, sizes or {}, steps, summary,
-                    domain, tol)
+                    domain, tol, penalty, names or {})
 
 
-def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol):
+def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol, penalty=None,
+             size_names=None):
     """The TensorOp of a declaration, refusing anything ill-formed with a DeclarationError naming it."""
-    from derive.declare import DeclarationError, check_name  # imported here: derive.declare re-exports this module
+    from derive.declare import DeclarationError, check_name, declared_param  # derive.declare re-exports this module
     check_name(name)
 
     def refuse(problem):
         raise DeclarationError(f"{name}: {problem}")
 
-    for option, default in options.items():
-        if isinstance(default, bool) or not isinstance(default, (int, float)) or not math.isfinite(default):
-            refuse(f"option {option} needs a finite number as default, got {default!r}")
+    ranges = {option: declared_param(name, option, value, role="option").range for option, value in options.items()}
+    options = {option: value[0] if isinstance(value, tuple) else value for option, value in options.items()}
     for param, value in params.items():
         if not (isinstance(value, tuple) and len(value) == 2 and value[1] in INITS):
             refuse(f"param {param} must be (indices, init) with init one of {', '.join(INITS)}, got {value!r}")
@@ -173,17 +184,42 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
             refuse(f"{where}: {problem}")
         assignments.append(Assignment(line[1], axes[line[1]], expr))
         read |= reads
-    read |= {str(symbol) for s in assignments for symbol in s.expr.free_symbols}
+    penalty = None if penalty is None else penalty_of(refuse, penalty, namespace, params, axes, known, formulas)
+    read |= {str(symbol) for e in [*(s.expr for s in assignments), *[penalty] * (penalty is not None)]
+             for symbol in e.free_symbols}
     unread = [a for a in [*inputs, *params, *targets, *options, *(s.name for s in assignments[:-1])] if a not in read]
     if unread:
         refuse(f"{unread[0]} is never read")
+    param_sizes = {str(size_of(i)) for p in params for i in axes[p]}
+    for size, argument in (size_names or {}).items():
+        if size not in param_sizes or not isinstance(argument, str) or not argument.isidentifier() or keyword.iskeyword(
+                argument) or argument in {*options, "rng", "dtype", "reduction", "self"}:
+            known_sizes = ", ".join(sorted(param_sizes)) or "it has none"
+            refuse(f"names: {size!r} -> {argument!r} must name the size of a param's axis ({known_sizes}) by an "
+                   f"identifier no option, rng, dtype or reduction takes")
     return TensorOp(name=name, kind=kind, summary=summary or "; ".join(text.strip() for text in steps),
                     source=f"derive.tensor.tensor_{'op' if kind == 'layer' else 'loss'} ({name})",
                     inputs={a: axes[a] for a in inputs}, params={p: (axes[p], params[p][1]) for p in params},
-                    options={o: float(v) for o, v in options.items()}, targets={t: axes[t] for t in targets},
-                    labels=labels, sizes=formulas, steps=tuple(assignments),
+                    options={o: float(v) for o, v in options.items()}, ranges=ranges,
+                    targets={t: axes[t] for t in targets}, labels=labels, sizes=formulas, steps=tuple(assignments),
                     fan_in=fan_ins(assignments, [p for p, (_, init) in params.items() if init == "uniform"]),
-                    domain=domain, tol=tol)
+                    domain=domain, tol=tol, penalty=penalty, names=dict(size_names or {}))
+
+
+def penalty_of(refuse, text, namespace, params, axes, known, formulas):
+    """The penalty: a scalar (no free index) that reads params and options alone."""
+    where = "penalty"
+    expr = summed_out(refuse, where, parsed(where, str(text), namespace, refuse), known)
+    for access in expr.atoms(sp.Indexed):
+        if access.base.name not in params:
+            refuse(f"penalty reads {access.base.name}; a penalty reads params and options alone")
+        check_access(refuse, where, access, axes, {}, {}, formulas, known)
+    free = expr.free_symbols & known
+    if free:
+        refuse(f"penalty: index {sorted(map(str, free))[0]} is free; a penalty is one number (Sum over it?)")
+    if not reads_of(expr):
+        refuse("penalty reads no param")
+    return expr
 
 
 def axes_of(refuse, array, spec, known=None, what="array"):
@@ -385,7 +421,22 @@ def derivation(op):
         axes = op.inputs[name] if name in op.inputs else op.params[name][0]
         gradients[name] = tuple(a for a in adjoints if a.name[2:] in needed) + (
             Assignment(f"d{name}", axes, sp.Add(*contributions[name])),)
-    return TensorDerivation(op, op.steps, adjoints, gradients)
+    return TensorDerivation(op, op.steps, adjoints, gradients, penalty_gradients(op))
+
+
+def penalty_gradients(op):
+    """(Assignment d<param> = dP/d param, ...) of each param the penalty P reads, its deltas contracted."""
+    if op.penalty is None:
+        return ()
+    found = []
+    for name, (axes, _) in op.params.items():
+        if name in reads_of(op.penalty):
+            at = tuple(sp.Dummy(str(i), integer=True) for i in axes)
+            derivative = at_kinks(differentiated(op.penalty, sp.IndexedBase(name, real=True)[at]))
+            ranges = {a: (0, size_of(i) - 1) for a, i in zip(at, axes)}
+            found.append(Assignment(f"d{name}", axes, substituted(contracted(derivative, ranges, op.sizes),
+                                                                  dict(zip(at, axes)))))
+    return tuple(found)
 
 
 def reads_of(expr):
@@ -652,6 +703,22 @@ def explicit_sizes(op, given):
             raise ValueError(f"{op.name}: size {size} = {formula} is {value} at {given}, not a positive integer")
         scope[size] = int(value)
     return scope
+
+
+def check_sizes(op):
+    """{size: int} for the checks (and codegen's einsum paths): small distinct sizes of the axes, for which every
+    declared size is a positive integer (GLU's K even, Conv1d's L at least J)."""
+    base = list(dict.fromkeys(size_of(i) for axes in [*op.inputs.values(), *(a for a, _ in op.params.values()),
+                                                       *op.targets.values()] for i in axes))
+    base += [s for s in dict.fromkeys(op.labels.values()) if s not in base]
+    candidates = itertools.chain(itertools.permutations(range(3, len(base) + 6), len(base)),
+                                 itertools.product(range(1, 9), repeat=len(base)))
+    for values in candidates:
+        try:
+            return explicit_sizes(op, {str(s): v for s, v in zip(base, values)})
+        except ValueError:
+            continue
+    raise ValueError(f"{op.name}: no sizes up to 8 make every declared size a positive integer")
 
 
 def evaluated(assignments, arrays, scope):

@@ -1,11 +1,12 @@
-"""The four backpropagation equations and the linear layer's gradients against explicit expansion."""
+"""The four backpropagation equations against explicit expansion, and the catalog's Linear against them."""
 import numpy as np
 import pytest
 import sympy as sp
 
-from derive import backprop
+from derive import backprop, tensor
 from derive.backprop import K_in, K_out, a, b, dCda, delta, sigma, z
-from derive.symbols import N, W, X, dy, j, k, l2, n
+from derive.catalog import CATALOG
+from derive.symbols import N, W, X, dy, j, k, n
 
 SIZES = [(2, 3), (3, 2), (1, 4)]
 
@@ -75,7 +76,7 @@ def test_linear_backward_is_the_batched_bp2_bp3_bp4(inputs, outputs):
     y = [[sum(xs[(r, m)] * ws[(m, o)] for m in range(inputs)) + sp.Symbol(f"b_{o}") for o in range(outputs)]
          for r in range(batch)]
     objective = sum(gs[(r, o)] * y[r][o] for r in range(batch) for o in range(outputs))
-    grads = backprop.linear_backward()
+    grads = linear_gradients()
     sizes = {K_in: inputs, K_out: outputs, N: batch}
     table = {**x_table, **w_table, **g_table, **b_table}
     for r in range(batch):
@@ -91,9 +92,16 @@ def test_linear_backward_is_the_batched_bp2_bp3_bp4(inputs, outputs):
     assert sp.expand(explicit(bp4_batched - grads["W"], sizes, table)) == 0
 
 
-def test_l2_gradient_is_twice_l2_w():
-    assert backprop.l2_gradient() == 2 * l2 * W[k, j]
+def linear_gradients():
+    """{x, W, b: gradient} of the catalog's Linear by its reverse mode (derive.tensor), in backprop's letters:
+    its input axis i as k (K_in), its output axis o as j (K_out)."""
+    op = CATALOG["Linear"]
+    (_, i), (o,) = op.inputs["x"], op.params["b"][0]
+    letters = {i: k, o: j, tensor.size_of(i): K_in, tensor.size_of(o): K_out}
+    return {name: program[-1].expr.xreplace(letters) for name, program in tensor.derivation(op).gradients.items()}
 
 
-def test_init_bound_is_one_over_root_fan_in():
-    assert backprop.init_bound() == 1 / sp.sqrt(K_in)
+def test_linear_penalty_gradient_is_twice_l2_w():
+    (_, i), (o,) = CATALOG["Linear"].inputs["x"], CATALOG["Linear"].params["b"][0]
+    (gradient,) = tensor.derivation(CATALOG["Linear"]).penalty
+    assert gradient.name == "dW" and gradient.expr == 2 * sp.Symbol("l2", real=True) * W[i, o]

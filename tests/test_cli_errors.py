@@ -53,7 +53,7 @@ BAD = [  # (arguments, {tmp}: the test's folder, {out}: an --out that must not a
     (f"check {LINEAR}:Linear", "missing 2 required positional arguments"),
     (f"check {LINEAR}:Linear --init in_features=four", "--init 'in_features=four'"),
     (f"check {LINEAR}:Linear --init in_features=5,out_features=3 --shape 4,x", "--shape '4,x'"),
-    (f"check {LINEAR}:Linear --init in_features=4,out_features=3", "x must have shape (N, 4)"),
+    (f"check {LINEAR}:Linear --init in_features=4,out_features=3", "Linear: W has shape (4, 3) and x has (4, 5)"),
 ]
 
 

@@ -131,7 +131,7 @@ def test_one_operation_breaking_mid_run_leaves_the_folder_byte_for_byte_unchange
     (out / "retired_op.py").write_text("")
     before = tree(out)
     if step == "render":
-        monkeypatch.setattr(render, "op_context", fail_on("Linear", render.op_context))
+        monkeypatch.setattr(render, "module_context", fail_on("Linear", render.module_context))
     elif step == "verify":
         monkeypatch.setattr(pipeline, "check_op", fail_on("Linear", pipeline.check_op))
     else:

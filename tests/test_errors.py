@@ -13,6 +13,7 @@ from generated._checks import dense_target
 from codegen.verify import example_options, sample_target, with_ignored_row
 from derive.catalog import CATALOG
 from derive.reduction import REDUCTIONS
+from derive.tensor import TensorOp
 from tests import references
 
 OPS = list(CATALOG.values())
@@ -24,15 +25,20 @@ case_ids = lambda cases: [f"{op.name}-{kind}" if kind else op.name for op, kind 
 NOT_FLOATS = [np.int64, np.bool_, object, np.complex128, np.float16]
 
 
+def parameterized(op):
+    """Whether op is a layer of index notation with params (Linear), made for x's width."""
+    return isinstance(op, TensorOp)
+
+
 def has_classes(op):
     """Whether op reads rows of classes on its last axis (softmax, a row loss, Linear's features)."""
-    return {"layer": op.forward.has(sp.Sum), "linear": True, "loss": op.granularity == "row"}[op.kind]
+    return parameterized(op) or {"layer": op.forward.has(sp.Sum), "loss": op.granularity == "row"}[op.kind]
 
 
 def make(op, x, reduction="mean", **options):
     """A fresh instance of op's generated class for input x."""
     cls = getattr(generated, op.name)
-    if op.kind == "linear":
+    if parameterized(op):
         return cls(x.shape[-1], 2, rng=0, dtype=x.dtype)
     return cls(**options, reduction=reduction) if op.kind == "loss" else cls(**options)
 
@@ -86,7 +92,11 @@ def test_an_empty_or_missing_class_axis_is_refused(op, kind):
         x = np.zeros(shape)
         target = np.zeros(3, int) if kind == "labels" else np.zeros(shape)
         instance = make(op, np.zeros((3, 1)))
-        with pytest.raises(ValueError, match=re.escape(f"x needs a non-empty last (class) axis, got shape {shape}")):
+        # a layer with params names the param whose axis x's must match
+        expected = ((f"{op.name}: W has shape (1, 2) and x has {shape}: their axes i must have one size (I)"
+                     if shape else f"{op.name}: x must have 2 axes, got shape {shape}") if parameterized(op)
+                    else f"x needs a non-empty last (class) axis, got shape {shape}")
+        with pytest.raises(ValueError, match=re.escape(expected)):
             forward(op, instance, x, target)
 
 
@@ -222,7 +232,7 @@ def test_backward_without_a_successful_forward_is_refused(op, kind):
     instance = make(op, x)
     before = rf"{op.name}\.backward\(\) called before forward\(\) \(or after one that raised\)"
     with pytest.raises(RuntimeError, match=before):
-        backward(op, instance, np.ones((4, 2 if op.kind == "linear" else 3)))
+        backward(op, instance, np.ones((4, 2 if parameterized(op) else 3)))
     y = forward(op, instance, x, target)
     with pytest.raises(TypeError):
         forward(op, instance, x.astype(int), target)
@@ -256,9 +266,9 @@ def test_sgd_step_before_backward_or_after_a_parameter_changed_shape_is_refused(
 
 def test_linear_refuses_x_of_another_width_or_dtype():
     layer = generated.Linear(3, 2)
-    with pytest.raises(ValueError, match=re.escape("x must have shape (N, 3), got (4, 2)")):
+    with pytest.raises(ValueError, match=re.escape("Linear: W has shape (3, 2) and x has (4, 2): their axes i must")):
         layer.forward(np.zeros((4, 2)))
-    with pytest.raises(TypeError, match="x has dtype float32 but the layer's W has float64"):
+    with pytest.raises(TypeError, match="Linear: W has dtype float64 but x has float32"):
         layer.forward(np.zeros((4, 3), np.float32))
 
 
@@ -283,7 +293,7 @@ def test_bad_loss_options_are_named(op):
 def test_a_second_backward_gives_the_same_result(op, kind, reduction):
     """Layers keep what forward saved; a loss frees it unless told to retain it, as in PyTorch."""
     x, target = inputs(op, kind)
-    options = example_options(op, x.shape, np.random.default_rng(1)) if op.kind != "linear" else {}
+    options = example_options(op, x.shape, np.random.default_rng(1)) if not parameterized(op) else {}
     instance = make(op, x, reduction, **options)
     y = forward(op, instance, x, target)
     first = backward(op, instance, y, reduction, retain_graph=True)
@@ -307,7 +317,7 @@ def test_an_empty_batch_gives_pytorchs_result_without_warnings(op, kind, reducti
         dx = backward(op, instance, y, reduction)
     assert dx.shape == x.shape and dx.dtype == dtype and y.dtype == dtype
     if op.kind != "loss":
-        assert y.shape == (0, 2 if op.kind == "linear" else 3)
+        assert y.shape == (0, 2 if parameterized(op) else 3)
         assert all(np.array_equal(getattr(instance, "d" + name), np.zeros_like(getattr(instance, name)))
                    for name in getattr(instance, "params", ()))
     elif reduction == "none":
@@ -316,7 +326,7 @@ def test_an_empty_batch_gives_pytorchs_result_without_warnings(op, kind, reducti
         assert y.shape == () and (np.isnan(y) if reduction == "mean" else y == 0)
 
 
-IGNORING = [op for op in OPS if any(p.kind == "ignore_index" for p in op.params)]
+IGNORING = [op for op in OPS if not parameterized(op) and any(p.kind == "ignore_index" for p in op.params)]
 
 
 @pytest.mark.parametrize("op", IGNORING, ids=[op.name for op in IGNORING])
@@ -333,7 +343,7 @@ def test_every_row_ignored_gives_a_nan_mean_and_a_zero_gradient_as_pytorch(op):
 def test_inputs_are_not_modified(op, kind):
     rng = np.random.default_rng(6)
     x, target = inputs(op, kind, shape=(4, 3))
-    options = example_options(op, x.shape, rng) if op.kind != "linear" else {}
+    options = example_options(op, x.shape, rng) if not parameterized(op) else {}
     target = with_ignored_row(target, op) if kind else None
     arrays = [x] + ([target] if kind else []) + [v for v in options.values() if isinstance(v, np.ndarray)]
     before = [a.copy() for a in arrays]
@@ -376,8 +386,8 @@ def nan_problems(op, kind, make_instance, reduction):
             depends = depends if reduction == "none" else np.array(True)
         if not np.array_equal(np.isnan(y), depends):
             problems.append(f"NaN in {where}: forward NaN at {np.argwhere(np.isnan(y)).tolist()}")
-        gradient = instance.dW if op.kind == "linear" else dx
-        nan_at, rows = (at[1], at[1]) if op.kind == "linear" else (at, at[0] if has_classes(op) else at)
+        gradient = instance.dW if parameterized(op) else dx
+        nan_at, rows = (at[1], at[1]) if parameterized(op) else (at, at[0] if has_classes(op) else at)
         elsewhere = np.ones(gradient.shape, bool)
         elsewhere[rows] = False
         if not np.isnan(gradient[nan_at]).all() or np.isnan(gradient[elsewhere]).any():
@@ -389,7 +399,7 @@ def nan_problems(op, kind, make_instance, reduction):
 @pytest.mark.parametrize("options", [False, True], ids=["defaults", "options"])
 @pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
 def test_nan_propagates_to_every_value_that_depends_on_it(op, kind, options, reduction):
-    values = example_options(op, (4, 3), np.random.default_rng(3)) if options and op.kind != "linear" else {}
+    values = example_options(op, (4, 3), np.random.default_rng(3)) if options and not parameterized(op) else {}
     assert nan_problems(op, kind, lambda x: make(op, x, reduction, **values), reduction) == []
 
 

@@ -15,7 +15,8 @@ from derive.catalog import CATALOG
 from derive.declare import COMPARISONS, DeclarationError, activation, elementwise_loss
 from derive.ops import Op, Param, Range, build_catalog
 
-OPS = [op for op in CATALOG.values() if op.kind != "linear"]
+# the Op classes; an index-notation op's options (Linear's l2) are tested with its class below
+OPS = [op for op in CATALOG.values() if isinstance(op, Op)]
 try:
     from generated import fast
 except ImportError:  # no numba: the NumPy classes alone
