@@ -1,15 +1,12 @@
 """The registry: every operation declared once. Derivations, kernels, tests and docs follow from it.
 
-Every operation is declared the way users declare their own (derive.declare: activation, and tensor_op /
-tensor_loss in index notation, made row operations by row_layer and row_loss) but the two losses with
-PyTorch's array options (class and element weights, ignore_index), still Op entries over index notation.
+Every operation is declared the way users declare their own (derive.declare): activation and
+elementwise_loss in the scalars x and t; tensor_op and tensor_loss in index notation, made row or
+element operations (whose kernels work a row or an entry at a time, in both backends) by row_layer,
+row_loss and element_loss, which also take PyTorch's options of a loss over classes.
 Names follow the contract of derive.symbols: x input, y output, t target, g upstream gradient."""
-from derive import losses
-from derive.declare import activation, elementwise_loss, row_layer, row_loss, tensor_loss, tensor_op
-from derive.functions import sigmoid
-from derive.ops import Op, Param, Range, build_catalog
-from derive.softmax import softmax
-from derive.symbols import eps, i, mask, p, pw, w, x
+from derive.declare import activation, element_loss, elementwise_loss, row_layer, row_loss, tensor_loss, tensor_op
+from derive.ops import build_catalog
 
 # SELU's constants (Klambauer et al. 2017), as torch.nn.SELU has them
 SELU_ALPHA, SELU_SCALE = "1.6732632423543772848170429916717", "1.0507009873554804934193349852946"
@@ -50,22 +47,24 @@ OPS = (
               options={"l2": (0.0, ">= 0")}, penalty="l2 * Sum(W[i, o]**2, i, o)",
               names={"I": "in_features", "O": "out_features"}, steps=["y[n, o] = Sum(x[n, i] * W[i, o], i) + b[o]"],
               summary="affine map y = x @ W + b, with an optional L2 penalty on W"),
-    Op(name="SoftmaxCrossEntropy", kind="loss",
-       summary="softmax then cross-entropy, fused, as torch.nn.functional.cross_entropy",
-       source="derive.losses.cross_entropy_options", forward=losses.cross_entropy_options(),
-       saved=((p, softmax(i)),), targets=("labels", "dense"), target_range=(0, None), domain=(-5.0, 5.0),
-       params=(Param("weight", w, None, neutral=1, kind="class_weights"),
-               Param("ignore_index", mask, -100, neutral=1, kind="ignore_index"),
-               # PyTorch's check: 0.0 <= label_smoothing <= 1.0
-               Param("label_smoothing", eps, 0.0, neutral=0, example=0.2, range=Range.of("[0, 1]"))),
-       mean_weight={"labels": losses.cross_entropy_mean_weight()}),
-    Op(name="BinaryCrossEntropyWithLogits", kind="loss",
-       summary="sigmoid then binary cross-entropy, fused, as torch.nn.functional.binary_cross_entropy_with_logits",
-       source="derive.losses.binary_cross_entropy", forward=losses.binary_cross_entropy(),
-       # any real target, as PyTorch's function takes (no range to check: the formula holds for every t)
-       saved=((p, sigmoid(x[i])),), targets=("dense",), granularity="element", domain=(-6.0, 6.0),
-       params=(Param("weight", w, None, neutral=1, kind="element_weights"),
-               Param("pos_weight", pw, None, neutral=1, kind="class_weights"))),
+    # PyTorch's cross_entropy: dense targets (probabilities, any non-negative rows) or integer labels (t one-hot),
+    # class weights, an ignored label, label smoothing; its mean over labels divides by the rows' class weights
+    row_loss(tensor_loss("SoftmaxCrossEntropy", inputs={"x": "n k"}, targets={"t": "n k"}, weights={"weight": "k"},
+                         options={"label_smoothing": (0.0, "[0, 1]")},
+                         steps=["s[n] = Sum(exp(x[n, k]), k)", "p[n, k] = exp(x[n, k]) / s[n]",
+                                "L[n] = -Sum(((1 - label_smoothing) * t[n, k] + label_smoothing / K) * weight[k]"
+                                " * log(p[n, k]), k)"],
+                         summary="softmax then cross-entropy, fused, as torch.nn.functional.cross_entropy",
+                         domain=(-5.0, 5.0)),
+             labels=True, ignore_index=-100, target_range=(0, None)),
+    # any real target, as PyTorch's function takes (no range to check: the formula holds for every t)
+    element_loss(tensor_loss("BinaryCrossEntropyWithLogits", inputs={"x": "n k"}, targets={"t": "n k"},
+                             weights={"weight": "n k", "pos_weight": "k"},
+                             steps=["p[n, k] = sigmoid(x[n, k])",
+                                    "L[n, k] = -weight[n, k] * (pos_weight[k] * t[n, k] * log(p[n, k])"
+                                    " + (1 - t[n, k]) * log(1 - p[n, k]))"],
+                             summary="sigmoid then binary cross-entropy, fused, as "
+                                     "torch.nn.functional.binary_cross_entropy_with_logits", domain=(-6.0, 6.0))),
     elementwise_loss("MeanSquaredError", "(x - t)**2", summary="squared error, as torch.nn.functional.mse_loss"),
     # Huber: at |x - t| = delta both pieces have the slope delta, so no convention is needed; PyTorch
     # refuses a delta <= 0

@@ -11,6 +11,8 @@ import keyword
 import math
 import operator
 import re
+from dataclasses import replace
+from typing import NamedTuple
 
 import sympy as sp
 from sympy.core.function import AppliedUndef
@@ -20,7 +22,7 @@ from sympy.parsing.sympy_parser import auto_number, auto_symbol, parse_expr
 
 from derive.functions import sigmoid
 from derive.ops import Op, Param, Range
-from derive.symbols import K, c, i, k, m, t, x, y
+from derive.symbols import K, c, i, k, m, mask, pw, t, w, x, y
 
 # The functions an expression may use, by the names it uses them under.
 FUNCTIONS = {name: getattr(sp, name) for name in ("exp", "log", "sqrt", "tanh", "sinh", "cosh", "atan", "erf",
@@ -222,52 +224,139 @@ def row_layer(op):
     over the last axis), as an Op of one row: the form whose kernels, NumPy and fused, work a row at a
     time and whose backward may read the saved output y. Its steps are inlined into one expression in
     the row's entries x[i], each Sum's index m over 0..K-1 (derive.symbols' naming contract)."""
-    expr, params = row_form(op, "layer", m)
+    form = row_form(op, "layer", "row")
     return Op(name=op.name, kind="layer", summary=op.summary, source=f"derive.declare.row_layer ({op.name})",
-              forward=expr, saved=((y, expr),), params=params, domain=op.domain, tol=op.tol)
+              forward=form.expr, saved=((y, form.expr),), params=form.options, domain=op.domain, tol=op.tol)
 
 
-def row_loss(op):
-    """The loss of a TensorOp whose steps read one input x[n, k] a row at a time against an integer label
-    c[n] (no params, every Sum over the last axis), as an Op of one row, its Sum's index k and its label
-    c (derive.symbols' naming contract): the form whose kernels, NumPy and fused, work a row at a time."""
-    expr, params = row_form(op, "loss", k)
+def row_loss(op, *, labels=False, ignore_index=None, target_range=(None, None)):
+    """The loss of a TensorOp whose steps read one input x[n, k] a row at a time (no params, every Sum over
+    the last axis) against an integer label c[n] or a dense target t[n, k], as an Op of one row: the form
+    whose kernels, NumPy and fused, work a row at a time. PyTorch's options of a loss over classes:
+    labels, integer labels taken for the dense target too (t one-hot); ignore_index, the label whose rows
+    count 0 (None: no such option); target_range, (low, high) a dense target's entries must lie in. A weight
+    over the classes (weights={"weight": "k"}) is an optional array, ones by default; under a mean each
+    row counts with the weight of its label, as in PyTorch."""
+    form = row_form(op, "loss", "row")
+    if labels and not form.dense:
+        raise DeclarationError(f"{op.name}: labels=True takes integer labels for a dense target t[n, k]; it has none")
+    params, expr, takes_labels = form.weights, form.expr, labels or not form.dense
+    if ignore_index is not None:   # PyTorch's order: weight, ignore_index, then the scalar options
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not takes_labels:
+            raise DeclarationError(f"{op.name}: ignore_index is an integer label of a loss that takes labels, got "
+                                   f"{ignore_index!r}")
+        params += (Param("ignore_index", mask, ignore_index, neutral=1, kind="ignore_index"),)
+        expr = mask * expr
+    params += form.options
+    # PyTorch's mean over labelled rows: each row counts with its label's class weight, an ignored row with 0
+    counted = sp.Mul(*(p.symbol[c] for p in params if p.kind == "class_weights"), *[mask] * (ignore_index is not None))
+    targets = ("labels", "dense") if labels else ("dense",) if form.dense else ("labels",)
     return Op(name=op.name, kind="loss", summary=op.summary, source=f"derive.declare.row_loss ({op.name})",
-              forward=expr, targets=("labels",), params=params, domain=op.domain, tol=op.tol)
+              forward=expr, saved=form.saved, targets=targets, params=params, domain=op.domain, tol=op.tol,
+              target_range=target_range, mean_weight={"labels": counted} if takes_labels and counted != 1 else {})
 
 
-def row_form(op, kind, first):
-    """(forward of one row, params of the options) of a TensorOp of kind that works a row at a time: its
-    steps inlined, each Sum's index first (a second one a Dummy), x[n, j] read as x[j], a label c[n] as c
-    and the output's last index (a layer's) as i; anything else refused, naming the operation."""
+def element_loss(op, *, target_range=(None, None)):
+    """The loss of each entry L[n, k] of a TensorOp whose steps read x[n, k] and a dense target t[n, k] entry by
+    entry (no Sum, no params), as an element-wise Op in x[i] and t[i]. A weight over x's axes (weights=
+    {"weight": "n k"}) and one over its last axis ({"pos_weight": "k"}) are optional arrays, ones by default,
+    as PyTorch's weight and pos_weight."""
+    form = row_form(op, "loss", "element")
+    return Op(name=op.name, kind="loss", summary=op.summary, source=f"derive.declare.element_loss ({op.name})",
+              forward=form.expr, saved=form.saved, targets=("dense",), granularity="element",
+              params=form.weights + form.options,
+              domain=op.domain, tol=op.tol, target_range=target_range)
+
+
+class RowForm(NamedTuple):
+    """A TensorOp as one row's (or one entry's) expression: its forward, the intermediates over a row's
+    entries that backward may read, its weights and options as Params, whether it reads a dense target."""
+
+    expr: sp.Expr
+    saved: tuple
+    weights: tuple                 # Params of kind class_weights or element_weights
+    options: tuple                 # Params of kind scalar
+    dense: bool
+
+
+def row_form(op, kind, granularity):
+    """The RowForm of a TensorOp of kind that works a row at a time (granularity "row": every Sum over the last
+    axis) or an entry at a time ("element": no Sum), in derive.symbols' naming contract: its steps inlined,
+    x[n, j] read as x[j], a dense target t[n, j] as t[j], a label c[n] as c, a weight over x's axes as w[j]
+    and one over the last axis as w[j] (pw[j] beside the other), the output's last index as i, and each
+    Sum over the classes indexed by its depth, k then m for a loss, m for a layer. Anything else is
+    refused, naming the operation."""
     (name, (row, axis)), = op.inputs.items() if len(op.inputs) == 1 and len(next(iter(op.inputs.values()))) == 2 \
         else ((None, (None, None)),)
+    weights = op.weights or {}
     labels = [t for t, axes in op.targets.items() if t in op.labels and axes == (row,)]
-    if (op.kind != kind or name is None or op.params or op.sizes
-            or (op.targets and (kind == "layer" or len(op.targets) > 1 or not labels))):
-        with_targets = "targets" if kind == "layer" else "targets but one integer label per row"
-        raise DeclarationError(f"{op.name}: a row {kind} has one input over two axes, and no params, sizes or "
-                               f"{with_targets}")
-    expr = op.steps[-1].expr
-    for step in reversed(op.steps[:-1]):  # inline each intermediate where it is read
-        expr = expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name == step.name,
-                            lambda e, step=step: step.expr.xreplace(dict(zip(step.indices, e.indices))))
-    bounds = []
+    dense = [t for t, axes in op.targets.items() if t not in op.labels and axes == (row, axis)]
+    entries = [w for w, axes in weights.items() if axes == (row, axis)]
+    classes = [w for w, axes in weights.items() if axes == (axis,)]
+    element = granularity == "element"
+    what = f"{'an element' if element else 'a row'} {kind}"
+    allowed = ("no targets or weights" if kind == "layer" else
+               "one dense target t[n, k], at most one weight over x's axes and one over its last" if element else
+               "one integer label c[n] or dense target t[n, k], at most one weight over the classes")
+    if (op.kind != kind or name is None or op.params or op.sizes or op.penalty is not None
+            or (kind == "layer" and (op.targets or weights)) or len(op.targets) > 1
+            or len(labels) + len(dense) < len(op.targets) or (element and not dense)
+            or len(entries) + len(classes) < len(weights) or len(entries) > element or len(classes) > 1):
+        raise DeclarationError(f"{op.name}: {what} has one input over two axes, no params, sizes or penalty, and "
+                               f"{allowed}")
+    output = (row, axis) if kind == "layer" or element else (row,)
+    if op.steps[-1].indices != output:
+        raise DeclarationError(f"{op.name}: {what}'s output is {op.steps[-1].name}[{', '.join(map(str, output))}]")
+    contract = {name: x, **{target: t for target in dense}, **{weight: w for weight in entries},
+                **{weight: pw if entries else w for weight in classes}}
+    inlined = {}
+    for step in op.steps:   # each step with the intermediates it reads written out
+        inlined[step.name] = step._replace(expr=step.expr.replace(
+            lambda e: isinstance(e, sp.Indexed) and e.base.name in inlined,
+            lambda e: inlined[e.base.name].expr.xreplace(dict(zip(inlined[e.base.name].indices, e.indices)))))
 
-    def bound(total):  # each sum over the last axis, its index a Dummy until the free axis is i
-        (index, low, high), = total.limits if len(total.limits) == 1 else ((None, None, None),)
-        if index != axis:
-            raise DeclarationError(f"{op.name}: a row {kind} sums over its last axis {axis} alone")
-        bounds.append(sp.Dummy(str(first), integer=True))
-        return sp.Sum(total.function.xreplace({index: bounds[-1]}), (bounds[-1], low, high.xreplace({size_of(axis): K})))
-    expr = expr.replace(lambda e: isinstance(e, sp.Sum), bound).xreplace({sp.IndexedBase(t, real=True)[row]: c
-                                                                          for t in labels})
-    output = (row, axis) if kind == "layer" else (row,)
-    if op.steps[-1].indices != output or any(e.base.name != name or e.indices[0] != row
-                                             for e in expr.atoms(sp.Indexed)):
-        raise DeclarationError(f"{op.name}: a row {kind}'s output is {op.steps[-1].name}[{', '.join(map(str, output))}]"
-                               f" and it reads x[{row}, ...] alone")
-    expr = expr.replace(lambda e: isinstance(e, sp.Indexed), lambda e: x[e.indices[1]]).xreplace({axis: i})
-    expr = expr.xreplace({bounds[0]: first}) if bounds else expr  # the first sum's index first, others Dummies
-    params = declared_params(op.name, op.options)
-    return expr.xreplace({sp.Symbol(p.name, real=True): p.symbol for p in params}), params
+    def entry(expr, depth):
+        return one_entry(op, expr, row, axis, labels, contract, kind, what, depth)
+    expr = entry(inlined[op.steps[-1].name].expr, 0)
+    if element and expr.has(sp.Sum):
+        raise DeclarationError(f"{op.name}: {what} sums over nothing")
+    # what backward may read: each intermediate over a row's entries (a softmax p[n, k]), its Sums named as
+    # they are inside a row loss's Sum over the classes
+    saved = tuple((sp.IndexedBase(s.name, real=True), entry(s.expr, int(kind == "loss" and not element)))
+                  for s in inlined.values() if s.indices == (row, axis) and s.name != op.steps[-1].name)
+    options = tuple(
+        # the plain kernel at the default, where the default makes the forward shorter (label smoothing 0)
+        replace(p, neutral=p.default) if sp.count_ops(expr.subs(p.symbol, p.default)) < sp.count_ops(expr) else p
+        for p in (Param(o, sp.Symbol(o, real=True), v, example=example(v, op.ranges[o]), range=op.ranges[o])
+                  for o, v in op.options.items()))
+    weighting = tuple(Param(name, contract[name], None, neutral=1,
+                            kind="element_weights" if name in entries else "class_weights") for name in weights)
+    return RowForm(expr, saved, weighting, options, bool(dense))
+
+
+def one_entry(op, expr, row, axis, labels, contract, kind, what, depth):
+    """expr, over the arrays of contract at row alone, as one row's: each array {name: its contract base} read
+    at its last index, a label as c, the free axis as i, each Sum over the classes indexed by its depth
+    (k, then m, for a loss; m for a layer) from depth on."""
+    names = (k, m) if kind == "loss" else (m,)
+    levels = {}   # {depth: its Sums' index}, a Dummy until the free axis is i
+
+    def renamed(e, level):
+        if isinstance(e, sp.Sum):
+            (index, low, high), = e.limits if len(e.limits) == 1 else ((None, None, None),)
+            if index != axis:
+                raise DeclarationError(f"{op.name}: {what} sums over its last axis {axis} alone")
+            name = levels.setdefault(level, sp.Dummy(str(axis), integer=True))
+            body = renamed(e.function, level + 1).xreplace({index: name})
+            return sp.Sum(body, (name, low, high.xreplace({size_of(axis): K})))
+        if isinstance(e, sp.Indexed) or not e.args:
+            return e
+        return e.func(*(renamed(arg, level) for arg in e.args))
+    expr = renamed(expr, depth).xreplace({sp.IndexedBase(t, real=True)[row]: c for t in labels})
+    misread = [e for e in expr.atoms(sp.Indexed) if e.base.name not in contract or (
+        e.indices[:-1] != ((row,) if len(op.inputs.get(e.base.name) or op.targets.get(e.base.name)
+                                        or op.weights[e.base.name]) == 2 else ()))]
+    if misread:
+        raise DeclarationError(f"{op.name}: {what} reads its arrays at its row {row} alone, not {misread[0]}")
+    expr = expr.replace(lambda e: isinstance(e, sp.Indexed), lambda e: contract[e.base.name][e.indices[-1]])
+    return expr.xreplace({axis: i}).xreplace({levels[level]: names[level] for level in levels if level < len(names)})

@@ -72,6 +72,7 @@ class TensorOp:
     tol: float = 1e-6              # largest finite-difference relative error accepted
     penalty: sp.Expr = None        # a scalar over params and options the user adds to the loss (an L2 term)
     names: dict = None             # {size: constructor argument name} where it is not the capital letter
+    weights: dict = None           # {name: (index Symbol, ...)} of a loss: optional constant arrays, ones by default
 
     @property
     def module(self):
@@ -120,15 +121,17 @@ def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, pen
                     penalty, names or {})
 
 
-def tensor_loss(name, *, inputs, steps, targets=None, params=None, options=None, sizes=None, penalty=None,
-                names=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
-    """A loss L[...] of each entry (reduced later by mean, sum or none), computed by steps from inputs and targets."""
+def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None, options=None, sizes=None,
+                penalty=None, names=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
+    """A loss L[...] of each entry (reduced later by mean, sum or none), computed by steps from inputs and targets;
+    weights {name: indices} are optional constant arrays the constructor takes, ones by default (PyTorch's
+    weight and pos_weight)."""
     return declared(name, "loss", inputs, params or {}, options or {}, targets or {}, sizes or {}, steps, summary,
-                    domain, tol, penalty, names or {})
+                    domain, tol, penalty, names or {}, weights or {})
 
 
 def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol, penalty=None,
-             size_names=None):
+             size_names=None, weights=None):
     """The TensorOp of a declaration, refusing anything ill-formed with a DeclarationError naming it."""
     from derive.declare import DeclarationError, check_name, declared_param  # derive.declare re-exports this module
     check_name(name)
@@ -141,8 +144,9 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     for param, value in params.items():
         if not (isinstance(value, tuple) and len(value) == 2 and value[1] in INITS):
             refuse(f"param {param} must be (indices, init) with init one of {', '.join(INITS)}, got {value!r}")
+    weights = weights or {}
     axes = {array: axes_of(refuse, array, spec) for array, spec in
-            [*inputs.items(), *((p, spec) for p, (spec, _) in params.items()), *targets.items()]}
+            [*inputs.items(), *((p, spec) for p, (spec, _) in params.items()), *targets.items(), *weights.items()]}
     lines = [STEP.fullmatch(text) if isinstance(text, str) else None for text in steps]
     if not steps or None in lines:
         refuse(f"step {steps[lines.index(None)] if steps else None!r} is not 'name[i, j] = expression'")
@@ -154,6 +158,7 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
         axes[target] = axes_of(refuse, target, spec or "", known, what="step")
     arrays = {array: sp.IndexedBase(array, real=True) for array in axes}
     names = [*((a, "an input") for a in inputs), *((p, "a param") for p in params), *((t, "a target") for t in targets),
+             *((w, "a weight") for w in weights),
              *((line[1], "a step") for line in lines), *((o, "an option") for o in options),
              *((str(i), "an index") for i in known),
              *((str(size_of(i)), "a size") for i in known)]
@@ -187,7 +192,8 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     penalty = None if penalty is None else penalty_of(refuse, penalty, namespace, params, axes, known, formulas)
     read |= {str(symbol) for e in [*(s.expr for s in assignments), *[penalty] * (penalty is not None)]
              for symbol in e.free_symbols}
-    unread = [a for a in [*inputs, *params, *targets, *options, *(s.name for s in assignments[:-1])] if a not in read]
+    unread = [a for a in [*inputs, *params, *targets, *weights, *options, *(s.name for s in assignments[:-1])]
+              if a not in read]
     if unread:
         refuse(f"{unread[0]} is never read")
     param_sizes = {str(size_of(i)) for p in params for i in axes[p]}
@@ -203,7 +209,8 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
                     options={o: float(v) for o, v in options.items()}, ranges=ranges,
                     targets={t: axes[t] for t in targets}, labels=labels, sizes=formulas, steps=tuple(assignments),
                     fan_in=fan_ins(assignments, [p for p, (_, init) in params.items() if init == "uniform"]),
-                    domain=domain, tol=tol, penalty=penalty, names=dict(size_names or {}))
+                    domain=domain, tol=tol, penalty=penalty, names=dict(size_names or {}),
+                    weights={w: axes[w] for w in weights})
 
 
 def penalty_of(refuse, text, namespace, params, axes, known, formulas):
@@ -733,13 +740,15 @@ def evaluated(assignments, arrays, scope):
 
 
 def random_arrays(op, scope, rng):
-    """Inputs and params uniform in op.domain, labels random classes, dense targets in 0..1, g in -1..1."""
+    """Inputs and params uniform in op.domain, labels random classes, dense targets in 0..1, weights in 0.5..2,
+    g in -1..1."""
     def shape(axes):
         return tuple(scope[size_of(i)] for i in axes)
     arrays = {name: rng.uniform(*op.domain, shape(axes)) for name, axes in
               [*op.inputs.items(), *((p, axes) for p, (axes, _) in op.params.items())]}
     arrays |= {t: rng.integers(0, scope[op.labels[t]], shape(axes)) if t in op.labels else
                rng.uniform(0, 1, shape(axes)) for t, axes in op.targets.items()}
+    arrays |= {w: rng.uniform(0.5, 2.0, shape(axes)) for w, axes in (op.weights or {}).items()}
     return arrays | {"g": rng.uniform(-1, 1, shape(op.steps[-1].indices))}
 
 

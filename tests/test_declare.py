@@ -198,12 +198,45 @@ def test_the_catalogs_row_layers_are_index_notation_declarations_of_the_seeds_fo
 @pytest.mark.parametrize("declaration, message", [
     (dict(inputs={"x": "n k"}, params={"gamma": ("k", "ones")}, steps=["y[n, k] = x[n, k] * gamma[k]"]), "no params"),
     (dict(inputs={"x": "n k"}, steps=["mu[k] = Sum(x[n, k], n) / N", "y[n, k] = x[n, k] - mu[k]"]), "last axis k alone"),
-    (dict(inputs={"x": "n k"}, steps=["y[n, k] = x[n, k] - x[0, k]"]), r"reads x\[n, \.\.\.\] alone"),
+    (dict(inputs={"x": "n k"}, steps=["y[n, k] = x[n, k] - x[0, k]"]), r"reads its arrays at its row n alone, not x\[0, k\]"),
 ])
 def test_a_tensor_op_that_is_not_a_row_layer_is_refused_as_one(declaration, message):
     from derive.declare import row_layer, tensor_op
     with pytest.raises(DeclarationError, match=message):
         row_layer(tensor_op("NotRow", **declaration))
+
+
+def test_the_catalogs_pytorch_losses_are_declarations_of_the_seeds_forms_with_pytorchs_options():
+    from derive import losses
+    from derive.symbols import c, eps, mask, w
+    entropy, logistic = CATALOG["SoftmaxCrossEntropy"], CATALOG["BinaryCrossEntropyWithLogits"]
+    assert entropy.source == "derive.declare.row_loss (SoftmaxCrossEntropy)"
+    assert logistic.source == "derive.declare.element_loss (BinaryCrossEntropyWithLogits)"
+    smoothing = sp.Symbol("label_smoothing", real=True)
+    assert entropy.forward.xreplace({smoothing: eps}) == losses.cross_entropy_options()
+    assert logistic.forward == losses.binary_cross_entropy()
+    assert entropy.targets == ("labels", "dense") and entropy.mean_weight == {"labels": w[c] * mask}
+    assert [(p.name, p.kind, p.default) for p in entropy.params] == [
+        ("weight", "class_weights", None), ("ignore_index", "ignore_index", -100), ("label_smoothing", "scalar", 0.0)]
+    assert [(p.name, p.kind) for p in logistic.params] == [("weight", "element_weights"), ("pos_weight", "class_weights")]
+
+
+@pytest.mark.parametrize("declare, declaration, message", [
+    ("row_loss", dict(inputs={"x": "n k"}, weights={"weight": "n k"}, steps=["L[n] = Sum(weight[n, k] * x[n, k], k)"]),
+     "at most one weight over the classes"),
+    ("row_loss", dict(inputs={"x": "n k"}, targets={"t": "n k"}, steps=["L[n] = Sum(x[n, k] * t[n, k], k)"],
+                      ignore_index=-1),
+     "ignore_index is an integer label of a loss that takes labels"),
+    ("row_loss", dict(inputs={"x": "n k"}, steps=["L[n] = Sum(x[n, k], k)"], labels=True), "labels=True takes"),
+    ("element_loss", dict(inputs={"x": "n k"}, targets={"t": "n k"}, steps=["L[n, k] = x[n, k] - Sum(t[n, j], j)"]),
+     "unknown name j|sums over nothing"),
+    ("element_loss", dict(inputs={"x": "n k"}, steps=["L[n, k] = x[n, k]**2"]), "one dense target"),
+])
+def test_a_loss_that_is_not_of_its_form_is_refused_naming_what_it_lacks(declare, declaration, message):
+    from derive import declare as module
+    features = {key: declaration.pop(key) for key in ("ignore_index", "labels") if key in declaration}
+    with pytest.raises(DeclarationError, match=message):
+        getattr(module, declare)(module.tensor_loss("NotOfForm", **declaration), **features)
 
 
 def test_the_catalogs_hinge_is_an_index_notation_declaration_right_for_any_margin():
@@ -221,8 +254,12 @@ def test_the_catalogs_hinge_is_an_index_notation_declaration_right_for_any_margi
         np.testing.assert_allclose(loss.forward(x, c), terms.sum(axis=1), rtol=1e-14, atol=1e-15)
 
 
-def test_a_tensor_loss_that_is_not_a_row_loss_is_refused_as_one():
+def test_a_row_loss_takes_one_target_a_label_or_a_dense_row():
     from derive.declare import row_loss, tensor_loss
-    with pytest.raises(DeclarationError, match="one integer label per row"):
-        row_loss(tensor_loss("NotRow", inputs={"x": "n k"}, targets={"t": "n k"},
-                             steps=["L[n] = Sum((x[n, k] - t[n, k])**2, k)"]))
+    from derive.symbols import K, k, t, x
+    squared = row_loss(tensor_loss("SquaredRow", inputs={"x": "n k"}, targets={"t": "n k"},
+                                   steps=["L[n] = Sum((x[n, k] - t[n, k])**2, k)"]))
+    assert squared.targets == ("dense",) and squared.forward == sp.Sum((x[k] - t[k]) ** 2, (k, 0, K - 1))
+    with pytest.raises(DeclarationError, match="one integer label c.n. or dense target"):
+        row_loss(tensor_loss("TwoTargets", inputs={"x": "n k"}, targets={"t": "n k", "c": "n"},
+                             steps=["L[n] = Sum((x[n, k] - t[n, k])**2, k) - x[n, c[n]]"]))
