@@ -20,8 +20,8 @@ from derive.declare import DeclarationError
 
 KATEX_DIST = ROOT / "build" / "node" / "node_modules" / "katex" / "dist"
 # class names the generated package defines besides the operations: templates/package.py.jinja exports
-# Sequential and SGD, and every layer or loss module imports Layer or Loss from _base
-RESERVED_CLASSES = ("Layer", "Loss", "Sequential", "SGD")
+# Sequential and the optimizers, and every layer or loss module imports Layer or Loss from _base
+RESERVED_CLASSES = ("Layer", "Loss", "Sequential", "SGD", "Adam", "AdamW")
 # what a user's input can raise; DeclarationError (a ValueError) is also how the engine names a failing operation
 USER_ERRORS = (DeclarationError, OSError, ValueError, SyntaxError)
 # a user error's exit status: 2 where 1 is the command's verdict (a gradient or a step that does not hold)

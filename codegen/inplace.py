@@ -277,6 +277,9 @@ def assignments_in_place(assignments, later, full, output=None, recompute=False)
             flat.assign(lhs, expr)
     steps = flat.steps
     kept = {s for e in later for s in e.free_symbols}
+    for step in reversed(steps):  # a kept name that only names another value (m' = v1) keeps that value whole
+        if step.target in kept and step.ufunc is None and isinstance(step.expr, sp.Symbol):
+            kept.add(step.expr)
     last_use = {}
     for position, step in enumerate(steps):
         for name in step.reads():

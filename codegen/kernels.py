@@ -176,6 +176,18 @@ def sgd_kernel():
                   (("velocity_next", velocity), ("param_next", update.subs(sp.Symbol("velocity_next"), velocity))))
 
 
+def adam_kernel(decoupled):
+    """One Adam (AdamW if decoupled) step: the new moments and parameter. Its options are cast to the
+    parameter's dtype where a NumPy function reads them alone (sqrt(1 - beta2^t))."""
+    (m, v), update = optim.adam_moments(decoupled), optim.adam_update(decoupled)
+    name = "adamw" if decoupled else "adam"
+    return Kernel(f"{name}_step", f"One step of {'AdamW' if decoupled else 'Adam'} (torch.optim.{'AdamW' if decoupled else 'Adam'}).",
+                  f"m' = {sp.sstr(m)}; v' = {sp.sstr(v)}; param' = {sp.sstr(update)}",
+                  (("exp_avg_next", m), ("exp_avg_sq_next", v),
+                   ("param_next", update.subs({optim.EXP_AVG_NEXT: m, optim.EXP_AVG_SQ_NEXT: v}))),
+                  params=("exp_avg", "exp_avg_sq", "beta1", "beta2", "epsilon", "weight_decay", "step"), full=("param",))
+
+
 def erf_kernel():
     """erf(x) with NumPy alone, the generated package's _special.erf: derive.special's series and
     continued fraction, each branch's argument clamped to its range."""
@@ -223,7 +235,7 @@ def kernel_code(kernel):
     used = {s.name for e in exprs for s in e.free_symbols}
     args = arguments(exprs, label_arguments(kernel, exprs) | set(kernel.takes), kernel.params)
     args += ["out=None"] if takes_out else []
-    full = next((a for a in FULL_SIZE if a in args), None)
+    full = next((a for a in (*kernel.full, *FULL_SIZE) if a in args), None)
     summed = kernel_code(kernel.summed)["lines"] if kernel.summed else None
     if summed:
         args.append("summed=False")

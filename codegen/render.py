@@ -8,7 +8,7 @@ import sympy as sp
 
 from codegen.fused import FASTMATH, FusionError, fused_code, runtime_functions
 from codegen.kernels import (erf_kernel, kernel_code, layer_kernels, loss_kernels, reductions,
-                             sgd_kernel, with_mean_gradient)
+                             sgd_kernel, with_mean_gradient, adam_kernel)
 from codegen.printer import print_code, range_arguments
 from codegen.stages import in_stage
 from codegen.tensor_lower import module_context
@@ -251,7 +251,8 @@ def render_package(catalog, fused=True):
              "_base.py": render(env, "base.py.jinja", "derive/reduction.py", generator,
                                 {"reductions": {g: reductions(g) for g in ("row", "element")}}),
              "network.py": render(env, "network.py.jinja", "derive/optim.py", generator,
-                                  {"sgd": kernel_code(sgd_kernel())}),
+                                  {"sgd": kernel_code(sgd_kernel()), "adam": kernel_code(adam_kernel(False)),
+                                   "adamw": kernel_code(adam_kernel(True))}),
              "_special.py": render(env, "special.py.jinja", "derive/special.py", generator,
                                    {"erf": kernel_code(erf_kernel())})}
     contexts = {}

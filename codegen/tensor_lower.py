@@ -760,6 +760,9 @@ def lowered(op):
     and what backward reads; backward(what it reads, g, options) returns every input's and param's gradient.
     An op with a penalty has two more: penalty(params, options) returns its value and penalty_backward its
     gradient in each param it reads."""
+    if op.weights:
+        raise LoweringError(f"{op.name}: weights ({', '.join(op.weights)}) are options of row_loss and element_loss "
+                            f"(derive.declare); in a general tensor_loss, declare them as targets")
     taken = names_of(op)
     clash = sorted((set(SOURCE_NAMES) - {"g"}) & {*op.inputs, *op.params, *op.targets, *op.options,
                                                  *(s.name for s in op.steps)})

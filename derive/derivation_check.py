@@ -183,9 +183,12 @@ def _numerically_equal(before, after, condition, equations, ranges, rng):
         for case in ([2 + (number + position) % 3 for position in range(len(sizes))] for number in range(3)):
             for _ in range(POINTS):
                 arrays = {label: _Entries(max(case, default=2), rng) for label in labels}
-                numbers = [mpmath.mpf(rng.uniform(-2, 2)) for _ in scalars]
+                # a positive scalar (a rate, a moment of squares) is drawn positive
+                numbers = [mpmath.mpf(rng.uniform(0 if s.is_positive else -2, 2)) for s in scalars]
+                values = {s: sp.Float(str(v)) for s, v in zip(scalars, numbers)}
                 for at in itertools.product(*[range(case[sizes.index(ranges[index])]) for index in indices]):
-                    if condition is not None and not bool(condition.xreplace(dict(zip(indices, at)))):
+                    # the step holds where its condition does: on the indices, and on the scalars (beta < 1)
+                    if condition is not None and condition.xreplace({**dict(zip(indices, at)), **values}) is not sp.true:
                         continue
                     args = [*arrays.values(), *case, *at, *numbers]
                     _hold(compiled[2:], equations, arrays, args, dict(zip(sizes, case)), dict(zip(indices, at)))

@@ -170,3 +170,33 @@ def backprop():
                    (cost, over_classes((a["L"][k] - t[k]) ** 2, k) / 2))
     return Derivation("The four equations of backpropagation, for sigmoid layers of K units and a cost C",
                       steps, definitions)
+
+
+def adam(decoupled=False):
+    """Adam's update (Kingma and Ba 2015), AdamW's if decoupled, from the bias-corrected moments to the form
+    torch.optim computes. beta1 and beta2 lie in (0, 1), the moments and the step are positive."""
+    from derive import optim
+    positive = {s: sp.Symbol(s.name, positive=True) for s in (optim.exp_avg_sq, optim.EXP_AVG_SQ_NEXT, optim.beta1,
+                                                                optim.beta2, optim.lr, optim.eps, optim.step)}
+    beta1, beta2, step, lr, eps = (positive[s] for s in (optim.beta1, optim.beta2, optim.step, optim.lr, optim.eps))
+    first, second = optim.EXP_AVG_NEXT, positive[optim.EXP_AVG_SQ_NEXT]
+    m_hat, v_hat, updated = sp.symbols("mhat vhat param'")
+    moments = tuple(e.xreplace(positive) for e in optim.adam_moments(decoupled))
+    where = sp.And(beta1 < 1, beta2 < 1)
+    start = optim.param * (1 - lr * optim.weight_decay) if decoupled else optim.param
+    defined = start - lr * m_hat / (sp.sqrt(v_hat) + eps)
+    torch_order = optim.adam_update(decoupled).xreplace(positive)
+    name = "AdamW" if decoupled else "Adam"
+    decay = ("the parameter decays by itself, by 1 - lr times the weight decay, and the moments average the plain "
+             "gradient" if decoupled else "the moments average the gradient plus the weight decay times param (an L2 "
+             "term)")
+    steps = (Step(updated, defined, f"definition: the update from the bias-corrected moments mhat, vhat; {decay}",
+                  where),
+             Step(updated, torch_order, "substitution of mhat and vhat, in torch's order: the step size lr over the "
+                  "first bias correction, the denominator sqrt(v) over the root of the second, plus eps", where),
+             Step(updated, torch_order.xreplace(dict(zip((first, second), moments))),
+                  "substitution of the moments m and v", where))
+    definitions = ((updated, defined), (m_hat, first / (1 - beta1 ** step)), (v_hat, second / (1 - beta2 ** step)),
+                   (first, moments[0]), (second, moments[1]))
+    return Derivation(f"{name}: the update from bias-corrected moments, as torch.optim.{name} computes it", steps,
+                      definitions)

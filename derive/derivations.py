@@ -6,7 +6,7 @@ import sympy as sp
 
 from derive.algebra import contract, in_terms_of, tidy
 from derive.catalog import CATALOG
-from derive.derivation_networks import (SIGMA, SIGMOID_DEFINITIONS, backprop, l2_penalty, linear,
+from derive.derivation_networks import (SIGMA, SIGMOID_DEFINITIONS, adam, backprop, l2_penalty, linear,
                                         linear_softmax_classifier, sigmoid, sigmoid_cross_entropy_vs_mse)
 from derive.derivation_steps import (LOSS, MEAN, OUTPUT, Derivation, Step, elementwise_derivation,
                                      jacobian_steps, op_derivations, partial, rewrite_steps)
@@ -137,6 +137,8 @@ NAMED = {
     "l2_penalty": l2_penalty,
     "linear_softmax_classifier": linear_softmax_classifier,
     "linear_jacobians": linear,
+    "adam": adam,
+    "adamw": functools.partial(adam, decoupled=True),
     "label_smoothing": label_smoothing,
     "class_weights": class_weights,
     "reductions": reductions,

@@ -163,3 +163,15 @@ def test_an_element_wise_derivation_refuses_what_it_cannot_derive():
 def test_the_registry_refuses_a_name_declared_twice():
     with pytest.raises(ValueError, match="'softmax' is declared twice"):
         build_registry(CATALOG, {"softmax": NAMED["backprop"]})
+
+
+def test_a_steps_condition_on_scalars_limits_where_the_checker_compares():
+    """sqrt(v / (1 - b)) = sqrt(v) / sqrt(1 - b) holds where b < 1 (Adam's bias correction): checked there it
+    passes, checked everywhere the checker finds where it fails."""
+    b, v, q = sp.Symbol("b", positive=True), sp.Symbol("v", positive=True), sp.Symbol("q")
+
+    def checks(condition):
+        steps = (Step(q, sp.sqrt(v / (1 - b)), "definition"), Step(q, sp.sqrt(v) / sp.sqrt(1 - b), "split", condition))
+        return check_derivation(Derivation("test", steps, ((q, sp.sqrt(v / (1 - b))),)))
+    assert all(check.ok for check in checks(b < 1))
+    assert not checks(None)[1].ok

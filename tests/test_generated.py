@@ -33,7 +33,7 @@ def loss_case(op, kind, with_options, shape, rng, dtype=np.float64):
 
 
 def test_every_catalog_entry_is_exported_and_has_a_reference():
-    assert set(generated.__all__) == set(CATALOG) | {"Sequential", "SGD"}
+    assert set(generated.__all__) == set(CATALOG) | {"Sequential", "SGD", "Adam", "AdamW"}
     assert set(references.LAYERS) | set(references.LOSSES) | {"Linear"} == set(CATALOG)
 
 

@@ -5,6 +5,7 @@ which buffers are still needed is caught."""
 import re
 
 import numpy as np
+import sympy as sp
 import pytest
 
 import codegen.kernels as kernels
@@ -91,3 +92,15 @@ def test_in_place_kernels_give_what_whole_expressions_give(whole, tmp_path, monk
 
 def test_a_lowering_that_overwrites_live_buffers_is_caught(whole, tmp_path, monkeypatch):
     assert len(differences(package(careless_lines, tmp_path, monkeypatch), whole)) >= 3
+
+
+def test_a_returned_name_of_a_temporary_keeps_the_temporary_from_being_written_over():
+    """Adam's m' = v1 is returned and v1 is read again for the update: no later line may write into v1."""
+    from codegen.inplace import assignments_in_place
+    x, v1, m, p = sp.symbols("x v1 m p")
+    lines = assignments_in_place([(v1, 2 * x + 1), (m, v1), (p, 3 * v1 + 1)], [m, p], ("x",))
+    values = {"np": np, "x": np.arange(4.0)}
+    for lhs, code in lines:
+        exec(f"{lhs} = {code}", values)  # noqa: S102 - the printed lines themselves
+    np.testing.assert_array_equal(values["m"], 2 * np.arange(4.0) + 1)
+    np.testing.assert_array_equal(values["p"], 6 * np.arange(4.0) + 4)

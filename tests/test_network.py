@@ -1,8 +1,9 @@
-"""A trainable network from generated parts alone: whole-MLP gradients, SGD, and a loss that falls."""
+"""A trainable network from generated parts alone: whole-MLP gradients, SGD, Adam, and a loss that falls."""
 import numpy as np
 import pytest
 import torch
 
+import generated
 from codegen.verify import check_gradient
 from generated import SGD, Linear, ReLU, Sequential, SoftmaxCrossEntropy, Tanh
 
@@ -98,3 +99,53 @@ def test_sgd_refuses_bad_settings(kwargs, error, message):
 def test_sgd_step_before_backward_names_the_parameter():
     with pytest.raises(RuntimeError, match="no gradient for Linear.W"):
         SGD([(Linear(2, 2), "W")], lr=0.1).step()
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("name, options", [
+    ("Adam", {}), ("Adam", {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}),
+    ("AdamW", {}), ("AdamW", {"lr": 0.01, "betas": (0.5, 0.9), "eps": 1e-3, "weight_decay": 0.3})])
+def test_adam_and_adamw_follow_torch_optim_step_for_step(name, options, dtype, rtol):
+    rng = np.random.default_rng(5)
+    layer = Linear(3, 2, rng=rng, dtype=dtype)
+    reference = [torch.tensor(layer.W.copy(), requires_grad=True), torch.tensor(layer.b.copy(), requires_grad=True)]
+    ours = getattr(generated, name)([(layer, "W"), (layer, "b")], **options)
+    theirs = getattr(torch.optim, name)(reference, **options)
+    for _ in range(6):
+        layer.dW, layer.db = (rng.normal(size=a.shape).astype(dtype) for a in (layer.W, layer.b))
+        for tensor, grad in zip(reference, (layer.dW, layer.db)):
+            tensor.grad = torch.tensor(grad)
+        ours.step()
+        theirs.step()
+        for mine, torch_tensor in zip((layer.W, layer.b), reference):
+            assert mine.dtype == dtype
+            np.testing.assert_allclose(mine, torch_tensor.detach().numpy(), rtol=rtol, atol=rtol * 1e-2)
+
+
+@pytest.mark.parametrize("name, kwargs, error, message", [
+    ("Adam", {"lr": -1.0}, ValueError, r"Adam: lr must be a finite real number >= 0, got -1.0"),
+    ("Adam", {"betas": (0.9, 1.0)}, ValueError, r"Adam: betas\[1\] must be a real number in \[0, 1\), got 1.0"),
+    ("Adam", {"betas": 0.9}, TypeError, r"Adam: betas must be a pair \(beta1, beta2\), got 0.9"),
+    ("AdamW", {"eps": -1e-8}, ValueError, r"AdamW: eps must be a finite real number >= 0, got -1e-08"),
+    ("AdamW", {"weight_decay": "0.1"}, TypeError, "AdamW: weight_decay must be a finite real number >= 0, got '0.1'")])
+def test_adam_refuses_bad_settings_naming_them(name, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        getattr(generated, name)([], **kwargs)
+
+
+def test_adam_step_before_backward_names_the_parameter():
+    with pytest.raises(RuntimeError, match="no gradient for Linear.W"):
+        generated.Adam([(Linear(2, 2), "W")]).step()
+
+
+def test_adam_trains_the_mlp():
+    rng = np.random.default_rng(0)
+    x, labels = blobs(rng)
+    net, loss = mlp(rng), SoftmaxCrossEntropy()
+    optimizer = generated.Adam(net.parameters(), lr=0.01)
+    losses = []
+    for _ in range(100):
+        losses.append(float(loss.forward(net.forward(x), labels)))
+        net.backward(loss.backward())
+        optimizer.step()
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from codegen.pipeline import codegen
 from codegen.render import render_package
-from codegen.tensor_lower import (Aligned, ArrayLowering, Maximum, Scale, check_sizes, lowered, max_shifted, names_of,
+from codegen.tensor_lower import (Aligned, ArrayLowering, LoweringError, Maximum, Scale, check_sizes, lowered, max_shifted, names_of,
                                   program_of)
 from codegen.tensor_verify import sample
 from derive.special import ExpToInf
@@ -374,3 +374,10 @@ def test_each_index_rewrite_keeps_every_value_of_every_example(rule, rewrite):
             scale = max(1.0, float(np.abs(value).max())) if np.size(value) else 1.0
             np.testing.assert_allclose(after[name], value, rtol=1e-12, atol=1e-13 * scale, err_msg=f"{rule}: {op.name} {name}")
     assert changed, f"{rule} changes no example: its test shows nothing"
+
+
+def test_weights_outside_a_row_or_element_loss_are_refused_naming_them():
+    from derive.declare import tensor_loss
+    op = tensor_loss("Weighted", inputs={"x": "n k"}, weights={"alpha": "k"}, steps=["L[n, k] = alpha[k] * x[n, k]"])
+    with pytest.raises(LoweringError, match="Weighted: weights .alpha. are options of row_loss and element_loss"):
+        lowered(op)
