@@ -70,6 +70,13 @@ OPS = (
     # refuses a delta <= 0
     elementwise_loss("Huber", "Piecewise(((x - t)**2/2, Abs(x - t) < delta), (delta*(Abs(x - t) - delta/2), True))",
                      params={"delta": (1.0, "> 0")}, summary="Huber loss, as torch.nn.functional.huber_loss"),
+    # PyTorch's nll_loss of log-probabilities at integer labels: class weights, an ignored label, the mean over
+    # the kept rows' weights
+    row_loss(tensor_loss("NLLLoss", inputs={"x": "n k"}, targets={"c": "n"}, weights={"weight": "k"},
+                         steps=["L[n] = -weight[c[n]] * x[n, c[n]]"],
+                         summary="negative log-likelihood of log-probabilities at integer labels, as "
+                                 "torch.nn.functional.nll_loss"),
+             ignore_index=-100),
     row_loss(tensor_loss("MulticlassHinge", inputs={"x": "n k"}, targets={"c": "n"}, options={"margin": 1.0},
                          steps=["L[n] = Sum((1 - KroneckerDelta(k, c[n])) * Max(0, x[n, k] - x[n, c[n]] + margin), k)"],
                          summary="multiclass SVM loss: sum over k != c of max(0, x_k - x_c + margin)")),

@@ -216,7 +216,7 @@ def expression(text, wrt="x"):
 
 
 # Index-notation declarations (derive.tensor imports this module's FUNCTIONS and errors when called, so last)
-from derive.tensor import TensorOp, size_of, tensor_loss, tensor_op  # noqa: E402,F401
+from derive.tensor import TensorOp, size_of, substituted, tensor_loss, tensor_op  # noqa: E402,F401
 
 
 def row_layer(op):
@@ -309,21 +309,19 @@ def row_form(op, kind, granularity):
         raise DeclarationError(f"{op.name}: {what}'s output is {op.steps[-1].name}[{', '.join(map(str, output))}]")
     contract = {name: x, **{target: t for target in dense}, **{weight: w for weight in entries},
                 **{weight: pw if entries else w for weight in classes}}
-    inlined = {}
-    for step in op.steps:   # each step with the intermediates it reads written out
-        inlined[step.name] = step._replace(expr=step.expr.replace(
-            lambda e: isinstance(e, sp.Indexed) and e.base.name in inlined,
-            lambda e: inlined[e.base.name].expr.xreplace(dict(zip(inlined[e.base.name].indices, e.indices)))))
+    inlined = written_out(op.steps)
 
     def entry(expr, depth):
         return one_entry(op, expr, row, axis, labels, contract, kind, what, depth)
     expr = entry(inlined[op.steps[-1].name].expr, 0)
     if element and expr.has(sp.Sum):
         raise DeclarationError(f"{op.name}: {what} sums over nothing")
-    # what backward may read: each intermediate over a row's entries (a softmax p[n, k]), its Sums named as
-    # they are inside a row loss's Sum over the classes
-    saved = tuple((sp.IndexedBase(s.name, real=True), entry(s.expr, int(kind == "loss" and not element)))
-                  for s in inlined.values() if s.indices == (row, axis) and s.name != op.steps[-1].name)
+    # what backward may read: each intermediate over a row's entries that the output reads (a softmax p[n, k]),
+    # its Sums named as they are where the output reads it (inside a Sum over the classes, or not)
+    saved = tuple((sp.IndexedBase(s.name, real=True), entry(inlined[s.name].expr, depth))
+                  for s in op.steps[:-1] if s.indices == (row, axis)
+                  for depth in [read_depth(written_out(op.steps, keep=s.name)[op.steps[-1].name].expr, s.name)]
+                  if depth is not None)
     options = tuple(
         # the plain kernel at the default, where the default makes the forward shorter (label smoothing 0)
         replace(p, neutral=p.default) if sp.count_ops(expr.subs(p.symbol, p.default)) < sp.count_ops(expr) else p
@@ -332,6 +330,26 @@ def row_form(op, kind, granularity):
     weighting = tuple(Param(name, contract[name], None, neutral=1,
                             kind="element_weights" if name in entries else "class_weights") for name in weights)
     return RowForm(expr, saved, weighting, options, bool(dense))
+
+
+def written_out(steps, keep=None):
+    """{name: step} with the intermediates each reads written out (each Sum's own index left alone), but keep."""
+    inlined = {}
+    for step in steps:
+        inlined[step.name] = step._replace(expr=step.expr.replace(
+            lambda e: isinstance(e, sp.Indexed) and e.base.name in inlined and e.base.name != keep,
+            lambda e: substituted(inlined[e.base.name].expr, dict(zip(inlined[e.base.name].indices, e.indices)))))
+    return inlined
+
+
+def read_depth(expr, name):
+    """How many Sums enclose the first read of array name in expr (None: it is not read)."""
+    if isinstance(expr, sp.Indexed):
+        return 0 if expr.base.name == name else None
+    if isinstance(expr, sp.Sum):
+        inner = read_depth(expr.function, name)
+        return None if inner is None else inner + 1
+    return min((d for d in (read_depth(arg, name) for arg in expr.args) if d is not None), default=None)
 
 
 def one_entry(op, expr, row, axis, labels, contract, kind, what, depth):

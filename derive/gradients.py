@@ -16,7 +16,7 @@ def neutralize(expr, values):
             expr = expr.replace(lambda e, s=symbol: isinstance(e, sp.Indexed) and e.base == s, lambda e, v=value: v)
         else:
             expr = expr.subs(symbol, value)
-    return expr
+    return sp.sympify(expr)  # a lone w[c] neutralized is the Python 1
 
 
 def variants(op, target):

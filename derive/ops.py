@@ -97,8 +97,8 @@ class Op:
 
     @property
     def module(self):
-        """The generated module's name: snake case of the class name (LeakyReLU -> leaky_relu)."""
-        return re.sub(r"(?<=[a-z])(?=[A-Z][a-z])", "_", self.name).lower()
+        """The generated module's name: snake case of the class name (LeakyReLU -> leaky_relu, NLLLoss -> nll_loss)."""
+        return re.sub(r"(?<=[a-z])(?=[A-Z][a-z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", self.name).lower()
 
 
 KINDS = ("layer", "loss")

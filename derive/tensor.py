@@ -77,7 +77,7 @@ class TensorOp:
     @property
     def module(self):
         """The generated module's name: snake case of the class name, as derive.ops.Op.module."""
-        return re.sub(r"(?<=[a-z])(?=[A-Z][a-z])", "_", self.name).lower()
+        return re.sub(r"(?<=[a-z])(?=[A-Z][a-z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", self.name).lower()
 
 
 @dataclass(frozen=True)

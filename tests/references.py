@@ -50,6 +50,15 @@ def binary_cross_entropy_with_logits(x, target, reduction, weight=None, pos_weig
     return reduce(losses, reduction)
 
 
+def nll_loss(x, target, reduction, weight=None, ignore_index=-100):
+    """torch.nn.functional.nll_loss: -weight[c] x[c] over kept rows, the mean divided by their weights."""
+    n, k = x.shape
+    weight = np.ones(k) if weight is None else weight
+    kept = target != ignore_index
+    safe = np.where(kept, target, 0)
+    return reduce(-weight[safe] * x[np.arange(n), safe] * kept, reduction, (weight[safe] * kept).sum())
+
+
 def mean_squared_error(x, target, reduction):
     return reduce((x - target) ** 2, reduction)
 
@@ -91,4 +100,5 @@ LOSSES = {
     "MeanSquaredError": mean_squared_error,
     "Huber": huber,
     "MulticlassHinge": multiclass_hinge,
+    "NLLLoss": nll_loss,
 }

@@ -380,17 +380,21 @@ def nan_problems(op, kind, make_instance, reduction):
             y = forward(op, instance, x_nan, target_nan)
             dx = backward(op, instance, y, reduction)
         depends = np.zeros(x.shape if op.kind == "loss" else y.shape, bool)
-        depends[at[0] if has_classes(op) else at] = True
+        # a row loss with no sum over the classes (NLL) reads the entry at the label alone
+        at_label_only = not parameterized(op) and op.kind == "loss" and op.granularity == "row" and not op.forward.has(
+            sp.Sum) and where == "x"
+        read = not at_label_only or target[at[0]] == at[1]
+        depends[at[0] if has_classes(op) else at] = read
         if op.kind == "loss":
             depends = depends[:, 0] if op.granularity == "row" else depends
-            depends = depends if reduction == "none" else np.array(True)
+            depends = depends if reduction == "none" else np.array(depends.any())
         if not np.array_equal(np.isnan(y), depends):
             problems.append(f"NaN in {where}: forward NaN at {np.argwhere(np.isnan(y)).tolist()}")
         gradient = instance.dW if parameterized(op) else dx
         nan_at, rows = (at[1], at[1]) if parameterized(op) else (at, at[0] if has_classes(op) else at)
         elsewhere = np.ones(gradient.shape, bool)
-        elsewhere[rows] = False
-        if not np.isnan(gradient[nan_at]).all() or np.isnan(gradient[elsewhere]).any():
+        elsewhere[rows] = not read
+        if read and not np.isnan(gradient[nan_at]).all() or np.isnan(gradient[elsewhere]).any():
             problems.append(f"NaN in {where}: gradient NaN at {np.argwhere(np.isnan(gradient)).tolist()}")
     return problems
 

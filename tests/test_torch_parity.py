@@ -42,8 +42,11 @@ def torch_loss(name, x, target, reduction, options):
         return F.mse_loss(x, target, reduction=reduction)
     if name == "Huber":
         return F.huber_loss(x, target, reduction=reduction, **options)
-    # PyTorch's multi_margin_loss divides each row by the class count; seed 002's hinge does not
-    return F.multi_margin_loss(x, target, reduction=reduction, **options) * x.shape[1]
+    if name == "NLLLoss":
+        return F.nll_loss(x, target, reduction=reduction, **options)
+    if name == "MulticlassHinge":  # PyTorch's multi_margin_loss divides each row by the class count; seed 002's not
+        return F.multi_margin_loss(x, target, reduction=reduction, **options) * x.shape[1]
+    raise KeyError(f"no PyTorch counterpart for {name}")
 
 
 def torch_value_and_grad(function, x, upstream):
@@ -155,6 +158,7 @@ STRICTER = {
     "HardTanh": np.isnan(SPECIAL),                 # PyTorch's backward gives 0 at a NaN x; ours is NaN
     "MulticlassHinge": whole_rows(~np.isfinite(SPECIAL)),  # PyTorch turns a NaN margin (NaN, inf - inf) into 0
     "SoftmaxCrossEntropy": whole_rows(np.isnan(SPECIAL)),  # a NaN in an ignored row: PyTorch skips the row
+    "NLLLoss": whole_rows(np.isnan(SPECIAL)),              # the same
     "BinaryCrossEntropyWithLogits": SPECIAL == -np.inf,    # ours +inf, the limit; PyTorch computes -inf + inf
 }
 
