@@ -9,13 +9,13 @@ that two loops read and that costs a function call is kept in the row of the out
 last, otherwise computed again. Element-wise kernels are one flat prange loop."""
 import numpy as np
 import sympy as sp
-from sympy.codegen.cfunctions import expm1, log1p
+from sympy.codegen.cfunctions import expm1, hypot, log1p
 from sympy.printing.precedence import PRECEDENCE
 
 from codegen.kernels import FULL_SIZE, DENOMINATOR, arguments, kernel_assignments, shared
 from codegen.lower import AtLabel, BatchSum, Column, LabelEntry, RowMax, RowSum, Squeeze
 from codegen.printer import KernelPrinter
-from derive.special import FORMATS, ExpToInf, PowerOfTwo, erf_numpy, exp_steps, log1p_steps
+from derive.special import FORMATS, Expm1, ExpToInf, PowerOfTwo, erf_numpy, exp_steps, log1p_steps
 from derive.stability import sigmoid_by_branches
 
 # math.* keeps a float32 argument float32 in numba; np.maximum and np.sign propagate NaN as NumPy does.
@@ -24,7 +24,7 @@ from derive.stability import sigmoid_by_branches
 # tanh has no such form yet: a loop of scalar math.tanh ran 9x slower than np.tanh's SIMD loop, so a
 # kernel with a tanh (Tanh, GELUTanh, Mish) stays the NumPy one.
 FUNCTIONS = {sp.exp: "exp", ExpToInf: "exp", sp.log: "math.log", log1p: "math.log1p",
-             expm1: "math.expm1", sp.erf: "erf"}
+             expm1: "math.expm1", Expm1: "math.expm1", hypot: "math.hypot", sp.erf: "erf"}
 # _runtime's functions: name, argument, docstring, its steps per dtype (derive/special.py)
 RUNTIME = (("exp", "u", "e^u without libm: a clamp, a floor, a polynomial and two powers of two made of bits",
             exp_steps),
@@ -76,10 +76,10 @@ class FusedPrinter(KernelPrinter):
                 name = "log1p"
             if "." not in name:
                 self.used.add(name)
-            return f"{name}({self._print(expr.args[0])})"
+            return f"{name}({', '.join(self._print(arg) for arg in expr.args)})"  # every argument: hypot has two
         raise FusionError(f"no fused form for {expr.func}")
 
-    _print_exp = _print_ExpToInf = _print_log = _print_log1p = _print_expm1 = _print_tanh = _print_erf = _print_Function
+    _print_exp = _print_ExpToInf = _print_log = _print_log1p = _print_expm1 = _print_hypot = _print_tanh = _print_erf = _print_Function
 
     def _print_floor(self, expr):
         return f"np.floor({self._print(expr.args[0])})"

@@ -117,6 +117,9 @@ class KernelPrinter(NumPyPrinter):
     def _print_ExpToInf(self, expr):
         return f"np.exp({self._print(expr.args[0])})"
 
+    def _print_Expm1(self, expr):
+        return f"np.expm1({self._print(expr.args[0])})"
+
     def _print_Abs(self, expr):
         return f"np.abs({self._print(expr.args[0])})"
 

@@ -1,6 +1,7 @@
 """erf with NumPy alone: NumPy has no erf, so the kernels evaluate a series and a continued fraction
 that SymPy writes out (accurate to a few ulp in float64; the tests measure it against math.erf)."""
 import sympy as sp
+from sympy.codegen.cfunctions import expm1
 
 SERIES_BELOW = 2          # |u| below this: Taylor series; above: erfc's continued fraction
 SERIES_TERMS = 34         # enough that the first term left out is below 1e-17 at |u| = 2
@@ -53,6 +54,15 @@ class ExpToInf(sp.Function):
 
     def _sympystr(self, printer):
         return printer._print(sp.exp(self.args[0], evaluate=False))
+
+
+class Expm1(expm1):
+    """expm1(u) kept as written: SymPy's own writes expm1(u - 0.001) back as 0.999 exp(u) - 1 (exp takes a
+    float term out as a factor), the form that cancels. Numbers evaluate as exp(u) - 1."""
+
+    @classmethod
+    def eval(cls, u):
+        return sp.exp(u) - 1 if u.is_number else None
 
 
 class Clip(sp.Function):

@@ -6,10 +6,10 @@ The kernels evaluate what these return; the derivations differentiate the plain 
 import functools
 
 import sympy as sp
-from sympy.codegen.cfunctions import expm1, log1p
+from sympy.codegen.cfunctions import expm1, hypot, log1p
 
 from derive.functions import as_sigmoid, sigmoid
-from derive.special import Clip, ExpToInf
+from derive.special import Clip, ExpToInf, Expm1
 from derive.symbols import ClassMax
 
 
@@ -237,6 +237,39 @@ def exp_minus_one(expr):
     return expr.replace(lambda e: isinstance(e, sp.Add), combined)
 
 
+def root_of_squares(expr):
+    """sqrt(u^2 + c) = hypot(u, sqrt(c)) for a constant c >= 0 (and its reciprocal 1/hypot): u^2 overflows
+    from |u| = 1.3e154 in float64 (1.8e19 in float32) where the root is still |u|; hypot scales before it
+    squares. The derivative u / sqrt(u^2 + c) becomes u / hypot(u, sqrt(c)) the same way."""
+    def rooted(power):
+        if power.exp not in (sp.S.Half, -sp.S.Half) or not power.base.is_Add:
+            return power
+        squares = [t for t in power.base.args if t.is_Pow and t.exp == 2 and not t.base.is_number]
+        rest = power.base - squares[0] if len(squares) == 1 else None
+        if rest is None or rest.has(sp.Indexed) or not rest.is_nonnegative:
+            return power
+        return hypot(squares[0].base, sp.sqrt(rest)) ** (1 if power.exp > 0 else -1)
+    return expr.replace(lambda e: isinstance(e, sp.Pow), rooted)
+
+
+def log_one_minus_exp(expr):
+    """log(1 - exp(u)), defined for u < 0, in Maechler's two branches (R's log1mexp): log(-expm1(u)) where
+    u > -log 2 and log1p(-exp(u)) below. 1 - exp(u) cancels near u = 0 (log(1 - exp(-1e-10)) lost every
+    digit), and -expm1(u) rounds to 1 far below 0, where log1p keeps exp(u). Before expm1 and log1p, which
+    would each take one branch everywhere."""
+    def branches(log):
+        argument = log.args[0]
+        terms = sp.Add.make_args(argument)
+        if not (argument.is_Add and 1 in terms and len(terms) == 2):
+            return log
+        scale, power = (-next(t for t in terms if t != 1)).as_independent(sp.exp, as_Add=False)
+        if not (isinstance(power, sp.exp) and scale.is_number and scale.is_positive):
+            return log
+        u = power.args[0] + sp.log(scale)   # c exp(u) = exp(u + log c): SymPy takes exp(-1/1000) out as a factor
+        return sp.Piecewise((sp.log(-Expm1(u)), u > -sp.log(2)), (log1p(-sp.exp(u)), True))
+    return expr.replace(lambda e: isinstance(e, sp.log), branches)
+
+
 def log_one_plus(expr):
     """log(1 + u) = log1p(u): exact near u = 0, where 1 + u rounds u away (log(1 + x^2) at x = 1e-10 was 0,
     not 1e-20). A log of 1 plus an exponential is softplus's, rewritten before this."""
@@ -336,7 +369,8 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("tanh quotients", tanh_quotients, True), ("hinge as a step", hinge_as_step, True),
             ("shift by the row max", shift_by_max, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
-            ("exponential quotients shifted", exp_quotients_shifted, True), ("expm1", exp_minus_one, True), ("log1p", log_one_plus, True), ("clip branches", clip_branches, True),
+            ("exponential quotients shifted", exp_quotients_shifted, True), ("log1mexp", log_one_minus_exp, True), ("expm1", exp_minus_one, True),
+            ("root of squares", root_of_squares, True), ("log1p", log_one_plus, True), ("clip branches", clip_branches, True),
             ("logistic", logistic, True))
 
 

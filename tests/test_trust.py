@@ -62,6 +62,8 @@ DECLARED = {
     # the README's example: log cosh overflowed to inf, and its derivative sinh/cosh to NaN, from |x - t| = 89 in float32
     "LogCosh": elementwise_loss("LogCosh", "log(cosh(x - t))"),
     "LogOnePlusSquare": activation("LogOnePlusSquare", "log(1 + x**2)"),    # 0 where x^2 < 1e-16 rounds away
+    "SoftNorm": activation("SoftNorm", "sqrt(x**2 + 1)"),                   # inf from |x| = 1.3e154 (1.8e19 float32)
+    "LogOneMinusExp": activation("LogOneMinusExp", "log(1 - exp(-x**2))"),  # -inf where exp(-x^2) rounds to 1
     "Focal": elementwise_loss("Focal", "-(1 - sigmoid(x))**2*t*log(sigmoid(x)) - sigmoid(x)**2*(1 - t)*log(1 - sigmoid(x))"),
 }
 
@@ -352,12 +354,16 @@ def test_log_cosh_and_its_derivative_stay_finite_and_right_in_the_tails(package,
         np.testing.assert_allclose(loss.backward(np.ones(len(u), dtype)), np.tanh(u), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("rule", ["log_cosh", "tanh_quotients", "log_one_plus"])
+@pytest.mark.parametrize("rule", ["log_cosh", "tanh_quotients", "log_one_plus", "root_of_squares",
+                                  "log_one_minus_exp"])
 def test_the_tail_rewrites_keep_the_value_to_50_digits(rule):
     import derive.stability as stability
     u = sp.Symbol("u", real=True)
     expr = {"log_cosh": 3 * sp.log(sp.cosh(u - 2)) + u, "tanh_quotients": u * sp.sinh(u + 1) / sp.cosh(u + 1),
-            "log_one_plus": sp.log(1 + u ** 2) * sp.log(3 + u ** 2)}[rule]
+            "log_one_plus": sp.log(1 + u ** 2) * sp.log(3 + u ** 2),
+            "root_of_squares": u * sp.sqrt((u - 1) ** 2 + 3) + 1 / sp.sqrt(u ** 2 + sp.Rational(1, 2)),
+            # defined for every u: the exponent is below 0; both branches are taken at these points
+            "log_one_minus_exp": sp.log(1 - sp.exp(-u ** 2 - sp.Rational(1, 10))) * u}[rule]
     rewritten = getattr(stability, rule)(expr)
     assert rewritten != expr
     for point in (-300, -20, -1, 0, sp.Rational(1, 3), 5, 300):
@@ -370,3 +376,21 @@ def test_log_of_one_plus_a_tiny_value_keeps_it(package):
     for cls in both(package, "LogOnePlusSquare"):
         np.testing.assert_allclose(cls().forward(x), np.log1p(x ** 2), rtol=1e-14)
         np.testing.assert_allclose(layer_gradient(cls, x), 2 * x / (1 + x ** 2), rtol=1e-14)
+
+
+@pytest.mark.parametrize("dtype, big", [(np.float64, 1e200), (np.float32, 1e30)])
+def test_a_root_of_squares_is_finite_and_right_where_the_square_overflows(package, dtype, big):
+    x = np.array([-big, -3e19, -2.0, 0.0, 1e-3, 5.0, 3e19, big], dtype)
+    exact = np.hypot(x.astype(np.float64), 1.0)
+    for cls in both(package, "SoftNorm"):
+        with np.errstate(over="raise"):
+            np.testing.assert_allclose(cls().forward(x), exact, rtol=1e-6 if dtype == np.float32 else 1e-15)
+            np.testing.assert_allclose(layer_gradient(cls, x), x / exact, rtol=1e-6 if dtype == np.float32 else 1e-15)
+
+
+def test_log_one_minus_exp_is_right_near_0_and_far_from_it(package):
+    x = np.array([1e-10, 1e-5, 0.3, 0.8, 1.0, 3.0, 5.0, 20.0])
+    with mpmath.workdps(250):  # 1 - exp(-400) holds 174 zeros before its digits
+        exact = [float(mpmath.log(-mpmath.expm1(-mpmath.mpf(v) ** 2))) for v in x]
+    for cls in both(package, "LogOneMinusExp"):
+        np.testing.assert_allclose(cls().forward(x), exact, rtol=1e-14)
