@@ -114,6 +114,12 @@ class FusedPrinter(KernelPrinter):
         otherwise = self._print(type(expr)(*rest)) if len(rest) > 1 or rest[0][1] is not True else self._print(rest[0][0])
         return f"({self._print(value)} if {self._print(condition)} else {otherwise})"
 
+    def _print_ITE(self, expr):
+        # a condition that compares a Piecewise (Piecewise((3, x > 1/2), (x, True)) > alpha) is SymPy's ITE of
+        # comparisons; its printer would rewrite it into a Piecewise of comparisons, which no Boolean accepts
+        condition, then, otherwise = expr.args
+        return f"({self._print(then)} if {self._print(condition)} else {self._print(otherwise)})"
+
     def _print_Or(self, expr):
         return "(" + " or ".join(self._print(a) for a in sorted(expr.args, key=sp.default_sort_key)) + ")"
 

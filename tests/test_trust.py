@@ -62,6 +62,12 @@ DECLARED = {
     # the README's example: log cosh overflowed to inf, and its derivative sinh/cosh to NaN, from |x - t| = 89 in float32
     "LogCosh": elementwise_loss("LogCosh", "log(cosh(x - t))"),
     "LogOnePlusSquare": activation("LogOnePlusSquare", "log(1 + x**2)"),    # 0 where x^2 < 1e-16 rounds away
+    # make fuzz seed 5 #10: a condition comparing a Piecewise became SymPy's ITE, which the fused printer rewrote
+    # into a Piecewise of comparisons: TypeError while printing (codegen.fused's _print_ITE)
+    "ComparedPiecewise": elementwise_loss(
+        "ComparedPiecewise", "Piecewise((sign((((x) * (x - t))**2 + 1)**(1/2)), erf(sigmoid(x - t)) > alpha), "
+        "(Piecewise((t, Piecewise((3, x > 1/2), (x - t, True)) > alpha), (atan(x - t), True)), True))",
+        params={"alpha": 2.0}),
     "SoftNorm": activation("SoftNorm", "sqrt(x**2 + 1)"),                   # inf from |x| = 1.3e154 (1.8e19 float32)
     "LogOneMinusExp": activation("LogOneMinusExp", "log(1 - exp(-x**2))"),  # -inf where exp(-x^2) rounds to 1
     "Focal": elementwise_loss("Focal", "-(1 - sigmoid(x))**2*t*log(sigmoid(x)) - sigmoid(x)**2*(1 - t)*log(1 - sigmoid(x))"),
