@@ -270,6 +270,18 @@ def log_one_minus_exp(expr):
     return expr.replace(lambda e: isinstance(e, sp.log), branches)
 
 
+def x_log_x(expr):
+    """u log u = 0 where u = 0, its limit from above (xlogy's convention, as torch.special.xlogy): the
+    product is 0 * -inf, NaN, at the one point where the value is known. Elsewhere unchanged."""
+    def extended(product):
+        factors = sp.Mul.make_args(product)
+        logs = [f for f in factors if isinstance(f, sp.log) and not f.args[0].is_number and f.args[0] in factors]
+        if not logs:
+            return product
+        return sp.Piecewise((0, sp.Eq(logs[0].args[0], 0)), (product, True))
+    return expr.replace(lambda e: isinstance(e, sp.Mul), extended)
+
+
 def log_one_plus(expr):
     """log(1 + u) = log1p(u): exact near u = 0, where 1 + u rounds u away (log(1 + x^2) at x = 1e-10 was 0,
     not 1e-20). A log of 1 plus an exponential is softplus's, rewritten before this."""
@@ -370,7 +382,7 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("shift by the row max", shift_by_max, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
             ("exponential quotients shifted", exp_quotients_shifted, True), ("log1mexp", log_one_minus_exp, True), ("expm1", exp_minus_one, True),
-            ("root of squares", root_of_squares, True), ("log1p", log_one_plus, True), ("clip branches", clip_branches, True),
+            ("root of squares", root_of_squares, True), ("x log x", x_log_x, True), ("log1p", log_one_plus, True), ("clip branches", clip_branches, True),
             ("logistic", logistic, True))
 
 

@@ -70,6 +70,7 @@ DECLARED = {
         params={"alpha": 2.0}),
     "SoftNorm": activation("SoftNorm", "sqrt(x**2 + 1)"),                   # inf from |x| = 1.3e154 (1.8e19 float32)
     "LogOneMinusExp": activation("LogOneMinusExp", "log(1 - exp(-x**2))"),  # -inf where exp(-x^2) rounds to 1
+    "XLogX": activation("XLogX", "x*log(x)", domain=(0.1, 3.0)),            # NaN (0 * -inf) at x = 0
     "Focal": elementwise_loss("Focal", "-(1 - sigmoid(x))**2*t*log(sigmoid(x)) - sigmoid(x)**2*(1 - t)*log(1 - sigmoid(x))"),
 }
 
@@ -400,3 +401,16 @@ def test_log_one_minus_exp_is_right_near_0_and_far_from_it(package):
         exact = [float(mpmath.log(-mpmath.expm1(-mpmath.mpf(v) ** 2))) for v in x]
     for cls in both(package, "LogOneMinusExp"):
         np.testing.assert_allclose(cls().forward(x), exact, rtol=1e-14)
+
+
+def test_x_log_x_is_its_limit_at_0_and_unchanged_elsewhere(package):
+    import derive.stability as stability
+    u, v = sp.Symbol("u", positive=True), sp.Symbol("v", nonnegative=True)
+    assert sp.limit(u * sp.log(u), u, 0, "+") == 0  # the value the rewrite gives at 0
+    rewritten = stability.x_log_x(3 * v * sp.log(v))
+    assert rewritten.subs(v, 0) == 0 and all(rewritten.subs(v, w) == 3 * w * sp.log(w) for w in (sp.Rational(1, 7), 2))
+    assert stability.x_log_x(u * sp.log(u)) == u * sp.log(u)  # never 0: nothing to extend
+    x = np.array([0.0, 1e-300, 1e-5, 0.5, 2.0])
+    for cls in both(package, "XLogX"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # np.where evaluates log(0) in the branch not taken
+            np.testing.assert_allclose(cls().forward(x), [0.0, *(v * math.log(v) for v in x[1:])], rtol=1e-15)
