@@ -145,9 +145,12 @@ def test_each_stability_rewrite_keeps_the_value(label, expr, name, rewrite, exac
     scalars.update({p.symbol: sp.Float(p.example, 50) for op in ROW_OPS for p in op.params
                     if p.kind == "scalar"})
     arrays["x"] = [sp.Float(v, 50) for v in rng.normal(0, 30, size)]
+    rewritten = rewrite(expr)
+    if rewritten == expr:  # the same expression: nothing to evaluate
+        return
     for at in range(size):
         before = at_point(expr.subs(i, at), size, arrays, scalars)
-        after = at_point(rewrite(expr).subs(i, at), size, arrays, scalars)
+        after = at_point(rewritten.subs(i, at), size, arrays, scalars)
         assert abs(before - after) <= (1e-20 if exact else 1e-15) * max(1, abs(before)), (at, before, after)
 
 
