@@ -5,6 +5,7 @@ derived) ends the command with one line on stderr, symgrad <command>: <what is w
 status, having written nothing; SYMGRAD_DEBUG=1 shows the traceback instead."""
 import argparse
 import ast
+import base64
 import functools
 import importlib.util
 import os
@@ -65,8 +66,30 @@ def run_derive(args):
     # a derivation of the user's (--expr, --ops) is always checked (quietly unless asked): no test has seen it
     if (args.check or args.expr is not None or args.ops) and not checked(derivation, args.check):
         return 1
-    print(format_derivation(derivation, args.format))
+    print(self_contained_html(args.name or "derivation", derivation, KATEX_DIST) if args.format == "html"
+          else format_derivation(derivation, args.format))
     return 0
+
+
+def self_contained_html(name, derivation, katex):
+    """make docs' derivations.html of one derivation, with KaTeX's script and stylesheet inlined and its woff2
+    fonts as data: URLs (the woff and ttf copies dropped): one file that renders wherever it is opened, offline."""
+    from codegen.docs import html_document
+    if not (katex / "katex.min.js").exists():
+        raise FileNotFoundError(f"no KaTeX in {katex}; make docs installs it (npm ci in build/node)")
+
+    def font(match):
+        return f"url(data:font/woff2;base64,{base64.b64encode((katex / match[1]).read_bytes()).decode()})"
+    css = re.sub(r",url\(fonts/[^)]+\) format\(\"(?:woff|truetype)\"\)", "", (katex / "katex.min.css").read_text())
+    css = re.sub(r"url\((fonts/[^)]+\.woff2)\)", font, css)
+    page = html_document([(name, derivation)])
+    inlined = {'<link rel="stylesheet" href="katex/katex.min.css">': f"<style>{css}</style>",
+               '<script src="katex/katex.min.js"></script>': f"<script>{(katex / 'katex.min.js').read_text()}</script>"}
+    for tag, contents in inlined.items():
+        if tag not in page:
+            raise RuntimeError(f"codegen/docs_assets/derivations.html.jinja no longer has {tag}: inline KaTeX anew")
+        page = page.replace(tag, contents)
+    return page
 
 
 def expression_derivation(text, wrt):
@@ -222,8 +245,9 @@ def parser():
     derive = commands.add_parser("derive", help="print a derivation, every step with the rule that produced it")
     derive.add_argument("name", nargs="?", help="which derivation (see --list), or which operation of --ops FILE")
     derive.add_argument("--list", action="store_true", help="list the derivations")
-    derive.add_argument("--format", choices=FORMATS, default="latex",
-                        help="latex: an align* block; markdown: math between $$; text: for a terminal")
+    derive.add_argument("--format", choices=(*FORMATS, "html"), default="latex",
+                        help="latex: an align* block; markdown: math between $$; text: for a terminal; html: a "
+                             "self-contained page, KaTeX inside")
     derive.add_argument("--expr", help="derive this element-wise expression instead, e.g. 'log(1 + exp(x))'")
     derive.add_argument("--wrt", default="x", help="the variable of --expr (default x)")
     derive.add_argument("--ops", metavar="FILE", help="derive operation NAME of this declaration file instead")

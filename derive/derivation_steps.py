@@ -44,6 +44,12 @@ class Derivation:
     ranges: tuple = ()             # ((free index, size), ...) beyond the class and batch indices
     op: object = None              # the index-notation op derived (derive.tensor.TensorOp): its checker checks it
 
+    def _repr_latex_(self):
+        """Jupyter's view of a derivation: its steps typeset, the align* block symgrad derive prints. The
+        printer is codegen's (imported here, when a notebook asks: derive itself prints nothing)."""
+        from codegen.latex import format_latex
+        return format_latex(self)
+
 
 def fresh_bounds(expr, clashing=None):
     """expr with each summation index (those in clashing, if given) renamed to a new Dummy.

@@ -1,5 +1,6 @@
 """Every derivation symgrad prints: the gradient and the stable forms of each catalog entry, computed
-from the entry, and the named ones a student asks for (seeds 000-004). Pure: each returns a Derivation."""
+from the entry, and the named ones a student asks for (the softmax Jacobian, backpropagation, the
+optimizers' updates...). Pure: each returns a Derivation; derivation(NAME) is what symgrad derive NAME prints."""
 import functools
 
 import sympy as sp
@@ -26,16 +27,16 @@ def activation(expr, title):
 
 
 def softplus():
-    """Softplus: its derivative is the sigmoid (seed 001)."""
-    plain = elementwise_derivation(sp.log(1 + sp.exp(X)), X, "Softplus: its derivative is the sigmoid (seed 001)")
+    """Softplus: its derivative is the sigmoid."""
+    plain = elementwise_derivation(sp.log(1 + sp.exp(X)), X, "Softplus: its derivative is the sigmoid")
     sigma = Step(sp.Derivative(OUTPUT, X), SIGMA(X), "the sigmoid: numerator and denominator divided by exp(x)")
     return Derivation(plain.title, (*plain.steps, sigma), (*plain.definitions, *SIGMOID_DEFINITIONS))
 
 
 def softmax_jacobian():
-    """dp_i/dx_j = p_i (delta_ij - p_j), and its cases i = j and i != j (seeds 001-004)."""
+    """dp_i/dx_j = p_i (delta_ij - p_j), and its cases i = j and i != j."""
     steps, _ = jacobian_steps(p, softmax(i), i, j, lambda e: in_terms_of(e, p, softmax(i), i))
-    return Derivation("The softmax Jacobian and its two cases (seeds 001 to 004)", tuple(steps), ((p[i], softmax(i)),))
+    return Derivation("The softmax Jacobian and its two cases", tuple(steps), ((p[i], softmax(i)),))
 
 
 def label_smoothing():
@@ -83,7 +84,7 @@ def reductions():
         steps += [Step(total, objective, f"definition: reduction {name}"),
                   Step(sp.Derivative(total, L[r]), row_weight(reduced), "contraction of a Kronecker delta")]
         definitions.append((total, objective))
-    return Derivation("Reductions over a batch, and each row's weight in the gradient (seeds 000, 003)",
+    return Derivation("Reductions over a batch, and each row's weight in the gradient",
                       tuple(steps), tuple(definitions))
 
 
@@ -128,8 +129,8 @@ def binary_cross_entropy_stable():
 NAMED = {
     "softmax_jacobian": softmax_jacobian,
     "sigmoid_cross_entropy_vs_mse": sigmoid_cross_entropy_vs_mse,
-    "sigmoid_derivative": activation(sigmoid(X), "Sigmoid activation (seed 001)"),
-    "tanh_derivative": activation(sp.tanh(X), "Tanh activation (seed 001)"),
+    "sigmoid_derivative": activation(sigmoid(X), "Sigmoid activation"),
+    "tanh_derivative": activation(sp.tanh(X), "Tanh activation"),
     "relu_derivative": activation(sp.Piecewise((0, X < 0), (X, True)), "ReLU activation"),
     "leaky_relu_derivative": activation(sp.Piecewise((ALPHA * X, X < 0), (X, True)), "LeakyReLU activation"),
     "softplus_derivative": softplus,
@@ -171,3 +172,11 @@ def build_registry(catalog, named):
 
 
 DERIVATIONS = build_registry(CATALOG, NAMED)
+
+
+def derivation(name):
+    """The Derivation that symgrad derive NAME prints: a catalog entry's by its module name (sigmoid,
+    softmax_cross_entropy_stable) or a named one (backprop); in a notebook it shows its steps typeset."""
+    if name not in DERIVATIONS:
+        raise KeyError(f"no derivation named {name!r}; try one of: {', '.join(DERIVATIONS)}")
+    return DERIVATIONS[name]()
