@@ -55,12 +55,16 @@ fuzz: $(VENV)/installed
 demo: $(VENV)/demo-installed
 	$(VENV)/bin/symgrad demo
 
+# Every derivation into build/docs (derivations.md, derivations.html), and the documentation site into
+# build/docs/site (docsite/build.py, mkdocs.yml): open build/docs/site/index.html. Both offline, KaTeX from build/node.
 docs: $(VENV)/installed $(NODE)/installed
 	$(VENV)/bin/symgrad docs --out build/docs --katex $(KATEX)
+	$(PY) -m docsite.build --out build/docs/site
 
-# The README's picture of build/docs/derivations.html.
+# The README's pictures: build/docs/derivations.html, and two pages of the site.
 screenshot: $(VENV)/installed $(NODE)/installed chromium
 	$(VENV)/bin/symgrad docs --out build/docs --katex $(KATEX) --screenshot codegen/docs_assets/derivations.png
+	$(PY) -m docsite.build --out build/docs/site --screenshots docsite/screenshots
 
 # torch and jax only for make bench, with a stamp of their own, so make test stays light.
 $(VENV)/bench-installed: $(VENV)/installed

@@ -83,7 +83,8 @@ def test_every_symgrad_derive_line_runs(path, monkeypatch):
 
 def test_the_runner_fails_on_a_broken_block_naming_its_page_and_line(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("text\n\n```python\nvalue = 1\n```\n\n```sh\nnot python\n```\n\n```python\nassert value == 2\n```\n")
+    page.write_text("text\n\n```python\nvalue = 1\n```\n\n```sh\nnot python\n```\n\n"
+                    "```python\nassert value == 2\n```\n")
     with pytest.raises(AssertionError) as raised:
         run_python_blocks(page)
     assert raised.traceback[-1].path == page and raised.traceback[-1].lineno + 1 == 12
