@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mkdocs.structure.files import File
+from sympy import IndexedBase, Sum
 
 ROOT = Path(__file__).resolve().parent.parent
 KATEX_FILES = ("katex.min.css", "katex.min.js", "fonts")
@@ -44,7 +45,7 @@ PYTORCH = {
 }
 WEIGHTS = {"class_weights": "an optional array over the classes, ones by default",
            "element_weights": "an optional array of x's shape, ones by default",
-           "ignore_index": "the label whose rows count 0"}
+           "ignore_index": "the label whose rows count 0 (as a symbol: 0 on such a row, else 1)"}
 
 
 def range_text(bounds):
@@ -80,11 +81,18 @@ def formula(op):
     from codegen.latex import latex
     from derive.tensor import TensorOp
     if isinstance(op, TensorOp):
-        import sympy as sp
-        lines = [f"{latex(sp.IndexedBase(s.name)[s.indices])} = {latex(s.expr)}" for s in op.steps]
+        lines = [f"{latex(IndexedBase(s.name)[s.indices])} = {latex(s.expr)}" for s in op.steps]
         return "$$\n\\begin{aligned}\n" + " \\\\\n".join(f"&{line}" for line in lines) + "\n\\end{aligned}\n$$"
     what = "y_i" if op.kind == "layer" else "L_i" if op.granularity == "element" else "L"
-    return f"$$\n{what} = {latex(op.forward)}\n$$"
+    if op.kind == "loss" and op.granularity == "row":
+        target = "$c$ its integer label" if op.targets == ("labels",) else "$t_k$ its target"
+        scope = f"The loss of one row of $K$ classes: $x_k$ its entries, {target}"
+    elif op.kind == "loss":
+        scope = "Element-wise: $x_i$ and $t_i$ are an entry of $x$ and of the target"
+    else:
+        scope = "Over a row of $K$ entries $x_i$" if op.forward.has(Sum) else "Element-wise: $x_i$ is any entry of $x$"
+    names = [f"${latex(p.symbol)}$ is `{p.name}`, {WEIGHTS[p.kind]}" for p in op.params if p.kind != "scalar"]
+    return f"$$\n{what} = {latex(op.forward)}\n$$\n\n{'; '.join([scope, *names])}."
 
 
 def catalog_page(op):
