@@ -195,10 +195,46 @@ def cancelled(expr):
     return pulled(out_of_masks(expr)).replace(lambda e: isinstance(e, sp.log), split_log)
 
 
+def mean_corrected(program, taken):
+    """Each mean m[F] = Sum(a[..], k)/K of a forward step that a later one subtracts from a (a[..] - m[F],
+    a centring: LayerNorm's x - mu) becomes m0 + Sum(a - m0, k)/K with m0 the plain mean, a step just
+    before: the same value, but the correction makes up m0's rounding (the corrected two-pass mean), so
+    that a - m is exactly 0 on a constant row, where x - mu then divided by sqrt(var + eps) magnified the
+    rounding of mu by up to 1/sqrt(eps)."""
+    forward, rewrites = list(program.forward), list(program.rewrites)
+    for number, step in enumerate(program.forward):
+        total, size = mean_of(step.expr)
+        if total is None:
+            continue
+        mean = sp.IndexedBase(step.name, real=True)[step.indices]
+        if not any({total.function, -mean} <= set(add.args) for later in program.forward[number + 1:]
+                   for add in later.expr.atoms(sp.Add)):
+            continue
+        name = fresh(f"{step.name}_0", taken)
+        taken.add(name)
+        plain = sp.IndexedBase(name, real=True)[step.indices]
+        at = forward.index(step)
+        forward[at:at + 1] = [Assignment(name, step.indices, step.expr),
+                              step._replace(expr=plain + Sum(total.function - plain, *total.limits) / size)]
+        rewrites += ["corrected mean"] * ("corrected mean" not in rewrites)
+    return program._replace(forward=tuple(forward), rewrites=tuple(rewrites))
+
+
+def mean_of(expr):
+    """(the Sum, the size it is divided by) where expr is a mean Sum(a[..], k)/K of one array's entries
+    over the whole axis k, else (None, None)."""
+    total = [f for f in sp.Mul.make_args(expr) if isinstance(f, Sum)]
+    rest = expr / total[0] if len(total) == 1 else None
+    if rest is None or not isinstance(total[0].function, sp.Indexed) or len(total[0].limits) != 1:
+        return None, None
+    index, low, high = total[0].limits[0]
+    return (total[0], high + 1) if low == 0 and rest == 1 / (high + 1) else (None, None)
+
+
 def rewritten(program, taken):
-    """program after max_shifted, which rewrites it as a whole, then every rewrite of
+    """program after max_shifted and mean_corrected, which rewrite it as a whole, then every rewrite of
     derive.stability.INDEX_REWRITES on each assignment."""
-    program = max_shifted(program, taken)
+    program = mean_corrected(max_shifted(program, taken), taken)
 
     applied = list(program.rewrites)
 
@@ -892,6 +928,10 @@ def module_context(op):
     if any(sp.sympify(s.value).has(sp.erf) for f in (forward, backward) for s in f.statements):
         imports.add("erf")
     source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options}}
+    first = next(iter(op.inputs))
+    # an option left None is the dtype's machine epsilon: x's in forward, g's (x's dtype) in backward
+    forward_source = {**source, **{o: f"or_machine_eps(self.{o}, {first})" for o in op.dtype_eps}}
+    backward_source = {**source, **{o: f"or_machine_eps(self.{o}, g)" for o in op.dtype_eps}}
     size_names = {s: sp.Symbol(f'size["{s}"]') for s in {size_of(i) for axes in op.inputs.values() for i in axes}
                   | {size_of(i) for axes, _ in op.params.values() for i in axes}
                   | {size_of(i) for axes in op.targets.values() for i in axes}}
@@ -916,17 +956,23 @@ def module_context(op):
     return {"op": op, "kind": op.kind, "functions": functions, "imports": sorted(imports),
             "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set())
                               | ({"derived_size"} if derived else set())
-                              | ({"label_input", "label_range"} if op.labels else set())),
-            "sizes": sizes, "options": [{"name": o, "default": repr(v), "checks": range_arguments(op.ranges[o])}
+                              | ({"label_input", "label_range"} if op.labels else set())
+                              | ({"flag"} if op.switches else set())
+                              | ({"or_machine_eps"} if op.dtype_eps else set())),
+            "sizes": sizes, "options": [{"name": o, "default": "None" if o in op.dtype_eps else repr(v),
+                                         "nullable": o in op.dtype_eps, "checks": range_arguments(op.ranges[o])}
                                         for o, v in op.options.items()],
+            "switches": [{"name": flag, "params": list(params), "cleared": " = ".join(f"self.d{p}" for p in params)}
+                         for flag, params in (op.switches or {}).items()],
             "penalty": penalty_context(op, penalty, source),
             "params": params, "cleared": " = ".join(f"self.d{p}" for p in op.params), "inputs": inputs,
             "arguments": arguments, "shaped": shaped,
-            "cast": [t for t in op.targets if t not in op.labels], "first": next(iter(op.inputs)),
+            "cast": [t for t in op.targets if t not in op.labels], "first": first,
             "derived": derived, "labels": [{"name": t, "size": str(s)} for t, s in op.labels.items()],
-            "forward_call": [source.get(a, a) for a in forward.args], "forward_returns": list(forward.returns),
+            "forward_call": [forward_source.get(a, a) for a in forward.args],
+            "forward_returns": list(forward.returns),
             "saved": [source.get(a, a) for a in backward.args[:backward.args.index("g")]],
-            "backward_options": [source[a] for a in backward.args[backward.args.index("g") + 1:]],
+            "backward_options": [backward_source[a] for a in backward.args[backward.args.index("g") + 1:]],
             "backward_returns": [f"self.{r}" if r[1:] in op.params else r for r in backward.returns],
             "gradients": gradients, "output": output, "reductions": reductions("element"),
             "signature": signature, "shapes": shapes,

@@ -42,13 +42,19 @@ def check_tensor_op(op, cls, rng):
     """[(variant, GradientCheck)] of every input's and param's gradient of op's generated class cls, against
     central differences of sum(forward * u) (a layer, a loss unreduced) or of the reduced loss."""
     constructor, arrays, params = sample(op, rng)
-    option_sets = [{}] + ([{o: example(v, op.ranges[o]) for o, v in op.options.items()}] if op.options else [])
+    option_sets = ([{}] + ([{o: example(v, op.ranges[o]) for o, v in op.options.items()}] if op.options else [])
+                   + [{flag: False} for flag in op.switches or {}])
     reductions = (None,) if op.kind == "layer" else ("mean", "sum", "none")
     names = [*op.inputs, *op.targets]
     checks = []
+    every_param = params
     for options in option_sets:
+        # a switch turned off keeps its params at their init: none is set, none has a gradient
+        off = {p for flag, names in (op.switches or {}).items() if options.get(flag) is False for p in names}
+        params = {p: value for p, value in every_param.items() if p not in off}
         for reduction in reductions:
-            label = ", ".join([f"{o}={v:g}" for o, v in options.items()] + [reduction] * bool(reduction))
+            label = ", ".join([f"{o}={v:g}" if o in op.options else f"{o}={v}" for o, v in options.items()]
+                              + [reduction] * bool(reduction))
             label = label or "defaults"
             instance = cls(**constructor, **options, **({"reduction": reduction} if reduction else {}))
             for p, value in params.items():
@@ -58,8 +64,10 @@ def check_tensor_op(op, cls, rng):
             analytic = instance.backward(upstream) if upstream is not None else instance.backward()
             analytic = dict(zip(op.inputs, analytic if isinstance(analytic, tuple) else (analytic,)))
             analytic.update({p: getattr(instance, f"d{p}") for p in params})
+            if any(getattr(instance, f"d{p}") is not None for p in off):
+                raise ValueError(f"{op.name} ({label}): a param its switch turned off has a gradient")
 
-            def objective(name, value, instance=instance, weight=1.0 if upstream is None else upstream):
+            def objective(name, value, instance=instance, weight=1.0 if upstream is None else upstream, params=params):
                 """The checked scalar with name (an input or a param) at value, the others as sampled."""
                 if name in params:   # a fresh instance with the param at value, the others as sampled
                     instance = cls(**constructor, **options, **({"reduction": reduction} if reduction else {}))

@@ -41,6 +41,21 @@ OPS = (
                         steps=["s[n] = Sum(exp(x[n, k]), k)", "y[n, k] = exp(x[n, k]) / s[n]"])),
     row_layer(tensor_op("LogSoftmax", inputs={"x": "n k"}, summary="log of the softmax over the last axis",
                         steps=["s[n] = Sum(exp(x[n, k]), k)", "y[n, k] = log(exp(x[n, k]) / s[n])"])),
+    # PyTorch's nn.LayerNorm(normalized_shape, eps, elementwise_affine, bias) over the last axis: biased variance
+    tensor_op("LayerNorm", inputs={"x": "n k"}, params={"gamma": ("k", "ones"), "beta": ("k", "zeros")},
+              options={"eps": (1e-5, ">= 0")}, switches={"elementwise_affine": ("gamma", "beta"), "bias": ("beta",)},
+              names={"K": "normalized_shape"},
+              steps=["mu[n] = Sum(x[n, k], k) / K", "var[n] = Sum((x[n, k] - mu[n])**2, k) / K",
+                     "y[n, k] = (x[n, k] - mu[n]) / sqrt(var[n] + eps) * gamma[k] + beta[k]"],
+              summary="each row normalised to mean 0 and variance 1, then scaled by gamma and shifted by beta"),
+    # PyTorch's nn.RMSNorm(normalized_shape, eps=None, elementwise_affine): eps None is the dtype's machine epsilon
+    tensor_op("RMSNorm", inputs={"x": "n k"}, params={"gamma": ("k", "ones")}, options={"eps": (None, ">= 0")},
+              switches={"elementwise_affine": ("gamma",)}, names={"K": "normalized_shape"},
+              steps=["ms[n] = Sum(x[n, k]**2, k) / K", "y[n, k] = x[n, k] / sqrt(ms[n] + eps) * gamma[k]"],
+              summary="each row divided by its root mean square, then scaled by gamma"),
+    # PyTorch's nn.GLU() (dim=-1): the first half of the last axis, x[n, h], gated by the second, x[n, h + H]
+    tensor_op("GLU", inputs={"x": "n k"}, sizes={"H": "K/2"}, steps=["y[n, h] = x[n, h] * sigmoid(x[n, h + H])"],
+              summary="the first half of the last axis gated by the sigmoid of the second"),
     # PyTorch's nn.Linear(in_features, out_features), W stored (in_features, out_features) so y = x @ W + b; the
     # L2 penalty is the derivation l2_penalty's (symgrad derive l2_penalty), its gradient added to dW
     tensor_op("Linear", inputs={"x": "n i"}, params={"W": ("i o", "uniform"), "b": ("o", "uniform")},

@@ -35,6 +35,7 @@ from derive.functions import sigmoid
 
 INITS = ("ones", "zeros", "uniform")
 OUTPUT = {"layer": "y", "loss": "L"}
+EPS = float(np.finfo(np.float64).eps)
 STEP = re.compile(r"\s*(\w+)\s*(?:\[([^\]]*)\])?\s*=(?!=)(.*)", re.S)
 PARSE_GLOBALS = {"Integer": sp.Integer, "Float": sp.Float, "Rational": sp.Rational}
 
@@ -73,6 +74,8 @@ class TensorOp:
     penalty: sp.Expr = None        # a scalar over params and options the user adds to the loss (an L2 term)
     names: dict = None             # {size: constructor argument name} where it is not the capital letter
     weights: dict = None           # {name: (index Symbol, ...)} of a loss: optional constant arrays, ones by default
+    switches: dict = None          # {flag: (param, ...)}: False keeps those params at their init, untrained
+    dtype_eps: tuple = ()          # options whose default None is the input dtype's machine epsilon
 
     @property
     def module(self):
@@ -111,14 +114,17 @@ def size_of(index):
     return sp.Symbol(str(index).upper(), integer=True, positive=True)
 
 
-def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, penalty=None, names=None, summary=None,
-              domain=(-3.0, 3.0), tol=1e-6):
+def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, penalty=None, names=None, switches=None,
+              summary=None, domain=(-3.0, 3.0), tol=1e-6):
     """A layer y[...] computed by steps from inputs, trainable params {name: (indices, init)} and options
-    {name: default or (default, range)}; penalty a scalar over params and options that the class's penalty()
-    returns and backward adds the gradient of (an L2 term); names the constructor's argument for a param
-    axis's size ({"I": "in_features"}), by default its capital letter."""
+    {name: default or (default, range)}, a default None meaning the input dtype's machine epsilon (PyTorch's
+    RMSNorm eps); penalty a scalar over params and options that the class's penalty() returns and backward
+    adds the gradient of (an L2 term); names the constructor's argument for a param axis's size
+    ({"I": "in_features"}), by default its capital letter; switches {flag: (param, ...)} constructor flags,
+    True by default, whose False keeps those params at their ones or zeros, untrained (PyTorch's
+    elementwise_affine=False, bias=False)."""
     return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol,
-                    penalty, names or {})
+                    penalty, names or {}, switches=switches or {})
 
 
 def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None, options=None, sizes=None,
@@ -131,7 +137,7 @@ def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None,
 
 
 def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol, penalty=None,
-             size_names=None, weights=None):
+             size_names=None, weights=None, switches=None):
     """The TensorOp of a declaration, refusing anything ill-formed with a DeclarationError naming it."""
     from derive.declare import DeclarationError, check_name, declared_param  # derive.declare re-exports this module
     check_name(name)
@@ -139,8 +145,12 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     def refuse(problem):
         raise DeclarationError(f"{name}: {problem}")
 
+    # an option whose default is None is the dtype's machine epsilon; float64's stands in for it in the checks
+    dtype_eps = tuple(o for o, v in options.items() if (v[0] if isinstance(v, tuple) else v) is None)
+    options = {o: ((EPS, v[1]) if isinstance(v, tuple) else EPS) if o in dtype_eps else v for o, v in options.items()}
     ranges = {option: declared_param(name, option, value, role="option").range for option, value in options.items()}
     options = {option: value[0] if isinstance(value, tuple) else value for option, value in options.items()}
+    switches = switched(refuse, switches or {}, params, options)
     for param, value in params.items():
         if not (isinstance(value, tuple) and len(value) == 2 and value[1] in INITS):
             refuse(f"param {param} must be (indices, init) with init one of {', '.join(INITS)}, got {value!r}")
@@ -210,7 +220,20 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
                     targets={t: axes[t] for t in targets}, labels=labels, sizes=formulas, steps=tuple(assignments),
                     fan_in=fan_ins(assignments, [p for p, (_, init) in params.items() if init == "uniform"]),
                     domain=domain, tol=tol, penalty=penalty, names=dict(size_names or {}),
-                    weights={w: axes[w] for w in weights})
+                    weights={w: axes[w] for w in weights}, switches=switches, dtype_eps=dtype_eps)
+
+
+def switched(refuse, switches, params, options):
+    """{flag: (param, ...)} of the declared switches, each param one with an identity init (ones or zeros), so
+    that the op with the switch off is the op without those params."""
+    for flag, names in switches.items():
+        names = (names,) if isinstance(names, str) else names
+        if not (isinstance(flag, str) and flag.isidentifier() and not keyword.iskeyword(flag)) or flag in {
+                *options, *params, "rng", "dtype", "reduction", "self"}:
+            refuse(f"switch {flag!r} must be an identifier no param, option, rng, dtype or reduction takes")
+        if not names or any(p not in params or params[p][1] == "uniform" for p in names):
+            refuse(f"switch {flag} must name params initialised to ones or zeros, got {names!r}")
+    return {flag: (names,) if isinstance(names, str) else tuple(names) for flag, names in switches.items()}
 
 
 def penalty_of(refuse, text, namespace, params, axes, known, formulas):
@@ -643,13 +666,19 @@ def substituted(expr, mapping):
 
 # The numeric check: explicit sizes, float64 loops, central differences
 
+def logistic(u):
+    """1 / (1 + e^-u), by the exponential of -|u| (which cannot overflow)."""
+    small = math.exp(-abs(u))
+    return 1 / (1 + small) if u >= 0 else small / (1 + small)
+
+
 OPERATIONS = {sp.Add: lambda *terms: sum(terms), sp.Mul: lambda *factors: math.prod(factors), sp.Pow: operator.pow,
               sp.And: lambda *holds: all(holds), sp.Or: lambda *holds: any(holds), sp.Not: operator.not_,
               sp.StrictLessThan: operator.lt, sp.LessThan: operator.le, sp.StrictGreaterThan: operator.gt,
               sp.GreaterThan: operator.ge, sp.Equality: operator.eq, sp.Unequality: operator.ne,
               sp.exp: math.exp, sp.log: math.log, sp.tanh: math.tanh, sp.sinh: math.sinh, sp.cosh: math.cosh,
               sp.atan: math.atan, sp.erf: math.erf, sp.Abs: abs, sp.Max: max, sp.Min: min,
-              sp.sign: lambda u: float(u > 0) - float(u < 0), sigmoid: lambda u: 1 / (1 + math.exp(-u)),
+              sp.sign: lambda u: float(u > 0) - float(u < 0), sigmoid: logistic,
               sp.Heaviside: lambda u, at_zero=0.5: 1.0 if u > 0 else at_zero if u == 0 else 0.0,
               sp.KroneckerDelta: lambda a, b: float(a == b)}
 

@@ -1,29 +1,14 @@
 """Operations in index notation, for symgrad codegen --ops examples/tensor_ops.py --out DIR --backend numpy.
 
 Each array's axes are index letters; index k runs over 0..K-1. The layers' params are made by the
-generated constructor from the sizes of their axes (LayerNorm(K=64)); the losses take integer labels
-(NLL, FocalLoss) or target probabilities (KLDiv)."""
+generated constructor from the sizes of their axes (Conv1d(O=8, C=3, J=3)); the losses take integer labels
+(NLL, FocalLoss) or target probabilities (KLDiv). derive/catalog.py declares more the same way (LayerNorm,
+RMSNorm, GLU, Linear)."""
 from derive.declare import tensor_loss, tensor_op
 
 SOFTMAX = tensor_op("TemperedSoftmax", inputs={"x": "n k"}, options={"T": 2.0},
                     steps=["s[n] = Sum(exp(x[n, k] / T), k)", "y[n, k] = exp(x[n, k] / T) / s[n]"],
                     summary="softmax of x / T over the last axis (T the temperature)")
-LAYER_NORM = tensor_op(
-    "LayerNorm", inputs={"x": "n k"}, params={"gamma": ("k", "ones"), "beta": ("k", "zeros")}, options={"eps": 1e-5},
-    steps=["mu[n] = Sum(x[n, k], k) / K",
-           "var[n] = Sum((x[n, k] - mu[n])**2, k) / K",
-           "y[n, k] = (x[n, k] - mu[n]) / sqrt(var[n] + eps) * gamma[k] + beta[k]"],
-    summary="each row normalised to mean 0 and variance 1, then scaled by gamma and shifted by beta")
-LAYER_NORM_NO_AFFINE = tensor_op(
-    "LayerNormNoAffine", inputs={"x": "n k"}, options={"eps": 1e-5},
-    steps=["mu[n] = Sum(x[n, k], k) / K",
-           "var[n] = Sum((x[n, k] - mu[n])**2, k) / K",
-           "y[n, k] = (x[n, k] - mu[n]) / sqrt(var[n] + eps)"],
-    summary="each row normalised to mean 0 and variance 1 (LayerNorm without gamma and beta)")
-RMS_NORM = tensor_op(
-    "RMSNorm", inputs={"x": "n k"}, params={"gamma": ("k", "ones")}, options={"eps": 1e-6},
-    steps=["ms[n] = Sum(x[n, k]**2, k) / K", "y[n, k] = x[n, k] / sqrt(ms[n] + eps) * gamma[k]"],
-    summary="each row divided by its root mean square, then scaled by gamma")
 BATCH_NORM = tensor_op(
     "BatchNorm", inputs={"x": "n k"}, params={"gamma": ("k", "ones"), "beta": ("k", "zeros")}, options={"eps": 1e-5},
     steps=["mu[k] = Sum(x[n, k], n) / N", "var[k] = Sum((x[n, k] - mu[k])**2, n) / N",
@@ -49,9 +34,6 @@ CONV1D = tensor_op(
     "Conv1d", inputs={"x": "n c l"}, params={"w": ("o c j", "uniform"), "b": ("o", "uniform")},
     sizes={"M": "L - J + 1"}, steps=["y[n, o, m] = Sum(w[o, c, j] * x[n, c, m + j], c, j) + b[o]"],
     summary="1-d convolution (cross-correlation, stride 1, no padding) of C channels into O")
-# GLU splits its last axis: the first half x[n, h], the gate x[n, h + H], with H = K/2
-GLU = tensor_op("GLU", inputs={"x": "n k"}, sizes={"H": "K/2"}, steps=["y[n, h] = x[n, h] * sigmoid(x[n, h + H])"],
-                summary="the first half of the last axis gated by the sigmoid of the second")
 # KLDiv takes logits x and target probabilities t, as PyTorch's kl_div(log_softmax(x), t): an entry
 # t = 0 contributes 0 (the Piecewise), so t log t is never evaluated at 0
 KL_DIV = tensor_loss(
@@ -70,4 +52,4 @@ FOCAL_LOSS = tensor_loss(
            "L[n] = -(1 - exp(lp[n, c[n]]))**gamma * lp[n, c[n]]"],
     summary="softmax focal loss -(1 - p)^gamma log p at integer labels c")
 
-OPS = [SOFTMAX, LAYER_NORM, LAYER_NORM_NO_AFFINE, RMS_NORM, BATCH_NORM, ATTENTION, CAUSAL_ATTENTION, CONV1D, GLU, KL_DIV, NLL, FOCAL_LOSS]
+OPS = [SOFTMAX, BATCH_NORM, ATTENTION, CAUSAL_ATTENTION, CONV1D, KL_DIV, NLL, FOCAL_LOSS]

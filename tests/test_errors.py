@@ -13,7 +13,7 @@ from generated._checks import dense_target
 from codegen.verify import example_options, sample_target, with_ignored_row
 from derive.catalog import CATALOG
 from derive.reduction import REDUCTIONS
-from derive.tensor import TensorOp
+from derive.tensor import TensorOp, size_of
 from tests import references
 
 OPS = list(CATALOG.values())
@@ -26,7 +26,7 @@ NOT_FLOATS = [np.int64, np.bool_, object, np.complex128, np.float16]
 
 
 def parameterized(op):
-    """Whether op is a layer of index notation with params (Linear), made for x's width."""
+    """Whether op is a layer of index notation (Linear, LayerNorm, GLU), made for x's width where it has params."""
     return isinstance(op, TensorOp)
 
 
@@ -39,8 +39,22 @@ def make(op, x, reduction="mean", **options):
     """A fresh instance of op's generated class for input x."""
     cls = getattr(generated, op.name)
     if parameterized(op):
-        return cls(x.shape[-1], 2, rng=0, dtype=x.dtype)
+        return cls(**constructor_sizes(op, x), **({"rng": 0, "dtype": x.dtype} if op.params else {}))
     return cls(**options, reduction=reduction) if op.kind == "loss" else cls(**options)
+
+
+def constructor_sizes(op, x):
+    """An index-notation layer's size arguments for input x: an axis of x's its size there, any other
+    (Linear's out_features) 2."""
+    (axes, *_) = op.inputs.values()
+    return {op.names.get(str(size_of(i)), str(size_of(i))): x.shape[axes.index(i)] if i in axes else 2
+            for param_axes, _ in op.params.values() for i in param_axes}
+
+
+def output_shape(op, rows, x_shape=None):
+    """The shape of op's output for rows rows of the inputs' shape (4, 4) (a layer's)."""
+    x = np.zeros((4, 4) if x_shape is None else x_shape)
+    return (rows, *make(op, x).forward(x).shape[1:])
 
 
 def forward(op, instance, x, target):
@@ -68,6 +82,8 @@ def test_a_second_backward_of_a_loss_raises_and_a_new_forward_allows_one_more(op
 
 
 def inputs(op, kind, shape=(4, 3), dtype=np.float64, seed=0):
+    # index-notation layers at an even width: GLU halves it
+    shape = (shape[0], 4) if parameterized(op) else shape
     rng = np.random.default_rng(seed)
     return rng.uniform(*op.domain, shape).astype(dtype), sample_target(kind, shape, rng) if kind else None
 
@@ -92,11 +108,11 @@ def test_an_empty_or_missing_class_axis_is_refused(op, kind):
         x = np.zeros(shape)
         target = np.zeros(3, int) if kind == "labels" else np.zeros(shape)
         instance = make(op, np.zeros((3, 1)))
-        # a layer with params names the param whose axis x's must match
-        expected = ((f"{op.name}: W has shape (1, 2) and x has {shape}: their axes i must have one size (I)"
-                     if shape else f"{op.name}: x must have 2 axes, got shape {shape}") if parameterized(op)
-                    else f"x needs a non-empty last (class) axis, got shape {shape}")
-        with pytest.raises(ValueError, match=re.escape(expected)):
+        # an index-notation layer names the param whose axis x's must match, or the size x's makes
+        expected = ((f"{op.name}: (.* and x has {re.escape(str(shape))}: their axes|size .* at these shapes)"
+                     if shape else re.escape(f"{op.name}: x must have 2 axes, got shape {shape}")) if parameterized(op)
+                    else re.escape(f"x needs a non-empty last (class) axis, got shape {shape}"))
+        with pytest.raises(ValueError, match=expected):
             forward(op, instance, x, target)
 
 
@@ -232,7 +248,7 @@ def test_backward_without_a_successful_forward_is_refused(op, kind):
     instance = make(op, x)
     before = rf"{op.name}\.backward\(\) called before forward\(\) \(or after one that raised\)"
     with pytest.raises(RuntimeError, match=before):
-        backward(op, instance, np.ones((4, 2 if parameterized(op) else 3)))
+        backward(op, instance, np.ones(output_shape(op, 4) if parameterized(op) else (4, 3)))
     y = forward(op, instance, x, target)
     with pytest.raises(TypeError):
         forward(op, instance, x.astype(int), target)
@@ -310,6 +326,7 @@ def test_a_second_backward_gives_the_same_result(op, kind, reduction):
 def test_an_empty_batch_gives_pytorchs_result_without_warnings(op, kind, reduction, dtype):
     """N = 0: layers give empty outputs; a loss's mean is NaN and its sum 0, as in PyTorch."""
     x, target = inputs(op, kind, shape=(0, 3), dtype=dtype)
+    expected = output_shape(op, 0) if op.kind == "layer" and parameterized(op) else (0, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         instance = make(op, x, reduction)
@@ -317,7 +334,7 @@ def test_an_empty_batch_gives_pytorchs_result_without_warnings(op, kind, reducti
         dx = backward(op, instance, y, reduction)
     assert dx.shape == x.shape and dx.dtype == dtype and y.dtype == dtype
     if op.kind != "loss":
-        assert y.shape == (0, 2 if parameterized(op) else 3)
+        assert y.shape == expected
         assert all(np.array_equal(getattr(instance, "d" + name), np.zeros_like(getattr(instance, name)))
                    for name in getattr(instance, "params", ()))
     elif reduction == "none":
@@ -370,6 +387,8 @@ def nan_problems(op, kind, make_instance, reduction):
     x, target = inputs(op, kind, shape=(4, 3), seed=2)
     target = with_ignored_row(target, op) if kind else None  # row 0 ignored where the op can; the NaN is in row 2
     at = (2, 1)
+    if parameterized(op):
+        return layer_nan_problems(op, make_instance, x, at)
     problems = []
     for where in ("x", "target") if kind == "dense" else ("x",):
         x_nan, target_nan = x.copy(), None if target is None else target.copy()
@@ -399,6 +418,32 @@ def nan_problems(op, kind, make_instance, reduction):
     return problems
 
 
+def layer_nan_problems(op, make_instance, x, at):
+    """The NaN policy of an index-notation layer, told by where its values depend on x[at]: every value of
+    y, dx and each param's gradient that changes when x[at] does (by two steps, so that no coincidence hides
+    one) is NaN once x[at] is, and no other."""
+    upstream = np.random.default_rng(0).normal(size=output_shape(op, x.shape[0], x.shape))
+
+    def outputs(x):
+        layer = make_instance(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = layer.forward(x)
+            dx = layer.backward(upstream)
+        return {"y": y, "dx": dx, **{f"d{p}": getattr(layer, f"d{p}") for p in layer.params}}
+    plain = outputs(x)
+    depends = {name: np.zeros(value.shape, bool) for name, value in plain.items()}
+    for step in (0.37, -1.9):
+        moved = x.copy()
+        moved[at] += step
+        for name, value in outputs(moved).items():
+            depends[name] |= value != plain[name]
+    x[at] = np.nan
+    return [f"NaN in x: {name} NaN at {np.argwhere(np.isnan(value)).tolist()}, its dependents at "
+            f"{np.argwhere(depends[name]).tolist()}" for name, value in outputs(x).items()
+            if not np.array_equal(np.isnan(value), depends[name])]
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("options", [False, True], ids=["defaults", "options"])
 @pytest.mark.parametrize("op, kind", CASES, ids=case_ids(CASES))
@@ -415,6 +460,23 @@ def test_the_nan_check_catches_a_kernel_that_swallows_nan():
             return np.where(x > 0, g, 0)
     problems = nan_problems(CATALOG["ReLU"], None, lambda x: Swallowing(), "mean")
     assert problems == ["NaN in x: gradient NaN at []"]
+
+
+def test_the_layer_nan_check_catches_a_gradient_that_swallows_nan_or_spreads_it():
+    class Swallowing(generated.LayerNorm):
+        def backward(self, g):
+            return np.nan_to_num(super().backward(g))
+
+    class Spreading(generated.LayerNorm):
+        def backward(self, g):
+            dx = super().backward(g)
+            return dx + 0 * dx.sum()  # NaN in one row's gradient makes every row's NaN
+    op = CATALOG["LayerNorm"]
+    x = inputs(op, None, seed=2)[0]
+    assert layer_nan_problems(op, lambda x: generated.LayerNorm(4), x.copy(), (2, 1)) == []
+    for cls in (Swallowing, Spreading):
+        (problem,) = layer_nan_problems(op, lambda x: cls(4), x.copy(), (2, 1))
+        assert problem.startswith("NaN in x: dx NaN at")
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])

@@ -14,8 +14,10 @@ from codegen.render import render_package
 from codegen.verify import example_options, sample_target, with_ignored_row
 from codegen.write import import_package, stage
 from derive.catalog import CATALOG
+from derive.declare import example
 from derive.ops import Op
 from derive.reduction import REDUCTIONS
+from tests.test_errors import constructor_sizes
 
 REAL = kernels.assignments_in_place
 
@@ -44,10 +46,13 @@ def results(pkg, op, seed=0, shape=(4, 5)):
     """Every value a class of op gives: forward and backward under each option set, target and reduction."""
     rng = np.random.default_rng(seed)
     cls = getattr(pkg, op.name)
+    if not isinstance(op, Op):  # an index-notation layer, at an even width (GLU halves it) and other options
+        x = rng.uniform(*op.domain, (shape[0], 4))
+        options = {o: example(v, op.ranges[o]) for o, v in op.options.items()}
+        layer = cls(**constructor_sizes(op, x), **options, **({"rng": seed} if op.params else {}))
+        y = layer.forward(x)
+        return [y, layer.backward(rng.standard_normal(y.shape)), *(getattr(layer, "d" + p) for p in layer.params)]
     x = rng.uniform(*op.domain, shape)
-    if not isinstance(op, Op):  # Linear, the catalog's index-notation layer
-        layer = cls(shape[1], 3, l2=0.1, rng=seed)
-        return [layer.forward(x), layer.backward(rng.standard_normal((shape[0], 3))), layer.dW, layer.db]
     option_sets = [{}] + ([example_options(op, shape, rng)] if op.params else [])
     found = []
     for options in option_sets:

@@ -4,12 +4,14 @@ entry and all-equal rows. No floating-point overflow or invalid operation happen
 value and gradient is finite, and each value agrees with the float64 reference of tests/references.py."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+import sympy as sp
+from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 import generated
 from derive.catalog import CATALOG
 from derive.ops import Op
+from derive.tensor import evaluated, size_of
 from tests import references
 from tests.test_errors import CASES, backward, case_ids, forward, make
 
@@ -38,12 +40,25 @@ def extreme_case(draw, kind, dtype):
 
 def reference(op, instance, x, target):
     """The float64 value of op at x from tests/references.py (per entry for a loss)."""
+    if not isinstance(op, Op):  # an index-notation layer: its steps, by derive.tensor's loops
+        return steps_value(op, instance, x)
     x = x.astype(np.float64)
-    if not isinstance(op, Op):  # Linear, the catalog's index-notation layer
-        return x @ instance.W.astype(np.float64) + instance.b.astype(np.float64)
     if op.kind == "layer":
         return references.LAYERS[op.name](x)
     return references.LOSSES[op.name](x, target, "none")
+
+
+def steps_value(op, instance, x):
+    """The output of an index-notation layer's steps at x and instance's params and options, in float64 (an
+    option left None at x's machine epsilon)."""
+    arrays = {next(iter(op.inputs)): x.astype(np.float64),
+              **{p: getattr(instance, p).astype(np.float64) for p in op.params}}
+    scope = {size_of(i): size for name, axes in [*op.inputs.items(), *((p, a) for p, (a, _) in op.params.items())]
+             for i, size in zip(axes, arrays[name].shape)}
+    scope |= {size_of(i): int(formula.subs(scope)) for i, formula in op.sizes.items()}
+    options = {o: getattr(instance, o) for o in op.options}
+    scope |= {sp.Symbol(o, real=True): float(np.finfo(x.dtype).eps if v is None else v) for o, v in options.items()}
+    return evaluated(op.steps, arrays, scope)[op.steps[-1].name]
 
 
 def check_extremes(op, kind, x, target, instance):
@@ -65,7 +80,13 @@ def check_extremes(op, kind, x, target, instance):
 @given(data=st.data())
 def test_extreme_values_give_finite_values_and_gradients_close_to_the_reference(op, kind, dtype, data):
     x, target = data.draw(extreme_case(kind, dtype))
-    check_extremes(op, kind, x, target, make(op, x, "none"))
+    instance = make(op, x, "none")
+    if not isinstance(op, Op):  # a shape an index-notation layer refuses (GLU's odd width) is no case of this test
+        try:
+            instance.forward(x)
+        except ValueError as error:
+            assume("at these shapes" not in str(error))
+    check_extremes(op, kind, x, target, instance)
 
 
 def test_the_check_catches_a_softmax_without_the_max_shift():

@@ -11,14 +11,18 @@ import sympy as sp
 from codegen.cli import main
 from codegen.latex import format_derivation
 from codegen.tensor_lower import check_sizes
+from derive.catalog import CATALOG
 from derive.declare import load_ops
 from derive.derivation_steps import Step, continues
 from derive.derivation_tensor import RULES, check_tensor_derivation, tensor_derivation
-from derive.tensor import derivation
+from derive.tensor import TensorOp, derivation
 from tests.test_docs import MATH, katex_errors
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tensor_ops.py"
-OPS = {op.name: op for op in load_ops(EXAMPLES)}
+EXAMPLE_OPS = {op.name: op for op in load_ops(EXAMPLES)}
+# and the catalog's index-notation layers (of no row or element form) but Linear, whose penalty's steps
+# tests/test_backprop.py checks
+OPS = {**EXAMPLE_OPS, **{name: op for name, op in CATALOG.items() if isinstance(op, TensorOp) and op.penalty is None}}
 # smaller sizes than codegen's checks, where those make a check take seconds
 SMALL = {"Attention": {"N": 2, "T": 2, "S": 3, "D": 2, "E": 2}, "Conv1d": {"N": 2, "C": 2, "L": 5, "O": 2, "J": 3}}
 
@@ -61,7 +65,8 @@ def test_conv1ds_contraction_keeps_the_range_of_its_delta(derived):
 
 @pytest.mark.parametrize("name", OPS)
 def test_derive_ops_checks_and_prints_every_example(capsys, name):
-    assert main(["derive", "--ops", str(EXAMPLES), name, "--check"]) == 0
+    declared = name in EXAMPLE_OPS  # the catalog's are named as their modules: symgrad derive layer_norm
+    assert main(["derive", *["--ops", str(EXAMPLES)] * declared, name if declared else OPS[name].module, "--check"]) == 0
     captured = capsys.readouterr()
     reports = captured.err.splitlines()
     assert len(reports) == captured.out.count(r"\text{(") > len(OPS[name].steps)
@@ -148,6 +153,6 @@ def test_docs_ops_writes_the_examples_derivations(derived, tmp_path, monkeypatch
         (katex / name).write_text("/* stand-in */\n")
     assert main(["docs", "--ops", str(EXAMPLES), "--out", str(tmp_path / "docs"), "--katex", str(katex)]) == 0
     markdown = (tmp_path / "docs" / "derivations.md").read_text()
-    for name, op in OPS.items():
+    for name, op in EXAMPLE_OPS.items():
         assert f"## {name}\n\n{name}: {op.summary}" in markdown
-    assert markdown.count("$$") == 2 * sum(len(found.steps) for found in derived.values())
+    assert markdown.count("$$") == 2 * sum(len(derived[name].steps) for name in EXAMPLE_OPS)

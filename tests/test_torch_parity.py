@@ -1,5 +1,7 @@
 """Every generated layer and loss against PyTorch's function of the same purpose: values and gradients,
 every option and reduction, float64. PyTorch is a test dependency (the dev extra), never a run-time one."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -57,7 +59,7 @@ def torch_value_and_grad(function, x, upstream):
 
 
 def test_every_layer_and_loss_has_a_pytorch_counterpart():
-    names = set(LAYERS) | {"Linear"} | {op.name for op, _, _ in LOSS_CASES}
+    names = set(LAYERS) | {"Linear"} | set(NORMS) | {op.name for op, _, _ in LOSS_CASES}
     assert names == set(CATALOG)
 
 
@@ -75,6 +77,69 @@ def test_layers_match_pytorch(name):
     expected_y, expected_dx = torch_value_and_grad(lambda t: LAYERS[name](t, **options), x, upstream)
     np.testing.assert_allclose(y, expected_y, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-12, atol=1e-15)
+
+
+# The layers with params and switches, as torch.nn's modules: (torch module, ours) by the same arguments
+NORMS = {
+    "LayerNorm": (torch.nn.LayerNorm, {"eps": [1e-5, 0.3], "elementwise_affine": [True, False], "bias": [True, False]}),
+    "RMSNorm": (torch.nn.RMSNorm, {"eps": [None, 0.3], "elementwise_affine": [True, False]}),
+    "GLU": (torch.nn.GLU, {}),
+}
+NORM_CASES = [(name, dict(zip(options, values))) for name, (_, options) in NORMS.items()
+              for values in itertools.product(*options.values())]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name, options", NORM_CASES, ids=[f"{n}-{o}" for n, o in NORM_CASES])
+def test_norm_layers_match_torch_nn_modules(name, options, dtype):
+    """Every switch and option, trained params (not the ones and zeros they start at), rows of mean 1e3."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(7, 6)) + (1e3 if name != "GLU" else 0)).astype(dtype)
+    upstream = rng.normal(size=(7, 3 if name == "GLU" else 6)).astype(dtype)
+    sized = {} if name == "GLU" else {"normalized_shape": 6, "dtype": dtype}
+    module, layer = NORMS[name][0](*[6] * bool(sized), **options).double(), getattr(generated, name)(**sized, **options)
+    params = dict(module.named_parameters())
+    assert [p for p in layer.params] == [{"weight": "gamma", "bias": "beta"}[p] for p in params]
+    for theirs, ours in zip(params.values(), layer.params):
+        value = rng.normal(size=6)
+        theirs.data = torch.tensor(value)
+        setattr(layer, ours, value.astype(dtype))
+    y, dx = layer.forward(x), None
+    dx = layer.backward(upstream)
+    tx = torch.tensor(x.astype(np.float64), requires_grad=True)
+    ty = module(tx)
+    ty.backward(torch.tensor(upstream.astype(np.float64)))
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == np.float64 else {"rtol": 2e-3, "atol": 2e-3}
+    assert y.dtype == dx.dtype == dtype
+    np.testing.assert_allclose(y, ty.detach().numpy(), **tol)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), **tol)
+    for theirs, ours in zip(params.values(), layer.params):
+        np.testing.assert_allclose(getattr(layer, "d" + ours), theirs.grad.numpy(), **tol)
+    frozen = [p for p in ("gamma", "beta") if hasattr(layer, p) and p not in layer.params]
+    assert all(getattr(layer, "d" + p) is None for p in frozen)
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_layers_take_an_empty_batch_and_refuse_bad_options_by_name(name):
+    sized = {} if name == "GLU" else {"normalized_shape": 4}
+    layer = getattr(generated, name)(**sized)
+    y = layer.forward(np.zeros((0, 4)))
+    assert y.shape == (0, 2 if name == "GLU" else 4) and layer.backward(np.zeros_like(y)).shape == (0, 4)
+    if name != "GLU":
+        with pytest.raises(ValueError, match=f"{name}: eps must be"):
+            getattr(generated, name)(4, eps=-1.0)
+        with pytest.raises(TypeError, match=f"{name}: elementwise_affine must be True or False, got 'no'"):
+            getattr(generated, name)(4, elementwise_affine="no")
+        with pytest.raises(TypeError, match=f"{name}: normalized_shape must be"):
+            getattr(generated, name)(4.5)
+
+
+def test_rms_norms_default_eps_is_the_dtypes_machine_epsilon_as_pytorch():
+    x = np.full((1, 3), 1e-4, np.float32)  # mean square 1e-8: float32's eps (1.2e-7) outweighs it
+    ours = generated.RMSNorm(3, dtype=np.float32).forward(x)
+    theirs = torch.nn.RMSNorm(3)(torch.tensor(x)).detach().numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    assert abs(ours[0, 0] - 1.0) > 0.5  # with float64's eps instead it would be 1
 
 
 def test_linear_matches_pytorch():
