@@ -940,21 +940,26 @@ def module_context(op):
         numerator, denominator = sp.fraction(sp.together(in_base_sizes(formula, op.sizes)))
         derived.append({"name": str(size), "formula": FormulaPrinter().doprint(formula), "denominator": denominator,
                         "numerator": printer.scalar.doprint(numerator.xreplace(size_names))})
-    inputs = [{"name": a, "ndim": len(axes), "labels": a in op.labels} for a, axes in [*op.inputs.items(),
-                                                                                       *op.targets.items()]]
+    inputs = [{"name": a, "ndim": len(axes), "trailing": len(axes) - 1, "labels": a in op.labels}
+              for a, axes in [*op.inputs.items(), *op.targets.items()]]
     shaped = [{"name": a, "source": source.get(a, a), "letters": "".join(map(str, axes))}
               for a, axes in [*op.inputs.items(), *((p, ax) for p, (ax, _) in op.params.items()), *op.targets.items()]]
     gradients = [f"d{a}" for a in op.inputs]
-    shapes = "; ".join(f"{a}: {shape_text(axes, op.names)}" for a, axes in [*op.inputs.items(), *(
-        (p, ax) for p, (ax, _) in op.params.items()), *op.targets.items()])
+    batched = op.batch_index is not None
+    # a batched input's leading axes are any number, none too: (*, K) as PyTorch writes them
+    shapes = "; ".join(f"{a}: {shape_text(axes, op.names)}".replace(f"({size_of(axes[0])}, ", "(*, ")
+                       if a in op.inputs and batched else f"{a}: {shape_text(axes, op.names)}"
+                       for a, axes in [*op.inputs.items(), *((p, ax) for p, (ax, _) in op.params.items()),
+                                       *op.targets.items()])
     arguments = [*op.inputs, *op.targets]
     layer = op.kind == "layer"
     signature = (f"forward({', '.join(arguments)}) -> {output if layer else 'the loss'}, "
                  f"{'backward(g)' if layer else 'backward() (backward(G) under reduction=none)'} -> "
                  f"{', '.join(gradients)}")
     signature += f", setting {', '.join('d' + p for p in op.params)}" if op.params else ""
-    return {"op": op, "kind": op.kind, "functions": functions, "imports": sorted(imports),
+    return {"op": op, "kind": op.kind, "functions": functions, "imports": sorted(imports), "batched": batched,
             "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set())
+                              | ({"flattened"} if batched else set())
                               | ({"derived_size"} if derived else set())
                               | ({"label_input", "label_range"} if op.labels else set())
                               | ({"flag"} if op.switches else set())

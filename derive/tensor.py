@@ -78,6 +78,25 @@ class TensorOp:
     dtype_eps: tuple = ()          # options whose default None is the input dtype's machine epsilon
 
     @property
+    def batch_index(self):
+        """The index of a layer's batch axis, into which any leading axes of its inputs flatten (PyTorch's
+        (*, K)): the first axis of every input and of the output, of no param, summed by no step and read
+        only as the first index of an array, so that each of its values is computed alone; else None."""
+        first = {axes[0] for axes in self.inputs.values()}
+        (n,) = first if len(first) == 1 else (None,)
+        if (self.kind != "layer" or n is None or self.steps[-1].indices[:1] != (n,)
+                or any(n in axes for axes, _ in self.params.values())):
+            return None
+        for step in self.steps:
+            if n in step.indices[1:] or any(n == limit[0] for s in step.expr.atoms(sp.Sum) for limit in s.limits):
+                return None
+            rows = step.expr.replace(lambda e: isinstance(e, sp.Indexed) and e.indices[0] == n,
+                                     lambda e: e.func(e.base, sp.Integer(0), *e.indices[1:]))
+            if n in rows.free_symbols:
+                return None
+        return n
+
+    @property
     def module(self):
         """The generated module's name: snake case of the class name, as derive.ops.Op.module."""
         return re.sub(r"(?<=[a-z])(?=[A-Z][a-z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", self.name).lower()

@@ -83,8 +83,8 @@ def close(ours, theirs, what, tol=1e-10):
     assert gap < tol, f"{what}: relative gap {gap:.2e}\nours:\n{ours}\nPyTorch:\n{theirs}"
 
 
-def run(package, op, arrays, params, reduction, rng, dtype=np.float64, options=None):
-    """(instance, output, gradients by name) of op's generated class, and the upstream gradient used."""
+def instance_of(package, op, arrays, params, reduction=None, dtype=np.float64, options=None):
+    """op's generated class made for arrays' sizes, with params set to the given values."""
     constructor = {op.names.get(str(size_of(i)), str(size_of(i))): arrays_size(arrays, op, i)
                    for axes, _ in op.params.values() for i in axes}
     extra = {"dtype": dtype} if op.params else {}
@@ -92,6 +92,12 @@ def run(package, op, arrays, params, reduction, rng, dtype=np.float64, options=N
                                          **({"reduction": reduction} if reduction else {}))
     for p, value in params.items():
         setattr(instance, p, value.astype(dtype))
+    return instance
+
+
+def run(package, op, arrays, params, reduction, rng, dtype=np.float64, options=None):
+    """(output, gradients by name) of op's generated class, and the upstream gradient used."""
+    instance = instance_of(package, op, arrays, params, reduction, dtype, options)
     out = instance.forward(*(arrays[a] for a in [*op.inputs, *op.targets]))
     upstream = rng.standard_normal(np.shape(out)).astype(dtype) if reduction in (None, "none") else None
     grads = instance.backward(upstream) if upstream is not None else instance.backward()
@@ -277,8 +283,12 @@ def test_the_fused_backend_says_it_skips_a_tensor_op(tmp_path):
 
 def test_inputs_are_checked_in_one_clear_line(package):
     layer = package.LayerNorm(4)
-    with pytest.raises(ValueError, match=r"LayerNorm: x must have 2 axes, got shape \(4,\)"):
-        layer.forward(np.ones(4))
+    with pytest.raises(ValueError, match=r"LayerNorm: x must have at least 1 axis, got shape \(\)"):
+        layer.forward(np.ones(()))
+    with pytest.raises(ValueError, match=r"BatchNorm: x must have 2 axes, got shape \(2, 3, 3\)"):
+        package.BatchNorm(K=3).forward(np.ones((2, 3, 3)))  # its statistics sum over n: no leading axes
+    with pytest.raises(ValueError, match=r"Attention: K has leading axes \(3, 2\) and Q has \(2, 3\): they must"):
+        package.Attention().forward(np.ones((2, 3, 4, 5)), np.ones((3, 2, 4, 5)), np.ones((3, 2, 4, 5)))
     with pytest.raises(ValueError, match=r"LayerNorm: gamma has shape \(4,\) and x has \(2, 3\): their axes k"):
         layer.forward(np.ones((2, 3)))
     with pytest.raises(TypeError, match="LayerNorm: gamma has dtype float64 but x has float32"):
@@ -300,6 +310,48 @@ def test_inputs_are_checked_in_one_clear_line(package):
     with pytest.raises(ValueError, match='takes G exactly when reduction="none"'):
         nll.forward(np.ones((2, 3)), np.array([0, 1]))
         nll.backward(np.ones(2))
+
+
+@pytest.mark.parametrize("name", [name for name, op in OPS.items() if op.batch_index is not None])
+def test_a_layer_of_rows_takes_any_leading_axes_as_pytorch(package, name):
+    """x of shape (*, ...): (2, 3, ...) gives each of the 6 slices' values and gradients, () one slice's."""
+    op, rng = OPS[name], np.random.default_rng(5)
+    _, arrays, params = sample(op, rng)
+    arrays = {a: v[:1] for a, v in arrays.items()}  # one slice of the batch axis, then (2, 3) of them
+    stacked = {a: rng.uniform(*op.domain, (2, 3) + v.shape[1:]) for a, v in arrays.items()}
+    layer = instance_of(package, op, arrays, params)
+    y = layer.forward(*stacked.values())
+    g = rng.standard_normal(y.shape)
+    grads = layer.backward(g)
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    param_grads = {p: getattr(layer, f"d{p}") for p in layer.params}
+    assert y.shape[:2] == (2, 3) and all(d.shape == stacked[a].shape for d, a in zip(grads, stacked))
+    expected_param_grads = {p: 0 for p in param_grads}
+    for at in np.ndindex(2, 3):
+        one = layer.forward(*(v[at] for v in stacked.values()))
+        np.testing.assert_allclose(y[at], one, rtol=1e-13, atol=1e-14)
+        dx = layer.backward(g[at])
+        for d, got in zip(dx if isinstance(dx, tuple) else (dx,), grads):
+            np.testing.assert_allclose(got[at], d, rtol=1e-13, atol=1e-14)
+        expected_param_grads = {p: total + getattr(layer, f"d{p}") for p, total in expected_param_grads.items()}
+    for p, total in expected_param_grads.items():
+        np.testing.assert_allclose(param_grads[p], total, rtol=1e-12, atol=1e-13)
+
+
+def test_attention_of_heads_is_pytorchs_four_dimensional_sdpa(package):
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((2, 4, 5, 8)) for _ in range(3))
+    for name, causal in (("Attention", False), ("CausalAttention", True)):
+        layer = getattr(package, name)()
+        y = layer.forward(q, k, v)
+        g = rng.standard_normal(y.shape)
+        grads = layer.backward(g)
+        tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+        ty = F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+        ty.backward(torch.tensor(g))
+        close(y, ty, f"{name} (2, 4, 5, 8)")
+        for ours, theirs in zip(grads, (tq, tk, tv)):
+            close(ours, theirs.grad, f"{name} gradient")
 
 
 def test_a_network_of_tensor_layers_trains(package):

@@ -92,10 +92,11 @@ NORM_CASES = [(name, dict(zip(options, values))) for name, (_, options) in NORMS
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("name, options", NORM_CASES, ids=[f"{n}-{o}" for n, o in NORM_CASES])
 def test_norm_layers_match_torch_nn_modules(name, options, dtype):
-    """Every switch and option, trained params (not the ones and zeros they start at), rows of mean 1e3."""
+    """Every switch and option, trained params (not the ones and zeros they start at), rows of mean 1e3, x of
+    shape (N, T, 6) as a sequence model has it."""
     rng = np.random.default_rng(3)
-    x = (rng.normal(size=(7, 6)) + (1e3 if name != "GLU" else 0)).astype(dtype)
-    upstream = rng.normal(size=(7, 3 if name == "GLU" else 6)).astype(dtype)
+    x = (rng.normal(size=(2, 7, 6)) + (1e3 if name != "GLU" else 0)).astype(dtype)
+    upstream = rng.normal(size=(2, 7, 3 if name == "GLU" else 6)).astype(dtype)
     sized = {} if name == "GLU" else {"normalized_shape": 6, "dtype": dtype}
     module, layer = NORMS[name][0](*[6] * bool(sized), **options).double(), getattr(generated, name)(**sized, **options)
     params = dict(module.named_parameters())
@@ -145,7 +146,7 @@ def test_rms_norms_default_eps_is_the_dtypes_machine_epsilon_as_pytorch():
 def test_linear_matches_pytorch():
     rng = np.random.default_rng(1)
     layer = generated.Linear(4, 3, l2=0.0, rng=rng)
-    x, upstream = rng.normal(size=(5, 4)), rng.normal(size=(5, 3))
+    x, upstream = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 3))  # (*, in_features), as F.linear
     y, dx = layer.forward(x), layer.backward(upstream)
     tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, layer.W, layer.b))
     ty = F.linear(tx, tw.T, tb)
