@@ -295,6 +295,10 @@ class Gather(ArrayOperation):
     """np.take_along_axis(array, index, axis) with the gathered axis dropped: x[n, c[n]]."""
 
 
+class Take(ArrayOperation):
+    """np.take(array, index, axis): the label's own axes in place of the gathered one: weight[c[n], d]."""
+
+
 class Window(ArrayOperation):
     """sliding_window_view(array, size, axis): the last axis a window along axis, which holds positions."""
 
@@ -313,7 +317,9 @@ class Statement(NamedTuple):
     target: str
     value: sp.Expr
     form: str = "define"           # define | zeros | add (target[region] += value) | scatter (at the labels)
-    region: object = ""            # add: the slice it adds into; scatter: (index array, axis, into zeros)
+    #                                | accumulate (at labels that may repeat, each adding)
+    region: object = ""            # add: the slice it adds into; scatter: (index array, axis, into zeros);
+    #                                accumulate: (index array, axis)
 
     def source(self, printer):
         value = printer.doprint(self.value)
@@ -323,6 +329,9 @@ class Statement(NamedTuple):
             return f"{self.target} = np.zeros({value}, dtype)"
         if self.form == "add":
             return f"{self.target}[{self.region}] += {value}"
+        if self.form == "accumulate":
+            at = ", ".join(["slice(None)"] * self.region[1] + [printer.doprint(self.region[0])])
+            return f"np.add.at({self.target}, ({at}{',' if self.region[1] == 0 else ''}), {value})"
         index, axis, into_zeros = printer.doprint(self.region[0]), self.region[1], self.region[2]
         if not into_zeros:      # added to what is there
             taken = f"np.take_along_axis({self.target}, {index}, axis={axis})"
@@ -497,6 +506,8 @@ class ArrayLowering:
         """x[..., c[F], ...]: np.take_along_axis along the label's axis, that axis dropped."""
         index, index_axes = self.native(label, scope)
         others = [a for a in axes if a is not None]
+        if not set(index_axes) & set(others):   # labels over axes of their own (an embedding's tokens)
+            return Take(expr, index, Str(str(at))), [*axes[:at], *index_axes, *axes[at + 1:]]
         if not set(index_axes) <= set(others):
             self.fail(f"label {label} reads an index its array's other axes lack")
         slot = sp.Dummy("slot")
@@ -634,13 +645,16 @@ class ArrayLowering:
         each term at a label scattered."""
         target, indices = assignment.name, assignment.indices
         scope = full_scope(indices)
-        plain, regions, scatters = [], [], {}
+        plain, regions, scatters, accumulated = [], [], {}, []
         for term in sp.Add.make_args(assignment.expr):
             guard = self.guard(term, indices)
+            at_labels = self.at_labels(term, indices)
             delta = next((f for f in sp.Mul.make_args(term) if isinstance(f, sp.KroneckerDelta)), None)
             at = [a for a in delta.args if a not in indices] if delta is not None else None
             if guard is not None:
                 regions.append(guard)
+            elif at_labels is not None:
+                accumulated.append(at_labels)
             elif delta is not None and len(at) == 1 and not at[0].free_symbols & set(indices) | at[0].atoms(
                     sp.Indexed):   # delta(k, e), e a size or a number (x[n, 0]'s derivative): the entry k = e
                 (index,) = [a for a in delta.args if a in indices]
@@ -671,6 +685,8 @@ class ArrayLowering:
         for number, (delta, terms) in enumerate(scatters.items()):
             into_zeros = not plain and not regions and number == 0
             self.statements.append(self.scatter(target, indices, delta, sp.Add(*terms), into_zeros))
+        for delta, rest in accumulated:
+            self.statements.append(self.accumulate(target, indices, delta, rest))
 
     def guard(self, term, indices):
         """({index: (lo, hi)}, value) of c Piecewise((e, bounds on the target's indices), (0, True)), else None."""
@@ -688,6 +704,31 @@ class ArrayLowering:
             lo, hi = ranges.get(i, (sp.S.Zero, extent(i) - 1))
             ranges[i] = (found[1], hi) if found[0] == "lo" else (lo, found[1])
         return ranges, sp.Mul(*(f for f in sp.Mul.make_args(term) if f is not pieces[0])) * value
+
+    def at_labels(self, term, indices):
+        """(delta, rest) of a term c Sum(KroneckerDelta(i, l[V]) rest, V), i an index of the target and the
+        Sum over the label's indices V, their whole ranges (an embedding's gradient: each token's row added
+        at its label); else None."""
+        coefficient, total = term.as_independent(Sum, as_Add=False)
+        deltas = [f for f in sp.Mul.make_args(total.function) if isinstance(f, sp.KroneckerDelta)] if isinstance(
+            total, Sum) else []
+        if len(deltas) != 1:
+            return None
+        index, label = sorted(deltas[0].args, key=lambda a: isinstance(a, sp.Indexed))
+        if not (index in indices and isinstance(label, sp.Indexed)
+                and set(label.indices) == {v for v, *_ in total.limits} == set(label.indices) - set(indices)
+                and all(self.same(lo, 0) and self.same(hi, extent(v) - 1) for v, lo, hi in total.limits)):
+            return None
+        return deltas[0], coefficient * total.function / deltas[0]
+
+    def accumulate(self, target, indices, delta, rest):
+        """rest added into target at delta's labels by np.add.at, so that labels that repeat add up."""
+        index, label = sorted(delta.args, key=lambda a: isinstance(a, sp.Indexed))
+        at, label_axes = indices.index(index), tuple(label.indices)
+        where = self.align(*self.native(label, full_scope(label_axes)), list(label_axes), full=True)
+        # rest over the target's axes with the label's axes in place of the labelled one
+        value = self.value(rest, full_scope((*indices[:at], *label_axes, *indices[at + 1:])))
+        return Statement(target, value, "accumulate", (where, at))
 
     def scatter(self, target, indices, delta, rest, into_zeros):
         """rest added into target at delta's label: np.put_along_axis over np.take_along_axis (each label
@@ -928,7 +969,7 @@ def module_context(op):
     if any(sp.sympify(s.value).has(sp.erf) for f in (forward, backward) for s in f.statements):
         imports.add("erf")
     source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options}}
-    first = next(iter(op.inputs))
+    first = next(iter([*op.inputs, *op.targets]))
     # an option left None is the dtype's machine epsilon: x's in forward, g's (x's dtype) in backward
     forward_source = {**source, **{o: f"or_machine_eps(self.{o}, {first})" for o in op.dtype_eps}}
     backward_source = {**source, **{o: f"or_machine_eps(self.{o}, g)" for o in op.dtype_eps}}
@@ -947,15 +988,14 @@ def module_context(op):
     gradients = [f"d{a}" for a in op.inputs]
     batched = op.batch_index is not None
     # a batched input's leading axes are any number, none too: (*, K) as PyTorch writes them
-    shapes = "; ".join(f"{a}: {shape_text(axes, op.names)}".replace(f"({size_of(axes[0])}, ", "(*, ")
-                       if a in op.inputs and batched else f"{a}: {shape_text(axes, op.names)}"
+    shapes = "; ".join(f"{a}: {shape_text(axes, op.names, batched=batched and a not in op.params)}"
                        for a, axes in [*op.inputs.items(), *((p, ax) for p, (ax, _) in op.params.items()),
                                        *op.targets.items()])
     arguments = [*op.inputs, *op.targets]
     layer = op.kind == "layer"
     signature = (f"forward({', '.join(arguments)}) -> {output if layer else 'the loss'}, "
                  f"{'backward(g)' if layer else 'backward() (backward(G) under reduction=none)'} -> "
-                 f"{', '.join(gradients)}")
+                 f"{', '.join(gradients) or 'None (integer labels have no gradient)'}")
     signature += f", setting {', '.join('d' + p for p in op.params)}" if op.params else ""
     return {"op": op, "kind": op.kind, "functions": functions, "imports": sorted(imports), "batched": batched,
             "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set())
@@ -979,11 +1019,12 @@ def module_context(op):
             "saved": [source.get(a, a) for a in backward.args[:backward.args.index("g")]],
             "backward_options": [backward_source[a] for a in backward.args[backward.args.index("g") + 1:]],
             "backward_returns": [f"self.{r}" if r[1:] in op.params else r for r in backward.returns],
-            "gradients": gradients, "output": output, "reductions": reductions("element"),
+            "gradients": gradients, "returned": gradients or ["None"], "output": output,
+            "reductions": reductions("element"),
             "signature": signature, "shapes": shapes,
             "forward_doc": f"{output}[{', '.join(map(str, op.steps[-1].indices))}] = {op.summary}"
                            + ("." if layer else ", reduced by self.reduction."),
-            "backward_doc": (f"{', '.join(gradients)} for the upstream gradient g of {output}'s shape"
+            "backward_doc": (f"{', '.join(gradients) or 'None'} for the upstream gradient g of {output}'s shape"
                              if layer else f"{', '.join(gradients)} of the reduced loss (G: the upstream gradient of "
                              f"the unreduced losses)") + (f"; sets {', '.join('d' + p for p in op.params)}"
                                                           if op.params else "") + "."}
@@ -1001,9 +1042,11 @@ def penalty_context(op, functions, source):
             "doc": sp.sstr(op.penalty)}
 
 
-def shape_text(axes, names=None):
-    """(K,) or (O, C, J): a shape of sizes, as Python source; a size by its name in names if it has one."""
+def shape_text(axes, names=None, batched=False):
+    """(K,) or (O, C, J): a shape of sizes, as Python source; a size by its name in names if it has one; a
+    batched array's first axis any number of leading ones, * as PyTorch writes it: (*, K)."""
     text = [(names or {}).get(str(size_of(i)), str(size_of(i))) for i in axes]
+    text = ["*", *text[1:]] if batched else text
     return f"({', '.join(text)}{',' if len(axes) == 1 else ''})"
 
 
@@ -1073,6 +1116,10 @@ class TensorPrinter(KernelPrinter):
     def _print_Reduce(self, expr):
         operand, axes, ufunc = expr.args
         return f"np.{ufunc.name}.reduce({self._print(operand)}, axis={axes.name})"
+
+    def _print_Take(self, expr):
+        array, index, axis = expr.args
+        return f"np.take({self._print(array)}, {self._print(index)}, axis={axis.name})"
 
     def _print_Gather(self, expr):
         array, index, axis = expr.args

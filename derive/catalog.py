@@ -56,6 +56,11 @@ OPS = (
     # PyTorch's nn.GLU() (dim=-1): the first half of the last axis, x[n, h], gated by the second, x[n, h + H]
     tensor_op("GLU", inputs={"x": "n k"}, sizes={"H": "K/2"}, steps=["y[n, h] = x[n, h] * sigmoid(x[n, h + H])"],
               summary="the first half of the last axis gated by the sigmoid of the second"),
+    # PyTorch's nn.Embedding(num_embeddings, embedding_dim): integer x picks rows of weight; its gradient adds
+    # g's rows at x's entries, a row picked twice getting both
+    tensor_op("Embedding", inputs={"x": "n"}, params={"weight": ("v d", "normal")},
+              names={"V": "num_embeddings", "D": "embedding_dim"}, steps=["y[n, d] = weight[x[n], d]"],
+              summary="row x[n] of the table weight for each integer x[n] (a token's embedding)"),
     # PyTorch's nn.Linear(in_features, out_features), W stored (in_features, out_features) so y = x @ W + b; the
     # L2 penalty is the derivation l2_penalty's (symgrad derive l2_penalty), its gradient added to dW
     tensor_op("Linear", inputs={"x": "n i"}, params={"W": ("i o", "uniform"), "b": ("o", "uniform")},

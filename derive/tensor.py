@@ -33,7 +33,8 @@ from sympy.parsing.sympy_parser import auto_number, parse_expr
 from derive.algebra import at_kinks, differentiated
 from derive.functions import sigmoid
 
-INITS = ("ones", "zeros", "uniform")
+# uniform: PyTorch's Linear's, within 1/sqrt(fan_in); normal: standard normal, its Embedding's
+INITS = ("ones", "zeros", "uniform", "normal")
 OUTPUT = {"layer": "y", "loss": "L"}
 EPS = float(np.finfo(np.float64).eps)
 STEP = re.compile(r"\s*(\w+)\s*(?:\[([^\]]*)\])?\s*=(?!=)(.*)", re.S)
@@ -82,7 +83,7 @@ class TensorOp:
         """The index of a layer's batch axis, into which any leading axes of its inputs flatten (PyTorch's
         (*, K)): the first axis of every input and of the output, of no param, summed by no step and read
         only as the first index of an array, so that each of its values is computed alone; else None."""
-        first = {axes[0] for axes in self.inputs.values()}
+        first = {axes[0] for axes in [*self.inputs.values(), *self.targets.values()]}
         (n,) = first if len(first) == 1 else (None,)
         if (self.kind != "layer" or n is None or self.steps[-1].indices[:1] != (n,)
                 or any(n in axes for axes, _ in self.params.values())):
@@ -198,6 +199,14 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
                  **{o: sp.Symbol(o, real=True) for o in options}, "Sum": Summed,
                  "KroneckerDelta": sp.KroneckerDelta}  # 1 where its two indices are equal, else 0
     formulas = {size_of(i): formula for i, formula in size_formulas.items()}
+    if kind == "layer":  # an input that indexes an axis holds integer labels (an embedding's tokens): no gradient
+        indexing = {index.base.name for line in lines for access in parsed(f"step {line[1]}", line[3].strip(),
+                                                                            namespace, refuse).atoms(sp.Indexed)
+                    for index in access.indices if isinstance(index, sp.Indexed)}
+        targets = {**targets, **{a: spec for a, spec in inputs.items() if a in indexing}}
+        inputs = {a: spec for a, spec in inputs.items() if a not in indexing}
+        if not inputs and not params:
+            refuse("no float input and no param: nothing to differentiate")
     assignments, labels, read = [], {}, set()
     for number, line in enumerate(lines):
         where = f"step {line[1]}"
@@ -250,7 +259,7 @@ def switched(refuse, switches, params, options):
         if not (isinstance(flag, str) and flag.isidentifier() and not keyword.iskeyword(flag)) or flag in {
                 *options, *params, "rng", "dtype", "reduction", "self"}:
             refuse(f"switch {flag!r} must be an identifier no param, option, rng, dtype or reduction takes")
-        if not names or any(p not in params or params[p][1] == "uniform" for p in names):
+        if not names or any(p not in params or params[p][1] not in ("ones", "zeros") for p in names):
             refuse(f"switch {flag} must name params initialised to ones or zeros, got {names!r}")
     return {flag: (names,) if isinstance(names, str) else tuple(names) for flag, names in switches.items()}
 

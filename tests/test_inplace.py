@@ -11,13 +11,13 @@ import pytest
 import codegen.kernels as kernels
 from codegen.printer import print_code
 from codegen.render import render_package
+from codegen.tensor_verify import sample
 from codegen.verify import example_options, sample_target, with_ignored_row
 from codegen.write import import_package, stage
 from derive.catalog import CATALOG
 from derive.declare import example
 from derive.ops import Op
 from derive.reduction import REDUCTIONS
-from tests.test_errors import constructor_sizes
 
 REAL = kernels.assignments_in_place
 
@@ -46,12 +46,13 @@ def results(pkg, op, seed=0, shape=(4, 5)):
     """Every value a class of op gives: forward and backward under each option set, target and reduction."""
     rng = np.random.default_rng(seed)
     cls = getattr(pkg, op.name)
-    if not isinstance(op, Op):  # an index-notation layer, at an even width (GLU halves it) and other options
-        x = rng.uniform(*op.domain, (shape[0], 4))
+    if not isinstance(op, Op):  # an index-notation layer at its check sizes and other options
+        constructor, arrays, _ = sample(op, rng)
         options = {o: example(v, op.ranges[o]) for o, v in op.options.items()}
-        layer = cls(**constructor_sizes(op, x), **options, **({"rng": seed} if op.params else {}))
-        y = layer.forward(x)
-        return [y, layer.backward(rng.standard_normal(y.shape)), *(getattr(layer, "d" + p) for p in layer.params)]
+        layer = cls(**constructor, **options, **({"rng": seed} if op.params else {}))
+        y = layer.forward(*arrays.values())
+        dx = layer.backward(rng.standard_normal(y.shape))  # None for integer x (Embedding's)
+        return [y, *[dx] * (dx is not None), *(getattr(layer, "d" + p) for p in layer.params)]
     x = rng.uniform(*op.domain, shape)
     option_sets = [{}] + ([example_options(op, shape, rng)] if op.params else [])
     found = []

@@ -60,6 +60,7 @@ TORCH = {
     "Conv1d": lambda a, p, o, r: F.conv1d(a["x"], p["w"], p["b"]),
     "GLU": lambda a, p, o, r: F.glu(a["x"], dim=1),
     "Linear": lambda a, p, o, r: F.linear(a["x"], p["W"].T, p["b"]),
+    "Embedding": lambda a, p, o, r: F.embedding(a["x"], p["weight"]),
     "KLDiv": lambda a, p, o, r: kl_div(a["x"], a["t"], r),
     "NLL": lambda a, p, o, r: F.nll_loss(a["x"], a["c"], reduction=r),
     "FocalLoss": lambda a, p, o, r: reduced(focal(a["x"], a["c"], o["gamma"]), r),
@@ -318,12 +319,13 @@ def test_a_layer_of_rows_takes_any_leading_axes_as_pytorch(package, name):
     op, rng = OPS[name], np.random.default_rng(5)
     _, arrays, params = sample(op, rng)
     arrays = {a: v[:1] for a, v in arrays.items()}  # one slice of the batch axis, then (2, 3) of them
-    stacked = {a: rng.uniform(*op.domain, (2, 3) + v.shape[1:]) for a, v in arrays.items()}
+    stacked = {a: rng.uniform(*op.domain, (2, 3) + v.shape[1:]) if a in op.inputs else
+               rng.integers(0, check_sizes(op)[op.labels[a]], (2, 3) + v.shape[1:]) for a, v in arrays.items()}
     layer = instance_of(package, op, arrays, params)
     y = layer.forward(*stacked.values())
     g = rng.standard_normal(y.shape)
     grads = layer.backward(g)
-    grads = grads if isinstance(grads, tuple) else (grads,)
+    grads = grads if isinstance(grads, tuple) else () if grads is None else (grads,)
     param_grads = {p: getattr(layer, f"d{p}") for p in layer.params}
     assert y.shape[:2] == (2, 3) and all(d.shape == stacked[a].shape for d, a in zip(grads, stacked))
     expected_param_grads = {p: 0 for p in param_grads}
@@ -331,7 +333,7 @@ def test_a_layer_of_rows_takes_any_leading_axes_as_pytorch(package, name):
         one = layer.forward(*(v[at] for v in stacked.values()))
         np.testing.assert_allclose(y[at], one, rtol=1e-13, atol=1e-14)
         dx = layer.backward(g[at])
-        for d, got in zip(dx if isinstance(dx, tuple) else (dx,), grads):
+        for d, got in zip(dx if isinstance(dx, tuple) else (dx,), grads):  # none for integer x
             np.testing.assert_allclose(got[at], d, rtol=1e-13, atol=1e-14)
         expected_param_grads = {p: total + getattr(layer, f"d{p}") for p, total in expected_param_grads.items()}
     for p, total in expected_param_grads.items():

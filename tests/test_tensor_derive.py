@@ -145,7 +145,7 @@ REFUSED = [
     (layer(inputs={"x": "n n"}), "an index is repeated"),
     (layer(inputs={"x": "n k", "u": "n k"}), "u is never read"),
     (layer(steps=["s[n] = Sum(x[n, k], k)", "y[n, k] = x[n, k]"]), "s is never read"),
-    (layer(params={"w": ("k", "normal")}), "param w must be (indices, init)"),
+    (layer(params={"w": ("k", "gaussian")}), "param w must be (indices, init)"),
     (layer(options={"eps": 1e-5}), "eps is never read"),
     (layer(inputs={"my-x": "n k"}), "an input is named 'my-x', which is not an identifier"),
     (layer(options={"eps": float("nan")}), "option eps needs a finite number"),

@@ -59,7 +59,7 @@ def torch_value_and_grad(function, x, upstream):
 
 
 def test_every_layer_and_loss_has_a_pytorch_counterpart():
-    names = set(LAYERS) | {"Linear"} | set(NORMS) | {op.name for op, _, _ in LOSS_CASES}
+    names = set(LAYERS) | {"Linear", "Embedding"} | set(NORMS) | {op.name for op, _, _ in LOSS_CASES}
     assert names == set(CATALOG)
 
 
@@ -141,6 +141,35 @@ def test_rms_norms_default_eps_is_the_dtypes_machine_epsilon_as_pytorch():
     theirs = torch.nn.RMSNorm(3)(torch.tensor(x)).detach().numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     assert abs(ours[0, 0] - 1.0) > 0.5  # with float64's eps instead it would be 1
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_embedding_matches_pytorch_and_adds_the_gradient_of_a_repeated_index(dtype):
+    rng = np.random.default_rng(4)
+    layer = generated.Embedding(6, 3, rng=rng, dtype=dtype)
+    tokens = np.array([[0, 5, 5, 2], [5, 1, 0, 5]])  # 5 four times, 0 twice, 3 and 4 never
+    y = layer.forward(tokens)
+    upstream = rng.normal(size=y.shape).astype(dtype)
+    assert layer.backward(upstream) is None and y.dtype == layer.dweight.dtype == dtype
+    table = torch.tensor(layer.weight, requires_grad=True)
+    ty = torch.nn.functional.embedding(torch.tensor(tokens), table)
+    ty.backward(torch.tensor(upstream))
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    np.testing.assert_allclose(layer.dweight, table.grad.numpy(), rtol=1e-6 if dtype == np.float32 else 1e-15)
+    assert not layer.dweight[[3, 4]].any() and layer.dweight.shape == (6, 3)
+
+
+def test_embedding_takes_an_empty_batch_and_refuses_bad_indices_by_name():
+    layer = generated.Embedding(4, 2)
+    assert layer.forward(np.zeros((0, 3), int)).shape == (0, 3, 2)
+    layer.backward(np.zeros((0, 3, 2)))
+    assert not layer.dweight.any()
+    with pytest.raises(ValueError, match=r"Embedding: x\[1\] = 4 is not a class index in \[0, 4\)"):
+        layer.forward(np.array([0, 4]))
+    with pytest.raises(TypeError, match="Embedding: x must hold integer class labels, got dtype float64"):
+        layer.forward(np.array([0.0, 1.0]))
+    with pytest.raises(TypeError, match="Embedding: embedding_dim must be"):
+        generated.Embedding(4, 2.5)
 
 
 def test_linear_matches_pytorch():
