@@ -40,10 +40,17 @@ def one_softplus(expr):
 
 
 def log_cosh(expr):
-    """log(cosh(u)) = |u| + log1p(exp(-2|u|)) - log 2: cosh(u) overflows from |u| = 89 in float32 (710 in
-    float64) where log cosh u is about |u|; here no exponential exceeds 1."""
+    """log(cosh(u)) = |u| + log1p(exp(-2|u|)) - log 2 for |u| > 1: cosh(u) overflows from |u| = 89 in float32
+    (710 in float64) where log cosh u is about |u|; here no exponential exceeds 1. Below, where that sum
+    cancels to 0 (log cosh 1e-8 = 5e-17), log1p(cosh(u) - 1) with cosh(u) - 1 = expm1(|u|)^2 / (2 (1 +
+    expm1(|u|))), exact near 0."""
     u = sp.Wild("u")
-    return expr.replace(sp.log(sp.cosh(u)), lambda u: sp.Abs(u) + log1p(sp.exp(-2 * sp.Abs(u))) - sp.log(2))
+
+    def branches(u):
+        a = sp.Abs(u)
+        small = Expm1(a)
+        return sp.Piecewise((a + log1p(sp.exp(-2 * a)) - sp.log(2), a > 1), (log1p(small ** 2 / (2 * (1 + small))), True))
+    return expr.replace(sp.log(sp.cosh(u)), branches)
 
 
 def tanh_quotients(expr):
@@ -252,6 +259,55 @@ def root_of_squares(expr):
     return expr.replace(lambda e: isinstance(e, sp.Pow), rooted)
 
 
+def _cancelled(add, function, power, replaced):
+    """add with each pair of terms c and -c f(u)^power (f = function) written replaced(c, u): the pair whose
+    difference differentiation makes (1 - tanh(u)^2, sigmoid(u) - sigmoid(u)^2) taken as one term."""
+    terms = list(add.args)
+    for term in add.args:
+        for f in [f for f in term.atoms(function) if term.has(f ** power if power != 1 else f)]:
+            partner = -term / f ** power
+            if term in terms and partner in terms:
+                terms.remove(term)
+                terms.remove(partner)
+                terms.append(replaced(partner, f.args[0]))
+    return sp.Add(*terms) if len(terms) != len(add.args) else add
+
+
+def one_minus_sigmoid(expr):
+    """c - c sigmoid(u) = c sigmoid(-u), (1 - sigmoid(u)) among them: the sigmoid's derivative sigmoid(u)(1 -
+    sigmoid(u)) is then sigmoid(u) sigmoid(-u), a product of two accurate numbers, where 1 - sigmoid(u) was 0
+    from u = 17 in float32 (37 in float64) and the derivative with it, although it is 4e-8 there."""
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sigmoid),
+                        lambda add: _cancelled(add, sigmoid, 1, lambda c, u: c * sigmoid(-u)))
+
+
+def one_minus_tanh_squared(expr):
+    """c - c tanh(u)^2 = c 4 exp(-2|u|) / (1 + exp(-2|u|))^2 (= c / cosh(u)^2): tanh's derivative. tanh(u)^2
+    rounds to 1 from |u| = 9 in float32 (19 in float64), where 1 - tanh(20)^2 is 1.7e-17; the quotient is
+    exact to a few ulps at any u, and no exponential exceeds 1."""
+    def sech_squared(c, u):
+        small = sp.exp(-2 * sp.Abs(u))
+        return c * 4 * small / (1 + small) ** 2
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sp.tanh),
+                        lambda add: _cancelled(add, sp.tanh, 2, sech_squared))
+
+
+def x_log_y(expr):
+    """c log(v) = 0 where c = 0 (xlogy's convention, torch.special.xlogy): a target t = 0 weighs out log(x) even
+    where x is 0 or negative (PoissonNLL's x - t log x at t = 0 is x; t log x was NaN). For a factor c that
+    is a target or option alone (a symbol, not x, whose log x log x handles); elsewhere unchanged."""
+    def weight(f):
+        return isinstance(f, sp.Indexed) and f.base.name != "x" or isinstance(f, sp.Symbol) and f.name != "x"
+
+    def extended(product):
+        logs = [f for f in product.args if isinstance(f, sp.log)]
+        weights = [f for f in product.args if weight(f) and not any(lg.has(f) for lg in logs)]
+        if not logs or not weights:
+            return product
+        return sp.Piecewise((0, sp.Eq(weights[0], 0)), (product, True))
+    return expr.replace(lambda e: isinstance(e, sp.Mul), extended)
+
+
 def log_one_minus_exp(expr):
     """log(1 - exp(u)), defined for u < 0, in Maechler's two branches (R's log1mexp): log(-expm1(u)) where
     u > -log 2 and log1p(-exp(u)) below. 1 - exp(u) cancels near u = 0 (log(1 - exp(-1e-10)) lost every
@@ -381,8 +437,10 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("tanh quotients", tanh_quotients, True), ("hinge as a step", hinge_as_step, True),
             ("shift by the row max", shift_by_max, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
-            ("exponential quotients shifted", exp_quotients_shifted, True), ("log1mexp", log_one_minus_exp, True), ("expm1", exp_minus_one, True),
-            ("root of squares", root_of_squares, True), ("x log x", x_log_x, True), ("log1p", log_one_plus, True), ("clip branches", clip_branches, True),
+            ("exponential quotients shifted", exp_quotients_shifted, True), ("1 - sigmoid", one_minus_sigmoid, True),
+            ("1 - tanh squared", one_minus_tanh_squared, True), ("log1mexp", log_one_minus_exp, True), ("expm1", exp_minus_one, True),
+            ("root of squares", root_of_squares, True), ("x log x", x_log_x, True), ("x log y", x_log_y, True),
+            ("log1p", log_one_plus, True), ("clip branches", clip_branches, True),
             ("logistic", logistic, True))
 
 

@@ -16,6 +16,7 @@ from codegen.fused import FusedPrinter
 from codegen.pipeline import codegen, summary
 from codegen.printer import KernelPrinter
 from codegen.stages import in_stage
+from derive.functions import sigmoid
 from derive.declare import DeclarationError, activation, elementwise_loss
 from derive.ops import build_catalog
 
@@ -364,7 +365,7 @@ def test_log_cosh_and_its_derivative_stay_finite_and_right_in_the_tails(package,
 
 
 @pytest.mark.parametrize("rule", ["log_cosh", "tanh_quotients", "log_one_plus", "root_of_squares",
-                                  "log_one_minus_exp"])
+                                  "log_one_minus_exp", "one_minus_sigmoid", "one_minus_tanh_squared", "x_log_y"])
 def test_the_tail_rewrites_keep_the_value_to_50_digits(rule):
     import derive.stability as stability
     u = sp.Symbol("u", real=True)
@@ -372,12 +373,29 @@ def test_the_tail_rewrites_keep_the_value_to_50_digits(rule):
             "log_one_plus": sp.log(1 + u ** 2) * sp.log(3 + u ** 2),
             "root_of_squares": u * sp.sqrt((u - 1) ** 2 + 3) + 1 / sp.sqrt(u ** 2 + sp.Rational(1, 2)),
             # defined for every u: the exponent is below 0; both branches are taken at these points
-            "log_one_minus_exp": sp.log(1 - sp.exp(-u ** 2 - sp.Rational(1, 10))) * u}[rule]
+            "log_one_minus_exp": sp.log(1 - sp.exp(-u ** 2 - sp.Rational(1, 10))) * u,
+            # the product form, the expanded one, and a sum around them
+            "one_minus_sigmoid": sigmoid(u) * (1 - sigmoid(u)) + 3 * sigmoid(u + 1) - 3 * sigmoid(u + 1) ** 2 + u,
+            "one_minus_tanh_squared": u * (1 - sp.tanh(u - 2) ** 2) + 2 * sp.tanh(u) - 2 * sp.tanh(u) ** 3,
+            # c log v for a target c (v > 0 here, where both sides are defined: at c = 0 the right one is 0)
+            "x_log_y": t_symbol * sp.log(u ** 2 + 1) + u}[rule]
     rewritten = getattr(stability, rule)(expr)
     assert rewritten != expr
     for point in (-300, -20, -1, 0, sp.Rational(1, 3), 5, 300):
-        before, after = (sp.N(e.subs(u, point), 50) for e in (expr, rewritten))
+        before, after = (sp.N(e.subs({u: point, t_symbol: sp.Rational(3, 7)}).rewrite(sp.exp), 50)
+                         for e in (expr, rewritten))
         assert abs(before - after) <= sp.Float(10) ** -45 * max(1, abs(before)), (point, before, after)
+
+
+t_symbol = sp.Symbol("t", real=True)
+
+
+def test_x_log_y_is_0_where_the_weight_is_0_even_at_a_log_of_0():
+    import derive.stability as stability
+    u = sp.Symbol("u", real=True)
+    rewritten = stability.x_log_y(t_symbol * sp.log(u))
+    assert rewritten.subs({t_symbol: 0, u: 0}) == 0 and rewritten.subs({t_symbol: 2, u: 3}) == 2 * sp.log(3)
+    assert stability.x_log_y(u * sp.log(u + 1)) == u * sp.log(u + 1)  # x's own weight: never rewritten
 
 
 def test_log_of_one_plus_a_tiny_value_keeps_it(package):
