@@ -827,7 +827,7 @@ def names_of(op):
     """Every name an op's arrays, options, sizes and indices take; temporaries take others."""
     indices = {i for axes in [*op.inputs.values(), *(a for a, _ in op.params.values()), *op.targets.values(),
                               *(s.indices for s in op.steps)] for i in axes}
-    return ({*op.inputs, *op.params, *op.targets, *op.options, *(s.name for s in op.steps), "g",
+    return ({*op.inputs, *op.params, *op.targets, *(op.noise or {}), *op.options, *(s.name for s in op.steps), "g",
              *(f"g_{s.name}" for s in op.steps), *(f"d{a}" for a in [*op.inputs, *op.params])}
             | {str(i) for i in indices} | {str(size_of(i)) for i in indices} | set(SOURCE_NAMES))
 
@@ -847,10 +847,11 @@ def lowered(op):
         raise LoweringError(f"{op.name}: the name {clash[0]} is taken by the generated code; rename it")
     original = program_of(op)
     program = rewritten(original, taken)
-    axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets, "g": op.steps[-1].indices,
+    axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets,
+            **{z: a for z, (a, _, _) in (op.noise or {}).items()}, "g": op.steps[-1].indices,
             **{a.name: a.indices for a in (*program.forward, *program.backward)}}
     sizes = check_sizes(op)
-    given = [*op.inputs, *op.params, *op.targets]
+    given = [*op.inputs, *op.params, *op.targets, *(op.noise or {})]
     output = op.steps[-1].name
     steps = [a.name for a in program.forward]
     read = set().union(*(reads_of(a.expr) for a in program.backward))
@@ -1003,12 +1004,16 @@ def module_context(op):
                               | ({"derived_size"} if derived else set())
                               | ({"label_input", "label_range"} if op.labels else set())
                               | ({"flag"} if op.switches else set())
-                              | ({"or_machine_eps"} if op.dtype_eps else set())),
+                              | ({"or_machine_eps"} if op.dtype_eps else set())
+                              | ({"flag", "generator", *(f"{kind}_mask" for _, kind, _ in op.noise.values())}
+                                 if op.noise else set())),
             "sizes": sizes, "options": [{"name": o, "default": "None" if o in op.dtype_eps else repr(v),
                                          "nullable": o in op.dtype_eps, "checks": range_arguments(op.ranges[o])}
                                         for o, v in op.options.items()],
             "switches": [{"name": flag, "params": list(params), "cleared": " = ".join(f"self.d{p}" for p in params)}
                          for flag, params in (op.switches or {}).items()],
+            "noise": [{"name": z, "kind": kind, "option": option, "shape": measured_shape(axes)}
+                      for z, (axes, kind, option) in (op.noise or {}).items()],
             "penalty": penalty_context(op, penalty, source),
             "params": params, "cleared": " = ".join(f"self.d{p}" for p in op.params), "inputs": inputs,
             "arguments": arguments, "shaped": shaped,
@@ -1040,6 +1045,11 @@ def penalty_context(op, functions, source):
     return {"call": [source[a] for a in value.args], "gradient_call": [source[a] for a in gradient.args],
             "returns": list(gradient.returns), "zero_at": [source[o] for o in zero_at],
             "doc": sp.sstr(op.penalty)}
+
+
+def measured_shape(axes):
+    """(size["N"], size["K"]): the shape of axes from the sizes the class measured its inputs' axes to be."""
+    return f"({', '.join(f'size[{str(size_of(i))!r}]' for i in axes)}{',' if len(axes) == 1 else ''})"
 
 
 def shape_text(axes, names=None, batched=False):

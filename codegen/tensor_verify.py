@@ -38,6 +38,14 @@ def sample(op, rng):
     return constructor, arrays, params
 
 
+def drawn_alike(op, instance):
+    """instance with its rng at one seed, so that each forward draws the same noise (a dropout mask): the
+    differences then differentiate one function."""
+    if op.noise:
+        instance._rng = np.random.default_rng(0)
+    return instance
+
+
 def check_tensor_op(op, cls, rng):
     """[(variant, GradientCheck)] of every input's and param's gradient of op's generated class cls, against
     central differences of sum(forward * u) (a layer, a loss unreduced) or of the reduced loss."""
@@ -59,7 +67,7 @@ def check_tensor_op(op, cls, rng):
             instance = cls(**constructor, **options, **({"reduction": reduction} if reduction else {}))
             for p, value in params.items():
                 setattr(instance, p, value.copy())
-            out = instance.forward(*(arrays[a] for a in names))
+            out = drawn_alike(op, instance).forward(*(arrays[a] for a in names))
             upstream = rng.standard_normal(np.shape(out)) if reduction in (None, "none") else None
             analytic = instance.backward(upstream) if upstream is not None else instance.backward()
             analytic = dict(zip(op.inputs, analytic if isinstance(analytic, tuple) else (analytic,)))
@@ -75,7 +83,7 @@ def check_tensor_op(op, cls, rng):
                         setattr(instance, p, value if p == name else params[p])
                 given = [value if a == name else arrays[a] for a in names]
                 penalty = instance.penalty() if op.penalty is not None else 0.0
-                return float(np.sum(instance.forward(*given) * weight) + penalty)
+                return float(np.sum(drawn_alike(op, instance).forward(*given) * weight) + penalty)
             for name, grad in analytic.items():
                 start = arrays[name] if name in arrays else params[name]
                 checks.append((f"d{name} ({label})", check_gradient(lambda v, name=name: objective(name, v), start,

@@ -61,6 +61,12 @@ OPS = (
     tensor_op("Embedding", inputs={"x": "n"}, params={"weight": ("v d", "normal")},
               names={"V": "num_embeddings", "D": "embedding_dim"}, steps=["y[n, d] = weight[x[n], d]"],
               summary="row x[n] of the table weight for each integer x[n] (a token's embedding)"),
+    # PyTorch's nn.Dropout(p): in training mode each entry zeroed with probability p, the others scaled by
+    # 1/(1 - p), the same mask in backward; eval() makes it the identity
+    tensor_op("Dropout", inputs={"x": "n"}, options={"p": (0.5, "[0, 1]")}, noise={"m": ("n", "dropout", "p")},
+              steps=["y[n] = x[n] * m[n]"],
+              summary="x times a mask of 0 and 1/(1 - p) drawn in training mode (each entry kept with probability "
+                      "1 - p), x in eval mode"),
     # PyTorch's nn.Linear(in_features, out_features), W stored (in_features, out_features) so y = x @ W + b; the
     # L2 penalty is the derivation l2_penalty's (symgrad derive l2_penalty), its gradient added to dW
     tensor_op("Linear", inputs={"x": "n i"}, params={"W": ("i o", "uniform"), "b": ("o", "uniform")},

@@ -35,6 +35,7 @@ from derive.functions import sigmoid
 
 # uniform: PyTorch's Linear's, within 1/sqrt(fan_in); normal: standard normal, its Embedding's
 INITS = ("ones", "zeros", "uniform", "normal")
+NOISES = ("dropout",)   # what tensor_op's noise arrays may be (see tensor_op)
 OUTPUT = {"layer": "y", "loss": "L"}
 EPS = float(np.finfo(np.float64).eps)
 STEP = re.compile(r"\s*(\w+)\s*(?:\[([^\]]*)\])?\s*=(?!=)(.*)", re.S)
@@ -77,6 +78,7 @@ class TensorOp:
     weights: dict = None           # {name: (index Symbol, ...)} of a loss: optional constant arrays, ones by default
     switches: dict = None          # {flag: (param, ...)}: False keeps those params at their init, untrained
     dtype_eps: tuple = ()          # options whose default None is the input dtype's machine epsilon
+    noise: dict = None             # {name: ((index Symbol, ...), kind, option)}: drawn in training mode, constants
 
     @property
     def batch_index(self):
@@ -135,16 +137,18 @@ def size_of(index):
 
 
 def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, penalty=None, names=None, switches=None,
-              summary=None, domain=(-3.0, 3.0), tol=1e-6):
+              noise=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
     """A layer y[...] computed by steps from inputs, trainable params {name: (indices, init)} and options
     {name: default or (default, range)}, a default None meaning the input dtype's machine epsilon (PyTorch's
     RMSNorm eps); penalty a scalar over params and options that the class's penalty() returns and backward
     adds the gradient of (an L2 term); names the constructor's argument for a param axis's size
     ({"I": "in_features"}), by default its capital letter; switches {flag: (param, ...)} constructor flags,
     True by default, whose False keeps those params at their ones or zeros, untrained (PyTorch's
-    elementwise_affine=False, bias=False)."""
+    elementwise_affine=False, bias=False); noise {name: (indices, kind, option)} arrays the layer draws from
+    its rng in training mode, constants to the derivation: kind "dropout" is a mask of 0 and 1/(1 - p), each
+    entry kept with probability 1 - p for p the option, and ones in eval mode (PyTorch's Dropout)."""
     return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol,
-                    penalty, names or {}, switches=switches or {})
+                    penalty, names or {}, switches=switches or {}, noise=noise or {})
 
 
 def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None, options=None, sizes=None,
@@ -157,7 +161,7 @@ def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None,
 
 
 def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol, penalty=None,
-             size_names=None, weights=None, switches=None):
+             size_names=None, weights=None, switches=None, noise=None):
     """The TensorOp of a declaration, refusing anything ill-formed with a DeclarationError naming it."""
     from derive.declare import DeclarationError, check_name, declared_param  # derive.declare re-exports this module
     check_name(name)
@@ -174,9 +178,16 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     for param, value in params.items():
         if not (isinstance(value, tuple) and len(value) == 2 and value[1] in INITS):
             refuse(f"param {param} must be (indices, init) with init one of {', '.join(INITS)}, got {value!r}")
-    weights = weights or {}
+    weights, noise = weights or {}, noise or {}
+    for array, value in noise.items():
+        if not (isinstance(value, tuple) and len(value) == 3 and value[1] in NOISES and value[2] in options):
+            refuse(f"noise {array} must be (indices, kind, option) with kind one of {', '.join(NOISES)} and an "
+                   f"option's name, got {value!r}")
+        if not ranges[value[2]].low >= 0 or not ranges[value[2]].high <= 1:
+            refuse(f"noise {array}: option {value[2]} is a probability; declare its range within [0, 1]")
     axes = {array: axes_of(refuse, array, spec) for array, spec in
-            [*inputs.items(), *((p, spec) for p, (spec, _) in params.items()), *targets.items(), *weights.items()]}
+            [*inputs.items(), *((p, spec) for p, (spec, _) in params.items()), *targets.items(), *weights.items(),
+             *((z, spec) for z, (spec, _, _) in noise.items())]}
     lines = [STEP.fullmatch(text) if isinstance(text, str) else None for text in steps]
     if not steps or None in lines:
         refuse(f"step {steps[lines.index(None)] if steps else None!r} is not 'name[i, j] = expression'")
@@ -188,7 +199,7 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
         axes[target] = axes_of(refuse, target, spec or "", known, what="step")
     arrays = {array: sp.IndexedBase(array, real=True) for array in axes}
     names = [*((a, "an input") for a in inputs), *((p, "a param") for p in params), *((t, "a target") for t in targets),
-             *((w, "a weight") for w in weights),
+             *((w, "a weight") for w in weights), *((z, "a noise") for z in noise),
              *((line[1], "a step") for line in lines), *((o, "an option") for o in options),
              *((str(i), "an index") for i in known),
              *((str(size_of(i)), "a size") for i in known)]
@@ -230,7 +241,8 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     penalty = None if penalty is None else penalty_of(refuse, penalty, namespace, params, axes, known, formulas)
     read |= {str(symbol) for e in [*(s.expr for s in assignments), *[penalty] * (penalty is not None)]
              for symbol in e.free_symbols}
-    unread = [a for a in [*inputs, *params, *targets, *weights, *options, *(s.name for s in assignments[:-1])]
+    read |= {option for _, _, option in noise.values()}   # a noise's option is read where the class draws it
+    unread = [a for a in [*inputs, *params, *targets, *weights, *noise, *options, *(s.name for s in assignments[:-1])]
               if a not in read]
     if unread:
         refuse(f"{unread[0]} is never read")
@@ -248,7 +260,8 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
                     targets={t: axes[t] for t in targets}, labels=labels, sizes=formulas, steps=tuple(assignments),
                     fan_in=fan_ins(assignments, [p for p, (_, init) in params.items() if init == "uniform"]),
                     domain=domain, tol=tol, penalty=penalty, names=dict(size_names or {}),
-                    weights={w: axes[w] for w in weights}, switches=switches, dtype_eps=dtype_eps)
+                    weights={w: axes[w] for w in weights}, switches=switches, dtype_eps=dtype_eps,
+                    noise={z: (axes[z], kind, option) for z, (_, kind, option) in noise.items()})
 
 
 def switched(refuse, switches, params, options):
@@ -798,7 +811,7 @@ def evaluated(assignments, arrays, scope):
 
 def random_arrays(op, scope, rng):
     """Inputs and params uniform in op.domain, labels random classes, dense targets in 0..1, weights in 0.5..2,
-    g in -1..1."""
+    noise in 0..2, g in -1..1."""
     def shape(axes):
         return tuple(scope[size_of(i)] for i in axes)
     arrays = {name: rng.uniform(*op.domain, shape(axes)) for name, axes in
@@ -806,6 +819,7 @@ def random_arrays(op, scope, rng):
     arrays |= {t: rng.integers(0, scope[op.labels[t]], shape(axes)) if t in op.labels else
                rng.uniform(0, 1, shape(axes)) for t, axes in op.targets.items()}
     arrays |= {w: rng.uniform(0.5, 2.0, shape(axes)) for w, axes in (op.weights or {}).items()}
+    arrays |= {z: rng.uniform(0.0, 2.0, shape(axes)) for z, (axes, _, _) in (op.noise or {}).items()}
     return arrays | {"g": rng.uniform(-1, 1, shape(op.steps[-1].indices))}
 
 

@@ -34,14 +34,17 @@ def parameterized(op):
 
 def has_classes(op):
     """Whether op reads rows of classes on its last axis (softmax, a row loss, Linear's features)."""
-    return parameterized(op) or {"layer": op.forward.has(sp.Sum), "loss": op.granularity == "row"}[op.kind]
+    if parameterized(op):  # an index-notation layer: unless its x has one axis alone (Dropout's, any shape)
+        return any(len(axes) > 1 for axes in op.inputs.values())
+    return {"layer": op.forward.has(sp.Sum), "loss": op.granularity == "row"}[op.kind]
 
 
 def make(op, x, reduction="mean", **options):
     """A fresh instance of op's generated class for input x."""
     cls = getattr(generated, op.name)
     if parameterized(op):
-        return cls(**constructor_sizes(op, x), **({"rng": 0, "dtype": x.dtype} if op.params else {}))
+        return cls(**constructor_sizes(op, x), **({"rng": 0, "dtype": x.dtype} if op.params else {}),
+                   **({"rng": 0} if op.noise and not op.params else {}))
     return cls(**options, reduction=reduction) if op.kind == "loss" else cls(**options)
 
 

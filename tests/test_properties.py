@@ -9,6 +9,7 @@ from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 import generated
+from codegen.tensor_lower import lowered
 from derive.catalog import CATALOG
 from derive.ops import Op
 from derive.tensor import evaluated, size_of
@@ -50,15 +51,21 @@ def reference(op, instance, x, target):
 
 def steps_value(op, instance, x):
     """The output of an index-notation layer's steps at x and instance's params and options, in float64 (an
-    option left None at x's machine epsilon)."""
-    arrays = {next(iter(op.inputs)): x.astype(np.float64),
-              **{p: getattr(instance, p).astype(np.float64) for p in op.params}}
+    option left None at x's machine epsilon; the noise its last forward drew), x's leading axes flattened into
+    the batch axis as the class flattens them."""
+    (name, axes), = op.inputs.items()
+    lead = x.shape[:x.ndim - len(axes) + 1]
+    saved = dict(zip(lowered(op)[1].args, instance._saved))   # what backward reads: the noise too
+    arrays = {name: x.reshape((-1,) + x.shape[len(lead):]).astype(np.float64),
+              **{p: getattr(instance, p).astype(np.float64) for p in op.params},
+              **{z: saved[z].astype(np.float64) for z in op.noise or {}}}
     scope = {size_of(i): size for name, axes in [*op.inputs.items(), *((p, a) for p, (a, _) in op.params.items())]
              for i, size in zip(axes, arrays[name].shape)}
     scope |= {size_of(i): int(formula.subs(scope)) for i, formula in op.sizes.items()}
     options = {o: getattr(instance, o) for o in op.options}
     scope |= {sp.Symbol(o, real=True): float(np.finfo(x.dtype).eps if v is None else v) for o, v in options.items()}
-    return evaluated(op.steps, arrays, scope)[op.steps[-1].name]
+    value = evaluated(op.steps, arrays, scope)[op.steps[-1].name]
+    return value.reshape(lead + value.shape[1:])
 
 
 def check_extremes(op, kind, x, target, instance):

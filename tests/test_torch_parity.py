@@ -59,7 +59,7 @@ def torch_value_and_grad(function, x, upstream):
 
 
 def test_every_layer_and_loss_has_a_pytorch_counterpart():
-    names = set(LAYERS) | {"Linear", "Embedding"} | set(NORMS) | {op.name for op, _, _ in LOSS_CASES}
+    names = set(LAYERS) | {"Linear", "Embedding", "Dropout"} | set(NORMS) | {op.name for op, _, _ in LOSS_CASES}
     assert names == set(CATALOG)
 
 
@@ -170,6 +170,42 @@ def test_embedding_takes_an_empty_batch_and_refuses_bad_indices_by_name():
         layer.forward(np.array([0.0, 1.0]))
     with pytest.raises(TypeError, match="Embedding: embedding_dim must be"):
         generated.Embedding(4, 2.5)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_dropout_is_pytorchs_inverted_dropout_and_the_identity_in_eval_mode(dtype):
+    """A random mask cannot equal PyTorch's draw: its law can. Each entry kept with probability 1 - p and
+    scaled by 1/(1 - p) (so E[y] = x), backward through the same mask; eval() the identity, bit for bit."""
+    x, p = np.random.default_rng(0).normal(size=(200, 500)).astype(dtype), 0.3
+    layer = generated.Dropout(p=p, rng=1)
+    y = layer.forward(x)
+    kept = y != 0
+    assert y.dtype == dtype and abs(kept.mean() - (1 - p)) < 4 * np.sqrt(p * (1 - p) / x.size)
+    np.testing.assert_allclose(y[kept], x[kept] / dtype(1 - p), rtol=1e-6 if dtype == np.float32 else 1e-15)
+    g = np.ones_like(x)
+    np.testing.assert_array_equal(layer.backward(g), np.where(kept, dtype(1 / (1 - p)), 0))
+    torch_y = F.dropout(torch.tensor(x), p, training=True)
+    assert abs((torch_y != 0).float().mean().item() - kept.mean()) < 8 * np.sqrt(p * (1 - p) / x.size)
+    assert layer.eval() is layer and not layer.training
+    np.testing.assert_array_equal(layer.forward(x), x)
+    np.testing.assert_array_equal(layer.backward(g), g)
+    layer.train()
+    assert layer.training and not np.array_equal(layer.forward(x), x)
+
+
+def test_dropout_at_p_0_and_1_and_one_seed_as_pytorch():
+    x = np.random.default_rng(1).normal(size=(4, 5, 6))
+    np.testing.assert_array_equal(generated.Dropout(p=0.0).forward(x), x)
+    np.testing.assert_array_equal(generated.Dropout(p=1.0).forward(x), F.dropout(torch.tensor(x), 1.0).numpy())
+    np.testing.assert_array_equal(generated.Dropout(rng=7).forward(x), generated.Dropout(rng=7).forward(x))
+    with pytest.raises(ValueError, match=r"Dropout: p must be"):
+        generated.Dropout(p=1.5)
+    with pytest.raises(TypeError, match="Dropout: mode must be True or False"):
+        generated.Dropout().train("yes")
+    net = generated.Sequential([generated.Linear(6, 6, rng=0), generated.Dropout(), generated.ReLU()])
+    assert net.eval() is net and not net.layers[1].training
+    net.train()
+    assert net.layers[1].training
 
 
 def test_linear_matches_pytorch():
