@@ -128,7 +128,7 @@ def linear_softmax_classifier():
                   assumes=(sp.Eq(over_classes(t[k], k), 1),)),
              Step(sp.Derivative(loss, W[u, v]), contract(known), "contraction of a Kronecker delta"))
     definitions = ((loss, value), (y[i], LINEAR_FORWARD), (p[i], sp.exp(y[i]) / over_classes(sp.exp(y[m]), m)))
-    return Derivation("Linear softmax classifier with an L2 penalty (seed 002)", steps, definitions, ((u, K), (v, D)))
+    return Derivation("Linear softmax classifier with an L2 penalty", steps, definitions, ((u, K), (v, D)))
 
 
 def backprop():
