@@ -33,6 +33,8 @@ PYTORCH = {
     "LayerNorm": "F.layer_norm(x, x.shape[-1:], gamma, beta, eps)",
     "RMSNorm": "F.rms_norm(x, x.shape[-1:], gamma, eps)",
     "GLU": "F.glu(x, dim=-1)", "Linear": "F.linear(x, W.T, b)  # W stored (in_features, out_features)",
+    "Embedding": "F.embedding(x, weight)",
+    "Dropout": "F.dropout(x, p, training)  # its law: a random mask cannot equal PyTorch's draw",
     "SoftmaxCrossEntropy": "F.cross_entropy(x, target, weight, ignore_index=ignore_index, "
                            "label_smoothing=label_smoothing, reduction=reduction)",
     "BinaryCrossEntropyWithLogits": "F.binary_cross_entropy_with_logits(x, target, weight, pos_weight=pos_weight, "

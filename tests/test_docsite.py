@@ -157,3 +157,8 @@ def test_a_derivation_shows_itself_typeset_in_a_notebook():
     latex = steps._repr_latex_()   # what Jupyter's display calls for text/latex
     assert latex == format_latex(steps) and latex in format_derivation(steps, "latex")
     assert katex_errors([latex]) == [None]
+
+
+def test_every_catalog_operation_has_its_pytorch_counterpart_on_its_page():
+    from docsite.build import PYTORCH
+    assert set(PYTORCH) == set(CATALOG)

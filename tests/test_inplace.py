@@ -49,7 +49,7 @@ def results(pkg, op, seed=0, shape=(4, 5)):
     if not isinstance(op, Op):  # an index-notation layer at its check sizes and other options
         constructor, arrays, _ = sample(op, rng)
         options = {o: example(v, op.ranges[o]) for o, v in op.options.items()}
-        layer = cls(**constructor, **options, **({"rng": seed} if op.params else {}))
+        layer = cls(**constructor, **options, **({"rng": seed} if op.params or op.noise else {}))  # one mask
         y = layer.forward(*arrays.values())
         dx = layer.backward(rng.standard_normal(y.shape))  # None for integer x (Embedding's)
         return [y, *[dx] * (dx is not None), *(getattr(layer, "d" + p) for p in layer.params)]
