@@ -12,10 +12,11 @@ from derive.ops import build_catalog
 SELU_ALPHA, SELU_SCALE = "1.6732632423543772848170429916717", "1.0507009873554804934193349852946"
 
 OPS = (
-    # sigmoid and tanh backward read y: y (1 - y) and 1 - y^2, as PyTorch's sigmoid_backward and tanh_backward
-    activation("Sigmoid", "sigmoid(x)", summary="logistic sigmoid, element-wise", saves_output=True,
-               domain=(-6.0, 6.0)),
-    activation("Tanh", "tanh(x)", summary="hyperbolic tangent, element-wise", saves_output=True),
+    # sigmoid and tanh backward read x, not y as PyTorch's sigmoid_backward and tanh_backward do: y (1 - y) and
+    # 1 - y^2 are 0 where y rounds to 1 (at x = 20 the truth is 1.7e-17); from x the stability rewrites give
+    # sigmoid(x) sigmoid(-x) and 4 exp(-2|x|) / (1 + exp(-2|x|))^2, right in the tails (tests/test_accuracy.py)
+    activation("Sigmoid", "sigmoid(x)", summary="logistic sigmoid, element-wise", domain=(-6.0, 6.0)),
+    activation("Tanh", "tanh(x)", summary="hyperbolic tangent, element-wise"),
     # at a kink the derivative is PyTorch's: 0 for ReLU at 0 (derive.algebra.at_kinks), slope for LeakyReLU
     activation("ReLU", "Max(0, x)", summary="max(0, x), element-wise"),
     activation("LeakyReLU", "Piecewise((x, x > 0), (negative_slope*x, True))",

@@ -15,10 +15,6 @@ import accuracy  # noqa: E402
 SIGMOID_SUBNORMAL = ("x sigmoid(x) is 0 below x = -88.7 in float32 (-745 in float64) where x exp(x) is still a normal "
                      "number: 1/(1 + exp(-x)) with exp(-x) = inf; a branch exp(x)/(1 + exp(x)) for x < 0 would keep it")
 KNOWN_FAILURES = {
-    "catalog:Sigmoid": "backward reads the saved y (saves_output, as PyTorch's sigmoid_backward): y (1 - y) is 0 where "
-                       "y rounds to 1 (x > 17 in float32); x must be saved instead (derive/catalog.py)",
-    "catalog:Tanh": "backward reads the saved y: 1 - y^2 is 0 where y rounds to 1 (the truth at 20 is 1.7e-17); x must "
-                    "be saved instead (derive/catalog.py); the declared Tanh, which reads x, passes",
     "catalog:BinaryCrossEntropyWithLogits": "the gradient sigmoid(x) - t cancels to 0 at t = 1 for large x, where it "
                                             "is -exp(-x): no rule for sigmoid(u) - t yet",
     "BCEWithLogits": "as catalog:BinaryCrossEntropyWithLogits: sigmoid(x) - t cancels at t = 1",
