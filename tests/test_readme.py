@@ -1,5 +1,6 @@
 """The README and docs/*.md stay true: every fenced python block runs (one namespace per file, in order),
-and every `symgrad derive` line of their sh blocks runs, so no example goes stale."""
+every `symgrad derive` line of their sh blocks runs, and every other sh line is a make target the Makefile
+has or a command line symgrad's parser accepts, so no example goes stale."""
 import contextlib
 import io
 import re
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from codegen.cli import main
+from codegen.cli import main, parser
 from derive.catalog import CATALOG
 from derive.stability import INDEX_REWRITES, REWRITES
 
@@ -79,6 +80,47 @@ def test_every_python_block_runs(path, monkeypatch):
 def test_every_symgrad_derive_line_runs(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert run_derive_lines(path)
+
+
+def unrun_lines(path):
+    """[(line number, words)] of each command of path's sh blocks that derive_lines does not give to be run:
+    make targets, symgrad's other commands (they write files or take minutes), slow derive lines."""
+    run = {number for number, _ in derive_lines(path)}
+    return [(number, words) for info, first, body in fenced_blocks(path.read_text()) if info == "sh"
+            for number, line in enumerate(body.splitlines(), first)
+            if (words := shlex.split(line, comments=True)) and number not in run]
+
+
+def stale_commands(path):
+    """The commands of path's sh blocks that could not run as written: a make target the Makefile lacks, a
+    symgrad command line its parser refuses, anything else."""
+    targets = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    stale = []
+    for number, words in unrun_lines(path):
+        if words[0] == "make":
+            stale += [f"{path}:{number}: make {w}" for w in words[1:] if w not in targets]
+        elif words[0] in ("symgrad", ".venv/bin/symgrad"):
+            with contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    parser().parse_args(words[1:words.index(">")] if ">" in words else words[1:])
+                except SystemExit:
+                    stale.append(f"{path}:{number}: {shlex.join(words)}")
+        elif words[0] not in ("git", "cd", "pip", "python", "python3", "bash"):
+            stale.append(f"{path}:{number}: {shlex.join(words)} (no check knows this command)")
+    return stale
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: p.name)
+def test_every_other_shell_line_is_a_make_target_or_a_command_line_symgrad_accepts(path):
+    assert stale_commands(path) == []
+
+
+def test_the_shell_check_catches_a_missing_target_and_a_refused_option(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("```sh\nmake test\nmake no-such-target\nsymgrad codegen --backend numpy\n"
+                    "symgrad codegen --backend gpu\nfrobnicate now\n```\n")
+    assert [line.split(": ", 1)[1] for line in stale_commands(page)] == [
+        "make no-such-target", "symgrad codegen --backend gpu", "frobnicate now (no check knows this command)"]
 
 
 def test_the_runner_fails_on_a_broken_block_naming_its_page_and_line(tmp_path):
