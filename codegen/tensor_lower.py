@@ -227,7 +227,7 @@ def mean_of(expr):
     rest = expr / total[0] if len(total) == 1 else None
     if rest is None or not isinstance(total[0].function, sp.Indexed) or len(total[0].limits) != 1:
         return None, None
-    index, low, high = total[0].limits[0]
+    _, low, high = total[0].limits[0]
     return (total[0], high + 1) if low == 0 and rest == 1 / (high + 1) else (None, None)
 
 
@@ -715,8 +715,9 @@ class ArrayLowering:
         if len(deltas) != 1:
             return None
         index, label = sorted(deltas[0].args, key=lambda a: isinstance(a, sp.Indexed))
-        if not (index in indices and isinstance(label, sp.Indexed)
-                and set(label.indices) == {v for v, *_ in total.limits} == set(label.indices) - set(indices)
+        summed = {v for v, *_ in total.limits}
+        if not (index in indices and isinstance(label, sp.Indexed) and set(label.indices) == summed
+                and not summed & set(indices)
                 and all(self.same(lo, 0) and self.same(hi, extent(v) - 1) for v, lo, hi in total.limits)):
             return None
         return deltas[0], coefficient * total.function / deltas[0]
