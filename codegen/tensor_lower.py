@@ -17,7 +17,7 @@ np.take_along_axis; a Kronecker delta at a label on the gradient side is a scatt
 (np.put_along_axis). A term guarded by a bound on an index (GLU's halves) updates that slice of its
 array. A Piecewise on data is np.where once guarded_branches has made both branches safe."""
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -30,8 +30,8 @@ from sympy.printing.str import StrPrinter
 from codegen.printer import KernelPrinter, positive_first, range_arguments
 from derive.special import ExpToInf
 from derive.stability import INDEX_REWRITES, rewritten_by
-from derive.tensor import (Assignment, Sum, bound_of, check_sizes, derivation, folded, in_base_sizes, linear,
-                           reads_of, size_of)
+from derive.tensor import (Assignment, Sum, bound_of, check_sizes, derivation, eval_mode, folded, in_base_sizes,
+                           linear, reads_of, size_of)
 
 
 class LoweringError(ValueError):
@@ -221,14 +221,15 @@ def mean_corrected(program, taken):
 
 
 def mean_of(expr):
-    """(the Sum, the size it is divided by) where expr is a mean Sum(a[..], k)/K of one array's entries
-    over the whole axis k, else (None, None)."""
+    """(the Sum, the size it is divided by) where expr is a mean Sum(a[..], k, ...)/(K ...) of one array's
+    entries over the whole axes k, ..., else (None, None)."""
     total = [f for f in sp.Mul.make_args(expr) if isinstance(f, Sum)]
     rest = expr / total[0] if len(total) == 1 else None
-    if rest is None or not isinstance(total[0].function, sp.Indexed) or len(total[0].limits) != 1:
+    if rest is None or not isinstance(total[0].function, sp.Indexed):
         return None, None
-    _, low, high = total[0].limits[0]
-    return (total[0], high + 1) if low == 0 and rest == 1 / (high + 1) else (None, None)
+    size = sp.Mul(*(high + 1 for _, _, high in total[0].limits))
+    whole = all(low == 0 for _, low, _ in total[0].limits)
+    return (total[0], size) if whole and sp.simplify(rest - 1 / size) == 0 else (None, None)
 
 
 def rewritten(program, taken):
@@ -828,7 +829,8 @@ def names_of(op):
     """Every name an op's arrays, options, sizes and indices take; temporaries take others."""
     indices = {i for axes in [*op.inputs.values(), *(a for a, _ in op.params.values()), *op.targets.values(),
                               *(s.indices for s in op.steps)] for i in axes}
-    return ({*op.inputs, *op.params, *op.targets, *(op.noise or {}), *op.options, *(s.name for s in op.steps), "g",
+    return ({*op.inputs, *op.params, *op.targets, *(op.noise or {}), *(op.given or {}), *op.options,
+             *(b for b, _, _, _ in (op.running or {}).values()), *(s.name for s in op.steps), "g",
              *(f"g_{s.name}" for s in op.steps), *(f"d{a}" for a in [*op.inputs, *op.params])}
             | {str(i) for i in indices} | {str(size_of(i)) for i in indices} | set(SOURCE_NAMES))
 
@@ -849,10 +851,10 @@ def lowered(op):
     original = program_of(op)
     program = rewritten(original, taken)
     axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets,
-            **{z: a for z, (a, _, _) in (op.noise or {}).items()}, "g": op.steps[-1].indices,
+            **{z: a for z, (a, _, _) in (op.noise or {}).items()}, **(op.given or {}), "g": op.steps[-1].indices,
             **{a.name: a.indices for a in (*program.forward, *program.backward)}}
     sizes = check_sizes(op)
-    given = [*op.inputs, *op.params, *op.targets, *(op.noise or {})]
+    given = [*op.inputs, *op.params, *op.targets, *(op.noise or {}), *(op.given or {})]
     output = op.steps[-1].name
     steps = [a.name for a in program.forward]
     read = set().union(*(reads_of(a.expr) for a in program.backward))
@@ -878,6 +880,22 @@ def lowered(op):
         for name, doc, assignments in [("penalty", "The penalty P, to add to the loss.", [value]),
                                        ("penalty_backward", "The penalty's gradient in each param it reads.",
                                         gradients)])
+
+
+def running_update(op):
+    """The ArrayFunction of op's running statistics (derive.tensor.tensor_op's running): each buffer moved towards
+    its estimate, buffer + momentum (estimate - buffer), from the steps forward returned and the buffers."""
+    steps = {s.name: s for s in op.steps}
+    updates = [Assignment(buffer, steps[step].indices, sp.IndexedBase(buffer, real=True)[steps[step].indices]
+                          + sp.Symbol(option, real=True) * (estimate - sp.IndexedBase(buffer, real=True)[
+                              steps[step].indices]))
+               for step, (buffer, _, estimate, option) in op.running.items()]
+    axes = {**{step: steps[step].indices for step in op.running}, **{a.name: a.indices for a in updates},
+            **op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets}
+    options = list(dict.fromkeys(sp.Symbol(option, real=True) for _, _, _, option in op.running.values()))
+    return function(op, "running_update", "Each running statistic moved towards its estimate from this batch.",
+                    updates, [*op.running, *(a.name for a in updates)], tuple(a.name for a in updates), axes,
+                    check_sizes(op), options, names_of(op), list(map(str, updates)))
 
 
 def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, taken, derivation):
@@ -956,17 +974,18 @@ def module_context(op):
     from codegen.kernels import reductions
     forward, backward, *penalty = lowered(op)
     printer = TensorPrinter()
+    running = running_context(op, printer) if op.running else None
     output = op.steps[-1].name
     functions = [{"name": f.name, "doc": f.doc, "args": list(f.args), "lines": f.lines(printer),
                   "returns": list(f.returns), "derivation": list(f.derivation),
                   "overflows": any(sp.sympify(s.value).has(ExpToInf) for s in f.statements)}
-                 for f in (forward, backward, *penalty)]
+                 for f in (forward, backward, *penalty, *(running["functions"] if running else ()))]
     sizes = [{"size": size, "name": op.names.get(size, size)} for size in
              dict.fromkeys(str(size_of(i)) for axes, _ in op.params.values() for i in axes)]
     params = [{"name": p, "init": init, "shape": shape_text(axes),
                "bound": printer.scalar.doprint(1 / sp.sqrt(op.fan_in[p])) if init == "uniform" else None}
               for p, (axes, init) in op.params.items()]
-    imports = set().union(forward.imports, backward.imports)
+    imports = set().union(forward.imports, backward.imports, *(f.imports for f in (running or {}).get("functions", ())))
     imports |= {"math"} if printer.scalar.module_imports else set()
     if any(sp.sympify(s.value).has(sp.erf) for f in (forward, backward) for s in f.statements):
         imports.add("erf")
@@ -983,14 +1002,16 @@ def module_context(op):
         numerator, denominator = sp.fraction(sp.together(in_base_sizes(formula, op.sizes)))
         derived.append({"name": str(size), "formula": FormulaPrinter().doprint(formula), "denominator": denominator,
                         "numerator": printer.scalar.doprint(numerator.xreplace(size_names))})
-    inputs = [{"name": a, "ndim": len(axes), "trailing": len(axes) - 1, "labels": a in op.labels}
+    inputs = [{"name": a, "ndim": len(axes), "trailing": len(axes) - 1, "labels": a in op.labels,
+               "optional": a in op.optional_axis}
               for a, axes in [*op.inputs.items(), *op.targets.items()]]
     shaped = [{"name": a, "source": source.get(a, a), "letters": "".join(map(str, axes))}
               for a, axes in [*op.inputs.items(), *((p, ax) for p, (ax, _) in op.params.items()), *op.targets.items()]]
     gradients = [f"d{a}" for a in op.inputs]
     batched = op.batch_index is not None
     # a batched input's leading axes are any number, none too: (*, K) as PyTorch writes them
-    shapes = "; ".join(f"{a}: {shape_text(axes, op.names, batched=batched and a not in op.params)}"
+    shapes = "; ".join(f"{a}: {shape_text(axes[:-1], op.names)} or " * (a in op.optional_axis)
+                       + f"{a}: {shape_text(axes, op.names, batched=batched and a not in op.params)}"
                        for a, axes in [*op.inputs.items(), *((p, ax) for p, (ax, _) in op.params.items()),
                                        *op.targets.items()])
     arguments = [*op.inputs, *op.targets]
@@ -1007,10 +1028,14 @@ def module_context(op):
                               | ({"flag"} if op.switches else set())
                               | ({"or_machine_eps"} if op.dtype_eps else set())
                               | ({"flag", "generator", *(f"{kind}_mask" for _, kind, _ in op.noise.values())}
-                                 if op.noise else set())),
+                                 if op.noise else set())
+                              | ({"flag", "running_factor"} | ({"nonzero_size"} if running["denominators"] else set())
+                                 if running else set())),
             "sizes": sizes, "options": [{"name": o, "default": "None" if o in op.dtype_eps else repr(v),
-                                         "nullable": o in op.dtype_eps, "checks": range_arguments(op.ranges[o])}
+                                         "nullable": o in op.dtype_eps or o in (running or {}).get("momenta", ()),
+                                         "checks": range_arguments(op.ranges[o])}
                                         for o, v in op.options.items()],
+            "running": running, "optional": [a for a in op.optional_axis],
             "switches": [{"name": flag, "params": list(params), "cleared": " = ".join(f"self.d{p}" for p in params)}
                          for flag, params in (op.switches or {}).items()],
             "noise": [{"name": z, "kind": kind, "option": option, "shape": measured_shape(axes)}
@@ -1034,6 +1059,42 @@ def module_context(op):
                              if layer else f"{', '.join(gradients)} of the reduced loss (G: the upstream gradient of "
                              f"the unreduced losses)") + (f"; sets {', '.join('d' + p for p in op.params)}"
                                                           if op.params else "") + "."}
+
+
+def running_context(op, printer):
+    """What the class of an op with running statistics needs: its eval mode's two functions (forward_eval,
+    backward_eval, reading the buffers in place of the steps), the update of the buffers, their shapes and
+    inits, and each estimate's denominator over sizes, which training refuses at 0 (PyTorch's "more than 1
+    value per channel")."""
+    evaluation = eval_mode(op)
+    forward, backward = (replace(f, name=f"{f.name}_eval") for f in lowered(evaluation)[:2])
+    update = running_update(op)
+    steps = {s.name: s for s in op.steps}
+    buffers = {step: buffer for step, (buffer, _, _, _) in op.running.items()}
+    source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options},
+              **{o: f"or_machine_eps(self.{o}, {next(iter(op.inputs))})" for o in op.dtype_eps},
+              **{step: f"self.{buffer}" for step, buffer in buffers.items()}}
+    backward_source = {**source, **{o: f"or_machine_eps(self.{o}, g)" for o in op.dtype_eps}}
+    momenta = list(dict.fromkeys(option for _, _, _, option in op.running.values()))
+    size_names = {size_of(i): sp.Symbol(f'size["{size_of(i)}"]') for axes in op.inputs.values() for i in axes}
+    denominators = []
+    for step, (_, _, estimate, _) in op.running.items():
+        denominator = sp.fraction(sp.together(estimate))[1]
+        if denominator.free_symbols and not reads_of(denominator):
+            denominators.append({"step": step, "formula": FormulaPrinter().doprint(denominator),
+                                 "value": printer.scalar.doprint(denominator.xreplace(size_names))})
+    gone = backward.args.index("g")
+    return {"functions": [forward, backward, update], "momenta": momenta, "denominators": denominators,
+            "buffers": [{"name": buffer, "init": init, "shape": shape_text(steps[step].indices)}
+                        for step, (buffer, init, _, _) in op.running.items()],
+            "forward_call": [source.get(a, a) for a in forward.args], "forward_returns": list(forward.returns),
+            "saved": [source.get(a, a) for a in backward.args[:gone]],
+            "backward_options": [backward_source[a] for a in backward.args[gone + 1:]],
+            "update_call": [f"self.{a}" if a in buffers.values() else "factor" if a in momenta else a
+                            for a in update.args],
+            "update_returns": list(update.returns), "output_shape": measured_shape(op.steps[-1].indices),
+            "zeros": [f"np.zeros_like(self._saved[{list(op.inputs).index(r[1:])}])" if r[1:] in op.inputs
+                      else f"np.zeros_like(self.{r[1:]})" for r in backward.returns]}
 
 
 def penalty_context(op, functions, source):

@@ -46,12 +46,29 @@ def drawn_alike(op, instance):
     return instance
 
 
+EVAL = "eval mode"    # an option set's key: the class in eval mode, reading buffers in place of its running steps
+
+
+def built(cls, constructor, options, buffers, reduction):
+    """An instance of cls with options, and in eval mode at the given buffers where options say so."""
+    instance = cls(**constructor, **{o: v for o, v in options.items() if o != EVAL},
+                   **({"reduction": reduction} if reduction else {}))
+    if options.get(EVAL):
+        for buffer, value in buffers.items():
+            setattr(instance, buffer, value.copy())
+        instance.eval()
+    return instance
+
+
 def check_tensor_op(op, cls, rng):
     """[(variant, GradientCheck)] of every input's and param's gradient of op's generated class cls, against
     central differences of sum(forward * u) (a layer, a loss unreduced) or of the reduced loss."""
     constructor, arrays, params = sample(op, rng)
     option_sets = ([{}] + ([{o: example(v, op.ranges[o]) for o, v in op.options.items()}] if op.options else [])
-                   + [{flag: False} for flag in op.switches or {}])
+                   + [{flag: False} for flag in op.switches or {}] + [{EVAL: True}] * bool(op.running))
+    # eval mode reads running statistics: random ones, positive (a variance), the same for every forward
+    buffers = {buffer: rng.uniform(0.5, 2.0, np.shape(getattr(cls(**constructor), buffer)))
+               for buffer, _, _, _ in (op.running or {}).values()}
     reductions = (None,) if op.kind == "layer" else ("mean", "sum", "none")
     names = [*op.inputs, *op.targets]
     checks = []
@@ -61,10 +78,11 @@ def check_tensor_op(op, cls, rng):
         off = {p for flag, names in (op.switches or {}).items() if options.get(flag) is False for p in names}
         params = {p: value for p, value in every_param.items() if p not in off}
         for reduction in reductions:
-            label = ", ".join([f"{o}={v:g}" if o in op.options else f"{o}={v}" for o, v in options.items()]
+            label = ", ".join([f"{o}={v:g}" if o in op.options else o if o == EVAL else f"{o}={v}"
+                               for o, v in options.items()]
                               + [reduction] * bool(reduction))
             label = label or "defaults"
-            instance = cls(**constructor, **options, **({"reduction": reduction} if reduction else {}))
+            instance = built(cls, constructor, options, buffers, reduction)
             for p, value in params.items():
                 setattr(instance, p, value.copy())
             out = drawn_alike(op, instance).forward(*(arrays[a] for a in names))
@@ -78,7 +96,7 @@ def check_tensor_op(op, cls, rng):
             def objective(name, value, instance=instance, weight=1.0 if upstream is None else upstream, params=params):
                 """The checked scalar with name (an input or a param) at value, the others as sampled."""
                 if name in params:   # a fresh instance with the param at value, the others as sampled
-                    instance = cls(**constructor, **options, **({"reduction": reduction} if reduction else {}))
+                    instance = built(cls, constructor, options, buffers, reduction)
                     for p in params:
                         setattr(instance, p, value if p == name else params[p])
                 given = [value if a == name else arrays[a] for a in names]

@@ -15,6 +15,7 @@ gradient of the output (for a loss, each entry's weight under the reduction); g_
 s; dq the vector-Jacobian product of input or param q. A Sum over an empty range is 0 (not SymPy's
 Karr convention): a contracted Kronecker delta restricts a range to max(lo, a)..min(hi, b).
 """
+import dataclasses
 import functools
 import io
 import itertools
@@ -36,8 +37,10 @@ from derive.functions import sigmoid
 # uniform: PyTorch's Linear's, within 1/sqrt(fan_in); normal: standard normal, its Embedding's
 INITS = ("ones", "zeros", "uniform", "normal")
 NOISES = ("dropout",)   # what tensor_op's noise arrays may be (see tensor_op)
+RUNNING_INITS = ("zeros", "ones")   # a running statistic's buffer starts at one of these (see tensor_op)
 OUTPUT = {"layer": "y", "loss": "L"}
 EPS = float(np.finfo(np.float64).eps)
+OPTIONAL_AXIS = re.compile(r"\[\s*([a-z])\s*\]\s*$")
 STEP = re.compile(r"\s*(\w+)\s*(?:\[([^\]]*)\])?\s*=(?!=)(.*)", re.S)
 PARSE_GLOBALS = {"Integer": sp.Integer, "Float": sp.Float, "Rational": sp.Rational}
 
@@ -79,6 +82,9 @@ class TensorOp:
     switches: dict = None          # {flag: (param, ...)}: False keeps those params at their init, untrained
     dtype_eps: tuple = ()          # options whose default None is the input dtype's machine epsilon
     noise: dict = None             # {name: ((index Symbol, ...), kind, option)}: drawn in training mode, constants
+    running: dict = None           # {step: (buffer, init, estimate Expr, momentum option)}: see tensor_op
+    given: dict = None             # {name: (index Symbol, ...)}: arrays the class passes in, constants (eval_mode)
+    optional_axis: tuple = ()      # inputs whose last axis may be absent (a size of 1): PyTorch's (N, C) or (N, C, L)
 
     @property
     def batch_index(self):
@@ -137,7 +143,7 @@ def size_of(index):
 
 
 def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, penalty=None, names=None, switches=None,
-              noise=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
+              noise=None, running=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
     """A layer y[...] computed by steps from inputs, trainable params {name: (indices, init)} and options
     {name: default or (default, range)}, a default None meaning the input dtype's machine epsilon (PyTorch's
     RMSNorm eps); penalty a scalar over params and options that the class's penalty() returns and backward
@@ -146,9 +152,15 @@ def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, pen
     True by default, whose False keeps those params at their ones or zeros, untrained (PyTorch's
     elementwise_affine=False, bias=False); noise {name: (indices, kind, option)} arrays the layer draws from
     its rng in training mode, constants to the derivation: kind "dropout" is a mask of 0 and 1/(1 - p), each
-    entry kept with probability 1 - p for p the option, and ones in eval mode (PyTorch's Dropout)."""
+    entry kept with probability 1 - p for p the option, and ones in eval mode (PyTorch's Dropout); running
+    {step: (buffer, init, estimate, momentum)} running statistics (PyTorch's BatchNorm): in training mode each
+    forward moves the buffer (starting at init, zeros or ones) towards the estimate, an expression of the
+    step and the sizes (var[c] * N / (N - 1), the unbiased variance), by buffer + momentum (estimate - buffer)
+    (momentum an option; None averages every batch equally), and eval mode reads the buffer in place of the
+    step (the class's track_running_stats=False keeps no buffers and always computes the step). An input's
+    last index in brackets ("n c [l]") is an axis it may lack: the class then gives it a size of 1."""
     return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol,
-                    penalty, names or {}, switches=switches or {}, noise=noise or {})
+                    penalty, names or {}, switches=switches or {}, noise=noise or {}, running=running or {})
 
 
 def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None, options=None, sizes=None,
@@ -161,7 +173,7 @@ def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None,
 
 
 def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol, penalty=None,
-             size_names=None, weights=None, switches=None, noise=None):
+             size_names=None, weights=None, switches=None, noise=None, running=None):
     """The TensorOp of a declaration, refusing anything ill-formed with a DeclarationError naming it."""
     from derive.declare import DeclarationError, check_name, declared_param  # derive.declare re-exports this module
     check_name(name)
@@ -178,7 +190,10 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     for param, value in params.items():
         if not (isinstance(value, tuple) and len(value) == 2 and value[1] in INITS):
             refuse(f"param {param} must be (indices, init) with init one of {', '.join(INITS)}, got {value!r}")
-    weights, noise = weights or {}, noise or {}
+    weights, noise, running = weights or {}, noise or {}, running or {}
+    # "n c [l]": a last axis the input may lack (PyTorch's BatchNorm1d on (N, C) or (N, C, L))
+    optional_axis = tuple(a for a, spec in inputs.items() if isinstance(spec, str) and OPTIONAL_AXIS.search(spec))
+    inputs = {a: OPTIONAL_AXIS.sub(r"\1", spec) if a in optional_axis else spec for a, spec in inputs.items()}
     for array, value in noise.items():
         if not (isinstance(value, tuple) and len(value) == 3 and value[1] in NOISES and value[2] in options):
             refuse(f"noise {array} must be (indices, kind, option) with kind one of {', '.join(NOISES)} and an "
@@ -239,6 +254,11 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
         assignments.append(Assignment(line[1], axes[line[1]], expr))
         read |= reads
     penalty = None if penalty is None else penalty_of(refuse, penalty, namespace, params, axes, known, formulas)
+    running = running_statistics(refuse, running, assignments, namespace, options, ranges, known)
+    for a in optional_axis:   # the class adds the axis to x and takes it off y and dx: y must end in it too
+        if kind != "layer" or len(inputs) > 1 or assignments[-1].indices[-1:] != axes[a][-1:]:
+            refuse(f"input {a}: a last axis in brackets needs a layer of one input whose output ends in that axis")
+    read |= {option for _, _, _, option in running.values()}
     read |= {str(symbol) for e in [*(s.expr for s in assignments), *[penalty] * (penalty is not None)]
              for symbol in e.free_symbols}
     read |= {option for _, _, option in noise.values()}   # a noise's option is read where the class draws it
@@ -261,7 +281,43 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
                     fan_in=fan_ins(assignments, [p for p, (_, init) in params.items() if init == "uniform"]),
                     domain=domain, tol=tol, penalty=penalty, names=dict(size_names or {}),
                     weights={w: axes[w] for w in weights}, switches=switches, dtype_eps=dtype_eps,
-                    noise={z: (axes[z], kind, option) for z, (_, kind, option) in noise.items()})
+                    noise={z: (axes[z], kind, option) for z, (_, kind, option) in noise.items()}, running=running,
+                    optional_axis=optional_axis)
+
+
+def running_statistics(refuse, running, assignments, namespace, options, ranges, known):
+    """{step: (buffer, init, estimate Expr, option)} of the declared running statistics: each of a step before
+    the output, its estimate an expression of that step alone (at the step's indices) and of sizes, its
+    momentum an option within [0, 1]."""
+    steps = {s.name: s for s in assignments[:-1]}
+    found = {}
+    for step, value in running.items():
+        if step not in steps:
+            refuse(f"running {step!r}: not a step before the output ({', '.join(steps) or 'there is none'})")
+        if not (isinstance(value, tuple) and len(value) == 4 and isinstance(value[0], str)
+                and value[0].isidentifier() and value[1] in RUNNING_INITS and value[3] in options):
+            refuse(f"running {step} must be (buffer name, init one of {', '.join(RUNNING_INITS)}, estimate, "
+                   f"momentum option), got {value!r}")
+        buffer, init, text, option = value
+        if buffer in namespace or buffer in {*options, "rng", "dtype", "self", "training", "num_batches_tracked"}:
+            refuse(f"running {step}: buffer name {buffer} is taken")
+        if not ranges[option].low >= 0 or not ranges[option].high <= 1:
+            refuse(f"running {step}: momentum {option} must be declared within [0, 1]")
+        estimate = parsed(f"running {step}", str(text), namespace, refuse)
+        other = reads_of(estimate) - {step}
+        if other or estimate.free_symbols & known != set(steps[step].indices):
+            refuse(f"running {step}: the estimate {text!r} must read {step} alone, at its indices "
+                   f"{', '.join(map(str, steps[step].indices))}")
+        found[step] = (buffer, init, estimate, option)
+    return found
+
+
+def eval_mode(op):
+    """op as its eval mode computes it: each step with a running statistic no longer computed but given (its
+    buffer passed in), a constant to the derivation."""
+    given = {s.name: s.indices for s in op.steps if s.name in (op.running or {})}
+    return dataclasses.replace(op, steps=tuple(s for s in op.steps if s.name not in given),
+                               given={**(op.given or {}), **given}, running={})
 
 
 def switched(refuse, switches, params, options):
@@ -811,7 +867,7 @@ def evaluated(assignments, arrays, scope):
 
 def random_arrays(op, scope, rng):
     """Inputs and params uniform in op.domain, labels random classes, dense targets in 0..1, weights in 0.5..2,
-    noise in 0..2, g in -1..1."""
+    noise in 0..2, given arrays in 0.5..2, g in -1..1."""
     def shape(axes):
         return tuple(scope[size_of(i)] for i in axes)
     arrays = {name: rng.uniform(*op.domain, shape(axes)) for name, axes in
@@ -820,6 +876,7 @@ def random_arrays(op, scope, rng):
                rng.uniform(0, 1, shape(axes)) for t, axes in op.targets.items()}
     arrays |= {w: rng.uniform(0.5, 2.0, shape(axes)) for w, axes in (op.weights or {}).items()}
     arrays |= {z: rng.uniform(0.0, 2.0, shape(axes)) for z, (axes, _, _) in (op.noise or {}).items()}
+    arrays |= {a: rng.uniform(0.5, 2.0, shape(axes)) for a, axes in (op.given or {}).items()}
     return arrays | {"g": rng.uniform(-1, 1, shape(op.steps[-1].indices))}
 
 

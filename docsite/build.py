@@ -32,6 +32,8 @@ PYTORCH = {
     "Softmax": "torch.softmax(x, -1)", "LogSoftmax": "F.log_softmax(x, -1)",
     "LayerNorm": "F.layer_norm(x, x.shape[-1:], gamma, beta, eps)",
     "RMSNorm": "F.rms_norm(x, x.shape[-1:], gamma, eps)",
+    "BatchNorm1d": "nn.BatchNorm1d(num_features, eps, momentum, affine, track_running_stats)",
+    "BatchNorm2d": "nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats)",
     "GLU": "F.glu(x, dim=-1)", "Linear": "F.linear(x, W.T, b)  # W stored (in_features, out_features)",
     "Embedding": "F.embedding(x, weight)",
     "Dropout": "F.dropout(x, p, training)  # its law: a random mask cannot equal PyTorch's draw",

@@ -3,17 +3,12 @@
 Each array's axes are index letters; index k runs over 0..K-1. The layers' params are made by the
 generated constructor from the sizes of their axes (Conv1d(O=8, C=3, J=3)); the losses take integer labels
 (NLL, FocalLoss) or target probabilities (KLDiv). derive/catalog.py declares more the same way (LayerNorm,
-RMSNorm, GLU, Linear)."""
+RMSNorm, BatchNorm1d and BatchNorm2d with their running statistics, GLU, Embedding, Linear)."""
 from derive.declare import tensor_loss, tensor_op
 
 SOFTMAX = tensor_op("TemperedSoftmax", inputs={"x": "n k"}, options={"T": 2.0},
                     steps=["s[n] = Sum(exp(x[n, k] / T), k)", "y[n, k] = exp(x[n, k] / T) / s[n]"],
                     summary="softmax of x / T over the last axis (T the temperature)")
-BATCH_NORM = tensor_op(
-    "BatchNorm", inputs={"x": "n k"}, params={"gamma": ("k", "ones"), "beta": ("k", "zeros")}, options={"eps": 1e-5},
-    steps=["mu[k] = Sum(x[n, k], n) / N", "var[k] = Sum((x[n, k] - mu[k])**2, n) / N",
-           "y[n, k] = (x[n, k] - mu[k]) / sqrt(var[k] + eps) * gamma[k] + beta[k]"],
-    summary="each feature normalised over the batch (training mode, biased variance), then scaled and shifted")
 # one head: queries Q (n t d), keys K (n s d), values V (n s e)
 ATTENTION = tensor_op(
     "Attention", inputs={"Q": "n t d", "K": "n s d", "V": "n s e"},
@@ -52,4 +47,4 @@ FOCAL_LOSS = tensor_loss(
            "L[n] = -(1 - exp(lp[n, c[n]]))**gamma * lp[n, c[n]]"],
     summary="softmax focal loss -(1 - p)^gamma log p at integer labels c")
 
-OPS = [SOFTMAX, BATCH_NORM, ATTENTION, CAUSAL_ATTENTION, CONV1D, KL_DIV, NLL, FOCAL_LOSS]
+OPS = [SOFTMAX, ATTENTION, CAUSAL_ATTENTION, CONV1D, KL_DIV, NLL, FOCAL_LOSS]

@@ -57,8 +57,8 @@ def constructor_sizes(op, x):
 
 
 def output_shape(op, rows, x_shape=None):
-    """The shape of op's output for rows rows of the inputs' shape (4, 4) (a layer's)."""
-    x = np.zeros((4, 4) if x_shape is None else x_shape)
+    """The shape of op's output for rows rows of the inputs' shape (4, 4) (a layer's, and its further axes)."""
+    x = np.zeros(layer_shape(op, 4) if x_shape is None else x_shape)
     return (rows, *make(op, x).forward(x).shape[1:])
 
 
@@ -86,9 +86,15 @@ def test_a_second_backward_of_a_loss_raises_and_a_new_forward_allows_one_more(op
     assert np.array_equal(backward(op, instance, y, reduction), first)
 
 
+def layer_shape(op, rows):
+    """An index-notation layer's input shape with rows rows: width 4 (even: GLU halves it), then 2, 3 on any
+    further axes (BatchNorm1d's length, BatchNorm2d's height and width)."""
+    rank = len(next(iter(op.inputs.values())))
+    return (rows, 4, *(2, 3)[:max(rank - 2, 0)])
+
+
 def inputs(op, kind, shape=(4, 3), dtype=np.float64, seed=0):
-    # index-notation layers at an even width: GLU halves it
-    shape = (shape[0], 4) if parameterized(op) else shape
+    shape = layer_shape(op, shape[0]) if parameterized(op) else shape
     rng = np.random.default_rng(seed)
     return rng.uniform(*op.domain, shape).astype(dtype), sample_target(kind, shape, rng) if kind else None
 
@@ -109,13 +115,15 @@ def test_non_float_x_gets_a_type_error_naming_its_dtype(op, kind, dtype):
 @pytest.mark.parametrize("op, kind", [c for c in CASES if has_classes(c[0])],
                          ids=case_ids([c for c in CASES if has_classes(c[0])]))
 def test_an_empty_or_missing_class_axis_is_refused(op, kind):
-    for shape in ((3, 0), ()) if op.kind == "layer" else ((3, 0),):
+    rest = layer_shape(op, 3)[2:] if parameterized(op) else ()
+    for shape in ((3, 0, *rest), ()) if op.kind == "layer" else ((3, 0),):
         x = np.zeros(shape)
         target = np.zeros(3, int) if kind == "labels" else np.zeros(shape)
-        instance = make(op, np.zeros((3, 1)))
-        # an index-notation layer names the param whose axis x's must match, or the size x's makes
+        instance = make(op, np.zeros((3, 1, *rest)))
+        # an index-notation layer names the param whose axis x's must match, or the size x's makes; one without
+        # a batch axis (BatchNorm's, which it sums over) the number of axes it takes
         expected = ((f"{op.name}: (.* and x has {re.escape(str(shape))}: their axes|size .* at these shapes)"
-                     if shape else re.escape(f"{op.name}: x must have at least 1 axis, got shape {shape}"))
+                     if shape else f"{op.name}: x must have (at least 1 axis|(\\d or )?\\d axes), got shape \\(\\)")
                     if parameterized(op)
                     else re.escape(f"x needs a non-empty last (class) axis, got shape {shape}"))
         with pytest.raises(ValueError, match=expected):
@@ -394,7 +402,7 @@ def nan_problems(op, kind, make_instance, reduction):
     target = with_ignored_row(target, op) if kind else None  # row 0 ignored where the op can; the NaN is in row 2
     at = (2, 1)
     if parameterized(op):
-        return layer_nan_problems(op, make_instance, x, at)
+        return layer_nan_problems(op, make_instance, x, at + (1,) * (x.ndim - 2))
     problems = []
     for where in ("x", "target") if kind == "dense" else ("x",):
         x_nan, target_nan = x.copy(), None if target is None else target.copy()

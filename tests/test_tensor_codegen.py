@@ -54,8 +54,11 @@ TORCH = {
     "TemperedSoftmax": lambda a, p, o, r: torch.softmax(a["x"] / o["T"], dim=1),
     "LayerNorm": lambda a, p, o, r: F.layer_norm(a["x"], a["x"].shape[1:], p["gamma"], p["beta"], o["eps"]),
     "RMSNorm": lambda a, p, o, r: F.rms_norm(a["x"], a["x"].shape[1:], p["gamma"], o["eps"]),
-    "BatchNorm": lambda a, p, o, r: F.batch_norm(a["x"], None, None, p["gamma"], p["beta"], training=True,
-                                                 eps=o["eps"]),
+    # training mode: the batch's statistics (tests/test_torch_parity.py checks the running ones and eval mode)
+    "BatchNorm1d": lambda a, p, o, r: F.batch_norm(a["x"], None, None, p["gamma"], p["beta"], training=True,
+                                                   eps=o["eps"]),
+    "BatchNorm2d": lambda a, p, o, r: F.batch_norm(a["x"], None, None, p["gamma"], p["beta"], training=True,
+                                                   eps=o["eps"]),
     "Attention": lambda a, p, o, r: F.scaled_dot_product_attention(a["Q"], a["K"], a["V"]),
     "CausalAttention": lambda a, p, o, r: F.scaled_dot_product_attention(a["Q"], a["K"], a["V"], is_causal=True),
     "Conv1d": lambda a, p, o, r: F.conv1d(a["x"], p["w"], p["b"]),
@@ -287,8 +290,10 @@ def test_inputs_are_checked_in_one_clear_line(package):
     layer = package.LayerNorm(4)
     with pytest.raises(ValueError, match=r"LayerNorm: x must have at least 1 axis, got shape \(\)"):
         layer.forward(np.ones(()))
-    with pytest.raises(ValueError, match=r"BatchNorm: x must have 2 axes, got shape \(2, 3, 3\)"):
-        package.BatchNorm(K=3).forward(np.ones((2, 3, 3)))  # its statistics sum over n: no leading axes
+    with pytest.raises(ValueError, match=r"BatchNorm2d: x must have 4 axes, got shape \(2, 3, 3\)"):
+        package.BatchNorm2d(3).forward(np.ones((2, 3, 3)))  # its statistics sum over n: no leading axes
+    with pytest.raises(ValueError, match=r"BatchNorm1d: x must have 2 or 3 axes, got shape \(2, 3, 3, 1\)"):
+        package.BatchNorm1d(3).forward(np.ones((2, 3, 3, 1)))
     with pytest.raises(ValueError, match=r"Attention: K has leading axes \(3, 2\) and Q has \(2, 3\): they must"):
         package.Attention().forward(np.ones((2, 3, 4, 5)), np.ones((3, 2, 4, 5)), np.ones((3, 2, 4, 5)))
     with pytest.raises(ValueError, match=r"LayerNorm: gamma has shape \(4,\) and x has \(2, 3\): their axes k"):
@@ -449,7 +454,7 @@ def test_the_corrected_mean_keeps_every_value_and_changes_the_centring_means():
         after = evaluated(corrected.forward, {**arrays, **params}, scope)
         for name, value in before.items():
             np.testing.assert_allclose(after[name], value, rtol=1e-13, atol=1e-14, err_msg=f"{op.name} {name}")
-    assert sorted(changed) == ["BatchNorm", "LayerNorm"]
+    assert sorted(changed) == ["BatchNorm1d", "BatchNorm2d", "LayerNorm"]
 
 
 def test_layer_norm_of_a_constant_row_is_beta_exactly_in_float32(tmp_path, monkeypatch):

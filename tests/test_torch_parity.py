@@ -59,7 +59,8 @@ def torch_value_and_grad(function, x, upstream):
 
 
 def test_every_layer_and_loss_has_a_pytorch_counterpart():
-    names = set(LAYERS) | {"Linear", "Embedding", "Dropout"} | set(NORMS) | {op.name for op, _, _ in LOSS_CASES}
+    names = (set(LAYERS) | {"Linear", "Embedding", "Dropout"} | set(NORMS) | set(BATCH_NORMS)
+             | {op.name for op, _, _ in LOSS_CASES})
     assert names == set(CATALOG)
 
 
@@ -133,6 +134,82 @@ def test_norm_layers_take_an_empty_batch_and_refuse_bad_options_by_name(name):
             getattr(generated, name)(4, elementwise_affine="no")
         with pytest.raises(TypeError, match=f"{name}: normalized_shape must be"):
             getattr(generated, name)(4.5)
+
+
+# BatchNorm: (torch module, the shapes it takes), every option by the same arguments
+BATCH_NORMS = {"BatchNorm1d": (torch.nn.BatchNorm1d, [(5, 3), (4, 3, 6)]),
+               "BatchNorm2d": (torch.nn.BatchNorm2d, [(4, 3, 5, 2)])}
+BATCH_NORM_CASES = [(name, shape, dict(zip(("momentum", "affine", "track_running_stats"), values)))
+                    for name, (_, shapes) in BATCH_NORMS.items() for shape in shapes
+                    for values in itertools.product([0.1, None, 1.0], [True, False], [True, False])
+                    if values[2] or values[0] == 0.1]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name, shape, options", BATCH_NORM_CASES,
+                         ids=[f"{n}-{s}-{o}" for n, s, o in BATCH_NORM_CASES])
+def test_batch_norm_matches_pytorch_in_both_modes_with_its_running_statistics(name, shape, options, dtype):
+    """Three training steps (values, every gradient, running mean and unbiased variance, the batches counted),
+    then eval mode, then training again: trained params, channels of mean 1e3 and different scales."""
+    rng = np.random.default_rng(5)
+    module = BATCH_NORMS[name][0](3, eps=1e-3, **options).double()
+    layer = getattr(generated, name)(3, eps=1e-3, dtype=dtype, **options)
+    if options["affine"]:
+        for theirs, ours in ((module.weight, "gamma"), (module.bias, "beta")):
+            value = rng.normal(size=3)
+            theirs.data = torch.tensor(value)
+            setattr(layer, ours, value.astype(dtype))
+    scale = np.array([1.0, 10.0, 0.1]).reshape((3,) + (1,) * (len(shape) - 2))
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == np.float64 else {"rtol": 2e-3, "atol": 2e-3}
+    for mode in ("train", "train", "train", "eval", "train"):
+        module.train(mode == "train")
+        assert layer.train(mode == "train") is layer
+        x = (rng.normal(size=shape) * scale + 1e3).astype(dtype)
+        upstream = rng.normal(size=shape).astype(dtype)
+        y = layer.forward(x)
+        dx = layer.backward(upstream)
+        tx = torch.tensor(x.astype(np.float64), requires_grad=True)
+        module.zero_grad()
+        ty = module(tx)
+        ty.backward(torch.tensor(upstream.astype(np.float64)))
+        assert y.dtype == dx.dtype == dtype
+        np.testing.assert_allclose(y, ty.detach().numpy(), **tol, err_msg=f"y ({mode})")
+        np.testing.assert_allclose(dx, tx.grad.numpy(), **tol, err_msg=f"dx ({mode})")
+        if options["affine"]:
+            np.testing.assert_allclose(layer.dgamma, module.weight.grad.numpy(), **tol, err_msg=f"dgamma ({mode})")
+            np.testing.assert_allclose(layer.dbeta, module.bias.grad.numpy(), **tol, err_msg=f"dbeta ({mode})")
+        else:
+            assert layer.dgamma is None and layer.dbeta is None and layer.params == ()
+        if options["track_running_stats"]:
+            np.testing.assert_allclose(layer.running_mean, module.running_mean.numpy(), **tol)
+            np.testing.assert_allclose(layer.running_var, module.running_var.numpy(), **tol)
+            assert layer.num_batches_tracked == int(module.num_batches_tracked)
+        else:
+            assert layer.running_mean is None and module.running_mean is None
+
+
+def test_batch_norm_refuses_one_value_per_channel_in_training_and_takes_an_empty_batch_as_pytorch():
+    for name, x in (("BatchNorm1d", np.ones((1, 3))), ("BatchNorm2d", np.ones((1, 3, 1, 1)))):
+        layer = getattr(generated, name)(3)
+        with pytest.raises(ValueError, match=rf"{name}: training needs more than one value per statistic: .*of "
+                                             rf"var divides by .* 1, which is 0 at an input of shape"):
+            layer.forward(x)
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            BATCH_NORMS[name][0](3)(torch.tensor(x))
+        assert layer.num_batches_tracked == 0 and np.array_equal(layer.running_var, np.ones(3))
+        assert np.array_equal(layer.eval().forward(x), x / np.sqrt(1 + 1e-5))   # eval mode takes it
+        empty = np.zeros((0,) + x.shape[1:], np.float32)
+        module, layer = BATCH_NORMS[name][0](3), getattr(generated, name)(3, dtype=np.float32)
+        y = layer.forward(empty)
+        assert y.shape == empty.shape and y.dtype == np.float32 and module(torch.tensor(empty)).shape == y.shape
+        dx = layer.backward(y)
+        assert dx.shape == empty.shape and np.array_equal(layer.dgamma, np.zeros(3))
+        assert layer.num_batches_tracked == int(module.num_batches_tracked) == 1
+        assert np.array_equal(layer.running_mean, module.running_mean.numpy())
+        with pytest.raises(ValueError, match=f"{name}: momentum must be"):
+            getattr(generated, name)(3, momentum=1.5)
+        with pytest.raises(TypeError, match=f"{name}: track_running_stats must be True or False"):
+            getattr(generated, name)(3, track_running_stats=1)
 
 
 def test_rms_norms_default_eps_is_the_dtypes_machine_epsilon_as_pytorch():
