@@ -230,6 +230,172 @@ def logistic(expr):
     return expr.replace(sigmoid(u), lambda u: 1 / (1 + ExpToInf(-u)))
 
 
+def inputs_of(u):
+    """The array entries u reads, or its symbols where it reads none: what a target or option does not read."""
+    return u.atoms(sp.Indexed) or u.free_symbols
+
+
+def sigmoid_polynomials_factored(expr):
+    """A sum that is a polynomial of degree 2 or more in one s = sigmoid(u) (sigmoid(-u) read as 1 - s), factored:
+    x - 3 x s + 2 x s^2 = x (1 - s)(1 - 2 s), SiLU's second derivative as differentiation expands it. Its factors
+    are then exact (1 - s = sigmoid(-u), 1 - 2 s = -tanh(u/2): 1 - sigmoid, sigmoid differences), where the
+    expanded sum cancels, to inf - inf where x is the largest number and to a few correct digits near the
+    zeros of the factors. Kept only where the sum factors."""
+    def factored(add):
+        arguments = {f.args[0] for f in add.atoms(sigmoid)}
+        u = min(arguments, key=sp.default_sort_key)
+        if len(arguments) > 2 or any(a not in (u, -u) for a in arguments):
+            return add
+        s = sp.Dummy("s")
+        polynomial = sp.expand(add.xreplace({sigmoid(u): s, sigmoid(-u): 1 - s}))
+        if polynomial.has(sigmoid) or not polynomial.is_polynomial(s) or sp.degree(polynomial, s) < 2:
+            return add
+        result = sp.factor(polynomial, s)
+        if not (isinstance(result, sp.Mul) and sum(1 for f in result.args if f.has(s)) > 1):
+            return add
+        return result.xreplace({s: sigmoid(u)})
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sigmoid), factored)
+
+
+def sigmoid_minus_target(expr):
+    """c sigmoid(u) + r = (c + r) sigmoid(u) + r sigmoid(-u), as sigmoid(u) + sigmoid(-u) = 1, for c and r that read
+    none of u's inputs (a target, an option, the upstream gradient; r the sum's terms that hold no sigmoid):
+    BCE's gradient sigmoid(x) - t is (1 - t) sigmoid(x) - t sigmoid(-x), -sigmoid(-x) at t = 1, where
+    sigmoid(x) - 1 is 0 from x = 17 in float32 (37 in float64) and the truth -exp(-x). Each sigmoid is
+    accurate to a few ulps at both ends; the two terms cancel only where c sigmoid(u) and r do, and then by
+    no more than rounding c and r changes the value, as the difference's condition allows."""
+    def split(add):
+        for term in add.args:
+            c, s = term.as_independent(sigmoid, as_Add=False)
+            if not isinstance(s, sigmoid) or c.has(*inputs_of(s.args[0])):
+                continue
+            rest = [t for t in add.args if not t.has(sigmoid, sp.Sum, *inputs_of(s.args[0]))]
+            if rest:
+                r = sp.Add(*rest)
+                others = [t for t in add.args if t is not term and t not in rest]
+                return sp.Add(*others, sp.factor_terms(c + r) * s, r * sigmoid(-s.args[0]))
+        return add
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sigmoid), split)
+
+
+def sigmoid_differences(expr):
+    """c sigmoid(u) - c sigmoid(-u) = c tanh(u/2): both sigmoids are near 1/2 where u is near 0, and their
+    difference, u/2 there, lost every digit below |u| = 1e-8 in float64 (log(e^x + e^-x)'s derivative, which
+    as_sigmoid names sigmoid(2x) - sigmoid(-2x)); tanh is exact to an ulp at any u."""
+    def merged(add):
+        terms = list(add.args)
+        for term in add.args:
+            c, s = term.as_independent(sigmoid, as_Add=False)
+            if isinstance(s, sigmoid) and not s.args[0].could_extract_minus_sign() and term in terms:
+                # c sigmoid(u) - c/2 = c/2 (sigmoid(u) - sigmoid(-u)): 2 sigmoid(u) - 1 = sigmoid(u) - sigmoid(-u)
+                for partner, scale in ((-c * sigmoid(-s.args[0]), c), (-c / 2, c / 2)):
+                    if partner in terms and term in terms:
+                        terms.remove(term)
+                        terms.remove(partner)
+                        terms.append(scale * sp.tanh(s.args[0] / 2))
+        return sp.Add(*terms) if len(terms) != len(add.args) else add
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sigmoid), merged)
+
+
+def root_less_constant(expr):
+    """k hypot(v, a) - k a = k v^2 / (hypot(v, a) + a) for a constant a > 0, where |v| <= a (the pseudo-Huber
+    loss sqrt(1 + v^2) - 1): the difference cancels near v = 0 (it was 0 below |v| = 1e-4 in float32, where it
+    is v^2/2), the quotient is exact there. Above, where hypot(v, a) >= a sqrt 2, the difference loses under 2
+    bits and v^2 may overflow, so it is kept; the quotient reads v clipped to [-a, a], so that np.where, which
+    evaluates both branches, squares no large number."""
+    def rooted(add):
+        for term in add.args:
+            k, root = term.as_independent(hypot, as_Add=False)
+            if not isinstance(root, hypot) or k.has(hypot):
+                continue
+            v, a = root.args
+            if a.is_number and a.is_positive and -k * a in add.args:
+                rest = [t for t in add.args if t not in (term, -k * a)]
+                small = k * Clip(v, -a, a) ** 2 / (root + a)
+                return sp.Add(*rest, sp.Piecewise((k * (root - a), sp.Abs(v) > a), (small, True)))
+        return add
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(hypot), rooted)
+
+
+def _square_plus(base):
+    """(v, c) if base is v^2 + c with c a number > 0, else None."""
+    squares = [t for t in sp.Add.make_args(base) if t.is_Pow and t.exp == 2 and not t.base.is_number]
+    if base.is_Add and len(squares) == 1:
+        c = base - squares[0]
+        if c.is_number and c.is_positive:
+            return squares[0].base, c
+    return None
+
+
+def quotients_of_squares(expr):
+    """k v/(v^2 + c) = k sign(v)/(|v| + c/|v|) where |v| > sqrt(c), for a number c > 0 (the derivative of
+    log(1 + v^2), Cauchy's loss): v^2 overflows from |v| = 1.8e19 in float32 (1.3e154 in float64), and the
+    quotient with it to 0 or NaN, where it is 1/v. Each branch reads v clipped to its own range, so that
+    np.where, which evaluates both, divides by no 0 and squares no large number. Terms over the same v^2 + c
+    are added first (-2 t/(v^2 + 1) + 2 x/(v^2 + 1) is 2 (x - t)/(v^2 + 1))."""
+    def over_squares(add):
+        groups = {}
+        for term in add.args:
+            for factor in sp.Mul.make_args(term):
+                if factor.is_Pow and factor.exp == -1 and _square_plus(factor.base):
+                    groups.setdefault(factor.base, []).append(term)
+                    break
+        merged = [(base, terms) for base, terms in groups.items() if len(terms) > 1]
+        if not merged:
+            return add
+        base, terms = merged[0]
+        rest = [t for t in add.args if t not in terms]
+        return sp.Add(*rest, sp.factor_terms(sp.Add(*(t * base for t in terms))) / base)
+
+    def branches(mul):
+        for factor in mul.args:
+            found = _square_plus(factor.base) if factor.is_Pow and factor.exp == -1 else None
+            if found:
+                v, c = found
+                k = mul / factor / v
+                if not k.has(*inputs_of(v)):
+                    break
+        else:
+            return mul
+        a = sp.sqrt(c)
+        large, small = Clip(sp.Abs(v), a, sp.oo), Clip(v, -a, a)
+        return sp.Piecewise((k * sp.sign(v) / (large + c / large), sp.Abs(v) > a), (k * small / (small ** 2 + c), True))
+    expr = expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sp.Pow), over_squares)
+    return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sp.Pow), branches)
+
+
+def log_one_plus_square(expr):
+    """log1p(c v^2) = 2 log(a |v|) + log1p(1/(a |v|)^2) where a |v| > 1, a = sqrt(c), for a number c > 0
+    (Cauchy's loss log(1 + v^2)): v^2 overflows from |v| = 1.8e19 in float32 (1.3e154 in float64), and the
+    log with it to inf, where it is about 2 log|v|. Each branch reads v clipped to its own range, so that
+    np.where, which evaluates both, takes no log of 0 and squares no large number."""
+    def branches(log):
+        c, square = log.args[0].as_coeff_Mul()
+        if not (square.is_Pow and square.exp == 2 and not square.base.is_number and c.is_positive):
+            return log
+        v, bound = square.base, 1 / sp.sqrt(c)
+        large, small = sp.sqrt(c) * Clip(sp.Abs(v), bound, sp.oo), Clip(v, -bound, bound)
+        return sp.Piecewise((2 * sp.log(large) + log1p(large ** -2), sp.Abs(v) > bound), (log1p(c * small ** 2), True))
+    return expr.replace(lambda e: isinstance(e, log1p), branches)
+
+
+def scaled_sigmoid_branches(expr):
+    """sigmoid(u) = (exp(u) where u <= 0, else 1)/(1 + exp(-|u|)) where a factor that reads u's inputs scales it
+    (x sigmoid(x), SiLU): 1/(1 + exp(-u)) is 0 where exp(-u) overflows, from u = -88.7 in float32 (-709.8 in
+    float64), where sigmoid(u) is subnormal but x sigmoid(x) still a normal number (-2.6e-37 at x = -88.7 in
+    float32); exp(u) keeps it. The exponential, exp(-|u|), never overflows and is shared with sigmoid(-u)."""
+    def branches(mul):
+        factors = list(mul.args)
+        for position, factor in enumerate(mul.args):
+            if isinstance(factor, sigmoid):
+                u = factor.args[0]
+                if any(f is not factor and not isinstance(f, sigmoid) and f.has(*inputs_of(u)) for f in mul.args):
+                    small = sp.exp(-sp.Abs(u))
+                    factors[position] = sp.Piecewise((small, u <= 0), (1, True)) / (1 + small)
+        return sp.Mul(*factors) if factors != list(mul.args) else mul
+    return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sigmoid), branches)
+
+
 def exp_minus_one(expr):
     """c exp(u) - c = c expm1(u): exact near u = 0, where exp(u) - 1 cancels."""
     def combined(add):
@@ -437,11 +603,18 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("tanh quotients", tanh_quotients, True), ("hinge as a step", hinge_as_step, True),
             ("shift by the row max", shift_by_max, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
-            ("exponential quotients shifted", exp_quotients_shifted, True), ("1 - sigmoid", one_minus_sigmoid, True),
-            ("1 - tanh squared", one_minus_tanh_squared, True), ("log1mexp", log_one_minus_exp, True), ("expm1", exp_minus_one, True),
-            ("root of squares", root_of_squares, True), ("x log x", x_log_x, True), ("x log y", x_log_y, True),
-            ("log1p", log_one_plus, True), ("clip branches", clip_branches, True),
-            ("logistic", logistic, True))
+            ("exponential quotients shifted", exp_quotients_shifted, True),
+            ("sigmoid polynomials factored", sigmoid_polynomials_factored, True),
+            ("1 - sigmoid", one_minus_sigmoid, True),
+            ("sigmoid minus a target", sigmoid_minus_target, True), ("sigmoid differences", sigmoid_differences, True),
+            ("1 - tanh squared", one_minus_tanh_squared, True), ("combine exponentials", sp.powsimp, True),
+            ("log1mexp", log_one_minus_exp, True), ("expm1", exp_minus_one, True),
+            ("root of squares", root_of_squares, True), ("root less its constant", root_less_constant, True),
+            ("quotients of squares", quotients_of_squares, True),
+            ("x log x", x_log_x, True), ("x log y", x_log_y, True),
+            ("log1p", log_one_plus, True), ("log1p of a square", log_one_plus_square, True),
+            ("clip branches", clip_branches, True),
+            ("scaled sigmoid by branches", scaled_sigmoid_branches, True), ("logistic", logistic, True))
 
 
 # the rewrites of an index-notation operation's steps and adjoints (codegen.tensor_lower, after its max shift)

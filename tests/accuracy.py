@@ -10,7 +10,8 @@ functions as written, autograd for the derivative) are evaluated at a grid in fl
 log-spaced magnitudes up to the overflow threshold, denser from 1e-3 to 1e4, 0, subnormals, the
 thresholds where exp, a square or cosh overflow, and the kinks, both signs. The truth is SymPy's
 expression and its derivative in x (sympy.diff) by sympy.lambdify(..., "mpmath") at 50 digits, and
-at 400 where a cancellation leaves fewer than 25 of them (1 - tanh(300)^2 is 0 at 50 digits).
+at 400 where a cancellation leaves fewer than 25 of them (1 - tanh(300)^2 is 0 at 50 digits) or |x|
+is beyond 100 (log(1 + exp(-133)) is 0 at 40 and 50 digits alike, and the two agree).
 
 The contract, per quantity (forward, backward) and point:
   bad       the truth is finite and representable, the kernel gives inf, NaN or 0 (a false 0: the
@@ -43,6 +44,8 @@ from derive.functions import sigmoid  # noqa: E402
 
 DIGITS, MORE_DIGITS = 50, 400       # 400: float64's 324 decades of subnormals and 50 digits more
 AGREE = 1e-25                       # 50-digit and 40-digit values this close: no cancellation ate them
+TINY_EXP = 100                      # beyond, exp(-|x|) < 1e-43 is lost beside 1 at 40 and 50 digits alike
+                                    # (log(1 + exp(-133)) is 0 at both): the truth there is taken at 400 alone
 BOUND = 8                           # ulps, the default; BOUNDS below raises it where it is not reachable
 EPS = {np.float32: 2.0 ** -23, np.float64: 2.0 ** -52}
 DTYPES = (np.float32, np.float64)
@@ -108,7 +111,7 @@ class Subject:
     op: object
     forward: sp.Expr
     targets: tuple                  # (None,) for an activation
-    source: str                     # "catalog" | "declared"
+    source: str                     # "catalog" | "declared" | "fuzz"
     options: dict = field(default_factory=dict)  # {symbol: default} substituted in forward
 
     @property
@@ -126,18 +129,19 @@ def exact(value):
 
 def declared_subjects(names=None):
     """Subjects of DECLARED (those named, if names)."""
+    return [declared_subject(name, kind, text, params, targets)
+            for name, kind, text, params, targets in DECLARED if not names or name in names]
+
+
+def declared_subject(name, kind, text, params, targets, op=None, source="declared"):
+    """The Subject of one declaration, kind "activation" or "loss" (op: its Op if it is declared already)."""
     from derive.declare import activation, elementwise_loss, parse
-    subjects = []
-    for name, kind, text, params, targets in DECLARED:
-        if names and name not in names:
-            continue
-        make = activation if kind == "activation" else elementwise_loss
-        op = make(name, text, params=params or None)
-        symbols = {p: sp.Symbol(p, real=True) for p in params}
-        variables = {"x": X, **({"t": T} if kind == "loss" else {}), **symbols}
-        forward = parse(name, text, variables).xreplace({symbols[p]: exact(v) for p, v in params.items()})
-        subjects.append(Subject(name, op, forward, targets or (None,), "declared"))
-    return subjects
+    if op is None:
+        op = (activation if kind == "activation" else elementwise_loss)(name, text, params=params or None)
+    symbols = {p: sp.Symbol(p, real=True) for p in params}
+    variables = {"x": X, **({"t": T} if kind == "loss" else {}), **symbols}
+    forward = parse(name, text, variables).xreplace({symbols[p]: exact(v) for p, v in params.items()})
+    return Subject(name, op, forward, targets or (None,), source)
 
 
 def element_wise(op):
@@ -252,18 +256,20 @@ class Truth:
     """A quantity of a subject by mpmath, with its partial derivatives for the conditioning allowance."""
 
     def __init__(self, expr, loss):
-        plain = expr.replace(sigmoid, lambda u: 1 / (1 + sp.exp(-u)))
+        # a delta (the derivative of a step or a sign) is 0 away from its kink, where the contract is checked
+        def no_delta(e):
+            return e.replace(sp.DiracDelta, lambda *a: sp.S.Zero)
+        plain = no_delta(expr.replace(sigmoid, lambda u: 1 / (1 + sp.exp(-u))))
         inputs = (X, T)
         self.value = sp.lambdify(inputs, plain, MPMATH)
-        # a delta is 0 away from its kink, where the contract is checked
-        self.partials = [sp.lambdify(inputs, sp.diff(plain, v).replace(sp.DiracDelta, lambda *a: sp.S.Zero), MPMATH)
-                         for v in ((X, T) if loss else (X,))]
+        self.partials = [sp.lambdify(inputs, no_delta(sp.diff(plain, v)), MPMATH) for v in ((X, T) if loss else (X,))]
 
     @staticmethod
     def at(function, x, t):
         """function at (x, t) to 25 digits or more (mpf), or None where it is not a real number."""
         values = []
-        for digits in (DIGITS - 10, DIGITS, MORE_DIGITS):
+        large = max(abs(float(x)), abs(float(t or 0))) > TINY_EXP
+        for digits in (MORE_DIGITS,) if large else (DIGITS - 10, DIGITS, MORE_DIGITS):
             with mpmath.workdps(digits):
                 try:
                     value = function(mpmath.mpf(float(x)), mpmath.mpf(float(t or 0)))

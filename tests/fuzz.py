@@ -3,6 +3,7 @@ derive.declare.FUNCTIONS go through what `symgrad codegen --ops FILE --out DIR` 
 class it publishes is checked against mpmath at 50 digits and against its own finite differences.
 
     .venv/bin/python tests/fuzz.py --count 2000 --seed 1 --report build/fuzz.json      (make fuzz)
+    .venv/bin/python tests/fuzz.py --count 200 --tails       (and issue 23's accuracy contract in the tails)
 
 Each declaration ends in one outcome:
   accepted        published, and every class agrees with the reference
@@ -17,6 +18,10 @@ and the defects, any of which makes main() exit 1:
   false_refusal   verification refused kernels that agree with the reference
   caught_bug      verification refused kernels that are wrong: the generator's bug, caught before publishing
   fuzzer_error    the fuzzer itself failed (its reference cannot evaluate something): fix tests/fuzz.py
+
+With --tails, each accepted declaration is also held to issue 23's accuracy contract over the whole float32
+and float64 range (tests/accuracy.py's quick grid against mpmath): the summary counts those that meet it,
+those that break it (not a defect: the rewrites do not cover every expression) and those with no verdict.
 
 The grammar is written once, over a chooser: hypothesis draws from it (cases()), and so does a seeded
 random.Random (sample()). The reference is SymPy's expression evaluated by mpmath with a first-order
@@ -572,6 +577,8 @@ class Result:
     errors: dict = field(default_factory=dict)  # {quantity: worst error in tolerances}
     seconds: float = 0.0
     jit: bool = False              # whether the fused class ran compiled by numba
+    tails: str = ""                # an accepted one's tails (accuracy contract): met, broken, unknown, "" unchecked
+    tails_reason: str = ""         # where it is broken, or why unknown
 
     @property
     def defect(self):
@@ -693,8 +700,37 @@ def unchecked_modules(out, op, reports):
                      if (out / module).exists() and name not in passed]
 
 
-def classify(case, folder, jit=False):
-    """(outcome, reason, category, errors) of case, generated in folder as `symgrad codegen --ops` does."""
+TAIL_TARGETS = (0.0, 0.5)       # a loss's targets in the tail check
+TAIL_SECONDS = 20               # the tail check's own budget: past it the verdict is unknown, not a hang
+TAIL_LABELS = {"met": "meeting the accuracy contract in the tails", "broken": "breaking it (not a defect)",
+               "unknown": "with no verdict on the tails"}
+
+
+def tails(case, op, package):
+    """(verdict, reason) of issue 23's accuracy contract (tests/accuracy.py) for an accepted case's classes:
+    its quick grid over the whole float32 and float64 range against mpmath, NumPy and fused. "met",
+    "broken" (reason: the first failing point) or "unknown" (the truth took too long, or failed)."""
+    try:
+        from tests import accuracy
+    except ModuleNotFoundError:  # run as tests/fuzz.py: its own folder is on the path, the repository's is not
+        import accuracy
+    subject = accuracy.declared_subject(NAME, case.kind, case.expr, dict(case.params),
+                                        TAIL_TARGETS if case.kind == "loss" else None, op=op, source="fuzz")
+    try:
+        with budget(TAIL_SECONDS):
+            tallies = accuracy.Survey([subject], package, quick=True, torch=False).run()
+    except Hang:
+        return "unknown", f"no verdict within {TAIL_SECONDS} s"
+    except Exception as error:  # noqa: BLE001 - the survey's own failure on an expression it cannot evaluate
+        return "unknown", one_line(error)
+    broken = [f"{backend} {dtype} {quantity}: {tally.example}"
+              for (_, backend, dtype, quantity), tally in tallies.items() if tally.failures]
+    return ("broken", broken[0]) if broken else ("met", "")
+
+
+def classify(case, folder, jit=False, tail_check=False):
+    """(outcome, reason, category, errors) of case, generated in folder as `symgrad codegen --ops` does; if
+    tail_check, an accepted case's (tails verdict, reason) after them."""
     from codegen.pipeline import codegen
     from derive.catalog import CATALOG
     from derive.declare import load_ops
@@ -730,36 +766,41 @@ def classify(case, folder, jit=False):
     except Exception as error:  # noqa: BLE001
         return "unverified", f"the published package does not import: {one_line(error)}", "does not import", {}
     errors, wrong = check_package(package, op, reference, case.seed)
-    return ("accepted", "", "", errors) if wrong is None else ("wrong_kernel", wrong.message, wrong.quantity, errors)
+    if wrong is not None:
+        return "wrong_kernel", wrong.message, wrong.quantity, errors
+    return ("accepted", "", "", errors) + (tails(case, op, package) if tail_check else ())
 
 
-def run_case(case, seconds=60, jit=False):
-    """The Result of case within a budget of seconds, generated in a temporary folder."""
+def run_case(case, seconds=60, jit=False, tail_check=False):
+    """The Result of case within a budget of seconds, generated in a temporary folder; with tail_check, an
+    accepted case's accuracy contract in the tails checked too (within its own budget, TAIL_SECONDS)."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="symgrad-fuzz-") as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the kernels' overflow in np.where's other branch, numba's notes
         try:
             with budget(seconds):
-                outcome = classify(case, Path(folder), jit)
+                outcome = classify(case, Path(folder), jit, tail_check)
         except Hang:
             outcome = "hang", f"no result within {seconds:g} s", "budget", {}
         except Exception as error:  # noqa: BLE001 - the fuzzer's own failure, kept with its case
             outcome = "fuzzer_error", one_line(error), type(error).__name__, {}
-    return Result(case, *outcome, time.perf_counter() - start, jit)
+    return Result(case, *outcome[:4], time.perf_counter() - start, jit, *outcome[4:])
 
 
 # ---- the command --------------------------------------------------------------------------------
 
-def run_all(cases, jobs=1, seconds=60, jit_every=0, progress=None):
+def run_all(cases, jobs=1, seconds=60, jit_every=0, progress=None, tail_check=False):
     """[Result] of every case in order, jobs of them at a time (each job a process of its own), the
-    fused classes of every jit_every-th one compiled by numba (0: none)."""
+    fused classes of every jit_every-th one compiled by numba (0: none), the tails of each accepted one
+    checked if tail_check."""
     jits = [bool(jit_every) and index % jit_every == 0 for index in range(len(cases))]
     # (no max_tasks_per_child: in 3.11 a pool whose workers retire can stop handing out work)
     pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) if jobs > 1 else None
     results = []
     with pool or nullcontext():
         try:
-            for result in (pool.map if pool else map)(run_case, cases, itertools.repeat(seconds), jits):
+            for result in (pool.map if pool else map)(run_case, cases, itertools.repeat(seconds), jits,
+                                                      itertools.repeat(tail_check)):
                 results.append(result)
                 if progress:
                     progress(result, len(results))
@@ -777,6 +818,8 @@ def summary(results):
     fused = sum(1 for r in results if r.outcome == "accepted" and r.errors.get("classes") == 2)
     rows = [("accepted", outcomes["accepted"]), ("  with a fused class too", fused)]
     rows += [("  with no point where the reference is defined", unchecked)] if unchecked else []
+    verdicts = Counter(r.tails for r in results if r.outcome == "accepted" and r.tails)
+    rows += [(f"  {TAIL_LABELS[verdict]}", verdicts[verdict]) for verdict in TAIL_LABELS if verdicts[verdict]]
     rows += [("refused", outcomes["refused"])]
     rows += [(f"  {reason[:46]}", count) for reason, count in
              Counter(r.category for r in results if r.outcome == "refused").most_common()]
@@ -793,6 +836,11 @@ def summary(results):
         lines.extend(f"    {m.case.declaration()}\n        {m.reason[:240]}" for m in members[:5])
         if len(members) > 5:
             lines.append(f"    ... and {len(members) - 5} more")
+    broken = [r for r in results if r.tails == "broken"]
+    if broken:
+        lines.append(f"\n{len(broken)} accepted declaration(s) break the accuracy contract in the tails "
+                     "(tests/accuracy.py; not a defect), for example:")
+        lines.extend(f"    {r.case.declaration()}\n        {r.tails_reason[:240]}" for r in broken[:5])
     seconds = sum(result.seconds for result in results)
     compiled = sum(1 for result in results if result.jit and result.errors.get("classes") == 2)
     lines.append(f"\n{len(results)} declaration(s) ({compiled} with their fused class compiled by numba), "
@@ -802,9 +850,10 @@ def summary(results):
 
 def report(results, args):
     """The JSON of make fuzz's build/fuzz.json."""
-    return {"seed": args.seed, "count": args.count, "jit": args.jit, "budget": args.budget,
+    return {"seed": args.seed, "count": args.count, "jit": args.jit, "budget": args.budget, "tails": args.tails,
             "outcomes": dict(Counter(result.outcome for result in results)),
             "refusals": dict(Counter(r.category for r in results if r.outcome == "refused")),
+            "tail_verdicts": dict(Counter(r.tails for r in results if r.tails)),
             "results": [dict(asdict(result), declaration=result.case.declaration()) for result in results]}
 
 
@@ -818,6 +867,10 @@ def main(argv=None):
     parser.add_argument("--jit", type=int, default=20, metavar="EVERY",
                         help="compile the fused classes of every EVERY-th declaration with numba, some seconds each "
                              "(default 20; 1: all, 0: none); the others run interpreted, as codegen verifies them")
+    parser.add_argument("--tails", action="store_true",
+                        help="also check each accepted declaration against issue 23's accuracy contract over the "
+                             "whole float32 and float64 range (tests/accuracy.py's quick grid, about a second each), "
+                             "and count those that meet it")
     parser.add_argument("--verbose", action="store_true", help="print every result, not only the defects")
     args = parser.parse_args(argv)
 
@@ -828,7 +881,7 @@ def main(argv=None):
             print(f"[{done}/{args.count}]", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so the pool shuts down
-    results = run_all(sample(args.seed, args.count), args.jobs, args.budget, args.jit, progress)
+    results = run_all(sample(args.seed, args.count), args.jobs, args.budget, args.jit, progress, args.tails)
     print(summary(results))
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)

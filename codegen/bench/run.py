@@ -1,6 +1,7 @@
 """Timing, memory, the table, the JSON and the targets' summary of make bench."""
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -9,17 +10,20 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import generated
-from codegen.bench import frameworks
+from codegen.bench import frameworks, layers, steps
 from codegen.bench.cases import CASES, contenders, make_inputs
+from codegen.bench.targets import find, issue6, issue25, paired_ratio
 
 SIZES = ((64, 10), (1024, 100), (8192, 1000))
 DTYPES = ("float32", "float64")
-COLUMNS = (("case", 11), ("size", 10), ("dtype", 8), ("contender", 10), ("median ms", 10), ("iqr %", 8),
+GROUPS = ("losses", "layers", "steps", "engine")
+COLUMNS = (("case", 13), ("size", 20), ("dtype", 8), ("contender", 10), ("median ms", 10), ("iqr %", 8),
            ("x tuned", 8), ("copies", 8), ("peak MB", 9), ("x input", 8))
 
 
@@ -105,53 +109,81 @@ def time_interleaved(found, repeats, sample_seconds, short_repeats=SHORT_REPEATS
     return samples, timed
 
 
-def paired_ratio(times, baseline):
-    """The median over repeats of times[i] / baseline[i], the two samples taken in the same repeat, a few
-    milliseconds apart. A phase in which the machine runs slower (another tenant, a lower clock) lasts
-    many repeats and slows both samples of a pair alike, so it cancels from each ratio; the ratio of the
-    two medians does not cancel it, as each median may fall in a different phase."""
-    return float(np.median(np.divide(times, baseline)))
-
-
 def peak_extra_bytes(contender):
     """Peak bytes allocated during one forward + backward of a new instance, its results included;
-    None where tracemalloc cannot see the allocations."""
+    None where tracemalloc cannot see the allocations. The collector is held off rather than run first
+    (a full collection costs a tenth of a second with torch and JAX loaded; it could only lower the peak)."""
     if not contender.traced:
         return None
     step = contender.make()
-    gc.collect()
+    gc.disable()
     tracemalloc.start()
     try:
         step()
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+        gc.enable()
 
 
-def bench(cases, sizes, dtypes, repeats, sample_seconds, only=None, short_repeats=SHORT_REPEATS):
-    """A record per (case, size, dtype, contender), each printed as a table row once measured; only:
-    the contenders to time (tuned and copy always are: the ratios need them), None for all."""
-    rng = np.random.default_rng(0)
-    records = []
+@dataclass(frozen=True)
+class Unit:
+    """Contenders timed side by side on the same inputs: one block of rows of the table."""
+
+    group: str
+    case: str
+    size: str
+    dtype: str
+    contenders: list
+    input_bytes: int         # the first input's, what peak memory is compared with
+    extra: dict = field(default_factory=dict)
+
+
+def loss_units(cases, sizes, dtypes, rng):
+    """The losses and activations (codegen/bench/cases.py) at every size and dtype; inputs made one unit at a time."""
     for case in cases:
         for N, K in sizes:
             for dtype in dtypes:
                 inputs = make_inputs(case, N, K, np.dtype(dtype), rng)
-                found = [c for c in contenders(case, inputs) if only is None or c.name in set(only) | {"tuned", "copy"}]
-                samples, calls = time_interleaved(found, repeats, sample_seconds, short_repeats)
-                for contender in found:
-                    times = samples[contender.name]
-                    median = float(np.median(times))
-                    peak = peak_extra_bytes(contender)
-                    record = {"case": case.name, "size": f"{N}x{K}", "N": N, "K": K, "dtype": dtype,
-                              "contender": contender.name, "median_s": median,
-                              "q1_s": float(np.percentile(times, 25)), "q3_s": float(np.percentile(times, 75)),
-                              "x_tuned": paired_ratio(times, samples["tuned"]),
-                              "copies": paired_ratio(times, samples["copy"]),
-                              "peak_bytes": peak, "peak_x_input": None if peak is None else peak / inputs["x"].nbytes,
-                              "repeats": len(times), "calls": calls[contender.name]}
-                    records.append(record)
-                    print(row(record), flush=True)
+                yield Unit("losses", case.name, f"{N}x{K}", dtype, contenders(case, inputs), inputs["x"].nbytes,
+                           {"N": N, "K": K})
+
+
+def layer_units(classes, tiny, rng):
+    """The layers of issue 25 (codegen/bench/layers.py), float32; classes: {case: its generated class or None}."""
+    for case in layers.LAYERS:
+        size = case.tiny if tiny else case.size
+        arrays = case.arrays(size, np.dtype("float32"), rng)
+        yield Unit("layers", case.name, layers.size_label(size), "float32",
+                   layers.contenders(case, size, arrays, classes[case.name]), arrays[case.inputs[0]].nbytes)
+
+
+def step_units(tiny, rng):
+    """The MLP's SGD step (codegen/bench/steps.py) at each size, float32."""
+    for size in steps.TINY if tiny else steps.SIZES:
+        arrays = steps.mlp_arrays(size, np.dtype("float32"), rng)
+        yield Unit("steps", "mlp_sgd", steps.size_label(size), "float32", steps.contenders(arrays), arrays["x"].nbytes)
+
+
+def bench(units, repeats, sample_seconds, only=None, short_repeats=SHORT_REPEATS):
+    """A record per unit and contender, each printed as a table row once measured; only: the contenders
+    to time (tuned and copy always are: the ratios need them), None for all."""
+    records = []
+    for unit in units:
+        found = [c for c in unit.contenders if only is None or c.name in set(only) | {"tuned", "copy"}]
+        samples, calls = time_interleaved(found, repeats, sample_seconds, short_repeats)
+        for contender in found:
+            times = samples[contender.name]
+            peak = peak_extra_bytes(contender)
+            record = {"group": unit.group, "case": unit.case, "size": unit.size, **unit.extra, "dtype": unit.dtype,
+                      "contender": contender.name, "median_s": float(np.median(times)),
+                      "q1_s": float(np.percentile(times, 25)), "q3_s": float(np.percentile(times, 75)),
+                      "x_tuned": paired_ratio(times, samples["tuned"]),
+                      "copies": paired_ratio(times, samples["copy"]),
+                      "peak_bytes": peak, "peak_x_input": None if peak is None else peak / unit.input_bytes,
+                      "repeats": len(times), "calls": calls[contender.name], "samples_s": times}
+            records.append(record)
+            print(row(record), flush=True)
     return records
 
 
@@ -183,41 +215,6 @@ def codegen_seconds():
     return seconds
 
 
-def find(records, contender, **where):
-    return [r for r in records if r["contender"] == contender and all(r[k] == v for k, v in where.items())]
-
-
-def worst(text, pairs, limit, better="lower"):
-    """A target's summary entry from (value, record) pairs: met when even the worst value is within limit."""
-    if not pairs:
-        return {"target": text, "met": None, "figure": "not measured"}
-    value, r = (max if better == "lower" else min)(pairs, key=lambda pair: pair[0])
-    met = value <= limit if better == "lower" else value >= limit
-    return {"target": text, "met": met, "figure": f"{value:.2f}x (worst: {r['case']} {r['size']} {r['dtype']})"}
-
-
-def targets(records, codegen):
-    """Issue 6's targets, from the measured records: informational, never asserted."""
-    ours = find(records, "generated")
-    # Python's own objects outweigh a small input: memory is judged where the arrays dominate
-    largest = max((r["N"] * r["K"] for r in records), default=None)
-    over_seed = [(s["median_s"] / g["median_s"], g) for g in find(records, "generated", case="softmax_ce", size="8192x1000")
-                 for s in find(records, "seed", case="softmax_ce", size="8192x1000", dtype=g["dtype"])]
-    cold, unchanged = codegen
-    return [
-        # (64, 10) has a target of its own, per-call time, below: a call that short is mostly Python
-        worst("1. generated time <= 1.05x tuned NumPy, every case and dtype, every size but 64x10",
-              [(r["x_tuned"], r) for r in ours if r["size"] != "64x10"], 1.05),
-        worst("1. generated >= 1.9x faster than seed style, softmax_ce 8192x1000", over_seed, 1.9, better="higher"),
-        worst("1. generated peak extra memory <= 1.1x the logits, softmax_ce at the largest size",
-              [(r["peak_x_input"], r) for r in ours if r["case"] == "softmax_ce" and r["N"] * r["K"] == largest], 1.1),
-        worst("1. generated per-call time at 64x10 <= 1.2x tuned NumPy",
-              [(r["x_tuned"], r) for r in ours if r["size"] == "64x10"], 1.2),
-        {"target": "2. make codegen from cold <= 20 s", "met": cold <= 20, "figure": f"{cold:.1f} s"},
-        {"target": "2. make codegen with no input changed <= 2 s", "met": unchanged <= 2, "figure": f"{unchanged:.1f} s"},
-    ]
-
-
 def variant_costs(records):
     """For each variant (hand-written NumPy of another function at NaN), the generated time over the
     variant's at every size and dtype, lowest to highest: what the generated function's NaN policy costs."""
@@ -237,56 +234,96 @@ def versions():
     return found
 
 
+def cpu():
+    """The host's CPU model and its vector extensions of note, from /proc/cpuinfo (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = fields.get("flags", "").split()
+    return {"model": fields.get("model name", "?"),
+            "vector": [flag for flag in flags if flag in ("avx2", "fma") or flag.startswith("avx512")]}
+
+
 def parse_sizes(text):
     return tuple(tuple(int(n) for n in size.split("x")) for size in text.split(","))
 
 
+def names(text):
+    return tuple(text.split(","))
+
+
 def parser():
     args = argparse.ArgumentParser(prog="python -m codegen.bench", description=__doc__)
-    args.add_argument("--sizes", type=parse_sizes, default=SIZES, help="NxK,... (default 64x10,1024x100,8192x1000)")
-    args.add_argument("--dtypes", type=lambda text: tuple(text.split(",")), default=DTYPES)
-    args.add_argument("--cases", type=lambda text: tuple(text.split(",")), default=tuple(c.name for c in CASES))
+    args.add_argument("--only", type=names, default=GROUPS, help=(
+                      "run only these groups: losses (losses and activations at --sizes and --dtypes), layers "
+                      "(issue 25's layers), steps (the MLP's training step), engine (symgrad codegen's own time); "
+                      "default all"))
+    args.add_argument("--tiny", action="store_true", help=(
+                      "every layer and step at a tiny size of its form, the losses at 4x3 unless --sizes says: "
+                      "to check the instrument, not to measure"))
+    args.add_argument("--sizes", type=parse_sizes, help="the losses' NxK,... (default 64x10,1024x100,8192x1000)")
+    args.add_argument("--dtypes", type=names, default=DTYPES, help="the losses' dtypes (default float32,float64)")
+    args.add_argument("--cases", type=names, default=tuple(c.name for c in CASES), help="the losses' cases (default all)")
     args.add_argument("--repeats", type=int, default=21, help="interleaved samples of each contender (default 21)")
     args.add_argument("--short-repeats", type=int, default=SHORT_REPEATS, help=(
                       f"where a tuned call is shorter than a sample, this many times the repeats "
                       f"(default {SHORT_REPEATS})"))
     args.add_argument("--sample-ms", type=float, default=10.0, help="least duration of one sample (default 10)")
-    args.add_argument("--contenders", type=lambda text: tuple(text.split(",")),
+    args.add_argument("--contenders", type=names,
                       help="time only these (tuned and copy always are), e.g. generated,seed")
     args.add_argument("--json", type=Path, help="where to write the results as JSON")
     return args
 
 
-def main(argv=None):
-    args = parser().parse_args(argv)
-    unknown = set(args.cases) - {case.name for case in CASES}
-    if unknown:
-        raise SystemExit(f"unknown case(s) {sorted(unknown)}; the cases are {', '.join(c.name for c in CASES)}")
-    cases = [case for case in CASES if case.name in args.cases]
-    notes = [f"note: generated.{case.op} does not exist yet: {case.name} is timed without it"
+def notes_of(cases, classes):
+    """What the run leaves out or stands in, said before the table."""
+    found = [f"note: generated.{case.op} does not exist yet: {case.name} is timed without it"
              for case in cases if not hasattr(generated, case.op)]
-    notes += [f"note: {name} is not installed (make bench installs it): its rows are left out"
+    found += [note for _, note in classes.values() if note]
+    found += [f"note: {name} is not installed (make bench installs it): its rows are left out"
               for name in frameworks.FRAMEWORKS if not frameworks.installed(name)]
     if any(frameworks.installed(name) for name in frameworks.FRAMEWORKS):
-        notes.append("note: torch and JAX allocate where tracemalloc cannot see: their memory is n/a")
+        found.append("note: torch and JAX allocate where tracemalloc cannot see: their memory is n/a")
+    return found
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    for what, asked, known in (("group", args.only, GROUPS), ("case", args.cases, [c.name for c in CASES])):
+        if set(asked) - set(known):
+            raise SystemExit(f"unknown {what}(s) {sorted(set(asked) - set(known))}; they are {', '.join(known)}")
+    cases = [case for case in CASES if case.name in args.cases] if "losses" in args.only else []
+    sizes = args.sizes or (((4, 3),) if args.tiny else SIZES)
+    classes = {case.name: layers.generated_class(case) for case in layers.LAYERS} if "layers" in args.only else {}
+    notes = notes_of(cases, classes)
     # other work on the machine slows threaded contenders most: the load says how quiet it was
-    load = {"before": os.getloadavg()[0]}
-    print("\n".join(notes + [f"load average before: {load['before']:.2f}"]))
+    load, host = {"before": os.getloadavg()[0]}, cpu()
+    print("\n".join(notes + [f"host: {host.get('model', '?')}, {os.cpu_count()} CPUs, {' '.join(host.get('vector', ()))}",
+                             f"load average before: {load['before']:.2f}"]))
     print(format_row([name for name, _ in COLUMNS]))
-    records = bench(cases, args.sizes, args.dtypes, args.repeats, args.sample_ms / 1e3, args.contenders,
-                    args.short_repeats)
+    rng = np.random.default_rng(0)
+    units = itertools.chain(loss_units(cases, sizes, args.dtypes, rng),
+                            layer_units({name: cls for name, (cls, _) in classes.items()}, args.tiny, rng)
+                            if "layers" in args.only else (),
+                            step_units(args.tiny, rng) if "steps" in args.only else ())
+    records = bench(units, args.repeats, args.sample_ms / 1e3, args.contenders, args.short_repeats)
     load["after"] = os.getloadavg()[0]
     print(f"load average after: {load['after']:.2f}")
-    summary = targets(records, codegen_seconds())
+    missing = {case.name: f"generated.{case.op} is not in the catalog yet" for case in layers.LAYERS
+               if case.name in classes and classes[case.name][0] is None}
+    summary = issue6(records, codegen_seconds() if "engine" in args.only else None) + issue25(records, missing)
     for entry in summary:
         status = {True: "met", False: "NOT MET", None: "-"}[entry["met"]]
         print(f"target {entry['target']}: {status}, {entry['figure']}")
     costs = variant_costs(records)
     for what, figure in costs.items():
-        print(f"the NaN policy's cost, {what}: {figure}")
+        print(f"the cost of the NaN policy, {what}: {figure}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"versions": versions(), "load_average": load, "notes": notes, "records": records,
-                                         "targets": summary, "policy_costs": costs}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"versions": versions(), "cpu": host, "load_average": load, "notes": notes,
+                                         "records": records, "targets": summary, "policy_costs": costs}, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0

@@ -191,3 +191,174 @@ class SeedSoftmaxCrossEntropy:
 
     def backward(self):
         return self._layer.backward(self._labels)
+
+
+# The layers of issue 25, float32 at the benchmark's sizes; forward(*inputs) -> y, backward(g) -> the inputs'
+# gradients, setting d<param> as the generated classes do. The benchmark sets the params.
+
+class LayerNorm:
+    """Rows of x (N, K) normalised, scaled by gamma and shifted by beta: three (N, K) buffers in all, as each
+    new one costs its page faults (at (8192, 1024) float32 an array is 32 MiB, glibc's largest heap block, so
+    every one is a fresh mmap): x - mean scaled in place into x hat, y, and in backward g gamma; dx is written
+    over x hat, like torch without retain_graph, one backward per forward."""
+
+    def __init__(self, normalized_shape, eps=1e-5):
+        self.gamma, self.beta, self.eps = np.ones(normalized_shape), np.zeros(normalized_shape), eps
+
+    def forward(self, x):
+        K = x.shape[-1]
+        xhat = np.subtract(x, row_sums(x) / K)
+        var = np.einsum("nk,nk->n", xhat, xhat)[:, None] / K
+        rstd = 1 / np.sqrt(var + x.dtype.type(self.eps))
+        xhat *= rstd
+        y = np.multiply(xhat, self.gamma)
+        y += self.beta
+        self._xhat, self._rstd = xhat, rstd
+        return y
+
+    def backward(self, g):
+        # dx = rstd (g gamma - mean(g gamma) - xhat mean(g gamma xhat)), the means over each row
+        xhat, K = self._xhat, g.shape[-1]
+        self.dbeta = np.einsum("nk->k", g)
+        self.dgamma = np.einsum("nk,nk->k", g, xhat)
+        gg = np.multiply(g, self.gamma)
+        dx = np.multiply(xhat, np.einsum("nk,nk->n", gg, xhat)[:, None] / -K, out=xhat)
+        dx += gg
+        dx -= row_sums(gg) / K
+        dx *= self._rstd
+        self._xhat = None
+        return dx
+
+
+class BatchNorm2d:
+    """x (N, C, H, W) normalised per channel over N, H and W (training mode, the batch's biased variance),
+    then scaled and shifted; the per-channel sums are einsums over the view (N, C, H W)."""
+
+    def __init__(self, num_features, eps=1e-5):
+        self.gamma, self.beta, self.eps = np.ones(num_features), np.zeros(num_features), eps
+
+    def forward(self, x):
+        n, c = x.shape[:2]
+        x3 = x.reshape(n, c, -1)
+        m = x3.shape[0] * x3.shape[2]
+        xhat = np.subtract(x3, (np.einsum("nci->c", x3) / m)[:, None])
+        var = np.einsum("nci,nci->c", xhat, xhat) / m
+        rstd = (1 / np.sqrt(var + x.dtype.type(self.eps)))[:, None]
+        xhat *= rstd
+        y = np.multiply(xhat, self.gamma[:, None])
+        y += self.beta[:, None]
+        self._xhat, self._rstd, self._m = xhat, rstd, m
+        return y.reshape(x.shape)
+
+    def backward(self, g):
+        xhat, m = self._xhat, self._m
+        g3 = g.reshape(xhat.shape)
+        self.dbeta = np.einsum("nci->c", g3)
+        self.dgamma = np.einsum("nci,nci->c", g3, xhat)
+        # dx = gamma rstd (g - dbeta / m - xhat dgamma / m), per channel
+        dx = np.multiply(xhat, (self.dgamma / -m)[:, None])
+        dx += g3
+        dx -= (self.dbeta / m)[:, None]
+        dx *= self.gamma[:, None] * self._rstd
+        return dx.reshape(g.shape)
+
+
+class CausalAttention:
+    """softmax(Q K^T / sqrt(D) + causal mask) V over leading axes (N, heads): one (T, T) score buffer per head,
+    made the softmax in place (the mask added as a precomputed -inf triangle), and reused by backward for dS."""
+
+    def forward(self, Q, K, V):
+        T, D = Q.shape[-2:]
+        scale = Q.dtype.type(1 / np.sqrt(D))
+        P = Q @ K.swapaxes(-1, -2)
+        P *= scale
+        P += np.triu(np.full((T, T), -np.inf, Q.dtype), 1)
+        P -= P.max(axis=-1, keepdims=True)
+        np.exp(P, out=P)
+        P /= row_sums(P)
+        self._saved, self._scale = (Q, K, V, P), scale
+        return P @ V
+
+    def backward(self, g):
+        Q, K, V, P = self._saved
+        dV = P.swapaxes(-1, -2) @ g
+        # dS = P (dP - rowsum(dP P)), written over dP; P is 0 where masked, so dS is too
+        dS = g @ V.swapaxes(-1, -2)
+        dS -= np.einsum("...ts,...ts->...t", dS, P)[..., None]
+        dS *= P
+        dS *= self._scale
+        return dS @ K, dS.swapaxes(-1, -2) @ Q, dV
+
+
+class Conv2d:
+    """3x3 convolution (cross-correlation, stride 1, padding 1) of x (N, C, H, W) by weight (O, C, 3, 3) plus
+    bias (O,): im2col from a strided view of the padded x, copied once to columns (N, C 9, H W), and one
+    matrix product per image; backward adds the columns' gradient back in 9 shifted slices (col2im)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, padding=1):
+        self.weight = np.zeros((out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = np.zeros(out_channels)
+        self.padding = padding
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        o, _, kh, kw = self.weight.shape
+        p = self.padding
+        padded = np.zeros((n, c, h + 2 * p, w + 2 * p), x.dtype)
+        padded[:, :, p:p + h, p:p + w] = x
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(2, 3))   # (n, c, h, w, kh, kw)
+        cols = np.ascontiguousarray(windows.transpose(0, 1, 4, 5, 2, 3)).reshape(n, c * kh * kw, -1)
+        y = self.weight.reshape(o, -1) @ cols
+        y += self.bias[:, None]
+        self._cols, self._shape = cols, x.shape
+        return y.reshape(n, o, h, w)
+
+    def backward(self, g):
+        n, c, h, w = self._shape
+        o, _, kh, kw = self.weight.shape
+        p = self.padding
+        g3 = g.reshape(n, o, -1)
+        self.dbias = np.einsum("noi->o", g3)
+        self.dweight = np.einsum("noi,nki->ok", g3, self._cols, optimize=True).reshape(self.weight.shape)
+        dcols = (self.weight.reshape(o, -1).T @ g3).reshape(n, c, kh, kw, h, w)
+        dpadded = np.zeros((n, c, h + 2 * p, w + 2 * p), g.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                dpadded[:, :, i:i + h, j:j + w] += dcols[:, :, i, j]
+        return dpadded[:, :, p:p + h, p:p + w]
+
+
+class MLP:
+    """One SGD step (momentum, as torch.optim.SGD) of Linear-ReLU-Linear-softmax cross-entropy, the fastest NumPy we
+    could write: the bias added in place to the matrix product, ReLU in place (its backward reads the output,
+    h > 0 where x > 0), the loss's gradient written over its exponentials, no gradient of the input x, and the
+    update in place with one scratch buffer per parameter."""
+
+    def __init__(self, arrays, lr, momentum):
+        self.params = [arrays[name].copy() for name in ("W1", "b1", "W2", "b2")]
+        self.velocities = [np.zeros_like(p) for p in self.params]
+        self.scratch = [np.empty_like(p) for p in self.params]
+        self.x, self.labels, self.lr, self.momentum = arrays["x"], arrays["labels"], lr, momentum
+        self.loss = SoftmaxCrossEntropy()
+
+    def step(self):
+        W1, b1, W2, b2 = self.params
+        h = self.x @ W1
+        h += b1
+        np.maximum(h, 0, out=h)
+        logits = h @ W2
+        logits += b2
+        loss = self.loss.forward(logits, self.labels)
+        dlogits = self.loss.backward()
+        dh = dlogits @ W2.T
+        dh *= h > 0
+        grads = (self.x.T @ dh, np.einsum("nk->k", dh), h.T @ dlogits, np.einsum("nk->k", dlogits))
+        for param, grad, velocity, scratch in zip(self.params, grads, self.velocities, self.scratch):
+            velocity *= self.momentum
+            velocity += grad
+            np.multiply(velocity, -self.lr, out=scratch)
+            param += scratch
+        return loss
+
+    def weights(self):
+        return self.params

@@ -1,0 +1,116 @@
+"""The proofs of the rewrites derive/stability.py added for issue 23's accuracy contract: SymPy shows each identity
+(on its branch's domain, where it has branches), and each rule, applied to an expression it matches, keeps the value
+to 45 digits at points on both sides of every branch and far into the tails. A rule that does not apply leaves
+its expression alone."""
+import pytest
+import sympy as sp
+from sympy.codegen.cfunctions import hypot, log1p
+
+import derive.stability as stability
+from derive.functions import sigmoid
+
+u, t, g = (sp.Symbol(name, real=True) for name in ("u", "t", "g"))
+positive, negative = sp.Symbol("p", positive=True), sp.Symbol("n", negative=True)
+c, a = sp.Symbol("c", positive=True), sp.Symbol("a", positive=True)
+k, r = sp.Symbol("k", real=True), sp.Symbol("r", real=True)
+
+
+def s(v):
+    """sigmoid(v) by its definition."""
+    return 1 / (1 + sp.exp(-v))
+
+
+# (rule, [(lhs, rhs)]): lhs = rhs is the identity the rule uses, each side written out, on the domain its
+# symbols' assumptions state (p > 0, n < 0: a branch's side of 0)
+IDENTITIES = {
+    "sigmoid_minus_target": [(k * s(u) + r, (k + r) * s(u) + r * s(-u))],
+    "sigmoid_differences": [(k * s(u) - k * s(-u), k * sp.tanh(u / 2)), (k * s(u) - k / 2, k / 2 * sp.tanh(u / 2))],
+    # 1 - s and 1 - 2 s, the factors SiLU's second derivative has, are sigmoid(-u) and -tanh(u/2)
+    "sigmoid_polynomials_factored": [(1 - s(u), s(-u)), (1 - 2 * s(u), -sp.tanh(u / 2)),
+                                     (sp.diff(u * s(u), u, 2), s(u) * s(-u) * (2 - u * sp.tanh(u / 2)))],
+    # |v| <= a: the quotient; v = p or v = n, any sign
+    "root_less_constant": [(k * sp.sqrt(v ** 2 + a ** 2) - k * a, k * v ** 2 / (sp.sqrt(v ** 2 + a ** 2) + a))
+                           for v in (u, positive, negative)],
+    # |v| > sqrt(c): v = p, v = n
+    "quotients_of_squares": [(k * v / (v ** 2 + c), k * sp.sign(v) / (sp.Abs(v) + c / sp.Abs(v)))
+                             for v in (positive, negative)],
+    "log_one_plus_square": [(sp.log(1 + c * v ** 2), 2 * sp.log(sp.sqrt(c) * sp.Abs(v)) + sp.log(1 + 1 / (c * v ** 2)))
+                            for v in (positive, negative)],
+    # u > 0: 1/(1 + exp(-u)); u <= 0: exp(-|u|) = exp(u) over 1 + exp(u)
+    "scaled_sigmoid_branches": [(s(positive), 1 / (1 + sp.exp(-sp.Abs(positive)))),
+                                (s(negative), sp.exp(-sp.Abs(negative)) / (1 + sp.exp(-sp.Abs(negative)))),
+                                (s(0), sp.exp(0) / (1 + sp.exp(0)))],
+}
+
+
+@pytest.mark.parametrize("rule", IDENTITIES)
+def test_sympy_proves_each_identity_on_its_domain(rule):
+    for lhs, rhs in IDENTITIES[rule]:
+        difference = (lhs - rhs).rewrite(sp.exp)
+        assert sp.simplify(sp.expand_log(difference, force=False)) == 0, (rule, lhs, rhs)
+
+
+# (rule, an expression it rewrites): terms it matches beside terms it leaves, at two or more places
+EXAMPLES = {
+    "sigmoid_minus_target": g * sigmoid(u) - g * t + u * sigmoid(u + 1),
+    "sigmoid_differences": 2 * sigmoid(u + 1) - 2 * sigmoid(-u - 1) + sigmoid(u) * 3 - sp.Rational(3, 2),
+    "sigmoid_polynomials_factored": sp.expand(sp.diff(u * sigmoid(u), u, 2).xreplace(
+        {1 - sigmoid(u): sigmoid(-u)})) * g,
+    "root_less_constant": 3 * hypot(u - t, 2) - 6 + u,
+    "quotients_of_squares": 2 * g * u / ((u - t) ** 2 + 1) - 2 * g * t / ((u - t) ** 2 + 1) + u / (u ** 2 + 4),
+    "log_one_plus_square": log1p(3 * (u - t) ** 2) + log1p(u ** 2),
+    "scaled_sigmoid_branches": u * sigmoid(u) + (u + 1) ** 2 * sigmoid(2 * u),
+}
+# both sides of every branch (|u - t| = 2, 1, 1/sqrt 3, t = 3/7), 0, and the tails
+POINTS = (-10 ** 30, -300, -20, -2, sp.Rational(-11, 7), -1, sp.Rational(-1, 3), 0, sp.Rational(1, 3), 1,
+          sp.Rational(3, 7) + 1 / sp.sqrt(3), sp.Rational(17, 7), 5, 300, 10 ** 30)
+
+
+def value(expr, point):
+    """expr at u = point (t = 3/7, g = 5/3) to 50 digits, or None where an exponential is too large to evaluate."""
+    at = expr.subs({u: point, t: sp.Rational(3, 7), g: sp.Rational(5, 3)}).rewrite(sp.exp)
+    if any(abs(e.args[0]) > 10 ** 6 for e in at.atoms(sp.exp) if e.args[0].is_number):
+        return None
+    return sp.N(at, 50)
+
+
+@pytest.mark.parametrize("rule", EXAMPLES)
+def test_each_rule_keeps_the_value_to_45_digits_on_both_sides_of_its_branches(rule):
+    expr = EXAMPLES[rule]
+    rewritten = getattr(stability, rule)(expr)
+    assert rewritten != expr
+    for point in POINTS:
+        before, after = value(expr, point), value(rewritten, point)
+        if before is None:
+            continue
+        assert abs(before - after) <= sp.Float(10) ** -45 * max(1, abs(before)), (point, before, after)
+
+
+def test_a_wrong_identity_is_caught():
+    # sigmoid_differences' second form once gave c tanh(u/2) for c sigmoid(u) - c/2 (twice the value)
+    wrong = sp.simplify((k * s(u) - k / 2 - k * sp.tanh(u / 2)).rewrite(sp.exp))
+    assert wrong != 0
+    before, after = (value(e, 1) for e in (3 * sigmoid(u) - sp.Rational(3, 2), 3 * sp.tanh(u / 2)))
+    assert abs(before - after) > 0.1
+
+
+@pytest.mark.parametrize("rule, expr", [
+    ("sigmoid_minus_target", sigmoid(u) - u),                     # the rest reads u: no target
+    ("sigmoid_minus_target", u * sigmoid(u) - t),                 # nor does the scale
+    ("sigmoid_differences", sigmoid(u) - sigmoid(-2 * u)),
+    ("sigmoid_polynomials_factored", sigmoid(u) + u),             # degree 1
+    ("root_less_constant", hypot(u, t) - t),                      # t's sign is not known
+    ("quotients_of_squares", u ** 2 / (u ** 2 + 1)),              # not k v/(v^2 + c)
+    ("log_one_plus_square", log1p(t * u ** 2)),                   # t may be negative
+    ("scaled_sigmoid_branches", t * sigmoid(u)),                  # no factor that grows with u
+])
+def test_a_rule_leaves_what_it_does_not_prove(rule, expr):
+    assert getattr(stability, rule)(expr) == expr
+
+
+def test_each_rule_is_in_the_driver_and_documented():
+    from pathlib import Path
+    names = {function.__name__: name for name, function, _ in stability.REWRITES}
+    headings = (Path(__file__).resolve().parent.parent / "docs" / "stability.md").read_text()
+    for rule in EXAMPLES:
+        assert rule in names and f"### {names[rule]}\n" in headings, rule
