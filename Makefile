@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NODE := build/node
 KATEX := $(NODE)/node_modules/katex/dist
 
-.PHONY: test codegen fuzz demo docs screenshot chromium bench clean
+.PHONY: test codegen fuzz demo docs screenshot chromium bench bench-engine clean
 .DEFAULT_GOAL := test
 
 $(PY):
@@ -74,6 +74,11 @@ $(VENV)/bench-installed: $(VENV)/installed
 bench: $(VENV)/bench-installed
 	mkdir -p build
 	$(PY) -m codegen.bench --json build/bench.json
+
+# symgrad codegen's own cost: seconds per operation and stage for the catalog and the slowest declarations found,
+# then a cold run, one with no input changed and one with a declaration changed, against issue 25's targets
+bench-engine: $(VENV)/installed
+	$(PY) -m codegen.bench.engine
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,6 +8,7 @@ import ast
 import base64
 import functools
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -156,14 +157,14 @@ def run_explain(args):
 
 
 def run_codegen(args):
-    from codegen.pipeline import codegen, numba_installed, summary
+    from codegen.pipeline import CACHE, codegen, numba_installed, summary
     from derive.catalog import CATALOG
     if args.ops and not args.out:
         print("symgrad codegen: --ops needs --out (the folder of the package to generate)", file=sys.stderr)
         return 2
-    out = Path(args.out or ROOT / "generated")
+    out, budget = Path(args.out or ROOT / "generated"), budget_option(args.budget)
     reports, changed, seconds = codegen(declared_catalog(args.ops) if args.ops else CATALOG, out,
-                                        backend=args.backend)
+                                        cache=None if args.no_cache else CACHE, backend=args.backend, budget=budget)
     print(summary(reports))
     if changed is None:
         print(f"FAILED: {out} left untouched", file=sys.stderr)
@@ -195,6 +196,19 @@ def shape_option(text):
     if not all(size.strip().isdigit() and int(size) > 0 for size in sizes):
         raise ValueError(f"--shape {text!r}: expected positive integers separated by commas, e.g. 4,5")
     return tuple(int(size) for size in sizes)
+
+
+def budget_option(text):
+    """--budget's seconds: a positive number, None where none is given."""
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"--budget {text!r}: expected a positive number of seconds, e.g. 60")
+    return seconds
 
 
 def init_options(text):
@@ -270,6 +284,11 @@ def parser():
     generate.add_argument("--backend", choices=("numpy", "fast", "all"), default="all",
                           help="which backends to generate and verify: numpy (generated/), fast (numba's fused "
                                "loops in fast/), or all")
+    generate.add_argument("--budget", metavar="SECONDS",
+                          help="the seconds each stage of an operation may take before it is refused (default 30)")
+    generate.add_argument("--no-cache", action="store_true",
+                          help="derive and verify every operation anew, reading and writing no cache "
+                               "(build/codegen-cache)")
     generate.set_defaults(run=run_codegen)
     new = commands.add_parser("new", help="print (or --write) the declaration of an element-wise operation")
     new.add_argument("name", help="the class name, e.g. Swish")

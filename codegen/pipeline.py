@@ -1,20 +1,29 @@
-"""make codegen: derive and render the catalog, verify the staged kernels, then publish them."""
+"""make codegen: derive and render the catalog, verify the staged kernels, then publish them. What each
+operation came to (its modules' text, its verification reports) is kept per operation in build/, keyed by
+everything it depends on, so that a run derives and verifies only the operations whose inputs changed."""
+import dataclasses
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import shutil
+import sys
+import tempfile
 import time
 import types
-from contextlib import contextmanager
+import zlib
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import sympy as sp
 
-from codegen.render import FAST, ROOT, generator_digest, inputs_digest, render_package
+from codegen.render import CATALOG_SOURCE, FAST, ROOT, environment, generator_digest, operation_files, package_files
 from codegen.verify import check_agreement, check_op
-from codegen.stages import in_stage
-from codegen.write import import_package, modules, publish, stage
+from codegen.stages import budgeted, in_stage
+from codegen.write import differences, import_package, publish, stage
 from derive.declare import DeclarationError
 from derive.tensor import TensorOp
 
@@ -22,8 +31,15 @@ from derive.tensor import TensorOp
 TENSOR_NOT_FUSED = "skipped: an index-notation op has no fused numba form; fast/ has no class for it (use the NumPy one)"
 
 
-# the last run's inputs, output and reports: in a checkout's git-ignored build/, none in an installed package
-CACHE = ROOT / "build" / "codegen-cache.json" if (ROOT / "pyproject.toml").exists() else None
+# one JSON file per operation and inputs (cache_key), in a checkout's git-ignored build/; none in an installed package
+CACHE = ROOT / "build" / "codegen-cache" if (ROOT / "pyproject.toml").exists() else None
+# entries CACHE keeps, the most recently used: a few versions of a few catalogs
+KEPT = 400
+# the engine's sources: a change to any one invalidates every entry (generator_digest's files are among them,
+# and so are the verifier's); not the registry's file, whose entries are keyed one by one (cache_key)
+ENGINE = ("codegen/*.py", "derive/*.py", "templates/*.jinja")
+# the libraries whose version can change what is derived, printed or verified
+LIBRARIES = ("sympy", "mpmath", "numpy", "jinja2", "numba")
 
 
 # which kernels codegen prints and verifies: the NumPy ones alone, the fused numba ones too (numba needed),
@@ -91,8 +107,8 @@ def with_compiled_math(fast):
 def verify_package(package, catalog, seed=0):
     """[OpReport] from the finite-difference checks of every op in the imported package, and of its
     fused numba classes (named "<op> (fast)") where it has them. A kernel that raises or runs past
-    its budget fails its check, named."""
-    rng = np.random.default_rng(seed)
+    its budget fails its check, named. Each class draws from its own generator, seeded by its name: its
+    report is the same whichever operations are verified with it."""
     reports = []
     fast = getattr(package, FAST, None)
     classes = [(name, op, getattr(package, name), package) for name, op in catalog.items()]
@@ -101,6 +117,7 @@ def verify_package(package, catalog, seed=0):
     for name, op, cls, where in classes:
         module = getattr(where, op.module)
         kernels = sum(1 for attr in vars(module) if attr.startswith(("forward", "backward")))
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         try:
             # np.where evaluates both branches: log(x) warns where x < 0 although that branch is not taken
             with in_stage(name, "verification"), np.errstate(all="ignore"):
@@ -116,7 +133,18 @@ def verify_package(package, catalog, seed=0):
     # an index-notation op has no fused form (yet): the summary says so, rather than leave it out silently
     reports += [OpReport(f"{name} (fast)", 0, 0.0, True, (TENSOR_NOT_FUSED,)) for name, op in catalog.items()
                 if fast is not None and isinstance(op, TensorOp)]
-    return reports
+    return in_order(reports, catalog)
+
+
+def operation(report):
+    """The name of the operation a report is about ("Tanh" of "Tanh (fast)")."""
+    return report.name.removesuffix(" (fast)")
+
+
+def in_order(reports, catalog):
+    """reports as the summary lists them: the NumPy classes in catalog order, then the fused ones."""
+    position = {name: index for index, name in enumerate(catalog)}
+    return sorted(reports, key=lambda report: (report.name != operation(report), position[operation(report)]))
 
 
 def fused_backend(backend):
@@ -130,57 +158,142 @@ def fused_backend(backend):
     return backend == "fast" or backend == "all" and numba_installed()
 
 
-def cache_key(catalog, fused):
-    """sha256 of every input of the generated package: the generator's files, the catalog, the backends."""
-    return inputs_digest(generator_digest(), repr(list(catalog.values())), repr(fused))
+def library_versions():
+    """{library: version, None if it is not installed} of LIBRARIES."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
-def files_digest(out):
-    """{file name: sha256} of the package in out, to tell whether it is still what was generated."""
-    return {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in modules(out)}
+def engine_digest(fused):
+    """sha256 of all an operation's modules and reports depend on but its declaration: every source of the
+    engine, Python's and the libraries' versions, and the backend."""
+    digest = hashlib.sha256(repr((sys.version, library_versions(), fused)).encode())
+    for path in sorted({path for pattern in ENGINE for path in ROOT.glob(pattern)} - {ROOT / CATALOG_SOURCE}):
+        digest.update(b"\0" + path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
-def cached_reports(cache, key, out):
-    """The reports of the run that generated out from the same inputs, or None: the cache serves a
-    run only when the inputs' digest and every file of out are as that run left them."""
+def fingerprint(value):
+    """Text that tells two declarations apart wherever their kernels may differ: every field of a dataclass,
+    SymPy objects with their assumptions (srepr writes Symbol('x', real=True) where repr writes x)."""
+    if isinstance(value, sp.Basic):
+        return sp.srepr(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = ", ".join(f"{f.name}={fingerprint(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        return f"{type(value).__name__}({fields})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{fingerprint(key)}: {fingerprint(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(fingerprint(item) for item in value)) + "}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__}({', '.join(fingerprint(item) for item in value)})"
+    return repr(value)
+
+
+def cache_key(op, engine):
+    """The name of op's cache entry: sha256 of its declaration and of engine (engine_digest)."""
+    return hashlib.sha256(f"{engine}\0{fingerprint(op)}".encode()).hexdigest()
+
+
+def package_key(catalog, modules, engine):
+    """The name of the package files' entry: they list the operations, and which of them have a fused class."""
+    listing = [(name, op.module, isinstance(op, TensorOp), f"{FAST}/{op.module}.py" in modules[name])
+               for name, op in catalog.items()]
+    return hashlib.sha256(f"{engine}\0package\0{listing!r}".encode()).hexdigest()
+
+
+def load(cache, key):
+    """The entry named key in the folder cache (marked as just used), or None."""
+    path = cache / f"{key}.json"
     try:
-        entry = json.loads(cache.read_text())
+        entry = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if entry.get("key") != key or entry.get("files") != files_digest(out):
-        return None
-    return [OpReport(**dict(report, failures=tuple(report["failures"]))) for report in entry["reports"]]
+    with suppress(OSError):  # a read-only cache still serves
+        os.utime(path)
+    return entry
 
 
-def codegen(catalog, out, cache=CACHE, backend="all"):
+def save(cache, key, entry):
+    """Write an entry atomically: a run reading it meanwhile sees the old one or the new one, whole."""
+    cache.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=cache, prefix=".entry-")
+    with os.fdopen(handle, "w") as file:
+        json.dump(entry, file)
+    os.replace(temporary, cache / f"{key}.json")
+
+
+def prune(cache, kept=KEPT):
+    """Remove all but the kept most recently used entries of cache."""
+    entries = sorted(cache.glob("*.json"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for path in entries[kept:]:
+        path.unlink(missing_ok=True)
+
+
+def imported(staged, fused):
+    """The package staged, its fast/ too if fused, run interpreted with numba's math (as codegen verifies it)."""
+    if not fused:
+        return import_package(staged)
+    with interpreted():
+        package = import_package(staged, [FAST])
+    with_compiled_math(getattr(package, FAST))
+    return package
+
+
+def codegen(catalog, out, cache=CACHE, backend="all", budget=None):
     """Generate, verify and (only if every check passed) publish; returns (reports, changed, seconds).
-    Nothing is derived when the inputs and out are those of the last run (see cached_reports)."""
+
+    An operation found in cache (a folder of entries; None: no cache) is neither derived nor verified
+    again: its modules and reports are those of the run that made them from the same inputs (cache_key).
+    Every stage of an operation runs within budget seconds (codegen.stages.BUDGET by default)."""
     start = time.perf_counter()
     fused = fused_backend(backend)
-    key = cache_key(catalog, fused)
-    reports = cached_reports(cache, key, out) if cache else None
-    if reports is not None:
-        return reports, [], time.perf_counter() - start
-    reports, changed = generate(catalog, out, fused)
-    if changed is not None and cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "files": files_digest(out),
-                                     "reports": [asdict(report) for report in reports]}))
+    engine = engine_digest(fused) if cache else None
+    keys = {name: cache_key(op, engine) for name, op in catalog.items()} if cache else {}
+    found = {name: entry for name, key in keys.items() if (entry := load(cache, key)) is not None}
+    missed = {name: op for name, op in catalog.items() if name not in found}
+    with budgeted(budget):
+        env, generator = environment(), generator_digest()
+        modules = {name: found[name]["files"] if name in found else operation_files(op, fused, env, generator)
+                   for name, op in catalog.items()}
+        package = served_package(catalog, modules, fused, cache, engine)
+        own = {name: text for files in modules.values() for name, text in files.items()}
+        reports, changed = verified({**package, **own}, catalog, missed, found, out, fused)
+    if cache:
+        for name in missed:  # an operation is kept once all its checks passed
+            checked = [report for report in reports if operation(report) == name]
+            if all(report.ok for report in checked):
+                save(cache, keys[name], {"files": modules[name], "reports": [asdict(report) for report in checked]})
+        prune(cache)
     return reports, changed, time.perf_counter() - start
 
 
-def generate(catalog, out, fused=True):
-    """(reports, changed): the package staged, verified and published, or changed None on a failure.
-    Without fused, the package has no fast/ (one left in out is removed: nothing verified it)."""
-    staged = stage(render_package(catalog, fused), out.parent)
+def served_package(catalog, modules, fused, cache, engine):
+    """The package files (render.package_files) of catalog, from cache or rendered (and kept there)."""
+    key = package_key(catalog, modules, engine) if cache else None
+    entry = load(cache, key) if cache else None
+    if entry is None:
+        entry = {"files": package_files(catalog, modules, fused)}
+        if cache:
+            save(cache, key, entry)
+    return entry["files"]
+
+
+def verified(files, catalog, missed, found, out, fused):
+    """(reports, changed): files staged, the missed operations verified, the others' reports as found, and
+    files published only if every check passed (changed None otherwise)."""
+    reports = [OpReport(**dict(report, failures=tuple(report["failures"])))
+               for entry in found.values() for report in entry["reports"]]
+    if not missed:  # all verified before: written only where out differs
+        return in_order(reports, catalog), publish(stage(files, out.parent), out) if differences(files, out) else []
+    staged = stage(files, out.parent)
     try:
-        if fused:
-            with interpreted():
-                package = import_package(staged, [FAST])
-            with_compiled_math(getattr(package, FAST))
-        else:
-            package = import_package(staged)
-        reports = verify_package(package, catalog)
+        reports = in_order(reports + verify_package(imported(staged, fused), missed), catalog)
     except BaseException:
         shutil.rmtree(staged)
         raise

@@ -20,8 +20,10 @@ TEMPLATES = ROOT / "templates"
 # Everything whose change can change a generated file; its digest goes in every header.
 GENERATOR = ("derive/*.py", "codegen/lower.py", "codegen/printer.py", "codegen/kernels.py", "codegen/inplace.py",
              "codegen/fused.py", "codegen/render.py", "codegen/tensor_lower.py", "templates/*.jinja")
-# The derivations printed for readers (symgrad derive, make docs) never reach a generated file.
-NOT_GENERATOR = "derive/derivation*.py"
+# The derivations printed for readers (symgrad derive, make docs) never reach a generated file; nor does the
+# registry's file itself: each entry is in its own files' digests (their context holds it), so that a changed
+# entry changes its own files alone, and make codegen derives that operation alone.
+NOT_GENERATOR = ("derive/derivation*.py", "derive/catalog.py")
 CATALOG_SOURCE = "derive/catalog.py"
 # Loss targets: how forward recognises each kind, and how it checks and prepares it.
 # A 1-d target of a row loss is labels whatever its dtype, so that float labels get label_column's error.
@@ -50,7 +52,7 @@ def generator_digest():
     """sha256 of the generator's own files, so a header changes whenever they do."""
     digest = hashlib.sha256()
     for pattern in GENERATOR:
-        for path in sorted(set(ROOT.glob(pattern)) - set(ROOT.glob(NOT_GENERATOR))):
+        for path in sorted(set(ROOT.glob(pattern)) - {path for other in NOT_GENERATOR for path in ROOT.glob(other)}):
             digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
@@ -244,9 +246,36 @@ def mean_gradient_code(op, path, kernels, printed):
 def render_package(catalog, fused=True):
     """{file name: text} of the whole generated package, the fused numba modules in fast/ if fused."""
     env, generator = environment(), generator_digest()
+    modules = {name: operation_files(op, fused, env, generator) for name, op in catalog.items()}
+    return {**package_files(catalog, modules, fused, env, generator),
+            **{name: text for files in modules.values() for name, text in files.items()}}
+
+
+def operation_files(op, fused=True, env=None, generator=None):
+    """{file name: text} of op's own modules: its NumPy one, and its fused one if fused and it has that form."""
+    env, generator = env or environment(), generator or generator_digest()
+    source = f"{CATALOG_SOURCE} ({op.name})"
+    if isinstance(op, TensorOp):  # index notation: lowered to whole arrays by codegen.tensor_lower; no fused form (yet)
+        with in_stage(op.name, "lowering its derivation to arrays and printing them"):
+            return {f"{op.module}.py": render(env, "tensor.py.jinja", source, generator, module_context(op))}
+    with in_stage(op.name, "deriving and printing its NumPy kernels"):
+        context = op_context(op)
+        files = {f"{op.module}.py": render(env, f"{op.kind}.py.jinja", source, generator, context)}
+    if fused and op.kind in ("layer", "loss"):
+        with in_stage(op.name, "printing its fused kernels (--backend numpy skips them)"):
+            context = fast_context(op, context)
+        if context is not None:
+            files[f"{FAST}/{op.module}.py"] = render(env, f"{op.kind}.py.jinja", source, generator, context)
+    return files
+
+
+def package_files(catalog, modules, fused=True, env=None, generator=None):
+    """{file name: text} of the package's other files, given each operation's own modules (modules,
+    {name: operation_files}): they list the operations and hold what all of them share."""
+    env, generator = env or environment(), generator or generator_digest()
     ops = list(catalog.values())
-    exports = [{"name": op.name, "module": op.module} for op in ops]
-    files = {"__init__.py": render(env, "package.py.jinja", CATALOG_SOURCE, generator, {"ops": exports}),
+    files = {"__init__.py": render(env, "package.py.jinja", CATALOG_SOURCE, generator,
+                                   {"ops": [{"name": op.name, "module": op.module} for op in ops]}),
              "_checks.py": render(env, "checks.py.jinja", "templates/checks.py.jinja", generator, {}),
              "_base.py": render(env, "base.py.jinja", "derive/reduction.py", generator,
                                 {"reductions": {g: reductions(g) for g in ("row", "element")}}),
@@ -255,33 +284,13 @@ def render_package(catalog, fused=True):
                                    "adamw": kernel_code(adam_kernel(True))}),
              "_special.py": render(env, "special.py.jinja", "derive/special.py", generator,
                                    {"erf": kernel_code(erf_kernel())})}
-    contexts = {}
     if any(isinstance(op, TensorOp) for op in ops):
         files["_tensor.py"] = render(env, "tensor_runtime.py.jinja", "templates/tensor_runtime.py.jinja", generator, {})
-    for op in ops:
-        if isinstance(op, TensorOp):  # index notation: lowered to whole arrays by codegen.tensor_lower
-            with in_stage(op.name, "lowering its derivation to arrays and printing them"):
-                files[f"{op.module}.py"] = render(env, "tensor.py.jinja", f"{CATALOG_SOURCE} ({op.name})", generator,
-                                                  module_context(op))
-            continue
-        with in_stage(op.name, "deriving and printing its NumPy kernels"):
-            contexts[op.name] = op_context(op)
-            files[f"{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
-                                              generator, contexts[op.name])
     if not fused:
         return files
-    fast = []
-    for op in ops:
-        if op.kind in ("layer", "loss") and not isinstance(op, TensorOp):  # a TensorOp has no fused form (yet)
-            with in_stage(op.name, "printing its fused kernels (--backend numpy skips them)"):
-                fast.append((op, fast_context(op, contexts[op.name])))
-    fast = [(op, context) for op, context in fast if context is not None]
-    files[f"{FAST}/__init__.py"] = render(env, "fast_package.py.jinja", CATALOG_SOURCE, generator,
-                                          {"ops": [{"name": op.name, "module": op.module} for op, _ in fast]})
+    fast = [{"name": op.name, "module": op.module} for op in ops if f"{FAST}/{op.module}.py" in modules[op.name]]
+    files[f"{FAST}/__init__.py"] = render(env, "fast_package.py.jinja", CATALOG_SOURCE, generator, {"ops": fast})
     files[f"{FAST}/_runtime.py"] = render(env, "fast_runtime.py.jinja", "codegen/fused.py", generator,
                                           {"fastmath": "{" + ", ".join(f'"{flag}"' for flag in FASTMATH) + "}",
                                            "functions": runtime_functions()})
-    for op, context in fast:
-        files[f"{FAST}/{op.module}.py"] = render(env, f"{op.kind}.py.jinja", f"{CATALOG_SOURCE} ({op.name})",
-                                                 generator, context)
     return files

@@ -98,7 +98,7 @@ def test_a_fused_module_published_without_its_check_is_unverified(monkeypatch):
 
 
 def test_a_generator_that_does_not_return_is_a_hang(monkeypatch):
-    monkeypatch.setattr(pipeline, "render_package", lambda catalog, fused: time.sleep(30))
+    monkeypatch.setattr(pipeline, "operation_files", lambda *args, **kwargs: time.sleep(30))
     start = time.perf_counter()
     result = fuzz.run_case(fuzz.Case("activation", "x*sigmoid(x)"), seconds=1)
     assert result.outcome == "hang" and time.perf_counter() - start < 10, result.line()
@@ -135,3 +135,35 @@ def test_the_command_prints_the_counts_writes_the_report_and_fails_on_a_defect(t
 def test_the_fused_class_is_checked_compiled_by_numba_too():
     result = fuzz.run_case(fuzz.Case("loss", "log(cosh(x - t))*alpha", (("alpha", 1.5),)), jit=True)
     assert result.outcome == "accepted" and result.errors["classes"] == 2, result.line()
+
+
+class NaiveSoftplus:
+    """log(1 + exp(x)) as written, derivative exp(x)/(1 + exp(x)): inf from x = 89 in float32, 0 below -17."""
+
+    def forward(self, x):
+        self.x = x
+        return np.log(1 + np.exp(x))
+
+    def backward(self, g):
+        return g * np.exp(self.x) / (1 + np.exp(self.x))
+
+
+def test_the_tail_check_catches_a_naive_kernel_and_passes_the_stable_one():
+    from types import SimpleNamespace
+    import generated
+    from derive.declare import activation
+    case = fuzz.Case("activation", "log(1 + exp(x))")
+    op = activation(fuzz.NAME, case.expr)
+    verdict, reason = fuzz.tails(case, op, SimpleNamespace(Fuzz=NaiveSoftplus, fast=SimpleNamespace()))
+    assert verdict == "broken" and "x=" in reason, reason
+    assert fuzz.tails(case, op, SimpleNamespace(Fuzz=generated.Softplus, fast=SimpleNamespace())) == ("met", "")
+
+
+def test_the_summary_counts_the_tail_verdicts_of_accepted_declarations():
+    case = fuzz.Case("activation", "x*sigmoid(x)")
+    results = [fuzz.Result(case, "accepted", errors={"points": 24}, tails=verdict, tails_reason=reason)
+               for verdict, reason in (("met", ""), ("met", ""), ("broken", "numpy float32 forward: x=-88.7"))]
+    text = fuzz.summary(results)
+    assert "meeting the accuracy contract in the tails" in text and "breaking it" in text
+    met = next(line for line in text.splitlines() if "meeting the accuracy contract" in line)
+    assert met.split()[-1] == "2" and "x=-88.7" in text
