@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import generated
-from codegen.bench import frameworks, tuned
+from codegen.bench import frameworks, layers, profile, steps, targets, tuned
 from codegen.bench.cases import CASES, Contender, contenders, make_inputs, numpy_step
-from codegen.bench.run import SHORT_REPEATS, balanced_orders, main, paired_ratio, time_interleaved
+from codegen.bench.run import SHORT_REPEATS, balanced_orders, main, time_interleaved
+from codegen.bench.targets import paired_ratio
 
 ids = [case.name for case in CASES]
 TOLERANCE = {"float32": dict(rtol=2e-5, atol=1e-6), "float64": dict(rtol=1e-10, atol=1e-13)}
@@ -51,12 +52,13 @@ def inputs_for(case, dtype, shape=(6, 5)):
     return make_inputs(case, *shape, np.dtype(dtype), np.random.default_rng(7))
 
 
-def assert_same(results, expected, dtype, who):
+def assert_same(results, expected, dtype, who, tolerance=None):
     assert len(results) == len(expected), who
     for n, (got, want) in enumerate(zip(results, expected)):
         got = np.asarray(got)
         assert got.shape == np.shape(want), f"{who}: result {n} has shape {got.shape}, expected {np.shape(want)}"
-        assert np.allclose(got, want, **TOLERANCE[dtype]), f"{who}: result {n}\ngot      {got}\nexpected {want}"
+        assert np.allclose(got, want, **(tolerance or TOLERANCE[dtype])), \
+            f"{who}: result {n}\ngot      {got}\nexpected {want}"
 
 
 def test_every_case_has_a_reference_and_a_tuned_class():
@@ -113,25 +115,110 @@ def test_frameworks_match_tuned(framework, case, dtype):
                 f"{framework} {case.name}")
 
 
-def test_a_tiny_run_prints_every_contender_and_writes_json(tmp_path, capsys):
+LAYER_IDS = [case.name for case in layers.LAYERS]
+
+
+@pytest.mark.parametrize("case", layers.LAYERS, ids=LAYER_IDS)
+def test_every_layer_contender_computes_what_pytorch_computes(case):
+    """The tuned layers, the generated ones in the catalog (or the example standing in) and PyTorch's: one
+    forward + backward each on the same arrays, (y, the inputs' gradients, the params' gradients) alike."""
+    arrays = case.arrays(case.tiny, np.dtype("float32"), np.random.default_rng(3))
+    cls, _ = layers.generated_class(case)
+    results = {c.name: c.make()() for c in layers.contenders(case, case.tiny, arrays, cls) if c.name != "copy"}
+    assert {"tuned", "torch-1t"} <= set(results) and ("generated" in results) == (cls is not None)
+    expected = [t.numpy() for t in results.pop("torch-1t")]
+    for who, got in results.items():
+        assert_same(got, expected, "float32", f"{who} {case.name}", dict(rtol=1e-4, atol=1e-5))
+
+
+def test_the_steps_of_every_contender_move_the_weights_alike():
+    """Two SGD steps from the same weights and batch: the generated, tuned and PyTorch networks end with the
+    same losses and weights, so make bench times the same training."""
+    arrays = steps.mlp_arrays(steps.TINY[0], np.dtype("float32"), np.random.default_rng(4))
+    ends = {}
+    for cls in (steps.GeneratedMLP, tuned.MLP, frameworks.TorchMLP):
+        network = cls(arrays, lr=0.5, momentum=0.9)
+        losses = [float(network.step()) for _ in range(2)]
+        ends[cls.__name__] = [np.array(losses), *(np.array(w) for w in network.weights())]
+    assert ends["MLP"][0][1] < ends["MLP"][0][0]
+    assert not np.allclose(ends["MLP"][1], arrays["W1"])
+    for who in ("GeneratedMLP", "TorchMLP"):
+        assert_same(ends[who], ends["MLP"], "float32", who, dict(rtol=1e-5, atol=1e-6))
+
+
+def test_every_change_the_profile_times_trains_as_the_generated_step_does():
+    """python -m codegen.bench.profile times changes to the generated step (an SGD in place, no gradient of the
+    input, ...): each must leave the weights where the generated step leaves them, or its gain is no gain."""
+    arrays = steps.mlp_arrays(steps.TINY[0], np.dtype("float32"), np.random.default_rng(5))
+    ends = {}
+    for contender in profile.contenders(arrays):
+        step = contender.make()
+        losses = [float(step()) for _ in range(2)]
+        ends[contender.name] = [np.array(losses), *(np.array(w) for w in step.__self__.weights())]
+    for who, end in ends.items():
+        assert_same(end, ends["tuned"], "float32", who, dict(rtol=1e-5, atol=1e-6))
+
+
+def record(contender, times, group="layers", case="layer_norm", size="8192x1024", **fields):
+    return {"group": group, "case": case, "size": size, "dtype": "float32", "contender": contender,
+            "samples_s": list(times), **fields}
+
+
+def summary_of(records, missing=None):
+    return {e["target"].split(", ", 1)[1]: e for e in targets.issue25(records, missing or {})}
+
+
+def test_the_summary_says_met_or_not_with_the_ratio_and_where_it_is_worst():
+    steps_at = [steps.size_label(size) for size in steps.SIZES]
+    records = [record("generated", [1.05, 1.0], x_tuned=1.05), record("tuned", [1, 1], x_tuned=1.0),
+               record("numba", [1, 1], copies=2.5), record("torch-2t", [2.5, 1.5]),
+               *(record(who, [time] * 3, group="steps", case="mlp_sgd", size=size)
+                 for size, time in zip(steps_at, (1.0, 3.0, 1.0, 1.0))
+                 for who, time in (("generated", time), ("torch-1t", 2.0), ("torch-2t", 1.0)))]
+    summary = summary_of(records, {"conv2d": "generated.Conv2d is not in the catalog yet"})
+    layer_norm = summary["2. generated LayerNorm 8192x1024 <= 1.1x tuned NumPy"]
+    assert layer_norm["met"] and layer_norm["figure"].startswith("1.05x")
+    fused = summary["2. fused LayerNorm 8192x1024 >= 2x faster than torch-2t"]
+    assert fused["met"] and fused["figure"].startswith("2.00x")       # the paired ratios 2.5 and 1.5
+    assert summary["2. fused LayerNorm 8192x1024 <= 3 copies"]["met"]
+    conv = summary["2. generated conv2d 64x16x28x28>32 <= 1.5x torch-2t"]
+    assert conv["met"] is None and "Conv2d is not in the catalog yet" in conv["figure"]
+    one, two = (summary[f"3. generated MLP SGD step <= 1.0x torch-{t}t, every size"] for t in (1, 2))
+    assert one["met"] is False and one["figure"] == f"1.50x (worst: mlp_sgd {steps_at[1]} float32)"
+    assert two["met"] is False and two["figure"].startswith("3.00x")
+    assert summary["1. fused softmax_ce and bce_logits forward + backward at 8192x1000 float32 <= 1.3 copies"]["met"] is None
+
+
+def test_a_tiny_run_of_every_group_prints_each_row_and_the_summary(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert main(["--sizes", "4x3", "--dtypes", "float32", "--repeats", "2", "--short-repeats", "1",
-                 "--sample-ms", "0.1", "--json", str(path)]) == 0
+    assert main(["--only", "losses,layers,steps", "--tiny", "--cases", "softmax_ce,relu", "--dtypes", "float32",
+                 "--contenders", "generated,torch-2t", "--repeats", "1", "--short-repeats", "1", "--sample-ms", "0.1",
+                 "--json", str(path)]) == 0
     printed = capsys.readouterr().out
-    records = json.loads(path.read_text())["records"]
-    for case in CASES:
-        names = [c.name for c in contenders(case, inputs_for(case, "float32", (4, 3)))]
-        assert ("generated" in names) == hasattr(generated, case.op)
-        assert [r["contender"] for r in records if r["case"] == case.name] == names
-        for name in names:
-            assert any(line.split()[:4] == [case.name, "4x3", "float32", name] for line in printed.splitlines())
-        if "generated" not in names:
-            assert f"generated.{case.op} does not exist yet" in printed
-    assert all(r["median_s"] > 0 for r in records)
-    for case in CASES:  # 2 repeats, rounded up to one round of balanced orders
-        repeats = [r["repeats"] for r in records if r["case"] == case.name]
-        assert set(repeats) == {len(balanced_orders(len(repeats), np.random.default_rng(0)))}
-    assert printed.count("target ") == 6
+    saved = json.loads(path.read_text())
+    records, lines = saved["records"], [line.split()[:4] for line in printed.splitlines()]
+    expected = [(case.name, "4x3", [c.name for c in contenders(case, inputs_for(case, "float32", (4, 3)))])
+                for case in CASES if case.name in ("softmax_ce", "relu")]
+    for case in layers.LAYERS:
+        cls, note = layers.generated_class(case)
+        found = layers.contenders(case, case.tiny, case.arrays(case.tiny, np.dtype("float32"), np.random.default_rng(0)), cls)
+        expected.append((case.name, layers.size_label(case.tiny), [c.name for c in found]))
+        assert note is None or note in printed
+    expected.append(("mlp_sgd", steps.size_label(steps.TINY[0]), [c.name for c in steps.contenders(
+        steps.mlp_arrays(steps.TINY[0], np.dtype("float32"), np.random.default_rng(0)))]))
+    for case, size, names in expected:
+        names = [n for n in names if n in ("generated", "tuned", "torch-2t", "copy")]
+        assert [r["contender"] for r in records if r["case"] == case] == names, case
+        assert all([case, size, "float32", name] in lines for name in names), case
+    assert all(r["median_s"] > 0 and len(r["samples_s"]) == r["repeats"] for r in records)
+    assert printed.count("\ntarget ") == len(saved["targets"]) == 15
+    assert "target issue 6, 2. make codegen from cold <= 20 s: -, not measured" in printed   # engine not asked for
+    assert saved["cpu"]["vector"] == [] or "avx2" in saved["cpu"]["vector"]
+
+
+def test_an_unknown_group_is_refused_naming_the_groups():
+    with pytest.raises(SystemExit, match="unknown group.*losses, layers, steps, engine"):
+        main(["--only", "layers,kernels"])
 
 
 @pytest.mark.parametrize("seconds, samples", [(0.0, 4 * SHORT_REPEATS), (2e-3, 4)])

@@ -147,7 +147,7 @@ def main(argv=None):
             print(f"  {phase:<18} {seconds * 1e3:8.3f}  {seconds / total:5.1%}")
         found = contenders(arrays, args.threads)
         samples, _ = time_interleaved(found, args.repeats, args.sample_ms / 1e3, short_repeats=1)
-        print(f"whole steps, over the generated step as it is (paired by repeat; < 1 is faster):")
+        print("whole steps, over the generated step as it is (paired by repeat; < 1 is faster):")
         for contender in found:
             times = samples[contender.name]
             print(f"  {contender.name if contender.name != 'tuned' else 'generated':<14} {np.median(times) * 1e3:8.3f} ms"
