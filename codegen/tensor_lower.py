@@ -30,8 +30,8 @@ from sympy.printing.str import StrPrinter
 from codegen.printer import KernelPrinter, positive_first, range_arguments
 from derive.special import ExpToInf
 from derive.stability import INDEX_REWRITES, rewritten_by
-from derive.tensor import (Assignment, Sum, bound_of, check_sizes, derivation, eval_mode, folded, in_base_sizes,
-                           linear, reads_of, size_of)
+from derive.tensor import (Assignment, Sum, bound_of, check_sizes, derivation, eval_mode, flag_values, folded,
+                           in_base_sizes, linear, reads_of, size_of, with_flags)
 
 
 class LoweringError(ValueError):
@@ -972,20 +972,23 @@ def module_context(op):
     """What templates/tensor.py.jinja needs to print op's module: its two functions' source and its class's
     structure (constructor, input checks, calls, saved arrays), every formula printed from SymPy."""
     from codegen.kernels import reductions
+    flagged, op = op, with_flags(op, {})   # the kernels of the flags' defaults, then one pair per other setting
     forward, backward, *penalty = lowered(op)
     printer = TensorPrinter()
     running = running_context(op, printer) if op.running else None
+    variants = variants_context(flagged)
     output = op.steps[-1].name
     functions = [{"name": f.name, "doc": f.doc, "args": list(f.args), "lines": f.lines(printer),
-                  "returns": list(f.returns), "derivation": list(f.derivation),
+                  "returns": list(f.returns), "derivation": list(f.derivation), "imports": f.imports,
                   "overflows": any(sp.sympify(s.value).has(ExpToInf) for s in f.statements)}
-                 for f in (forward, backward, *penalty, *(running["functions"] if running else ()))]
+                 for f in (forward, backward, *penalty, *(running.pop("functions") if running else ()),
+                           *(f for v in variants for f in v.pop("functions")))]
     sizes = [{"size": size, "name": op.names.get(size, size)} for size in
              dict.fromkeys(str(size_of(i)) for axes, _ in op.params.values() for i in axes)]
     params = [{"name": p, "init": init, "shape": shape_text(axes),
                "bound": printer.scalar.doprint(1 / sp.sqrt(op.fan_in[p])) if init == "uniform" else None}
               for p, (axes, init) in op.params.items()]
-    imports = set().union(forward.imports, backward.imports, *(f.imports for f in (running or {}).get("functions", ())))
+    imports = set().union(*(f["imports"] for f in functions))
     imports |= {"math"} if printer.scalar.module_imports else set()
     if any(sp.sympify(s.value).has(sp.erf) for f in (forward, backward) for s in f.statements):
         imports.add("erf")
@@ -1025,7 +1028,7 @@ def module_context(op):
                               | ({"flattened"} if batched else set())
                               | ({"derived_size"} if derived else set())
                               | ({"label_input", "label_range"} if op.labels else set())
-                              | ({"flag"} if op.switches else set())
+                              | ({"flag"} if op.switches or flagged.flags else set())
                               | ({"or_machine_eps"} if op.dtype_eps else set())
                               | ({"flag", "generator", *(f"{kind}_mask" for _, kind, _ in op.noise.values())}
                                  if op.noise else set())
@@ -1035,7 +1038,8 @@ def module_context(op):
                                          "nullable": o in op.dtype_eps or o in (running or {}).get("momenta", ()),
                                          "checks": range_arguments(op.ranges[o])}
                                         for o, v in op.options.items()],
-            "running": running, "optional": [a for a in op.optional_axis],
+            "running": running, "optional": [a for a in op.optional_axis], "variants": variants,
+            "flags": [{"name": f, "default": repr(v)} for f, v in (flagged.flags or {}).items()],
             "switches": [{"name": flag, "params": list(params), "cleared": " = ".join(f"self.d{p}" for p in params)}
                          for flag, params in (op.switches or {}).items()],
             "noise": [{"name": z, "kind": kind, "option": option, "shape": measured_shape(axes)}
@@ -1059,6 +1063,26 @@ def module_context(op):
                              if layer else f"{', '.join(gradients)} of the reduced loss (G: the upstream gradient of "
                              f"the unreduced losses)") + (f"; sets {', '.join('d' + p for p in op.params)}"
                                                           if op.params else "") + "."}
+
+
+def variants_context(op):
+    """For each setting of op's flags but the defaults: its two functions (forward_<suffix>, backward_<suffix>,
+    derived with the flags fixed), the test of the class's flags that picks them, and their calls."""
+    found = []
+    source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options},
+              **{o: f"or_machine_eps(self.{o}, {next(iter([*op.inputs, *op.targets]))})" for o in op.dtype_eps}}
+    backward_source = {**source, **{o: f"or_machine_eps(self.{o}, g)" for o in op.dtype_eps}}
+    for values in flag_values(op)[1:]:
+        suffix = "_".join(f if v else f"not_{f}" for f, v in values.items() if v != op.flags[f])
+        forward, backward = (replace(f, name=f"{f.name}_{suffix}") for f in lowered(with_flags(op, values))[:2])
+        gone = backward.args.index("g")
+        found.append({"functions": [forward, backward], "suffix": suffix, "forward": forward.name,
+                      "backward": backward.name,
+                      "test": " and ".join(f"self.{f}" if v else f"not self.{f}" for f, v in values.items()),
+                      "forward_call": [source.get(a, a) for a in forward.args],
+                      "forward_returns": list(forward.returns), "saved": [source.get(a, a) for a in backward.args[:gone]],
+                      "backward_options": [backward_source[a] for a in backward.args[gone + 1:]]})
+    return found
 
 
 def running_context(op, printer):
@@ -1187,7 +1211,9 @@ class TensorPrinter(KernelPrinter):
 
     def _print_Reduce(self, expr):
         operand, axes, ufunc = expr.args
-        return f"np.{ufunc.name}.reduce({self._print(operand)}, axis={axes.name})"
+        # a max over no entry (attention with no key) is the identity -inf, not numpy's error
+        initial = ", initial=-np.inf" if ufunc.name == "maximum" else ""
+        return f"np.{ufunc.name}.reduce({self._print(operand)}, axis={axes.name}{initial})"
 
     def _print_Take(self, expr):
         array, index, axis = expr.args

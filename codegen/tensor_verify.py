@@ -65,7 +65,8 @@ def check_tensor_op(op, cls, rng):
     central differences of sum(forward * u) (a layer, a loss unreduced) or of the reduced loss."""
     constructor, arrays, params = sample(op, rng)
     option_sets = ([{}] + ([{o: example(v, op.ranges[o]) for o, v in op.options.items()}] if op.options else [])
-                   + [{flag: False} for flag in op.switches or {}] + [{EVAL: True}] * bool(op.running))
+                   + [{flag: False} for flag in op.switches or {}] + [{EVAL: True}] * bool(op.running)
+                   + [{flag: not default} for flag, default in (op.flags or {}).items()])
     # eval mode reads running statistics: random ones, positive (a variance), the same for every forward
     buffers = {buffer: rng.uniform(0.5, 2.0, np.shape(getattr(cls(**constructor), buffer)))
                for buffer, _, _, _ in (op.running or {}).values()}

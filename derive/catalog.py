@@ -89,6 +89,14 @@ OPS = (
               steps=["y[n] = x[n] * m[n]"],
               summary="x times a mask of 0 and 1/(1 - p) drawn in training mode (each entry kept with probability "
                       "1 - p), x in eval mode"),
+    # PyTorch's F.scaled_dot_product_attention(Q, K, V, is_causal): softmax(Q K^T / sqrt(D)) V over any leading axes
+    # (batch, heads); is_causal masks key s > query t (0 in Z and P, and in their gradients)
+    tensor_op("ScaledDotProductAttention", inputs={"Q": "n t d", "K": "n s d", "V": "n s e"}, flags={"is_causal": False},
+              steps=["A[n, t, s] = Sum(Q[n, t, d] * K[n, s, d], d) / sqrt(D)",
+                     "Z[n, t] = Sum(Piecewise((exp(A[n, t, s]), (s <= t) | ~is_causal), (0, True)), s)",
+                     "P[n, t, s] = Piecewise((exp(A[n, t, s]) / Z[n, t], (s <= t) | ~is_causal), (0, True))",
+                     "y[n, t, e] = Sum(P[n, t, s] * V[n, s, e], s)"],
+              summary="attention softmax(Q K^T / sqrt(D)) V, each query t reading keys s <= t where is_causal"),
     # PyTorch's nn.Linear(in_features, out_features), W stored (in_features, out_features) so y = x @ W + b; the
     # L2 penalty is the derivation l2_penalty's (symgrad derive l2_penalty), its gradient added to dW
     tensor_op("Linear", inputs={"x": "n i"}, params={"W": ("i o", "uniform"), "b": ("o", "uniform")},

@@ -10,6 +10,8 @@ result. Pure: codegen.latex prints it (a file named derivation*, so it is no inp
 The check, at explicit sizes in float64: each definition is the declared step, each chain rule agrees
 with central differences of sum(g * output) along a random direction (the array read as independent,
 the steps after it recomputed), and every other step equals the one before it at every index."""
+import dataclasses
+
 import numpy as np
 import sympy as sp
 
@@ -165,3 +167,36 @@ def check_tensor_derivation(op, found, sizes, seed=0, values=None, step=1e-6):
         if name not in declared:   # the chain so far: the adjoints after it read its last form
             arrays[name] = current
     return checks
+
+
+def batch_norm_textbook(op):
+    """op's derivation (BatchNorm1d's, or BatchNorm2d's), its dx then written in the compact form textbooks
+    give: with r = 1/sqrt(var + eps), xhat = (x - mu) r and g' = gamma g over the M values of a channel,
+    dx = (r/M) (M g' - sum g' - xhat sum(g' xhat)). The checker holds that step equal to the chain's form."""
+    found = tensor_derivation(op)
+    axes = op.inputs["x"]
+    channel, summed = axes[1], [i for i in axes if i != axes[1]]
+    others = [sp.Symbol(f"{i}_2", integer=True) for i in summed]   # the summed copies of the batch indices
+    count = sp.Mul(*map(size_of, summed))
+    rstd = 1 / sp.sqrt(array("var")[channel] + sp.Symbol("eps", real=True))
+
+    def at(positions):
+        full = dict(zip(summed, positions))
+        return tuple(full.get(i, channel) for i in axes)
+
+    def xhat(positions):
+        return (array("x")[at(positions)] - array("mu")[channel]) * rstd
+
+    def scaled(positions):   # g' = gamma g
+        return array("gamma")[channel] * array("g")[at(positions)]
+    limits = [(o, 0, size_of(i) - 1) for o, i in zip(others, summed)]
+    # unevaluated, so that it prints as the textbook writes it (SymPy would expand the bracket)
+    inner = sp.Add(count * scaled(summed), -Sum(scaled(others), *limits),
+                   -sp.Mul(xhat(summed), Sum(scaled(others) * xhat(others), *limits), evaluate=False), evaluate=False)
+    compact = sp.Mul(rstd / count, inner, evaluate=False)
+    lhs = array("dx")[axes]
+    last = max(number for number, s in enumerate(found.steps) if s.lhs == lhs)
+    rule = (f"the textbook's form: with xhat = (x - mu)/sqrt(var + eps) and g' = gamma g over the M = {count} values "
+            f"of a channel, dx = (M g' - sum g' - xhat sum g' xhat)/(M sqrt(var + eps))")
+    steps = (*found.steps[:last + 1], Step(lhs, compact, rule), *found.steps[last + 1:])
+    return dataclasses.replace(found, steps=steps, ranges=tuple((o, size_of(i)) for o, i in zip(others, summed)))

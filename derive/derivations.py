@@ -126,6 +126,19 @@ def binary_cross_entropy_stable():
                       ((LOSS, naive), *SIGMOID_DEFINITIONS))
 
 
+def batch_norm():
+    """BatchNorm1d's backward through its steps, ending in the textbook's compact dx (derive.derivation_tensor)."""
+    from derive.derivation_tensor import batch_norm_textbook  # imported here: that module builds on this one
+    return batch_norm_textbook(CATALOG["BatchNorm1d"])
+
+
+def attention():
+    """Attention's backward, softmax through the matrix products: ScaledDotProductAttention's derivation."""
+    from derive.derivation_tensor import tensor_derivation
+    from derive.tensor import with_flags
+    return tensor_derivation(with_flags(CATALOG["ScaledDotProductAttention"], {}))
+
+
 NAMED = {
     "softmax_jacobian": softmax_jacobian,
     "sigmoid_cross_entropy_vs_mse": sigmoid_cross_entropy_vs_mse,
@@ -146,6 +159,8 @@ NAMED = {
     "softmax_shift_invariance": softmax_shift_invariance,
     "log_sum_exp": log_softmax,
     "binary_cross_entropy_stable": binary_cross_entropy_stable,
+    "batch_norm": batch_norm,
+    "attention": attention,
 }
 
 
@@ -154,7 +169,8 @@ def entry_derivations(op):
     through its steps, any other's its gradient and its stable forms."""
     if isinstance(op, TensorOp):
         from derive.derivation_tensor import tensor_derivation  # imported here: that module builds on this one
-        return {op.module: functools.partial(tensor_derivation, op)}
+        from derive.tensor import with_flags   # the flags' defaults: the kernels a default instance runs
+        return {op.module: functools.partial(tensor_derivation, with_flags(op, {}) if op.flags else op)}
     return op_derivations(op)
 
 

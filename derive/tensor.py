@@ -85,6 +85,7 @@ class TensorOp:
     running: dict = None           # {step: (buffer, init, estimate Expr, momentum option)}: see tensor_op
     given: dict = None             # {name: (index Symbol, ...)}: arrays the class passes in, constants (eval_mode)
     optional_axis: tuple = ()      # inputs whose last axis may be absent (a size of 1): PyTorch's (N, C) or (N, C, L)
+    flags: dict = None             # {name: default}: booleans the steps' conditions read, fixed per kernel (see tensor_op)
 
     @property
     def batch_index(self):
@@ -143,7 +144,7 @@ def size_of(index):
 
 
 def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, penalty=None, names=None, switches=None,
-              noise=None, running=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
+              noise=None, running=None, flags=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
     """A layer y[...] computed by steps from inputs, trainable params {name: (indices, init)} and options
     {name: default or (default, range)}, a default None meaning the input dtype's machine epsilon (PyTorch's
     RMSNorm eps); penalty a scalar over params and options that the class's penalty() returns and backward
@@ -158,22 +159,26 @@ def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, pen
     step and the sizes (var[c] * N / (N - 1), the unbiased variance), by buffer + momentum (estimate - buffer)
     (momentum an option; None averages every batch equally), and eval mode reads the buffer in place of the
     step (the class's track_running_stats=False keeps no buffers and always computes the step). An input's
-    last index in brackets ("n c [l]") is an axis it may lack: the class then gives it a size of 1."""
+    last index in brackets ("n c [l]") is an axis it may lack: the class then gives it a size of 1. flags
+    {name: default} are constructor booleans a step's condition reads (Piecewise((exp(A[n, t, s]), (s <= t) |
+    ~is_causal), (0, True))): each value gets kernels of its own, derived with the flag fixed, so that no
+    kernel tests it."""
     return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol,
-                    penalty, names or {}, switches=switches or {}, noise=noise or {}, running=running or {})
+                    penalty, names or {}, switches=switches or {}, noise=noise or {}, running=running or {},
+                    flags=flags or {})
 
 
 def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None, options=None, sizes=None,
-                penalty=None, names=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
+                penalty=None, names=None, flags=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
     """A loss L[...] of each entry (reduced later by mean, sum or none), computed by steps from inputs and targets;
     weights {name: indices} are optional constant arrays the constructor takes, ones by default (PyTorch's
-    weight and pos_weight)."""
+    weight and pos_weight); flags as tensor_op's."""
     return declared(name, "loss", inputs, params or {}, options or {}, targets or {}, sizes or {}, steps, summary,
-                    domain, tol, penalty, names or {}, weights or {})
+                    domain, tol, penalty, names or {}, weights or {}, flags=flags or {})
 
 
 def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol, penalty=None,
-             size_names=None, weights=None, switches=None, noise=None, running=None):
+             size_names=None, weights=None, switches=None, noise=None, running=None, flags=None):
     """The TensorOp of a declaration, refusing anything ill-formed with a DeclarationError naming it."""
     from derive.declare import DeclarationError, check_name, declared_param  # derive.declare re-exports this module
     check_name(name)
@@ -190,7 +195,12 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     for param, value in params.items():
         if not (isinstance(value, tuple) and len(value) == 2 and value[1] in INITS):
             refuse(f"param {param} must be (indices, init) with init one of {', '.join(INITS)}, got {value!r}")
-    weights, noise, running = weights or {}, noise or {}, running or {}
+    weights, noise, running, flags = weights or {}, noise or {}, running or {}, flags or {}
+    for flag, default in flags.items():
+        if not isinstance(default, (bool, np.bool_)):
+            refuse(f"flag {flag} must default to True or False, got {default!r}")
+    if flags and running:
+        refuse("flags and running statistics together are not supported yet")
     # "n c [l]": a last axis the input may lack (PyTorch's BatchNorm1d on (N, C) or (N, C, L))
     optional_axis = tuple(a for a, spec in inputs.items() if isinstance(spec, str) and OPTIONAL_AXIS.search(spec))
     inputs = {a: OPTIONAL_AXIS.sub(r"\1", spec) if a in optional_axis else spec for a, spec in inputs.items()}
@@ -216,13 +226,14 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     names = [*((a, "an input") for a in inputs), *((p, "a param") for p in params), *((t, "a target") for t in targets),
              *((w, "a weight") for w in weights), *((z, "a noise") for z in noise),
              *((line[1], "a step") for line in lines), *((o, "an option") for o in options),
+             *((f, "a flag") for f in flags),
              *((str(i), "an index") for i in known),
              *((str(size_of(i)), "a size") for i in known)]
     check_names(refuse, names, arrays)
     if lines[-1][1] != OUTPUT[kind]:
         refuse(f"the last step defines {lines[-1][1]}; the output of a {kind} is {OUTPUT[kind]}")
     namespace = {**arrays, **{str(i): i for i in known}, **{str(size_of(i)): size_of(i) for i in known},
-                 **{o: sp.Symbol(o, real=True) for o in options}, "Sum": Summed,
+                 **{o: sp.Symbol(o, real=True) for o in options}, **{f: sp.Symbol(f) for f in flags}, "Sum": Summed,
                  "KroneckerDelta": sp.KroneckerDelta}  # 1 where its two indices are equal, else 0
     formulas = {size_of(i): formula for i, formula in size_formulas.items()}
     if kind == "layer":  # an input that indexes an axis holds integer labels (an embedding's tokens): no gradient
@@ -262,7 +273,8 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     read |= {str(symbol) for e in [*(s.expr for s in assignments), *[penalty] * (penalty is not None)]
              for symbol in e.free_symbols}
     read |= {option for _, _, option in noise.values()}   # a noise's option is read where the class draws it
-    unread = [a for a in [*inputs, *params, *targets, *weights, *noise, *options, *(s.name for s in assignments[:-1])]
+    unread = [a for a in [*inputs, *params, *targets, *weights, *noise, *options, *flags,
+                          *(s.name for s in assignments[:-1])]
               if a not in read]
     if unread:
         refuse(f"{unread[0]} is never read")
@@ -282,7 +294,7 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
                     domain=domain, tol=tol, penalty=penalty, names=dict(size_names or {}),
                     weights={w: axes[w] for w in weights}, switches=switches, dtype_eps=dtype_eps,
                     noise={z: (axes[z], kind, option) for z, (_, kind, option) in noise.items()}, running=running,
-                    optional_axis=optional_axis)
+                    optional_axis=optional_axis, flags={f: bool(v) for f, v in flags.items()})
 
 
 def running_statistics(refuse, running, assignments, namespace, options, ranges, known):
@@ -310,6 +322,20 @@ def running_statistics(refuse, running, assignments, namespace, options, ranges,
                    f"{', '.join(map(str, steps[step].indices))}")
         found[step] = (buffer, init, estimate, option)
     return found
+
+
+def with_flags(op, values):
+    """op with its flags at values ({flag: bool}, the defaults for any not given): each condition that reads one
+    decided where it can be, the flags gone."""
+    fixed = {sp.Symbol(f): sp.true if values.get(f, default) else sp.false for f, default in (op.flags or {}).items()}
+    return dataclasses.replace(op, steps=tuple(s._replace(expr=s.expr.xreplace(fixed)) for s in op.steps), flags={})
+
+
+def flag_values(op):
+    """Every setting of op's flags, {flag: bool}, the defaults first."""
+    names = list(op.flags or {})
+    settings = [dict(zip(names, values)) for values in itertools.product((False, True), repeat=len(names))]
+    return sorted(settings, key=lambda v: v != (op.flags or {}))
 
 
 def eval_mode(op):

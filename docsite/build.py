@@ -36,6 +36,7 @@ PYTORCH = {
     "BatchNorm2d": "nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats)",
     "GLU": "F.glu(x, dim=-1)", "Linear": "F.linear(x, W.T, b)  # W stored (in_features, out_features)",
     "Embedding": "F.embedding(x, weight)",
+    "ScaledDotProductAttention": "F.scaled_dot_product_attention(Q, K, V, is_causal=is_causal)",
     "Dropout": "F.dropout(x, p, training)  # its law: a random mask cannot equal PyTorch's draw",
     "SoftmaxCrossEntropy": "F.cross_entropy(x, target, weight, ignore_index=ignore_index, "
                            "label_smoothing=label_smoothing, reduction=reduction)",

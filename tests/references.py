@@ -4,6 +4,9 @@ import math
 
 import numpy as np
 
+from codegen.tensor_lower import Maximum
+from derive.tensor import compiled, evaluated, size_of
+
 erf = np.vectorize(math.erf)
 SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
 
@@ -102,3 +105,20 @@ LOSSES = {
     "MulticlassHinge": multiclass_hinge,
     "NLLLoss": nll_loss,
 }
+
+
+def evaluated_shifted(program, arrays, scope):
+    """derive.tensor.evaluated, with a Maximum step computed by its own loops (as the Sum's are)."""
+    for a in program:
+        if isinstance(a.expr, Maximum):
+            value, shape = compiled(a.expr.function), tuple(scope[size_of(i)] for i in a.indices)
+            (v, lo, hi), = a.expr.limits
+            result = np.empty(shape)
+            for at in np.ndindex(shape):
+                inner = {**scope, **dict(zip(a.indices, at))}
+                result[at] = max(value(arrays, {**inner, v: k}) for k in range(int(lo.subs(scope)),
+                                                                              int(hi.subs(scope)) + 1))
+            arrays = {**arrays, a.name: result}
+        else:
+            arrays = evaluated([a], arrays, scope)
+    return arrays

@@ -30,8 +30,9 @@ def failures(checks):
 
 @pytest.mark.parametrize("name", DERIVATIONS)
 def test_every_step_of_every_derivation_holds(name):
-    checks = check_derivation(derivation(name))
-    assert len(checks) == len(derivation(name).steps)
+    found = derivation(name)
+    checks = check_derivation(found)
+    assert len(checks) == len(found.steps)
     assert all(check.ok for check in checks), f"{name}:\n{failures(checks)}"
 
 
@@ -175,3 +176,16 @@ def test_a_steps_condition_on_scalars_limits_where_the_checker_compares():
         return check_derivation(Derivation("test", steps, ((q, sp.sqrt(v / (1 - b))),)))
     assert all(check.ok for check in checks(b < 1))
     assert not checks(None)[1].ok
+
+
+def test_batch_norms_textbook_form_is_checked_against_the_chain_and_a_wrong_one_is_caught():
+    """symgrad derive batch_norm ends dx in (M g' - sum g' - xhat sum g' xhat)/(M sqrt(var + eps)); the checker
+    holds it equal to the chain rule's form at every index, and a form off by 10% fails there."""
+    import dataclasses
+    good = DERIVATIONS["batch_norm"]()
+    number = next(k for k, s in enumerate(good.steps) if s.rule.startswith("the textbook's form"))
+    assert good.steps[number].lhs == good.steps[number - 1].lhs   # it continues dx's chain
+    assert all(check.ok for check in check_derivation(good))
+    wrong = dataclasses.replace(good.steps[number], rhs=good.steps[number].rhs * sp.Rational(11, 10))
+    checks = check_derivation(dataclasses.replace(good, steps=(*good.steps[:number], wrong, *good.steps[number + 1:])))
+    assert not checks[number].ok and "differs from the step before" in checks[number].detail

@@ -34,8 +34,8 @@ def parameterized(op):
 
 def has_classes(op):
     """Whether op reads rows of classes on its last axis (softmax, a row loss, Linear's features)."""
-    if parameterized(op):  # an index-notation layer: unless its x has one axis alone (Dropout's, any shape)
-        return any(len(axes) > 1 for axes in op.inputs.values())
+    if parameterized(op):  # an index-notation layer with params or a derived size, unless its x has one axis alone
+        return bool(op.params or op.sizes) and any(len(axes) > 1 for axes in op.inputs.values())
     return {"layer": op.forward.has(sp.Sum), "loss": op.granularity == "row"}[op.kind]
 
 
@@ -59,18 +59,23 @@ def constructor_sizes(op, x):
 def output_shape(op, rows, x_shape=None):
     """The shape of op's output for rows rows of the inputs' shape (4, 4) (a layer's, and its further axes)."""
     x = np.zeros(layer_shape(op, 4) if x_shape is None else x_shape)
-    return (rows, *make(op, x).forward(x).shape[1:])
+    return (rows, *make(op, x).forward(*[x] * len(getattr(op, "inputs", None) or "x")).shape[1:])
 
 
 def forward(op, instance, x, target):
-    return instance.forward(x, target) if op.kind == "loss" else instance.forward(x)
+    """instance's forward at x (x for every input of a layer of several: attention's Q, K and V)."""
+    if op.kind == "loss":
+        return instance.forward(x, target)
+    return instance.forward(*[x] * len(getattr(op, "inputs", None) or "x"))
 
 
 def backward(op, instance, y, reduction="mean", **options):
-    """instance.backward with an all-ones upstream gradient where it takes one (options: a loss's)."""
+    """instance.backward with an all-ones upstream gradient where it takes one (options: a loss's); of a layer
+    of several inputs, the first input's gradient."""
     takes_upstream = op.kind != "loss" or reduction == "none"
     upstream = (np.ones(np.shape(y), y.dtype),) if takes_upstream else ()
-    return instance.backward(*upstream, **(options if op.kind == "loss" else {}))
+    grads = instance.backward(*upstream, **(options if op.kind == "loss" else {}))
+    return grads[0] if isinstance(grads, tuple) else grads
 
 
 @pytest.mark.parametrize("reduction", list(REDUCTIONS))
@@ -108,7 +113,8 @@ def message(excinfo):
 def test_non_float_x_gets_a_type_error_naming_its_dtype(op, kind, dtype):
     x, target = inputs(op, kind)
     instance = make(op, x)
-    with pytest.raises(TypeError, match=rf"x must be a float32 or float64 array, got dtype {np.dtype(dtype)}$"):
+    name = next(iter(op.inputs)) if parameterized(op) else "x"   # attention's first input is Q
+    with pytest.raises(TypeError, match=rf"{name} must be a float32 or float64 array, got dtype {np.dtype(dtype)}$"):
         forward(op, instance, x.astype(dtype), target)
 
 
@@ -139,8 +145,13 @@ def test_x_of_the_wrong_rank_is_refused(op, kind):
             forward(op, instance, np.zeros(shape), np.zeros(shape[0], int) if kind == "labels" else np.zeros(shape))
 
 
-@pytest.mark.parametrize("op, kind", [c for c in CASES if not has_classes(c[0])],
-                         ids=case_ids([c for c in CASES if not has_classes(c[0])]))
+def any_shape(op):
+    """Whether op takes x of any shape: an element-wise op, an index-notation one whose x has one axis alone."""
+    return not (parameterized(op) and any(len(axes) > 1 for axes in op.inputs.values())) and not has_classes(op)
+
+
+@pytest.mark.parametrize("op, kind", [c for c in CASES if any_shape(c[0])],
+                         ids=case_ids([c for c in CASES if any_shape(c[0])]))
 @pytest.mark.parametrize("shape", [(), (0,), (2, 0), (3,), (2, 3, 2)])
 def test_element_wise_ops_take_any_shape_even_empty(op, kind, shape):
     x, target = np.full(shape, 0.5), np.full(shape, 0.25)
@@ -442,9 +453,11 @@ def layer_nan_problems(op, make_instance, x, at):
         layer = make_instance(x)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            y = layer.forward(x)
-            dx = layer.backward(upstream)
-        return {"y": y, "dx": dx, **{f"d{p}": getattr(layer, f"d{p}") for p in layer.params}}
+            y = layer.forward(*[x] * len(op.inputs))   # x for every input (attention's Q, K, V)
+            grads = layer.backward(upstream)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        return {"y": y, **{f"d{a}": d for a, d in zip(op.inputs, grads)},
+                **{f"d{p}": getattr(layer, f"d{p}") for p in layer.params}}
     plain = outputs(x)
     depends = {name: np.zeros(value.shape, bool) for name, value in plain.items()}
     for step in (0.37, -1.9):

@@ -51,8 +51,9 @@ def results(pkg, op, seed=0, shape=(4, 5)):
         options = {o: example(v, op.ranges[o]) for o, v in op.options.items()}
         layer = cls(**constructor, **options, **({"rng": seed} if op.params or op.noise else {}))  # one mask
         y = layer.forward(*arrays.values())
-        dx = layer.backward(rng.standard_normal(y.shape))  # None for integer x (Embedding's)
-        return [y, *[dx] * (dx is not None), *(getattr(layer, "d" + p) for p in layer.params)]
+        grads = layer.backward(rng.standard_normal(y.shape))  # None for integer x (Embedding's)
+        grads = grads if isinstance(grads, tuple) else () if grads is None else (grads,)  # attention's dQ, dK, dV
+        return [y, *grads, *(getattr(layer, "d" + p) for p in layer.params)]
     x = rng.uniform(*op.domain, shape)
     option_sets = [{}] + ([example_options(op, shape, rng)] if op.params else [])
     found = []

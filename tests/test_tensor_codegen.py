@@ -21,16 +21,19 @@ from derive.stability import INDEX_REWRITES
 from codegen.write import import_package
 from derive.ops import build_catalog
 from derive.catalog import CATALOG
-from derive.tensor import TensorOp, compiled, evaluated, size_of
+from derive.tensor import TensorOp, evaluated, size_of
+from tests.references import evaluated_shifted
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tensor_ops.py"
 spec = importlib.util.spec_from_file_location("tensor_ops_examples", EXAMPLES)
 examples = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(examples)
 # the examples and the catalog's index-notation layers (those of no row or element form) but Dropout, whose random
-# mask PyTorch cannot draw alike (tests/test_torch_parity.py checks its law)
+# mask PyTorch cannot draw alike (tests/test_torch_parity.py checks its law), and those with flags, whose kernels
+# are the examples' of each setting (ScaledDotProductAttention's: Attention and CausalAttention; test_torch_parity
+# compares its class with PyTorch)
 OPS = {**{op.name: op for op in examples.OPS},
-       **{name: op for name, op in CATALOG.items() if isinstance(op, TensorOp) and not op.noise}}
+       **{name: op for name, op in CATALOG.items() if isinstance(op, TensorOp) and not op.noise and not op.flags}}
 
 
 def focal(x, c, gamma):
@@ -211,23 +214,6 @@ def test_the_lowering_computes_what_the_derivation_says(package):
         for name, program in found.gradients.items():
             expected = evaluated(program, values, scope)[program[-1].name]
             np.testing.assert_allclose(grads[name], expected, rtol=rtol, atol=rtol, err_msg=f"{op.name} d{name}")
-
-
-def evaluated_shifted(program, arrays, scope):
-    """derive.tensor.evaluated, with a Maximum step computed by its own loops (as the Sum's are)."""
-    for a in program:
-        if isinstance(a.expr, Maximum):
-            value, shape = compiled(a.expr.function), tuple(scope[size_of(i)] for i in a.indices)
-            (v, lo, hi), = a.expr.limits
-            result = np.empty(shape)
-            for at in np.ndindex(shape):
-                inner = {**scope, **dict(zip(a.indices, at))}
-                result[at] = max(value(arrays, {**inner, v: k}) for k in range(int(lo.subs(scope)),
-                                                                              int(hi.subs(scope)) + 1))
-            arrays = {**arrays, a.name: result}
-        else:
-            arrays = evaluated([a], arrays, scope)
-    return arrays
 
 
 @pytest.mark.parametrize("name", ["TemperedSoftmax", "Attention", "CausalAttention", "KLDiv", "FocalLoss"])

@@ -59,7 +59,7 @@ def torch_value_and_grad(function, x, upstream):
 
 
 def test_every_layer_and_loss_has_a_pytorch_counterpart():
-    names = (set(LAYERS) | {"Linear", "Embedding", "Dropout"} | set(NORMS) | set(BATCH_NORMS)
+    names = (set(LAYERS) | {"Linear", "Embedding", "Dropout", "ScaledDotProductAttention"} | set(NORMS) | set(BATCH_NORMS)
              | {op.name for op, _, _ in LOSS_CASES})
     assert names == set(CATALOG)
 
@@ -210,6 +210,40 @@ def test_batch_norm_refuses_one_value_per_channel_in_training_and_takes_an_empty
             getattr(generated, name)(3, momentum=1.5)
         with pytest.raises(TypeError, match=f"{name}: track_running_stats must be True or False"):
             getattr(generated, name)(3, track_running_stats=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("shape", [((2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 6)), ((4, 7, 3), (4, 5, 3), (4, 5, 2))],
+                         ids=["heads", "T!=S"])
+def test_scaled_dot_product_attention_matches_pytorch(shape, is_causal, dtype):
+    """(N, heads, T, d) and (N, T, d) with S != T, causal or not, every input's gradient, scores of up to 200
+    (the max shift keeps exp finite)."""
+    rng = np.random.default_rng(7)
+    Q, K, V = (rng.normal(size=s).astype(dtype) * (6.0 if n < 2 else 1.0) for n, s in enumerate(shape))
+    layer = generated.ScaledDotProductAttention(is_causal=is_causal)
+    y = layer.forward(Q, K, V)
+    upstream = rng.normal(size=y.shape).astype(dtype)
+    grads = layer.backward(upstream)
+    tensors = [torch.tensor(a.astype(np.float64), requires_grad=True) for a in (Q, K, V)]
+    ty = F.scaled_dot_product_attention(*tensors, is_causal=is_causal)
+    ty.backward(torch.tensor(upstream.astype(np.float64)))
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == np.float64 else {"rtol": 1e-3, "atol": 1e-3}
+    assert y.dtype == dtype and all(d.dtype == dtype for d in grads)
+    np.testing.assert_allclose(y, ty.detach().numpy(), **tol)
+    for name, ours, theirs in zip("QKV", grads, tensors):
+        np.testing.assert_allclose(ours, theirs.grad.numpy(), **tol, err_msg=f"d{name}")
+
+
+def test_attention_takes_empty_axes_and_refuses_mismatched_ones_by_name():
+    layer = generated.ScaledDotProductAttention(is_causal=True)
+    for shape in ((0, 4, 3), (2, 0, 3)):
+        y = layer.forward(np.ones(shape), np.ones(shape), np.ones(shape))
+        assert y.shape == shape and all(d.shape == shape for d in layer.backward(np.ones(shape)))
+    with pytest.raises(ValueError, match=r"ScaledDotProductAttention: K has shape \(2, 4, 5\) and Q has \(2, 4, 3\)"):
+        layer.forward(np.ones((2, 4, 3)), np.ones((2, 4, 5)), np.ones((2, 4, 5)))
+    with pytest.raises(TypeError, match="ScaledDotProductAttention: is_causal must be True or False"):
+        generated.ScaledDotProductAttention(is_causal="yes")
 
 
 def test_rms_norms_default_eps_is_the_dtypes_machine_epsilon_as_pytorch():
