@@ -60,21 +60,28 @@ def test_the_catalog_refuses_a_name_declared_twice():
         build_catalog(CATALOG["Softmax"], CATALOG["Softmax"])
 
 
-def test_codegen_into_a_new_folder_writes_everything_then_nothing(tmp_path):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache of operations (codegen.pipeline's) the tests that change no engine function share: a cold run fills
+    it, and the runs after it derive nothing."""
+    return tmp_path_factory.mktemp("codegen-cache")
+
+
+def test_codegen_into_a_new_folder_writes_everything_then_nothing(tmp_path, cache):
     out = tmp_path / "pkg"
-    reports, changed, _ = codegen(CATALOG, out, cache=None)
+    reports, changed, _ = codegen(CATALOG, out, cache=cache)   # derives everything: the cache starts empty
     assert all(report.ok for report in reports)
     assert sorted(changed) == sorted(render_package(CATALOG))
     assert snapshot(out) == snapshot(GENERATED)
-    assert codegen(CATALOG, out, cache=None)[1] == []
+    assert codegen(CATALOG, out, cache=cache)[1] == []   # served from the cache: the same files
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"], "no staging folder may be left behind"
 
 
-def test_codegen_removes_modules_no_longer_in_the_catalog(tmp_path):
+def test_codegen_removes_modules_no_longer_in_the_catalog(tmp_path, cache):
     out = tmp_path / "pkg"
     shutil.copytree(GENERATED, out)
     (out / "retired_op.py").write_text("")
-    assert "retired_op.py" in codegen(CATALOG, out, cache=None)[1]
+    assert "retired_op.py" in codegen(CATALOG, out, cache=cache)[1]
     assert not (out / "retired_op.py").exists()
 
 

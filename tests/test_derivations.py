@@ -28,7 +28,16 @@ def failures(checks):
     return "\n".join(check.report() for check in checks if not check.ok)
 
 
-@pytest.mark.parametrize("name", DERIVATIONS)
+# a named derivation that is a catalog entry's under a name people search for: its steps are that entry's
+ALIASES = {"attention": "scaled_dot_product_attention"}
+
+
+def test_an_alias_is_its_entrys_derivation():
+    for alias, entry in ALIASES.items():
+        assert derivation(alias).steps == derivation(entry).steps
+
+
+@pytest.mark.parametrize("name", [name for name in DERIVATIONS if name not in ALIASES])
 def test_every_step_of_every_derivation_holds(name):
     found = derivation(name)
     checks = check_derivation(found)
@@ -182,10 +191,9 @@ def test_batch_norms_textbook_form_is_checked_against_the_chain_and_a_wrong_one_
     """symgrad derive batch_norm ends dx in (M g' - sum g' - xhat sum g' xhat)/(M sqrt(var + eps)); the checker
     holds it equal to the chain rule's form at every index, and a form off by 10% fails there."""
     import dataclasses
-    good = DERIVATIONS["batch_norm"]()
+    good = DERIVATIONS["batch_norm"]()   # its checks: test_every_step_of_every_derivation_holds[batch_norm]
     number = next(k for k, s in enumerate(good.steps) if s.rule.startswith("the textbook's form"))
     assert good.steps[number].lhs == good.steps[number - 1].lhs   # it continues dx's chain
-    assert all(check.ok for check in check_derivation(good))
     wrong = dataclasses.replace(good.steps[number], rhs=good.steps[number].rhs * sp.Rational(11, 10))
     checks = check_derivation(dataclasses.replace(good, steps=(*good.steps[:number], wrong, *good.steps[number + 1:])))
     assert not checks[number].ok and "differs from the step before" in checks[number].detail

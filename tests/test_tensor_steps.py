@@ -24,7 +24,7 @@ EXAMPLE_OPS = {op.name: op for op in load_ops(EXAMPLES)}
 # tests/test_backprop.py checks
 OPS = {**EXAMPLE_OPS, **{name: op for name, op in CATALOG.items() if isinstance(op, TensorOp) and op.penalty is None}}
 # smaller sizes than codegen's checks, where those make a check take seconds
-SMALL = {"Attention": {"N": 2, "T": 2, "S": 3, "D": 2, "E": 2}, "Conv1d": {"N": 2, "C": 2, "L": 5, "O": 2, "J": 3},
+SMALL = {"Attention": {"N": 2, "T": 2, "S": 3, "D": 2, "E": 2}, "CausalAttention": {"N": 2, "T": 3, "S": 3, "D": 2, "E": 2}, "Conv1d": {"N": 2, "C": 2, "L": 5, "O": 2, "J": 3},
          "ScaledDotProductAttention": {"N": 2, "T": 2, "S": 3, "D": 2, "E": 2},
          "BatchNorm1d": {"N": 3, "C": 2, "L": 2}, "BatchNorm2d": {"N": 2, "C": 2, "H": 2, "W": 3}}
 
@@ -65,9 +65,15 @@ def test_conv1ds_contraction_keeps_the_range_of_its_delta(derived):
     assert dx[-1].rhs.has(sp.Max) and dx[-1].rhs.has(sp.Min)
 
 
-# the command line on every example and one catalog layer (test_derivations checks every catalog derivation, the
-# examples' Attention among them as ScaledDotProductAttention's)
-@pytest.mark.parametrize("name", [*(name for name in EXAMPLE_OPS if name != "Attention"), "LayerNorm"])
+@pytest.mark.parametrize("name", EXAMPLE_OPS)
+def test_every_step_of_every_example_holds(derived, name):
+    """At small sizes (SMALL): the command line's check at codegen's sizes takes seconds per example."""
+    checks = check_tensor_derivation(OPS[name], derived[name], SMALL.get(name) or sizes_of(OPS[name]))
+    assert all(check.ok for check in checks), "\n".join(check.report() for check in checks if not check.ok)
+
+
+# the command line on an example and a catalog layer (named by its module)
+@pytest.mark.parametrize("name", ["TemperedSoftmax", "LayerNorm"])
 def test_derive_ops_checks_and_prints_every_example(capsys, name):
     declared = name in EXAMPLE_OPS  # the catalog's are named as their modules: symgrad derive layer_norm
     assert main(["derive", *["--ops", str(EXAMPLES)] * declared, name if declared else OPS[name].module, "--check"]) == 0
