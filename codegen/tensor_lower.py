@@ -994,9 +994,6 @@ def module_context(op):
         imports.add("erf")
     source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options}}
     first = next(iter([*op.inputs, *op.targets]))
-    # an option left None is the dtype's machine epsilon: x's in forward, g's (x's dtype) in backward
-    forward_source = {**source, **{o: f"or_machine_eps(self.{o}, {first})" for o in op.dtype_eps}}
-    backward_source = {**source, **{o: f"or_machine_eps(self.{o}, g)" for o in op.dtype_eps}}
     size_names = {s: sp.Symbol(f'size["{s}"]') for s in {size_of(i) for axes in op.inputs.values() for i in axes}
                   | {size_of(i) for axes, _ in op.params.values() for i in axes}
                   | {size_of(i) for axes in op.targets.values() for i in axes}}
@@ -1049,10 +1046,7 @@ def module_context(op):
             "arguments": arguments, "shaped": shaped,
             "cast": [t for t in op.targets if t not in op.labels], "first": first,
             "derived": derived, "labels": [{"name": t, "size": str(s)} for t, s in op.labels.items()],
-            "forward_call": [forward_source.get(a, a) for a in forward.args],
-            "forward_returns": list(forward.returns),
-            "saved": [source.get(a, a) for a in backward.args[:backward.args.index("g")]],
-            "backward_options": [backward_source[a] for a in backward.args[backward.args.index("g") + 1:]],
+            **calls(op, forward, backward),
             "backward_returns": [f"self.{r}" if r[1:] in op.params else r for r in backward.returns],
             "gradients": gradients, "returned": gradients or ["None"], "output": output,
             "reductions": reductions("element"),
@@ -1065,23 +1059,32 @@ def module_context(op):
                                                           if op.params else "") + "."}
 
 
+def calls(op, forward, backward, given=None):
+    """How the class calls forward and backward: forward's arguments (params and options from self, given arrays
+    as the class holds them, a buffer) and returns, what it saves for backward (backward's arguments before g),
+    and backward's options after g. An option left None is the dtype's machine epsilon: x's in forward, g's (x's
+    dtype) in backward."""
+    source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options}, **(given or {})}
+    first = next(iter([*op.inputs, *op.targets]))
+    forward_source = {**source, **{o: f"or_machine_eps(self.{o}, {first})" for o in op.dtype_eps}}
+    backward_source = {**source, **{o: f"or_machine_eps(self.{o}, g)" for o in op.dtype_eps}}
+    gone = backward.args.index("g")
+    return {"forward_call": [forward_source.get(a, a) for a in forward.args], "forward_returns": list(forward.returns),
+            "saved": [source.get(a, a) for a in backward.args[:gone]],
+            "backward_options": [backward_source[a] for a in backward.args[gone + 1:]]}
+
+
 def variants_context(op):
     """For each setting of op's flags but the defaults: its two functions (forward_<suffix>, backward_<suffix>,
     derived with the flags fixed), the test of the class's flags that picks them, and their calls."""
     found = []
-    source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options},
-              **{o: f"or_machine_eps(self.{o}, {next(iter([*op.inputs, *op.targets]))})" for o in op.dtype_eps}}
-    backward_source = {**source, **{o: f"or_machine_eps(self.{o}, g)" for o in op.dtype_eps}}
     for values in flag_values(op)[1:]:
         suffix = "_".join(f if v else f"not_{f}" for f, v in values.items() if v != op.flags[f])
         forward, backward = (replace(f, name=f"{f.name}_{suffix}") for f in lowered(with_flags(op, values))[:2])
-        gone = backward.args.index("g")
         found.append({"functions": [forward, backward], "suffix": suffix, "forward": forward.name,
                       "backward": backward.name,
                       "test": " and ".join(f"self.{f}" if v else f"not self.{f}" for f, v in values.items()),
-                      "forward_call": [source.get(a, a) for a in forward.args],
-                      "forward_returns": list(forward.returns), "saved": [source.get(a, a) for a in backward.args[:gone]],
-                      "backward_options": [backward_source[a] for a in backward.args[gone + 1:]]})
+                      **calls(op, forward, backward)})
     return found
 
 
@@ -1095,10 +1098,6 @@ def running_context(op, printer):
     update = running_update(op)
     steps = {s.name: s for s in op.steps}
     buffers = {step: buffer for step, (buffer, _, _, _) in op.running.items()}
-    source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options},
-              **{o: f"or_machine_eps(self.{o}, {next(iter(op.inputs))})" for o in op.dtype_eps},
-              **{step: f"self.{buffer}" for step, buffer in buffers.items()}}
-    backward_source = {**source, **{o: f"or_machine_eps(self.{o}, g)" for o in op.dtype_eps}}
     momenta = list(dict.fromkeys(option for _, _, _, option in op.running.values()))
     size_names = {size_of(i): sp.Symbol(f'size["{size_of(i)}"]') for axes in op.inputs.values() for i in axes}
     denominators = []
@@ -1107,13 +1106,10 @@ def running_context(op, printer):
         if denominator.free_symbols and not reads_of(denominator):
             denominators.append({"step": step, "formula": FormulaPrinter().doprint(denominator),
                                  "value": printer.scalar.doprint(denominator.xreplace(size_names))})
-    gone = backward.args.index("g")
     return {"functions": [forward, backward, update], "momenta": momenta, "denominators": denominators,
             "buffers": [{"name": buffer, "init": init, "shape": shape_text(steps[step].indices)}
                         for step, (buffer, init, _, _) in op.running.items()],
-            "forward_call": [source.get(a, a) for a in forward.args], "forward_returns": list(forward.returns),
-            "saved": [source.get(a, a) for a in backward.args[:gone]],
-            "backward_options": [backward_source[a] for a in backward.args[gone + 1:]],
+            **calls(op, forward, backward, given={step: f"self.{buffer}" for step, buffer in buffers.items()}),
             "update_call": [f"self.{a}" if a in buffers.values() else "factor" if a in momenta else a
                             for a in update.args],
             "update_returns": list(update.returns), "output_shape": measured_shape(op.steps[-1].indices),

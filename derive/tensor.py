@@ -864,13 +864,13 @@ def explicit_sizes(op, given):
     return scope
 
 
-def check_sizes(op):
-    """{size: int} for the checks (and codegen's einsum paths): small distinct sizes of the axes, for which every
-    declared size is a positive integer (GLU's K even, Conv1d's L at least J)."""
+def check_sizes(op, smallest=3):
+    """{size: int} for the checks (and codegen's einsum paths): small distinct sizes of the axes, from smallest up,
+    for which every declared size is a positive integer (GLU's K even, Conv1d's L at least J)."""
     base = list(dict.fromkeys(size_of(i) for axes in [*op.inputs.values(), *(a for a, _ in op.params.values()),
                                                        *op.targets.values()] for i in axes))
     base += [s for s in dict.fromkeys(op.labels.values()) if s not in base]
-    candidates = itertools.chain(itertools.permutations(range(3, len(base) + 6), len(base)),
+    candidates = itertools.chain(itertools.permutations(range(smallest, len(base) + smallest + 3), len(base)),
                                  itertools.product(range(1, 9), repeat=len(base)))
     for values in candidates:
         try:
