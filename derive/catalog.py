@@ -11,6 +11,24 @@ from derive.ops import build_catalog
 # SELU's constants (Klambauer et al. 2017), as torch.nn.SELU has them
 SELU_ALPHA, SELU_SCALE = "1.6732632423543772848170429916717", "1.0507009873554804934193349852946"
 
+def batch_norm(name, spec, summary):
+    """A BatchNorm of input x with axes spec ("n c [l]"): its statistics over every index but c, their count M
+    the product of those sizes, the running variance unbiased by M / (M - 1)."""
+    axes = spec.replace("[", "").replace("]", "").split()
+    at, over = ", ".join(axes), [i for i in axes if i != "c"]
+    count = "*".join(i.upper() for i in over)
+    return tensor_op(name, inputs={"x": spec}, params={"gamma": ("c", "ones"), "beta": ("c", "zeros")},
+                     options={"eps": (1e-5, ">= 0"), "momentum": (0.1, "[0, 1]")},
+                     switches={"affine": ("gamma", "beta")},
+                     running={"mu": ("running_mean", "zeros", "mu[c]", "momentum"),
+                              "var": ("running_var", "ones", f"var[c] * {count} / ({count} - 1)", "momentum")},
+                     names={"C": "num_features"},
+                     steps=[f"mu[c] = Sum(x[{at}], {', '.join(over)}) / ({count})",
+                            f"var[c] = Sum((x[{at}] - mu[c])**2, {', '.join(over)}) / ({count})",
+                            f"y[{at}] = (x[{at}] - mu[c]) / sqrt(var[c] + eps) * gamma[c] + beta[c]"],
+                     summary=summary)
+
+
 OPS = (
     # sigmoid and tanh backward read x, not y as PyTorch's sigmoid_backward and tanh_backward do: y (1 - y) and
     # 1 - y^2 are 0 where y rounds to 1 (at x = 20 the truth is 1.7e-17); from x the stability rewrites give
@@ -54,27 +72,13 @@ OPS = (
               switches={"elementwise_affine": ("gamma",)}, names={"K": "normalized_shape"},
               steps=["ms[n] = Sum(x[n, k]**2, k) / K", "y[n, k] = x[n, k] / sqrt(ms[n] + eps) * gamma[k]"],
               summary="each row divided by its root mean square, then scaled by gamma"),
-    # PyTorch's nn.BatchNorm1d(num_features, eps, momentum, affine, track_running_stats) on (N, C) or (N, C, L):
-    # training normalises with the batch's statistics over n and l (biased variance) and moves the running mean and
-    # the running unbiased variance towards them; eval mode reads the running ones
-    tensor_op("BatchNorm1d", inputs={"x": "n c [l]"}, params={"gamma": ("c", "ones"), "beta": ("c", "zeros")},
-              options={"eps": (1e-5, ">= 0"), "momentum": (0.1, "[0, 1]")}, switches={"affine": ("gamma", "beta")},
-              running={"mu": ("running_mean", "zeros", "mu[c]", "momentum"),
-                       "var": ("running_var", "ones", "var[c] * N*L / (N*L - 1)", "momentum")},
-              names={"C": "num_features"},
-              steps=["mu[c] = Sum(x[n, c, l], n, l) / (N*L)", "var[c] = Sum((x[n, c, l] - mu[c])**2, n, l) / (N*L)",
-                     "y[n, c, l] = (x[n, c, l] - mu[c]) / sqrt(var[c] + eps) * gamma[c] + beta[c]"],
-              summary="each channel normalised over the batch (and length), then scaled by gamma and shifted by beta"),
-    # PyTorch's nn.BatchNorm2d on (N, C, H, W): BatchNorm1d's statistics over n, h and w
-    tensor_op("BatchNorm2d", inputs={"x": "n c h w"}, params={"gamma": ("c", "ones"), "beta": ("c", "zeros")},
-              options={"eps": (1e-5, ">= 0"), "momentum": (0.1, "[0, 1]")}, switches={"affine": ("gamma", "beta")},
-              running={"mu": ("running_mean", "zeros", "mu[c]", "momentum"),
-                       "var": ("running_var", "ones", "var[c] * N*H*W / (N*H*W - 1)", "momentum")},
-              names={"C": "num_features"},
-              steps=["mu[c] = Sum(x[n, c, h, w], n, h, w) / (N*H*W)",
-                     "var[c] = Sum((x[n, c, h, w] - mu[c])**2, n, h, w) / (N*H*W)",
-                     "y[n, c, h, w] = (x[n, c, h, w] - mu[c]) / sqrt(var[c] + eps) * gamma[c] + beta[c]"],
-              summary="each channel normalised over the batch and the image, then scaled by gamma and shifted by beta"),
+    # PyTorch's nn.BatchNorm1d(num_features, eps, momentum, affine, track_running_stats) on (N, C) or (N, C, L), and
+    # nn.BatchNorm2d on (N, C, H, W): training normalises with the batch's statistics over every axis but c (biased
+    # variance) and moves the running mean and the running unbiased variance towards them; eval mode reads those
+    batch_norm("BatchNorm1d", "n c [l]",
+               "each channel normalised over the batch (and length), then scaled by gamma and shifted by beta"),
+    batch_norm("BatchNorm2d", "n c h w",
+               "each channel normalised over the batch and the image, then scaled by gamma and shifted by beta"),
     # PyTorch's nn.GLU() (dim=-1): the first half of the last axis, x[n, h], gated by the second, x[n, h + H]
     tensor_op("GLU", inputs={"x": "n k"}, sizes={"H": "K/2"}, steps=["y[n, h] = x[n, h] * sigmoid(x[n, h + H])"],
               summary="the first half of the last axis gated by the sigmoid of the second"),
