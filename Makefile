@@ -41,8 +41,12 @@ chromium:
 	@command -v chromium >/dev/null || { apt-get update && apt-get install -y --no-install-recommends chromium; } \
 		|| { echo "chromium not found and not installable here: apt-get install chromium (as root)"; exit 1; }
 
+# The suite is CPU-bound: pytest-xdist runs it on the machine's 2 cores. worksteal balances them (test_fast.py and
+# test_trust.py alone are over a third of it) and keeps most files on one worker, so few module fixtures are built
+# twice. A plain .venv/bin/python -m pytest runs serially; make test PYTEST_XDIST= does too.
+PYTEST_XDIST ?= -n 2 --dist worksteal
 test: $(VENV)/installed $(NODE)/installed chromium
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_XDIST)
 
 codegen: $(VENV)/codegen-installed
 	$(VENV)/bin/symgrad codegen

@@ -23,7 +23,7 @@ from derive.declare import DeclarationError
 KATEX_DIST = ROOT / "build" / "node" / "node_modules" / "katex" / "dist"
 # class names the generated package defines besides the operations: templates/package.py.jinja exports
 # Sequential and the optimizers, and every layer or loss module imports Layer or Loss from _base
-RESERVED_CLASSES = ("Layer", "Loss", "Sequential", "SGD", "Adam", "AdamW")
+RESERVED_CLASSES = ("Layer", "Loss", "Sequential", "Flatten", "SGD", "Adam", "AdamW")
 # what a user's input can raise; DeclarationError (a ValueError) is also how the engine names a failing operation
 USER_ERRORS = (DeclarationError, OSError, ValueError, SyntaxError)
 # a user error's exit status: 2 where 1 is the command's verdict (a gradient or a step that does not hold)
@@ -246,10 +246,21 @@ def run_demo(args):
         print(f"symgrad demo: {', '.join(missing)} missing; install the demo extra: pip install 'symgrad[demo]'",
               file=sys.stderr)
         return 2
-    from codegen.demo import Config, run, summary
-    results = run(Config(hidden=args.hidden, epochs=args.epochs), Path(args.out))
-    print(summary(results))
-    print(f"loss_curves.png, gradient_factor.png and results.json written in {args.out}")
+    # each scene's own number of epochs unless --epochs is given
+    epochs = {} if args.epochs is None else dict(epochs=args.epochs)
+    if args.scene in ("mlp", "all"):
+        from codegen.demo import Config, run, summary
+        print(summary(run(Config(hidden=args.hidden, **epochs), Path(args.out))))
+        print(f"loss_curves.png, gradient_factor.png and results.json written in {args.out}")
+    if args.scene in ("cnn", "all"):
+        from codegen import demo_cnn
+        print(demo_cnn.summary(demo_cnn.run(demo_cnn.Config(**epochs), Path(args.out))))
+        print(f"cnn_training.png, cnn_filters.png and cnn_results.json written in {args.out}")
+    if args.scene in ("transformer", "all"):
+        from codegen import demo_transformer
+        result = demo_transformer.run(demo_transformer.Config(steps=args.steps), Path(args.out))
+        print(demo_transformer.summary(result))
+        print(f"transformer_training.png, transformer_attention.png and transformer_results.json written in {args.out}")
     return 0
 
 
@@ -304,10 +315,13 @@ def parser():
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--tol", type=float, default=1e-6, help="the largest relative error accepted")
     check.set_defaults(run=run_check)
-    demo = commands.add_parser("demo", help="train generated layers on the digits; plot MSE vs cross-entropy")
-    demo.add_argument("--out", default="build/demo", help="the folder for the plots and results.json")
-    demo.add_argument("--hidden", choices=("relu", "tanh"), default="relu", help="the hidden layer's activation")
-    demo.add_argument("--epochs", type=int, default=20)
+    demo = commands.add_parser("demo", help="train generated layers: an MLP on the digits (MSE vs cross-entropy), a "
+                               "CNN on the digits and a transformer reversing digits")
+    demo.add_argument("--out", default="build/demo", help="the folder for the plots and the results' JSON")
+    demo.add_argument("--scene", choices=("mlp", "cnn", "transformer", "all"), default="all", help="which scene to run")
+    demo.add_argument("--hidden", choices=("relu", "tanh"), default="relu", help="the MLP's hidden activation")
+    demo.add_argument("--epochs", type=int, help="the MLP's and the CNN's epochs (default 20 and 10)")
+    demo.add_argument("--steps", type=int, default=150, help="the transformer's training steps")
     demo.set_defaults(run=run_demo)
     return top
 

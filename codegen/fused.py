@@ -15,7 +15,7 @@ from sympy.printing.precedence import PRECEDENCE
 from codegen.kernels import FULL_SIZE, DENOMINATOR, arguments, kernel_assignments, shared
 from codegen.lower import AtLabel, BatchSum, Column, LabelEntry, RowMax, RowSum, Squeeze
 from codegen.printer import KernelPrinter
-from derive.special import FORMATS, Expm1, ExpToInf, PowerOfTwo, erf_numpy, exp_steps, log1p_steps
+from derive.special import FORMATS, Erfc, Expm1, ExpToInf, PowerOfTwo, erf_numpy, erfc_numpy, exp_steps, log1p_steps
 from derive.stability import sigmoid_by_branches
 
 # math.* keeps a float32 argument float32 in numba; np.maximum and np.sign propagate NaN as NumPy does.
@@ -24,14 +24,17 @@ from derive.stability import sigmoid_by_branches
 # tanh has no such form yet: a loop of scalar math.tanh ran 9x slower than np.tanh's SIMD loop, so a
 # kernel with a tanh (Tanh, GELUTanh, Mish) stays the NumPy one.
 FUNCTIONS = {sp.exp: "exp", ExpToInf: "exp", sp.log: "math.log", log1p: "math.log1p",
-             expm1: "math.expm1", Expm1: "math.expm1", hypot: "math.hypot", sp.erf: "erf"}
+             expm1: "math.expm1", Expm1: "math.expm1", hypot: "math.hypot", sp.erf: "erf",
+             Erfc: "erfc"}
 # _runtime's functions: name, argument, docstring, its steps per dtype (derive/special.py)
 RUNTIME = (("exp", "u", "e^u without libm: a clamp, a floor, a polynomial and two powers of two made of bits",
             exp_steps),
            ("log1p", "z", "log(1 + z) for z in [0, 1] without libm: a division and a polynomial", log1p_steps),
            # numba's math.erf is a scalar libm call, which keeps the loop from vectorizing
            ("erf", "u", "erf(u) without libm: a series for |u| < 2, erfc's continued fraction beyond",
-            lambda u, dtype: shared_steps(erf_numpy(u))))
+            lambda u, dtype: shared_steps(erf_numpy(u))),
+           ("erfc", "z", "erfc(z) without libm: 1 - erf's series for |z| < 1/2, exp(-z^2) times a polynomial beyond",
+            lambda z, dtype: shared_steps(erfc_numpy(z))))
 # an accumulator's start and its update: a sum and a max over the row. The max is _runtime's maximum
 # (llvm.maximum: NaN if either is NaN, as np.maximum), a reduction the loop vectorizer vectorizes;
 # np.maximum's branches keep the loop scalar (2 ns an element against 0.14)
@@ -79,7 +82,7 @@ class FusedPrinter(KernelPrinter):
             return f"{name}({', '.join(self._print(arg) for arg in expr.args)})"  # every argument: hypot has two
         raise FusionError(f"no fused form for {expr.func}")
 
-    _print_exp = _print_ExpToInf = _print_log = _print_log1p = _print_expm1 = _print_hypot = _print_tanh = _print_erf = _print_Function
+    _print_exp = _print_ExpToInf = _print_log = _print_log1p = _print_expm1 = _print_hypot = _print_tanh = _print_erf = _print_Erfc = _print_Function
 
     def _print_floor(self, expr):
         return f"np.floor({self._print(expr.args[0])})"

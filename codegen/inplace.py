@@ -9,10 +9,13 @@ arithmetic is the one the SymPy result says, operation for operation.
 
 Values smaller than the input (columns, scalars) and boolean masks are printed whole: they cost
 little, and a mask or a column is never a full-size float buffer to write into."""
+import re
 from dataclasses import dataclass
 
+import numpy as np
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
+from sympy.core.symbol import Str
 
 from codegen.lower import AtLabel, BatchSum, Column, FullLike, LabelEntry, RowMax, RowSum, Shifted, Squeeze
 from codegen.printer import one_bound_clip, positive_first, print_code
@@ -259,12 +262,15 @@ class Flattener:
         return self.emit("subtract" if negative else "add", value, self.small(-rest if negative else rest))
 
 
-def assignments_in_place(assignments, later, full, output=None, recompute=False):
+def assignments_in_place(assignments, later, full, output=None, recompute=False, updates=()):
     """[(lhs, code)] for [(lhs, expr)], each full-size operation writing into a dead temporary where
     there is one; later are expressions read after these lines (returned names, the label update).
     output names an argument (out=) that may alias any full-size argument: the first operation that
     would allocate once no later line reads an argument writes into it instead (None allocates).
-    recompute: negations of arguments are recomputed where read (recomputed_negations)."""
+    recompute: negations of arguments are recomputed where read (recomputed_negations).
+    updates: ((lhs, argument), ...): lhs is the argument's new value (an optimizer's state), written into the
+    argument itself; the argument is a buffer like a temporary once no line reads it (a ValueError where
+    lhs cannot end in it)."""
     if recompute:
         assignments = recomputed_negations(assignments, full)
     early, gathers = gathered_early(assignments, full)
@@ -289,7 +295,9 @@ def assignments_in_place(assignments, later, full, output=None, recompute=False)
     free_from = max([last_use.get(a, -1) for a in arguments], default=-1)
     if output is None or kept & arguments:
         free_from = len(steps)
-    owned, free, lines = set(), [], []
+    # an updated argument is owned like a temporary: its buffer is free once no line reads it
+    owned, free, lines = {sp.Symbol(a) for _, a in updates}, [], []
+    holder = {s: s for s in owned}     # the array each owned name's value is in
     for position, step in enumerate(steps):
         into = None
         if step.ufunc:
@@ -307,6 +315,13 @@ def assignments_in_place(assignments, later, full, output=None, recompute=False)
             owned.discard(into)
         if step.buffer:
             owned.add(step.target)
+            holder[step.target] = holder.get(into, step.target)
+        elif isinstance(step.expr, sp.Symbol) and step.expr in holder:
+            holder[step.target] = holder[step.expr]
+    for lhs, argument in updates:
+        if holder.get(sp.Symbol(lhs)) != sp.Symbol(argument):
+            raise ValueError(f"{lhs} is not computed in place into {argument}: a line reads {argument} after "
+                             f"the last one that could write it")
     return [(str(lhs), code) for lhs, code in lines]
 
 
@@ -370,3 +385,281 @@ def _print(expr):
     if isinstance(expr, sp.Integer):
         return str(int(expr))  # a Python int keeps the array's dtype
     return print_code(expr)
+
+
+
+# Index-notation kernels (codegen.tensor_lower): the same buffer reuse over their statements, printed by
+# TensorPrinter. Which values are arrays of a full shape is known by evaluating the statements at the check
+# sizes (an ArrayFunction's shapes): a value's shape is the one NumPy gives it there.
+
+
+class Ufunc(sp.Function):
+    """np.<ufunc>(operands..., out=buffer): one operation of an index-notation statement, written into the
+    buffer named (the empty name: a new array). Args: (Str ufunc, Str buffer, *operands)."""
+
+    def _eval_is_commutative(self):
+        return True
+
+    def _numpycode(self, printer):
+        ufunc, into, *operands = self.args
+        out = f", out={into.name}" if into.name else ""
+        return f"np.{ufunc.name}({', '.join(_print(o) if o.is_Integer else printer.doprint(o) for o in operands)}{out})"
+
+
+@dataclass
+class Line:
+    """A line of a buffered index-notation function: target = value (a Ufunc, or an expression printed
+    whole), or one of its statements printed as it is (an update of a region, a scatter)."""
+
+    target: str
+    value: sp.Expr = None
+    shape: tuple = None            # the full shape of the new array the line makes, None if it makes none
+    statement: object = None
+
+
+class TensorFlattener:
+    """Splits an index-notation function's statements into Lines: each operation whose value is a float array
+    of a full shape (that of an argument or assignment with the most axes) a Ufunc on named operands."""
+
+    def __init__(self, function, printer, view, fresh):
+        self.printer, self.view, self.fresh, self.lines, self.count = printer, view, fresh, [], 0
+        shapes = dict(function.shapes)
+        most = max(map(len, shapes.values()), default=0)
+        self.full = {shape for shape in shapes.values() if most and len(shape) == most}
+        self.taken = {*function.args, *shapes, *(s.target for s in function.statements)}
+        self.namespace, self.known = evaluation_namespace(function), {}
+        self.named = {}            # {full-shape value: the name of an earlier statement that holds it}
+
+    def value(self, expr):
+        """expr's value at the check sizes, None where it has none (a condition, a Piecewise's pair)."""
+        if expr not in self.known:
+            try:
+                self.known[expr] = eval(self.printer.doprint(expr), self.namespace)  # noqa: S307 - the kernel's source
+            except Exception:
+                self.known[expr] = None
+        return self.known[expr]
+
+    def shape(self, expr):
+        """expr's shape if its value is a float array of a full shape, else None."""
+        value = self.value(expr) if isinstance(expr, sp.Expr) else None
+        full = value is not None and np.asarray(value).dtype.kind == "f" and np.shape(value) in self.full
+        return np.shape(value) if full else None
+
+    def name(self, prefix):
+        self.count += 1
+        while f"{prefix}{self.count}" in self.taken:
+            self.count += 1
+        return self.view(f"{prefix}{self.count}")
+
+    def emit(self, ufunc, shape, *operands):
+        target = self.name("u")
+        self.lines.append(Line(target.name, Ufunc(Str(ufunc), Str(""), *operands), shape))
+        return target
+
+    def whole(self, expr, shape):
+        """expr printed whole (its full-shape values inside computed first), as a line of its own where it
+        makes a new array."""
+        value = self.within(expr)
+        if not self.fresh(value):
+            return value
+        target = self.name("w")
+        self.lines.append(Line(target.name, value, shape))
+        return target
+
+    def statement(self, statement):
+        """The Lines of one statement, which then runs in the namespace (for the next ones' values)."""
+        start = len(self.lines)
+        if statement.form != "define":       # an update of its target: no longer the value it was named for
+            self.lines.append(Line(statement.target, statement=statement))
+            self.named = {value: name for value, name in self.named.items() if name.name != statement.target}
+        else:
+            value = self.operand(statement.value)
+            if len(self.lines) > start and getattr(value, "name", None) == self.lines[-1].target:
+                self.lines[-1].target = statement.target   # the value's last operation writes the target itself
+            else:
+                shape = self.shape(statement.value) if self.fresh(value) else None
+                self.lines.append(Line(statement.target, value, shape))
+            if self.lines[-1].shape is not None:
+                self.named[statement.value] = self.view(statement.target)
+        exec(statement.source(self.printer), self.namespace)  # noqa: S102 - the kernel's own source
+
+    def operand(self, expr):
+        """A name (or an expression printed whole) holding expr's value, after the Lines computing it."""
+        shape = self.shape(expr)
+        if shape is None or isinstance(expr, sp.Symbol):
+            return self.within(expr)
+        if expr in self.named:
+            return self.named[expr]
+        if isinstance(expr, sp.Mul):
+            return self.product(expr, shape)
+        if isinstance(expr, sp.Add):
+            return self.total(expr, shape)
+        if isinstance(expr, sp.Pow) and self.shape(expr.base) and (expr.exp in POWERS or expr.exp.is_Integer):
+            exponent = () if expr.exp in POWERS else (expr.exp,)
+            return self.emit(POWERS.get(expr.exp, "power"), shape, self.operand(expr.base), *exponent)
+        if type(expr) in UNARY and self.shape(expr.args[0]):
+            return self.emit(UNARY[type(expr)], shape, self.operand(expr.args[0]))
+        return self.whole(expr, shape)
+
+    def within(self, expr):
+        """expr with the full-shape values inside it (a reduction's operand, a branch) computed first."""
+        if not isinstance(expr, sp.Basic) or not expr.args or isinstance(expr, sp.Symbol):
+            return expr
+        dot = self.dot(expr)
+        if dot is not None:
+            return dot
+        args = [self.operand(a) if self.shape(a) else self.within(a) for a in expr.args]
+        return expr if args == list(expr.args) else expr.func(*args)
+
+    def dot(self, expr):
+        """A sum of the product of two full arrays (or of a square) as einsum of the two, one pass and no product
+        array (LayerNorm's variance: Sum((x - mu)^2, k) as np.einsum("ab,ab->a", t, t)), else None."""
+        from codegen.tensor_lower import Einsum, Reduce
+        if not (isinstance(expr, Reduce) and expr.args[2].name == "add"):
+            return None
+        summand, axes = expr.args[:2]
+        pair = ([summand.base] * 2 if isinstance(summand, sp.Pow) and summand.exp == 2
+                else list(summand.args) if isinstance(summand, sp.Mul) and len(summand.args) == 2 else [])
+        shapes = {self.shape(f) for f in pair}
+        if not pair or None in shapes or len(shapes) != 1:
+            return None
+        letters = "abcdefghij"[:len(shapes.pop())]
+        summed = {int(a) for a in re.findall(r"\d+", axes.name)}
+        kept = "".join(letter for at, letter in enumerate(letters) if at not in summed)
+        first = self.operand(pair[0])
+        second = first if pair[1] == pair[0] else self.operand(pair[1])
+        return Einsum(Str(f'"{letters},{letters}->{kept}"'), Str("False"), first, second)
+
+    def product(self, expr, shape):
+        """Full factors multiplied (or divided) in turn, then the others: together where that makes no full
+        array itself, else the numbers and scalars with the first of them, and each other one alone."""
+        factors, divisors, rest = [], [], []
+        for f in self.reusing(expr.args):
+            if isinstance(f, sp.Pow) and f.exp == -1 and self.shape(f.base):
+                divisors.append(f.base)
+            elif self.shape(f):
+                factors.append(f)
+            else:
+                rest.append(f)
+        if not factors and not divisors:      # a row times a column
+            return self.whole(expr, shape)
+        factors.sort(key=lambda f: isinstance(f, sp.Symbol))   # a compound factor first makes a buffer
+        scale = sp.Mul(*rest)
+        if factors:
+            value = self.operand(factors[0])
+            for f in factors[1:]:
+                value = self.emit("multiply", shape, value, self.operand(f))
+        else:
+            value, scale = self.emit("divide", shape, self.within(scale), self.operand(divisors.pop(0))), sp.S.One
+        for d in divisors:
+            value = self.emit("divide", shape, value, self.operand(d))
+        if scale == -1:
+            return self.emit("negative", shape, value)
+        scalars = [f for f in rest if np.ndim(self.value(f)) == 0]
+        arrays = [f for f in rest if f not in scalars]
+        groups = [scale] if self.shape(scale) is None else [sp.Mul(*scalars, arrays[0]), *arrays[1:]]
+        for group in groups:
+            if group != 1:
+                value = self.emit("multiply", shape, value, self.within(group))
+        return value
+
+    def reusing(self, factors):
+        """factors with each sum that is a number times a value an earlier statement holds written so (LayerNorm's
+        2 x - 2 mu, 2 times x - mu): the number joins the other small factors, and no pass makes the sum."""
+        found = []
+        for f in factors:
+            number, inner = sp.factor_terms(f).as_coeff_Mul() if isinstance(f, sp.Add) else (1, f)
+            found += [number, inner] if number != 1 and inner in self.named else [f]
+        return found
+
+    def total(self, expr, shape):
+        """Full terms added (or subtracted) in turn, then the others' sum; printed whole where no term is
+        full (a row plus a column)."""
+        terms = positive_first(t for t in expr.as_ordered_terms() if self.shape(t))
+        rest = sp.Add(*[t for t in expr.args if not self.shape(t)])
+        if not terms:
+            return self.whole(expr, shape)
+        first = terms.pop(0)
+        if first.could_extract_minus_sign() and rest != 0:
+            value, rest = self.emit("subtract", shape, self.within(rest), self.operand(-first)), sp.S.Zero
+        else:
+            value = self.operand(first)
+        for t in terms:
+            negative = t.could_extract_minus_sign()
+            value = self.emit("subtract" if negative else "add", shape, value, self.operand(-t if negative else t))
+        if rest == 0:
+            return value
+        negative = rest.could_extract_minus_sign()
+        return self.emit("subtract" if negative else "add", shape, value, self.within(-rest if negative else rest))
+
+
+def evaluation_namespace(function):
+    """The names a function's statements read, at the check sizes: its arrays random from 0.5 to 1.5 (where
+    every function of the catalog is defined), its options 0.5, its sizes as its first lines compute them."""
+    import math
+    rng = np.random.default_rng(0)
+    shapes = dict(function.shapes)
+    namespace = {"np": np, "math": math}
+    for name in function.args:
+        namespace[name] = rng.uniform(0.5, 1.5, shapes[name]) if name in shapes else 0.5
+    for names, how in function.sizes:
+        exec(f"{names} = {how}", namespace)  # noqa: S102 - the kernel's own source
+    return namespace
+
+
+def base_name(text):
+    """The array a name or a view of one reads: mu of mu[:, None], W of W.T."""
+    return re.match(r"\w*", text).group()
+
+
+def tensor_in_place(function, printer, view, fresh):
+    """The printed lines of an index-notation function (codegen.tensor_lower.ArrayFunction), each operation
+    on float arrays of a full shape a ufunc call writing into a buffer of that shape that no later line reads,
+    where there is one; view makes a name, fresh tells whether an expression's value is a new array (not a
+    view of another). Its statements printed as they are where they do not run at the check sizes."""
+    flat = TensorFlattener(function, printer, view, fresh)
+    try:
+        with np.errstate(all="ignore"):
+            for statement in function.statements:
+                flat.statement(statement)
+    except Exception:
+        return [statement.source(printer) for statement in function.statements]
+
+    def reads(line):
+        if line.statement is None:
+            exprs = [line.value]
+        else:
+            region = line.statement.region[:1] if line.statement.form in ("scatter", "accumulate") else ()
+            exprs = [line.statement.value, *region, sp.Symbol(line.statement.target)]
+        return {base_name(s.name) for e in exprs if isinstance(e, sp.Basic) for s in e.atoms(sp.Symbol)}
+
+    def operands(line):
+        """The names a ufunc line reads whole as its operands, but those it also reads through a view (u.T):
+        the buffers it may write into."""
+        args = line.value.args[2:] if isinstance(line.value, Ufunc) else ()
+        viewed = {base_name(s.name) for s in line.value.atoms(sp.Symbol) if s.name != base_name(s.name)}
+        return [a.name for a in args if isinstance(a, sp.Symbol) and a.name == base_name(a.name) and a.name not in viewed]
+
+    last_use, kept = {}, set(function.returns)
+    for position, line in enumerate(flat.lines):
+        for name in reads(line):
+            last_use[name] = position
+        if line.statement is None and not fresh(line.value):
+            kept |= reads(line)                  # a view of an array keeps that array
+    owned, free, printed = {}, [], []
+    for position, line in enumerate(flat.lines):
+        if isinstance(line.value, Ufunc):
+            whole = operands(line)
+            dead = [o for o in whole if owned.get(o) == line.shape and last_use.get(o) == position and o not in kept]
+            into = dead[0] if dead else next((f for f in free if owned[f] == line.shape), None)
+            if into is not None:
+                free = [f for f in free if f != into]
+                del owned[into]
+                line.value = Ufunc(line.value.args[0], Str(into), *line.value.args[2:])
+        printed.append(line.statement.source(printer) if line.statement is not None
+                       else f"{line.target} = {printer.doprint(line.value)}")
+        free += [name for name in reads(line) if name in owned and last_use.get(name) == position
+                 and name not in kept and name not in free]
+        if line.shape is not None and line.target not in kept:
+            owned[line.target] = line.shape
+    return printed

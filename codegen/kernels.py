@@ -10,18 +10,20 @@ from codegen.printer import print_code
 from derive import optim
 from derive.gradients import layer_backward, loss_forward, loss_gradient, mean_weight, variants
 from derive.reduction import REDUCTIONS, row_weight
-from derive.special import ExpToInf, erf_numpy
+from derive.special import ExpToInf, erf_numpy, erfc_numpy
 from derive.stability import stable
 from derive.algebra import contract
 from derive.symbols import K, L, N, i, j, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
-ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "e", "den", "W", "b", "g", "eps", "l2",
+ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "lp", "e", "den", "W", "b", "g", "eps", "l2",
              "K_in", "param", "grad", "velocity", "lr", "momentum")
 # How a loss kernel reads the sizes its formulas use from a full-size argument {a}: N loss entries
 # (rows or elements) and K classes.
 SIZES = {"row": {"N": "{a}.shape[0]", "K": "{a}.shape[-1]"}, "element": {"N": "{a}.size", "K": "{a}.shape[-1]"}}
-FULL_SIZE = ("x", "p", "t", "y", "e")
+FULL_SIZE = ("x", "p", "lp", "t", "y", "e")
+# an optimizer's arrays: a parameter, its gradient and its velocity, all of one shape
+STATE = ("param", "grad", "velocity")
 # the array whose shape and dtype an output takes where it reads no full-size array (a constant
 # derivative's dx = 2 g still reads x, which forward saves: the class checks g against it)
 X = sp.Symbol("x")
@@ -49,6 +51,8 @@ class Kernel:
                                    # class passes g, and a zero derivative reads none)
     arrays: tuple = ()             # arguments made arrays first: erf is called on an option alone too, and
                                    # its kernel computes in place, which a NumPy scalar (or a 0-d array) cannot
+    updates: tuple = ()            # ((output, argument), ...): the output is the argument's new value, written
+                                   # into it (an optimizer's state, updated in place as torch.optim's)
 
 
 def layer_kernels(op):
@@ -171,9 +175,11 @@ def reductions(granularity):
 def sgd_kernel():
     """One SGD step with momentum: the new velocity and parameter."""
     velocity, update = optim.sgd_velocity(), optim.sgd_update()
-    return Kernel("sgd_step", "One step of SGD with momentum (torch.optim.SGD).",
+    return Kernel("sgd_step", "One step of SGD with momentum (torch.optim.SGD), velocity and param updated in "
+                  "place.",
                   f"v' = {sp.sstr(velocity)}; param' = {sp.sstr(update)}",
-                  (("velocity_next", velocity), ("param_next", update.subs(sp.Symbol("velocity_next"), velocity))))
+                  (("velocity_next", velocity), ("param_next", update.subs(sp.Symbol("velocity_next"), velocity))),
+                  full=STATE, updates=(("velocity_next", "velocity"), ("param_next", "param")))
 
 
 def adam_kernel(decoupled):
@@ -181,11 +187,14 @@ def adam_kernel(decoupled):
     parameter's dtype where a NumPy function reads them alone (sqrt(1 - beta2^t))."""
     (m, v), update = optim.adam_moments(decoupled), optim.adam_update(decoupled)
     name = "adamw" if decoupled else "adam"
-    return Kernel(f"{name}_step", f"One step of {'AdamW' if decoupled else 'Adam'} (torch.optim.{'AdamW' if decoupled else 'Adam'}).",
+    return Kernel(f"{name}_step", f"One step of {'AdamW' if decoupled else 'Adam'} (torch.optim.{'AdamW' if decoupled else 'Adam'}), "
+                  "the moments and param updated in place.",
                   f"m' = {sp.sstr(m)}; v' = {sp.sstr(v)}; param' = {sp.sstr(update)}",
                   (("exp_avg_next", m), ("exp_avg_sq_next", v),
                    ("param_next", update.subs({optim.EXP_AVG_NEXT: m, optim.EXP_AVG_SQ_NEXT: v}))),
-                  params=("exp_avg", "exp_avg_sq", "beta1", "beta2", "epsilon", "weight_decay", "step"), full=("param",))
+                  params=("exp_avg", "exp_avg_sq", "beta1", "beta2", "epsilon", "weight_decay", "step"),
+                  full=STATE + ("exp_avg", "exp_avg_sq"),
+                  updates=(("exp_avg_next", "exp_avg"), ("exp_avg_sq_next", "exp_avg_sq"), ("param_next", "param")))
 
 
 def erf_kernel():
@@ -193,6 +202,13 @@ def erf_kernel():
     continued fraction, each branch's argument clamped to its range."""
     return Kernel("erf", "erf(x), element-wise: to a few ulp in float64, as math.erf.", "erf(x)",
                   (("y", erf_numpy(X)),), arrays=("x",))
+
+
+def erfc_kernel():
+    """erfc(x) with NumPy alone, the generated package's _special.erfc: 1 - erf's series near 0, and
+    exp(-x^2) times derive.special's polynomial in the tail, relatively accurate however small erfc is."""
+    return Kernel("erfc", "erfc(x), element-wise: to a few ulp in float64, as math.erfc.", "erfc(x)",
+                  (("y", erfc_numpy(X)),), arrays=("x",))
 
 
 def kernel_assignments(kernel):
@@ -230,7 +246,8 @@ def shared(exprs):
 def kernel_code(kernel):
     """The printable form of a kernel: arguments, assignment lines, scatter and returns."""
     exprs, assignments, returned, names = kernel_assignments(kernel)
-    lines = assignments_in_place(assignments, returned, kernel.full, "out" if kernel.out else None, kernel.recompute)
+    lines = assignments_in_place(assignments, returned, kernel.full, "out" if kernel.out else None, kernel.recompute,
+                                 kernel.updates)
     takes_out = any(code.endswith("out=out)") for _, code in lines)
     used = {s.name for e in exprs for s in e.free_symbols}
     args = arguments(exprs, label_arguments(kernel, exprs) | set(kernel.takes), kernel.params)

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import sympy as sp
 
+from codegen import stages
+from codegen.accuracy import figures
 from codegen.render import CATALOG_SOURCE, FAST, ROOT, environment, generator_digest, operation_files, package_files
 from codegen.verify import check_agreement, check_op
 from codegen.stages import budgeted, in_stage
@@ -27,6 +29,8 @@ from codegen.write import differences, import_package, publish, stage
 from derive.declare import DeclarationError
 from derive.tensor import TensorOp
 
+# seconds an operation's accuracy survey may take (or the stage budget, if less): past it, its figures are n/a
+SURVEY_SECONDS = 10.0
 # the line under an index-notation op's "(fast)" row: codegen.fused prints element-wise and row kernels only
 TENSOR_NOT_FUSED = "skipped: an index-notation op has no fused numba form; fast/ has no class for it (use the NumPy one)"
 
@@ -56,6 +60,16 @@ class OpReport:
     error: float
     ok: bool
     failures: tuple
+    # worst ulps (float32 forward, backward, float64 forward, backward) over codegen.accuracy's grid against
+    # mpmath, each None where no point has a finite truth; or why there are none (str); None: not surveyed
+    ulps: object = None
+
+    @classmethod
+    def restored(cls, entry):
+        """The report a cache entry holds (JSON: lists where it had tuples)."""
+        ulps = entry.get("ulps")
+        return cls(**dict(entry, failures=tuple(entry["failures"]), ulps=tuple(ulps) if isinstance(ulps, list)
+                          else ulps))
 
 
 def numba_installed():
@@ -109,7 +123,7 @@ def verify_package(package, catalog, seed=0):
     fused numba classes (named "<op> (fast)") where it has them. A kernel that raises or runs past
     its budget fails its check, named. Each class draws from its own generator, seeded by its name: its
     report is the same whichever operations are verified with it."""
-    reports = []
+    reports, surveyed = [], accuracy_figures(package, catalog)
     fast = getattr(package, FAST, None)
     classes = [(name, op, getattr(package, name), package) for name, op in catalog.items()]
     classes += [(f"{name} (fast)", op, getattr(fast, name), fast) for name, op in catalog.items()
@@ -129,11 +143,27 @@ def verify_package(package, catalog, seed=0):
             reports.append(OpReport(name, kernels, float("inf"), False, (str(error),)))
             continue
         failures = tuple(f"{variant}: {check.report()}" for variant, check in checks if not check.ok)
-        reports.append(OpReport(name, kernels, max(check.error for _, check in checks), not failures, failures))
+        found = surveyed[op.name]
+        ulps = found if isinstance(found, str) else found.get("fused" if where is fast else "numpy")
+        reports.append(OpReport(name, kernels, max(check.error for _, check in checks), not failures, failures, ulps))
     # an index-notation op has no fused form (yet): the summary says so, rather than leave it out silently
     reports += [OpReport(f"{name} (fast)", 0, 0.0, True, (TENSOR_NOT_FUSED,)) for name, op in catalog.items()
                 if fast is not None and isinstance(op, TensorOp)]
     return in_order(reports, catalog)
+
+
+def accuracy_figures(package, catalog):
+    """{name: codegen.accuracy.figures of its classes in package, or why it has none}, each op's survey within
+    SURVEY_SECONDS (or the stage budget, if less): a survey that fails or runs past it leaves its op's figures
+    n/a, and the op is not refused for it."""
+    found = {}
+    for name, op in catalog.items():
+        try:
+            with in_stage(name, "accuracy survey", min(stages.BUDGET, SURVEY_SECONDS)):
+                found[name] = figures(op, package)
+        except DeclarationError as error:
+            found[name] = str(error).removeprefix(f"{name}: ")
+    return found
 
 
 def operation(report):
@@ -229,9 +259,13 @@ def save(cache, key, entry):
 
 
 def prune(cache, kept=KEPT):
-    """Remove all but the kept most recently used entries of cache."""
-    entries = sorted(cache.glob("*.json"), key=lambda path: path.stat().st_mtime, reverse=True)
-    for path in entries[kept:]:
+    """Remove all but the kept most recently used entries of cache; one that a run beside this one (make test's
+    other worker, a make codegen) removed between listing and reading its time is passed over."""
+    used = {}
+    for path in cache.glob("*.json"):
+        with suppress(FileNotFoundError):
+            used[path] = path.stat().st_mtime
+    for path in sorted(used, key=used.get, reverse=True)[kept:]:
         path.unlink(missing_ok=True)
 
 
@@ -287,8 +321,7 @@ def served_package(catalog, modules, fused, cache, engine):
 def verified(files, catalog, missed, found, out, fused):
     """(reports, changed): files staged, the missed operations verified, the others' reports as found, and
     files published only if every check passed (changed None otherwise)."""
-    reports = [OpReport(**dict(report, failures=tuple(report["failures"])))
-               for entry in found.values() for report in entry["reports"]]
+    reports = [OpReport.restored(report) for entry in found.values() for report in entry["reports"]]
     if not missed:  # all verified before: written only where out differs
         return in_order(reports, catalog), publish(stage(files, out.parent), out) if differences(files, out) else []
     staged = stage(files, out.parent)
@@ -303,13 +336,36 @@ def verified(files, catalog, missed, found, out, fused):
     return reports, publish(staged, out)
 
 
+ULPS_NOTE = ("ulps: the worst error, in units in the last place, of forward/backward against mpmath over each "
+             "dtype's whole range where the truth is a normal number; inf: NaN or inf where the truth is finite, "
+             "or no inf where it overflows (docs/stability.md)")
+
+
+def ulps_cells(ulps):
+    """The two ulps cells of a summary row: "forward/backward" of float32 and of float64 ("n/a", or blank)."""
+    if ulps is None or isinstance(ulps, str):
+        return ("", "") if ulps is None else ("n/a", "n/a")
+    text = ["-" if value is None else f"{value:.2g}" for value in ulps]
+    return f"{text[0]}/{text[1]}", f"{text[2]}/{text[3]}"
+
+
 def summary(reports):
     """The table make codegen prints: one line per operation, each failure under it, and where only
-    fused kernels failed, that their NumPy twins passed and how to write those alone."""
-    lines = [f"{'operation':<30}{'kernels':>8}{'max rel error':>16}  status"]
+    fused kernels failed, that their NumPy twins passed and how to write those alone; the ulps columns'
+    meaning, and why an operation has none."""
+    lines = [f"{'operation':<36}{'kernels':>8}{'max rel error':>16}{'ulps f32 fwd/bwd':>20}{'ulps f64 fwd/bwd':>20}"
+             "  status"]
     for report in reports:
-        lines.append(f"{report.name:<30}{report.kernels:>8}{report.error:>16.2e}  {'OK' if report.ok else 'FAILED'}")
+        f32, f64 = ulps_cells(report.ulps)
+        lines.append(f"{report.name:<36}{report.kernels:>8}{report.error:>16.2e}{f32:>20}{f64:>20}  "
+                     f"{'OK' if report.ok else 'FAILED'}")
         lines.extend(f"    {failure}" for failure in report.failures)
+    missing = {}
+    for report in reports:
+        if isinstance(report.ulps, str):
+            missing.setdefault(report.ulps, []).append(report.name)
+    lines.extend(f"ulps n/a for {', '.join(names)}: {reason}" for reason, names in missing.items())
+    lines.append(ULPS_NOTE)
     failed = [report.name for report in reports if not report.ok]
     if failed and all(name.endswith(" (fast)") for name in failed):
         lines.append(f"the NumPy kernels passed; the fused kernels of {', '.join(n[:-7] for n in failed)} did not, "

@@ -114,6 +114,12 @@ class KernelPrinter(NumPyPrinter):
         # its series and continued fraction would be copied into every kernel, nested in erf(erf(x))
         return f"erf({self._print(expr.args[0])})"
 
+    def _print_erfc(self, expr):
+        # _special's erfc, printed from derive.special.erfc_numpy once, as erf
+        return f"erfc({self._print(expr.args[0])})"
+
+    _print_Erfc = _print_erfc
+
     def _print_ExpToInf(self, expr):
         return f"np.exp({self._print(expr.args[0])})"
 

@@ -1,18 +1,19 @@
 """Rendering the generated package: every file's text, from the catalog and the templates."""
 import copy
 import hashlib
+import re
 from pathlib import Path
 
 import jinja2
 import sympy as sp
 
 from codegen.fused import FASTMATH, FusionError, fused_code, runtime_functions
-from codegen.kernels import (erf_kernel, kernel_code, layer_kernels, loss_kernels, reductions,
+from codegen.kernels import (erf_kernel, erfc_kernel, kernel_code, layer_kernels, loss_kernels, reductions,
                              sgd_kernel, with_mean_gradient, adam_kernel)
 from codegen.printer import print_code, range_arguments
 from codegen.stages import in_stage
 from codegen.tensor_lower import module_context
-from derive.gradients import variants
+from derive.gradients import flag_settings, variants
 from derive.tensor import TensorOp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +74,7 @@ def param_context(param):
     """A constructor option as the templates use it: the _checks function that checks it in __init__ and
     that function's arguments after the class's name (the option's name, its value, what it accepts)."""
     checks = {"scalar": ("option", range_arguments(param.range)), "class_weights": ("weights", ["ndim=1"]),
-              "element_weights": ("weights", []), "ignore_index": ("option", ["integer=True"])}
+              "element_weights": ("weights", []), "ignore_index": ("option", ["integer=True"]), "flag": ("flag", [])}
     check, accepted = checks[param.kind]
     return {"name": param.name, "default": repr(param.default), "check": check,
             "arguments": [f'"{param.name}"', param.name, *accepted]}
@@ -104,16 +105,17 @@ def neutral_tests(op, target, unignored="at is not None"):
             if p.neutral is not None and (p.kind != "ignore_index" or target == "labels")]
 
 
-def plain_condition(op, target):
-    """When the plain kernel applies: every option at its neutral value (Python source)."""
-    return " and ".join(neutral_tests(op, target))
-
-
 def common_condition(op):
     """When forward's common case applies to integer labels that are all classes: a mean, every option
-    neutral, and an ignore_index that no class can equal (Python source, a line per test)."""
+    neutral, every flag at its default, and an ignore_index that no class can equal (Python source, a line per
+    test)."""
     ignore = " and ".join(f"not 0 <= self.{p.name} < x.shape[1]" for p in op.params if p.kind == "ignore_index")
-    return ['self.reduction == "mean"'] + neutral_tests(op, "labels", unignored=ignore)
+    return ['self.reduction == "mean"'] + neutral_tests(op, "labels", unignored=ignore) + flag_tests(op, "")
+
+
+def flag_tests(op, suffix):
+    """Python tests that the class's flags are at the setting whose variants' suffix is suffix (none without flags)."""
+    return [f"self.{name}" if value else f"not self.{name}" for name, value in flag_settings(op)[suffix].items()]
 
 
 def general_preparation(op, target):
@@ -149,7 +151,8 @@ def loss_context(op):
         paths = []
         for variant in variants(op, target):
             forward, backward = (with_calls(kernel_code(k), op) for k in loss_kernels(op, target, variant))
-            general = variant == "general"
+            general, _, suffix = variant.partition("_")
+            general = general == "general"
             # what forward made for backward alone (never the caller's arrays) backward may overwrite
             made = [name for name in forward["returns"] if name in backward["args"]]
             donor = made[0] if made and "out=None" in backward["args"] else None
@@ -158,7 +161,8 @@ def loss_context(op):
             # takes: at (64, 10) those are most of a call
             common = common_condition(op) if target == "labels" and not general else None
             paths.append({"forward": forward, "backward": backward, "donor": donor, "mean": None, "common": common,
-                          "condition": None if general else plain_condition(op, target) or None,
+                          "condition": " and ".join(flag_tests(op, suffix) + (
+                              [] if general else neutral_tests(op, target))) or None,
                           "prepare": prepare + positions(prepare, forward, backward)})
         by_target.append((target, paths))
     has_ignore = any(p.kind == "ignore_index" for p in op.params)
@@ -169,7 +173,9 @@ def loss_context(op):
                "dense": f"t = dense_target(target, x{bounds})"}
     checks = checks_called(target_lines(op, prepare), [path for _, paths in by_target for path in paths])
     mean, = (red for red in reductions(op.granularity) if red["name"] == "mean")
-    return {"op": op, "params": [param_context(p) for p in op.params], "mean_reduction": mean,
+    # a further mean divides by the product of x's sizes on its axes (kl_div's batchmean: x.shape[0])
+    means = [{"name": name, "count": " * ".join(f"x.shape[{axis}]" for axis in axes)} for name, axes in op.means.items()]
+    return {"op": op, "params": [param_context(p) for p in op.params], "mean_reduction": mean, "means": means,
             "paths": [path for _, paths in by_target for path in paths], "by_target": by_target,
             "kind_tests": KIND_TESTS, "checks": checks,
             "prepare": prepare, "target_doc": " or ".join(TARGET_DOCS[t] for t in op.targets)}
@@ -179,14 +185,28 @@ def op_context(op, kernels=None):
     """What an op's template needs: the op and its printed kernels (a layer's, when given, those)."""
     if op.kind == "layer":
         forward, backward = (with_calls(kernel_code(k), op) for k in kernels or layer_kernels(op))
-        return {"op": op, "forward": forward, "backward": backward, "params": [param_context(p) for p in op.params],
-                "vector": op.forward.has(sp.Sum), **NUMPY, "runtime": special_functions(op)}
-    return dict(loss_context(op), **dict(NUMPY, runtime=special_functions(op)))
+        context = {"op": op, "forward": forward, "backward": backward, "params": [param_context(p) for p in op.params],
+                   "vector": op.forward.has(sp.Sum), **NUMPY}
+    else:
+        context = dict(loss_context(op), **NUMPY)
+    return dict(context, runtime=special_functions(context))
 
 
-def special_functions(op):
-    """The functions of _special a NumPy module imports: erf where the forward reads it."""
-    return ["erf"] if op.forward.has(sp.erf) else []
+def special_functions(context):
+    """The functions of _special a NumPy module imports: those its printed kernels call (erfc, not erf,
+    where a rewrite took 1 + erf for erfc)."""
+    def lines(value, printed=False):
+        """The strings of a kernel's printed lines in value, at any depth (a loss's are per target and path)."""
+        if isinstance(value, str) and printed:
+            yield value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield from lines(item, printed or key in ("lines", "summed_lines"))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from lines(item, printed)
+    code = "\n".join(lines(context))
+    return [name for name in ("erf", "erfc") if re.search(rf"\b{name}\(", code)]
 
 
 def fast_context(op, context=None):
@@ -283,7 +303,7 @@ def package_files(catalog, modules, fused=True, env=None, generator=None):
                                   {"sgd": kernel_code(sgd_kernel()), "adam": kernel_code(adam_kernel(False)),
                                    "adamw": kernel_code(adam_kernel(True))}),
              "_special.py": render(env, "special.py.jinja", "derive/special.py", generator,
-                                   {"erf": kernel_code(erf_kernel())})}
+                                   {"erf": kernel_code(erf_kernel()), "erfc": kernel_code(erfc_kernel())})}
     if any(isinstance(op, TensorOp) for op in ops):
         files["_tensor.py"] = render(env, "tensor_runtime.py.jinja", "templates/tensor_runtime.py.jinja", generator, {})
     if not fused:

@@ -17,6 +17,7 @@ np.take_along_axis; a Kronecker delta at a label on the gradient side is a scatt
 (np.put_along_axis). A term guarded by a bound on an index (GLU's halves) updates that slice of its
 array. A Piecewise on data is np.where once guarded_branches has made both branches safe."""
 import itertools
+import re
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -27,10 +28,11 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 from sympy.printing.str import StrPrinter
 
+from codegen.inplace import base_name, tensor_in_place
 from codegen.printer import KernelPrinter, positive_first, range_arguments
 from derive.special import ExpToInf
 from derive.stability import INDEX_REWRITES, rewritten_by
-from derive.tensor import (Assignment, Sum, bound_of, check_sizes, derivation, eval_mode, flag_values, folded,
+from derive.tensor import (Assignment, FirstMax, Sum, bound_of, check_sizes, derivation, eval_mode, flag_values, folded,
                            in_base_sizes, linear, reads_of, size_of, with_flags)
 
 
@@ -304,12 +306,28 @@ class Window(ArrayOperation):
     """sliding_window_view(array, size, axis): the last axis a window along axis, which holds positions."""
 
 
+class Diagonal(ArrayOperation):
+    """np.diagonal(array, 0, axis1, axis2): the entries where two axes of one index agree, as the last axis (a
+    mask of windows read at a window of its own: max pooling's m[n, c, h - u, w - v, u, v])."""
+
+
+class FirstMaxMask(ArrayOperation):
+    """first_max(array, axes): 1 at the first largest entry over axes, 0 elsewhere (derive.tensor.FirstMax)."""
+
+
 class Padded(ArrayOperation):
     """np.pad(array, widths): zeros around the axes, so a shifted read past an end reads 0."""
 
 
 class Broadcast(ArrayOperation):
     """np.broadcast_to(value, shape): a value of fewer axes than its target."""
+
+
+def new_array(value):
+    """Whether NumPy makes a new array of value, not a view of an array it reads (a buffer to write into)."""
+    if isinstance(value, (sp.Symbol, Aligned, Broadcast, Window)):
+        return False
+    return not isinstance(value, Einsum) or len(value.args) > 3   # one operand's einsum may be a view of it
 
 
 class Statement(NamedTuple):
@@ -354,11 +372,15 @@ class ArrayFunction:
     returns: tuple
     derivation: tuple
     imports: tuple = ()            # sliding_window_view where a window is read
+    shapes: tuple = ()             # ((array, its shape at the check sizes), ...) of the arguments and assignments
 
     def lines(self, printer=None):
-        """The body's source lines: sizes, shared subexpressions and statements in order."""
+        """The body's source lines: sizes, shared subexpressions and statements in order; in NumPy (TensorPrinter)
+        each operation on full-shape arrays a ufunc call into a buffer no later line reads (codegen.inplace)."""
         printer = printer or TensorPrinter()
-        return [f"{s} = {how}" for s, how in self.sizes] + [s.source(printer) for s in self.statements]
+        body = (tensor_in_place(self, printer, View, new_array) if isinstance(printer, TensorPrinter) and self.shapes
+                else [s.source(printer) for s in self.statements])
+        return [f"{s} = {how}" for s, how in self.sizes] + body
 
     def __str__(self):
         return "\n".join([f"def {self.name}({', '.join(self.args)}):", *(f"    {line}" for line in self.lines()),
@@ -392,7 +414,8 @@ class ArrayLowering:
     def __init__(self, op, axes, check_sizes):
         self.op, self.axes, self.check_sizes = op, axes, check_sizes
         self.statements, self.sizes, self.imports, self.dtype = [], set(), set(), False
-        self.size_symbols = {extent(i) for axes in axes.values() for i in axes} | set(op.sizes)
+        self.size_symbols = ({extent(i) for axes in axes.values() for i in axes} | set(op.sizes)
+                             | {sp.Symbol(s, integer=True, positive=True) for s in op.given_sizes})
 
     def fail(self, problem):
         raise LoweringError(f"{self.op.name}: {problem}")
@@ -450,6 +473,11 @@ class ArrayLowering:
             expr, axes = self.windowed(expr, axes, at, index, free, size, scope)
         for at, label in reversed(labels):
             expr, axes = self.gathered(expr, axes, at, label, scope)
+        while len({a for a in axes if a is not None}) < len([a for a in axes if a is not None]):
+            twice = next(a for n, a in enumerate(axes) if a is not None and a in axes[n + 1:])
+            one, two = [n for n, a in enumerate(axes) if a == twice][:2]
+            expr = Diagonal(expr, Str(str(one)), Str(str(two)))
+            axes = [a for n, a in enumerate(axes) if n not in (one, two)] + [twice]
         return expr, tuple(axes)
 
     def windowed(self, expr, axes, at, index, free, size, scope):
@@ -544,6 +572,14 @@ class ArrayLowering:
             return self.summed(expr, scope)
         if isinstance(expr, Maximum):
             return self.reduced(expr, scope, "maximum")
+        if isinstance(expr, FirstMax):   # over the scope, its indices an axis each (a step's own)
+            if not set(expr.args[1:]) <= set(scope.indices):
+                self.fail(f"{expr} must take the largest over indices of its step")
+            self.imports.add("first_max")
+            positions = sorted(list(scope.indices).index(v) for v in expr.args[1:])
+            if positions != list(range(len(scope.indices) - len(positions), len(scope.indices))):
+                self.fail(f"{expr}: its indices must be its step's last ones")
+            return FirstMaxMask(self.value(expr.args[0], scope), Str(axis_text(positions)))
         if isinstance(expr, sp.KroneckerDelta):
             self.fail(f"{expr} is no factor of a term of an assignment (a scatter) here")
         if isinstance(expr, sp.Symbol) and expr in scope.ranges:
@@ -630,6 +666,7 @@ class ArrayLowering:
         dummies = [np.zeros([int(in_base_sizes(extent(a), self.op.sizes).subs(self.check_sizes)) for a in axes])
                    for _, axes in operands]
         path, _ = np.einsum_path(subscripts, *dummies, optimize="optimal")
+        path = path if path_pays(subscripts, path) else False
         return matmul(operands, out) or Einsum(Str(f'"{subscripts}"'), Str(repr(path)), *(expr for expr, _ in operands))
 
     def reduced(self, total, scope, ufunc):
@@ -749,6 +786,25 @@ class ArrayLowering:
         # rest over the target's axes with a slot of one entry for the label's: it broadcasts against where
         value = self.value(rest, Scope(tuple(order), {**others.ranges, slot: (sp.S.Zero, sp.S.Zero)}))
         return Statement(target, value, "scatter", (where, at, into_zeros))
+
+
+def path_pays(subscripts, path):
+    """Whether einsum's contraction path is worth its intermediates and its dispatch: where one of its steps is
+    a product of matrices (np.tensordot's BLAS: each operand with indices of its own, every shared one summed,
+    as a convolution's), or where it lowers the scaling of the loops (three matrices in a chain). The rest are
+    sums of products one pass reads at the memory's speed in einsum's own loop (optimize=False): LayerNorm's
+    "nk,nk->k" takes 35x as long along its path at (8192, 1024) float32, BatchNorm2d's "nchw,nchw->c" 65x."""
+    inputs, output = subscripts.split("->")
+    terms, widest = inputs.split(","), 0
+    for pair in path[1:]:
+        a, b = (terms.pop(k) for k in sorted(pair, reverse=True))
+        kept = set(output).union(*terms)
+        shared = set(a) & set(b)
+        if shared and not shared & kept and set(a) - shared and set(b) - shared:
+            return True
+        widest = max(widest, len(set(a + b)))
+        terms.append("".join(sorted(set(a + b) & kept)))
+    return widest < len(set(inputs) - {","})
 
 
 def matmul(operands, out):
@@ -905,12 +961,14 @@ def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, 
         lowering.assign(assignment)
     statements = shared(lowering.statements, taken)
     used = set().union(*(sp.sympify(s.value).free_symbols for s in statements if s.form != "zeros"))
-    lines, arrays = size_lines(op, lowering.sizes, arrays, axes)
-    args = tuple(arrays) + tuple(o.name for o in options if o in used)
+    lines, arrays, passed = size_lines(op, lowering.sizes, arrays, axes)
+    args = tuple(arrays) + passed + tuple(o.name for o in options if o in used)
     if lowering.dtype:   # the dtype of g, or of the first input (never of integer labels)
         lines.append(("dtype", f"{'g' if 'g' in arrays else next(iter(op.inputs))}.dtype"))
+    shapes = tuple((a, tuple(int(in_base_sizes(extent(i), op.sizes).subs(sizes)) for i in axes[a]))
+                   for a in dict.fromkeys([*arrays, *(x.name for x in assignments)]) if a in axes)
     return ArrayFunction(name, doc, args, tuple(lines), tuple(statements), tuple(returns),
-                         tuple(derivation), tuple(sorted(lowering.imports)))
+                         tuple(derivation), tuple(sorted(lowering.imports)), shapes)
 
 
 def size_lines(op, needed, arrays, axes):
@@ -919,7 +977,9 @@ def size_lines(op, needed, arrays, axes):
     needed = set(needed)
     for size in list(needed):
         needed |= in_base_sizes(size, op.sizes).free_symbols if size in op.sizes else set()
-    lines, known = [], set()
+    # a size the constructor takes (a pooling's window) is an argument
+    passed = tuple(s for s in op.given_sizes if sp.Symbol(s, integer=True, positive=True) in needed)
+    lines, known = [], {sp.Symbol(s, integer=True, positive=True) for s in passed}
     given = [*op.inputs, *op.params, *op.targets]
     # a size no argument has (NLL's K, in a backward that reads only g and the labels): the input's shape
     extra = [a for a in given if a not in arrays and any(
@@ -942,7 +1002,7 @@ def size_lines(op, needed, arrays, axes):
     missing = sorted(map(str, needed - known))
     if missing:
         raise LoweringError(f"{op.name}: size {missing[0]} is read by no argument's shape and declared by no formula")
-    return lines, arrays
+    return lines, arrays, passed
 
 
 def shared(statements, taken):
@@ -971,9 +1031,9 @@ def shared(statements, taken):
 def module_context(op):
     """What templates/tensor.py.jinja needs to print op's module: its two functions' source and its class's
     structure (constructor, input checks, calls, saved arrays), every formula printed from SymPy."""
-    from codegen.kernels import reductions
     flagged, op = op, with_flags(op, {})   # the kernels of the flags' defaults, then one pair per other setting
     forward, backward, *penalty = lowered(op)
+    only = [f for f in [params_only(op, backward)] if f is not None]   # backward(g, input_grad=False)'s kernel
     printer = TensorPrinter()
     running = running_context(op, printer) if op.running else None
     variants = variants_context(flagged)
@@ -981,10 +1041,19 @@ def module_context(op):
     functions = [{"name": f.name, "doc": f.doc, "args": list(f.args), "lines": f.lines(printer),
                   "returns": list(f.returns), "derivation": list(f.derivation), "imports": f.imports,
                   "overflows": any(sp.sympify(s.value).has(ExpToInf) for s in f.statements)}
-                 for f in (forward, backward, *penalty, *(running.pop("functions") if running else ()),
+                 for f in (forward, backward, *only, *penalty, *(running.pop("functions") if running else ()),
                            *(f for v in variants for f in v.pop("functions")))]
-    sizes = [{"size": size, "name": op.names.get(size, size)} for size in
-             dict.fromkeys(str(size_of(i)) for axes, _ in op.params.values() for i in axes)]
+    arguments = {}
+    for size, name in op.constructor_sizes.items():
+        arguments.setdefault(name, []).append(str(size))
+    sizes = [{"name": name, "sizes": sizes, "given": any(s in op.given_sizes for s in sizes)}
+             for name, sizes in arguments.items()]   # kernel_size: U and V
+    # a param axis's declared size (D = E/H), computed by the constructor from its arguments
+    param_sizes = {size_of(i) for axes, _ in op.params.values() for i in axes}
+    computed = [{"name": str(size), "formula": FormulaPrinter().doprint(formula),
+                 "numerator": printer.scalar.doprint(fraction[0]), "denominator": printer.scalar.doprint(fraction[1])}
+                for size, formula in op.sizes.items() if size in param_sizes
+                for fraction in [sp.fraction(sp.together(in_base_sizes(formula, op.sizes)))]]
     params = [{"name": p, "init": init, "shape": shape_text(axes),
                "bound": printer.scalar.doprint(1 / sp.sqrt(op.fan_in[p])) if init == "uniform" else None}
               for p, (axes, init) in op.params.items()]
@@ -997,10 +1066,12 @@ def module_context(op):
     size_names = {s: sp.Symbol(f'size["{s}"]') for s in {size_of(i) for axes in op.inputs.values() for i in axes}
                   | {size_of(i) for axes, _ in op.params.values() for i in axes}
                   | {size_of(i) for axes in op.targets.values() for i in axes}}
+    size_names |= {sp.Symbol(s, integer=True, positive=True): sp.Symbol(source) for s, source in given_sources(op).items()}
     derived = []
     for size, formula in op.sizes.items():
         numerator, denominator = sp.fraction(sp.together(in_base_sizes(formula, op.sizes)))
-        derived.append({"name": str(size), "formula": FormulaPrinter().doprint(formula), "denominator": denominator,
+        derived.append({"name": str(size), "formula": FormulaPrinter().doprint(formula),
+                        "denominator": printer.scalar.doprint(denominator.xreplace(size_names)),
                         "numerator": printer.scalar.doprint(numerator.xreplace(size_names))})
     inputs = [{"name": a, "ndim": len(axes), "trailing": len(axes) - 1, "labels": a in op.labels,
                "optional": a in op.optional_axis}
@@ -1021,9 +1092,11 @@ def module_context(op):
                  f"{', '.join(gradients) or 'None (integer labels have no gradient)'}")
     signature += f", setting {', '.join('d' + p for p in op.params)}" if op.params else ""
     return {"op": op, "kind": op.kind, "functions": functions, "imports": sorted(imports), "batched": batched,
-            "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set())
+            "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set()) | ({"first_max"} & imports)
                               | ({"flattened"} if batched else set())
-                              | ({"derived_size"} if derived else set())
+                              | ({"derived_size"} if derived or computed else set())
+                              | ({"integers"} if any(len(s["sizes"]) > 1 for s in sizes) else set())
+                              | ({"integers", "padded", "cropped", "strided", "dilated"} if op.window else set())
                               | ({"label_input", "label_range"} if op.labels else set())
                               | ({"flag"} if op.switches or flagged.flags else set())
                               | ({"or_machine_eps"} if op.dtype_eps else set())
@@ -1031,13 +1104,14 @@ def module_context(op):
                                  if op.noise else set())
                               | ({"flag", "running_factor"} | ({"nonzero_size"} if running["denominators"] else set())
                                  if running else set())),
-            "sizes": sizes, "options": [{"name": o, "default": "None" if o in op.dtype_eps else repr(v),
+            "sizes": sizes, "computed": computed, "window": op.window, "options": [{"name": o, "default": "None" if o in op.dtype_eps else repr(v),
                                          "nullable": o in op.dtype_eps or o in (running or {}).get("momenta", ()),
                                          "checks": range_arguments(op.ranges[o])}
                                         for o, v in op.options.items()],
             "running": running, "optional": [a for a in op.optional_axis], "variants": variants,
             "flags": [{"name": f, "default": repr(v)} for f, v in (flagged.flags or {}).items()],
-            "switches": [{"name": flag, "params": list(params), "cleared": " = ".join(f"self.d{p}" for p in params)}
+            "switches": [{"name": flag, "params": list(params), "cleared": " = ".join(f"self.d{p}" for p in params),
+                          "zeroed": [p for p in params if op.params[p][1] not in ("ones", "zeros")]}
                          for flag, params in (op.switches or {}).items()],
             "noise": [{"name": z, "kind": kind, "option": option, "shape": measured_shape(axes)}
                       for z, (axes, kind, option) in (op.noise or {}).items()],
@@ -1047,9 +1121,10 @@ def module_context(op):
             "cast": [t for t in op.targets if t not in op.labels], "first": first,
             "derived": derived, "labels": [{"name": t, "size": str(s)} for t, s in op.labels.items()],
             **calls(op, forward, backward),
+            "params_only": {"name": only[0].name, "returns": [f"self.{r}" for r in only[0].returns]} if only else None,
             "backward_returns": [f"self.{r}" if r[1:] in op.params else r for r in backward.returns],
             "gradients": gradients, "returned": gradients or ["None"], "output": output,
-            "reductions": reductions("element"),
+            "reductions": reductions_context(op, printer) if op.kind == "loss" else [],
             "signature": signature, "shapes": shapes,
             "forward_doc": f"{output}[{', '.join(map(str, op.steps[-1].indices))}] = {op.summary}"
                            + ("." if layer else ", reduced by self.reduction."),
@@ -1059,12 +1134,25 @@ def module_context(op):
                                                           if op.params else "") + "."}
 
 
+def reductions_context(op, printer):
+    """A loss's reductions as its class computes them: mean, sum and none (codegen.kernels.reductions), then its
+    declared further means (derive.tensor.loss_means); each mean with the count it divides by, read from the
+    losses' shape (L.size for the mean of every entry)."""
+    from codegen.kernels import reductions
+    found = [dict(r, count="L.size" if r["name"] == "mean" else None) for r in reductions("element")]
+    mean, = (r for r in found if r["name"] == "mean")
+    shape = {size_of(i): sp.Symbol(f"L.shape[{axis}]") for axis, i in enumerate(op.steps[-1].indices)}
+    return found + [dict(mean, name=name, count=printer.scalar.doprint(divisor.xreplace(shape)))
+                    for name, divisor in (op.means or {}).items()]
+
+
 def calls(op, forward, backward, given=None):
     """How the class calls forward and backward: forward's arguments (params and options from self, given arrays
     as the class holds them, a buffer) and returns, what it saves for backward (backward's arguments before g),
     and backward's options after g. An option left None is the dtype's machine epsilon: x's in forward, g's (x's
     dtype) in backward."""
-    source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options}, **(given or {})}
+    source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options}, **(given or {}),
+              **given_sources(op)}
     first = next(iter([*op.inputs, *op.targets]))
     forward_source = {**source, **{o: f"or_machine_eps(self.{o}, {first})" for o in op.dtype_eps}}
     backward_source = {**source, **{o: f"or_machine_eps(self.{o}, g)" for o in op.dtype_eps}}
@@ -1072,6 +1160,15 @@ def calls(op, forward, backward, given=None):
     return {"forward_call": [forward_source.get(a, a) for a in forward.args], "forward_returns": list(forward.returns),
             "saved": [source.get(a, a) for a in backward.args[:gone]],
             "backward_options": [backward_source[a] for a in backward.args[gone + 1:]]}
+
+
+def given_sources(op):
+    """{size: how the class reads it} of the sizes its constructor takes that no array has: self.kernel_size[0]."""
+    arguments = {}
+    for size, name in op.constructor_sizes.items():
+        arguments.setdefault(name, []).append(str(size))
+    return {size: f"self.{name}" + (f"[{n}]" if len(sizes) > 1 else "")
+            for name, sizes in arguments.items() for n, size in enumerate(sizes) if size in op.given_sizes}
 
 
 def variants_context(op):
@@ -1127,6 +1224,30 @@ def penalty_context(op, functions, source):
     return {"call": [source[a] for a in value.args], "gradient_call": [source[a] for a in gradient.args],
             "returns": list(gradient.returns), "zero_at": [source[o] for o in zero_at],
             "doc": sp.sstr(op.penalty)}
+
+
+def params_only(op, backward):
+    """backward_params: backward's statements that the params' gradients need, its arguments the same, for a
+    layer's backward(g, input_grad=False): nothing reads the input's gradient there (a torch input that requires
+    no grad), so it is not computed. None for an op with no param or no input gradient, or with running
+    statistics or flags (whose backward has more than one path)."""
+    returns = tuple(r for r in backward.returns if r[1:] in op.params)
+    if op.kind != "layer" or not returns or len(returns) == len(backward.returns) or op.running or op.flags:
+        return None
+    needed, kept = set(returns), []
+    for statement in reversed(backward.statements):
+        if statement.target in needed:
+            kept.insert(0, statement)
+            region = statement.region if statement.form in ("scatter", "accumulate") else ()
+            needed |= {base_name(v.name) for e in (statement.value, *region[:1])
+                       for v in sp.sympify(e).atoms(View)}
+    derivation = [line for line in backward.derivation if base_name(line) in needed]
+    text = "\n".join(statement.source(TensorPrinter()) for statement in kept)
+    sizes = [(names, how) for names, how in backward.sizes
+             if any(re.search(rf"\b{name}\b", text) for name in re.findall(r"\w+", names) if name != "_")]
+    return replace(backward, name="backward_params", doc="The gradient of each param alone (no input's): g times "
+                   "the Jacobian by the adjoint steps they need.", sizes=tuple(sizes), statements=tuple(kept),
+                   returns=returns, derivation=tuple(derivation))
 
 
 def measured_shape(axes):
@@ -1227,6 +1348,14 @@ class TensorPrinter(KernelPrinter):
     def _print_Padded(self, expr):
         array, widths = expr.args
         return f"np.pad({self._print(array)}, {widths.name})"
+
+    def _print_Diagonal(self, expr):
+        array, one, two = expr.args
+        return f"np.diagonal({self._print(array)}, 0, {one.name}, {two.name})"
+
+    def _print_FirstMaxMask(self, expr):
+        array, axes = expr.args
+        return f"first_max({self._print(array)}, {axes.name})"
 
     def _print_Broadcast(self, expr):
         value, shape = expr.args

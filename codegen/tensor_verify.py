@@ -33,8 +33,7 @@ def sample(op, rng):
             if t in guarded_targets(op):
                 arrays[t].flat[::3] = 0.0
     params = {p: rng.uniform(*op.domain, shape(axes)) for p, (axes, _) in op.params.items()}
-    constructor = {op.names.get(str(size_of(i)), str(size_of(i))): sizes[size_of(i)]
-                   for axes, _ in op.params.values() for i in axes}
+    constructor = op.size_arguments(sizes)
     return constructor, arrays, params
 
 
@@ -66,11 +65,13 @@ def check_tensor_op(op, cls, rng):
     constructor, arrays, params = sample(op, rng)
     option_sets = ([{}] + ([{o: example(v, op.ranges[o]) for o, v in op.options.items()}] if op.options else [])
                    + [{flag: False} for flag in op.switches or {}] + [{EVAL: True}] * bool(op.running)
-                   + [{flag: not default} for flag, default in (op.flags or {}).items()])
+                   + [{flag: not default} for flag, default in (op.flags or {}).items()]
+                   # a window's padding and stride other than 0 and 1: the class's pad, crop, stride and dilation
+                   + [{"stride": 2, "padding": 1}] * bool(op.window))
     # eval mode reads running statistics: random ones, positive (a variance), the same for every forward
     buffers = {buffer: rng.uniform(0.5, 2.0, np.shape(getattr(cls(**constructor), buffer)))
                for buffer, _, _, _ in (op.running or {}).values()}
-    reductions = (None,) if op.kind == "layer" else ("mean", "sum", "none")
+    reductions = (None,) if op.kind == "layer" else ("mean", "sum", "none", *(op.means or {}))
     names = [*op.inputs, *op.targets]
     checks = []
     every_param = params

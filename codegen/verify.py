@@ -7,6 +7,7 @@
 import importlib
 import importlib.util
 import inspect
+import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -133,7 +134,7 @@ def example_options(op, shape, rng):
     """Constructor options other than the defaults, to exercise every option's derivative."""
     values = {"class_weights": lambda p: rng.uniform(0.5, 2.0, shape[-1]),
               "element_weights": lambda p: rng.uniform(0.5, 2.0, shape),
-              "ignore_index": lambda p: p.default, "scalar": lambda p: p.example}
+              "ignore_index": lambda p: p.default, "scalar": lambda p: p.example, "flag": lambda p: not p.default}
     return {p.name: values[p.kind](p) for p in op.params}
 
 
@@ -210,7 +211,7 @@ def check_op(op, cls, rng, shape=(4, 5)):
             target = sample_target(kind, shape, rng)
             target = with_ignored_row(target, op) if options else target
             x = defined_points(op, shape, rng, target)
-            for reduction in REDUCTIONS:
+            for reduction in (*REDUCTIONS, *op.means):
                 upstream = rng.standard_normal(shape[0] if op.granularity == "row" else shape)
                 label = f"{kind}, {reduction}, {'options' if options else 'defaults'}"
                 make = lambda: cls(**options, reduction=reduction)  # noqa: E731
@@ -226,7 +227,8 @@ AGREEMENT = 1e-9
 
 def check_agreement(op, reference, cls, rng, shape=(4, 5)):
     """[(variant, GradientCheck)]: the forward values and gradients of cls (a fused class) against those of
-    reference (the op's NumPy class) at the same inputs, default options, every target kind and reduction.
+    reference (the op's NumPy class) at the same inputs, default options (and each flag's other setting, whose
+    kernels are others), every target kind and reduction.
     A wrong value that its own gradient is consistent with (a branch chosen by the target alone) passes
     the finite differences, and not this."""
     def both(make, run):
@@ -240,16 +242,17 @@ def check_agreement(op, reference, cls, rng, shape=(4, 5)):
         return [compared("forward", lambda c: c(), lambda layer: layer.forward(x)),
                 compared("backward", lambda c: c(), lambda layer: (layer.forward(x), layer.backward(g))[1])]
     checks = []
+    flags = [{}] + [{p.name: not p.default} for p in op.params if p.kind == "flag"]
     for kind in op.targets:
         target = sample_target(kind, shape, rng)
         x = defined_points(op, shape, rng, target)
-        for reduction in REDUCTIONS:
+        for options, reduction in itertools.product(flags, (*REDUCTIONS, *op.means)):
             upstream = rng.standard_normal(shape[0] if op.granularity == "row" else shape)
             gradient = (lambda loss: loss.backward(upstream)) if reduction == "none" else (lambda loss: loss.backward())
-            make = lambda c, reduction=reduction: c(reduction=reduction)  # noqa: E731
-            checks += [compared(f"{kind}, {reduction}: forward", make, lambda loss: loss.forward(x, target)),
-                       compared(f"{kind}, {reduction}: backward", make,
-                                lambda loss: (loss.forward(x, target), gradient(loss))[1])]
+            make = lambda c, reduction=reduction, options=options: c(**options, reduction=reduction)  # noqa: E731
+            label = f"{kind}, {reduction}{''.join(f', {o}={v}' for o, v in options.items())}"
+            checks += [compared(f"{label}: forward", make, lambda loss: loss.forward(x, target)),
+                       compared(f"{label}: backward", make, lambda loss: (loss.forward(x, target), gradient(loss))[1])]
     return checks
 
 

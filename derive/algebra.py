@@ -178,6 +178,10 @@ def _in_terms_of_quotient(expr, replacement, quotient, index):
         numerator.subs(index, at), lambda at: replacement(at) * scale))
     rewritten = contract(sp.expand(sp.powsimp(rewritten)))
     if rewritten.has(scale):
+        # a quotient whose denominator holds the scale in every term (1/(scale^2 - scale^2 exp(lp)), from a
+        # non-integer power of 1 - p that expand leaves whole) loses it once that common factor is taken out
+        rewritten = contract(sp.expand(sp.powsimp(sp.factor_terms(rewritten))))
+    if rewritten.has(scale):
         raise ValueError(f"in_terms_of: {expr} is not a function of the saved quantity alone")
     return rewritten
 

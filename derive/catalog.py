@@ -101,6 +101,55 @@ OPS = (
                      "P[n, t, s] = Piecewise((exp(A[n, t, s]) / Z[n, t], (s <= t) | ~is_causal), (0, True))",
                      "y[n, t, e] = Sum(P[n, t, s] * V[n, s, e], s)"],
               summary="attention softmax(Q K^T / sqrt(D)) V, each query t reading keys s <= t where is_causal"),
+    # PyTorch's nn.MultiheadAttention(embed_dim, num_heads, batch_first=True) on (N, T, E): each head h of size
+    # D = E/H attends with its own projections; in_proj_weight's rows h D + d are Wq[h, d, :] (then Wk, Wv),
+    # out_proj.weight[e, h D + d] is Wo[e, h, d]; forward returns the output alone (need_weights=False)
+    tensor_op("MultiheadAttention", inputs={"query": "n t e", "key": "n s e", "value": "n s e"},
+              params={"Wq": ("h d e", "uniform"), "bq": ("h d", "zeros"), "Wk": ("h d e", "uniform"),
+                      "bk": ("h d", "zeros"), "Wv": ("h d e", "uniform"), "bv": ("h d", "zeros"),
+                      "Wo": ("e h d", "uniform"), "bo": ("e", "zeros")},
+              sizes={"D": "E/H"}, names={"E": "embed_dim", "H": "num_heads"}, flags={"is_causal": False},
+              steps=["q[n, t, h, d] = Sum(query[n, t, e] * Wq[h, d, e], e) + bq[h, d]",
+                     "k[n, s, h, d] = Sum(key[n, s, e] * Wk[h, d, e], e) + bk[h, d]",
+                     "v[n, s, h, d] = Sum(value[n, s, e] * Wv[h, d, e], e) + bv[h, d]",
+                     "A[n, h, t, s] = Sum(q[n, t, h, d] * k[n, s, h, d], d) / sqrt(D)",
+                     "Z[n, h, t] = Sum(Piecewise((exp(A[n, h, t, s]), (s <= t) | ~is_causal), (0, True)), s)",
+                     "P[n, h, t, s] = Piecewise((exp(A[n, h, t, s]) / Z[n, h, t], (s <= t) | ~is_causal), (0, True))",
+                     "o[n, t, h, d] = Sum(P[n, h, t, s] * v[n, s, h, d], s)",
+                     "y[n, t, e] = Sum(o[n, t, h, d] * Wo[e, h, d], h, d) + bo[e]"],
+              summary="multi-head attention: H heads of size E/H, each softmax(q k^T / sqrt(D)) v of its projections "
+                      "of query, key and value, concatenated and projected; key s <= query t where is_causal",
+              domain=(-1.0, 1.0), tol=1e-5),   # dbk is 0 (each score row shifted alike): its differences are rounding,
+    # 3e-9 of a gradient whose scale is the checks' floor, 1e-3
+    # PyTorch's nn.Conv1d and nn.Conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+    # cross-correlation, the window at stride 1 declared and padded and strided by the class (tensor_op's padding
+    # and stride), so dx is the transposed convolution: g read through the kernel's window, flipped; weight in
+    # PyTorch's layout (O, C, U, V), the bias b (the constructor's bias=False keeps it at 0, as PyTorch's None)
+    tensor_op("Conv1d", inputs={"x": "n c l"}, params={"weight": ("o c u", "uniform"), "b": ("o", "uniform")},
+              sizes={"M": "L - U + 1"}, names={"C": "in_channels", "O": "out_channels", "U": "kernel_size"},
+              switches={"bias": ("b",)}, padding={"x": "l"}, stride="m",
+              steps=["y[n, o, m] = Sum(weight[o, c, u] * x[n, c, m + u], c, u) + b[o]"],
+              summary="1-d convolution (cross-correlation) of C channels into O with a kernel of U"),
+    tensor_op("Conv2d", inputs={"x": "n c h w"}, params={"weight": ("o c u v", "uniform"), "b": ("o", "uniform")},
+              sizes={"I": "H - U + 1", "J": "W - V + 1"},
+              names={"C": "in_channels", "O": "out_channels", "U": "kernel_size", "V": "kernel_size"},
+              switches={"bias": ("b",)}, padding={"x": "h w"}, stride="i j",
+              steps=["y[n, o, i, j] = Sum(weight[o, c, u, v] * x[n, c, i + u, j + v], c, u, v) + b[o]"],
+              summary="2-d convolution (cross-correlation) of C channels into O with a kernel of U by V"),
+    # PyTorch's nn.AvgPool2d(kernel_size, stride=None, padding=0): stride None is kernel_size, and the mean counts the
+    # padding's zeros (count_include_pad=True)
+    tensor_op("AvgPool2d", inputs={"x": "n c h w"}, sizes={"I": "H - U + 1", "J": "W - V + 1"},
+              names={"U": "kernel_size", "V": "kernel_size"}, padding={"x": "h w"}, stride=("i j", "kernel_size"),
+              steps=["y[n, c, i, j] = Sum(x[n, c, i + u, j + v], u, v) / (U * V)"],
+              summary="the mean of each U by V window of every channel"),
+    # PyTorch's nn.MaxPool2d(kernel_size, stride=None, padding=0): padded with -inf, the gradient of each window to its
+    # first largest entry (m, a mask the derivation holds constant), a NaN counting as largest
+    tensor_op("MaxPool2d", inputs={"x": "n c h w"}, sizes={"I": "H - U + 1", "J": "W - V + 1"},
+              names={"U": "kernel_size", "V": "kernel_size"}, padding={"x": ("h w", "-inf")},
+              stride=("i j", "kernel_size"),
+              steps=["m[n, c, i, j, u, v] = FirstMax(x[n, c, i + u, j + v], u, v)",
+                     "y[n, c, i, j] = Sum(Piecewise((x[n, c, i + u, j + v], m[n, c, i, j, u, v] > 0), (0, True)), u, v)"],
+              summary="the largest entry of each U by V window of every channel"),
     # PyTorch's nn.Linear(in_features, out_features), W stored (in_features, out_features) so y = x @ W + b; the
     # L2 penalty is the derivation l2_penalty's (symgrad derive l2_penalty), its gradient added to dW
     tensor_op("Linear", inputs={"x": "n i"}, params={"W": ("i o", "uniform"), "b": ("o", "uniform")},
@@ -140,6 +189,28 @@ OPS = (
     row_loss(tensor_loss("MulticlassHinge", inputs={"x": "n k"}, targets={"c": "n"}, options={"margin": 1.0},
                          steps=["L[n] = Sum((1 - KroneckerDelta(k, c[n])) * Max(0, x[n, k] - x[n, c[n]] + margin), k)"],
                          summary="multiclass SVM loss: sum over k != c of max(0, x_k - x_c + margin)")),
+    # PyTorch's nn.KLDivLoss(reduction="mean", log_target=False), the nn module's default reduction as every loss
+    # here, on x of any shape: x log-probabilities, t probabilities (t log t is xlogy's, 0 where t = 0: the
+    # rule x log x) or, with log_target, log-probabilities; batchmean is the sum over the batch size x.shape[0],
+    # the KL divergence per row that PyTorch's documentation recommends (mean divides by every entry)
+    element_loss(tensor_loss("KLDivLoss", inputs={"x": "n k"}, targets={"t": "n k"}, flags={"log_target": False},
+                             means={"batchmean": "N"},
+                             steps=["L[n, k] = Piecewise((exp(t[n, k]) * (t[n, k] - x[n, k]), log_target),"
+                                    " (t[n, k] * log(t[n, k]) - t[n, k] * x[n, k], True))"],
+                             summary="Kullback-Leibler divergence t (log t - x) of target probabilities t from "
+                                     "log-probabilities x, each entry (exp(t) (t - x) for log-probabilities t), as "
+                                     "torch.nn.functional.kl_div")),
+    # The softmax focal loss (Lin et al. 2017) at integer labels: -alpha_c (1 - p_c)^gamma log p_c, p = softmax(x),
+    # cross-entropy at gamma = 0; alpha a weight per class, a row's loss scaled by its label's, the mean over
+    # rows (torchvision's and kornia's focal losses; not cross_entropy's mean over the weights). Its steps read the
+    # log-softmax lp, saved for backward: 1 - p_c is -expm1(lp_c), exact where p_c is near 1
+    row_loss(tensor_loss("SoftmaxFocalLoss", inputs={"x": "n k"}, targets={"c": "n"}, weights={"alpha": "k"},
+                         options={"gamma": (2.0, ">= 0")},
+                         steps=["s[n] = Sum(exp(x[n, k]), k)", "lp[n, k] = log(exp(x[n, k]) / s[n])",
+                                "L[n] = -alpha[c[n]] * (1 - exp(lp[n, c[n]]))**gamma * lp[n, c[n]]"],
+                         summary="softmax focal loss -alpha_c (1 - p_c)^gamma log p_c at integer labels c, "
+                                 "p = softmax(x)", domain=(-5.0, 5.0)),
+             weighted_mean=False),
 )
 
 CATALOG = build_catalog(*OPS)

@@ -225,18 +225,21 @@ def row_layer(op):
     time and whose backward may read the saved output y. Its steps are inlined into one expression in
     the row's entries x[i], each Sum's index m over 0..K-1 (derive.symbols' naming contract)."""
     form = row_form(op, "layer", "row")
+    if form.flags:
+        raise DeclarationError(f"{op.name}: a row layer has no flags (a tensor_op takes them)")
     return Op(name=op.name, kind="layer", summary=op.summary, source=f"derive.declare.row_layer ({op.name})",
               forward=form.expr, saved=((y, form.expr),), params=form.options, domain=op.domain, tol=op.tol)
 
 
-def row_loss(op, *, labels=False, ignore_index=None, target_range=(None, None)):
+def row_loss(op, *, labels=False, ignore_index=None, target_range=(None, None), weighted_mean=True):
     """The loss of a TensorOp whose steps read one input x[n, k] a row at a time (no params, every Sum over
     the last axis) against an integer label c[n] or a dense target t[n, k], as an Op of one row: the form
     whose kernels, NumPy and fused, work a row at a time. PyTorch's options of a loss over classes:
     labels, integer labels taken for the dense target too (t one-hot); ignore_index, the label whose rows
     count 0 (None: no such option); target_range, (low, high) a dense target's entries must lie in. A weight
     over the classes (weights={"weight": "k"}) is an optional array, ones by default; under a mean each
-    row counts with the weight of its label, as in PyTorch."""
+    row counts with the weight of its label, as in PyTorch, or with 1 where weighted_mean is False (a focal
+    loss's alpha, which scales each row's loss and leaves the mean over rows)."""
     form = row_form(op, "loss", "row")
     if labels and not form.dense:
         raise DeclarationError(f"{op.name}: labels=True takes integer labels for a dense target t[n, k]; it has none")
@@ -247,13 +250,15 @@ def row_loss(op, *, labels=False, ignore_index=None, target_range=(None, None)):
                                    f"{ignore_index!r}")
         params += (Param("ignore_index", mask, ignore_index, neutral=1, kind="ignore_index"),)
         expr = mask * expr
-    params += form.options
+    params += form.options + form.flags
     # PyTorch's mean over labelled rows: each row counts with its label's class weight, an ignored row with 0
-    counted = sp.Mul(*(p.symbol[c] for p in params if p.kind == "class_weights"), *[mask] * (ignore_index is not None))
+    counted = sp.Mul(*(p.symbol[c] for p in params if p.kind == "class_weights" and weighted_mean),
+                     *[mask] * (ignore_index is not None))
     targets = ("labels", "dense") if labels else ("dense",) if form.dense else ("labels",)
     return Op(name=op.name, kind="loss", summary=op.summary, source=f"derive.declare.row_loss ({op.name})",
               forward=expr, saved=form.saved, targets=targets, params=params, domain=op.domain, tol=op.tol,
-              target_range=target_range, mean_weight={"labels": counted} if takes_labels and counted != 1 else {})
+              target_range=target_range, mean_weight={"labels": counted} if takes_labels and counted != 1 else {},
+              means=form.means)
 
 
 def element_loss(op, *, target_range=(None, None)):
@@ -264,8 +269,8 @@ def element_loss(op, *, target_range=(None, None)):
     form = row_form(op, "loss", "element")
     return Op(name=op.name, kind="loss", summary=op.summary, source=f"derive.declare.element_loss ({op.name})",
               forward=form.expr, saved=form.saved, targets=("dense",), granularity="element",
-              params=form.weights + form.options,
-              domain=op.domain, tol=op.tol, target_range=target_range)
+              params=form.weights + form.options + form.flags,
+              domain=op.domain, tol=op.tol, target_range=target_range, means=form.means)
 
 
 class RowForm(NamedTuple):
@@ -277,6 +282,8 @@ class RowForm(NamedTuple):
     weights: tuple                 # Params of kind class_weights or element_weights
     options: tuple                 # Params of kind scalar
     dense: bool
+    flags: tuple = ()              # Params of kind flag: each setting its own kernels (derive.gradients.variants)
+    means: dict = None             # {reduction: x's axes}: a loss's further means (Op.means)
 
 
 def row_form(op, kind, granularity):
@@ -329,7 +336,23 @@ def row_form(op, kind, granularity):
                   for o, v in op.options.items()))
     weighting = tuple(Param(name, contract[name], None, neutral=1,
                             kind="element_weights" if name in entries else "class_weights") for name in weights)
-    return RowForm(expr, saved, weighting, options, bool(dense))
+    flags = tuple(Param(f, sp.Symbol(f), bool(v), kind="flag") for f, v in (op.flags or {}).items())
+    return RowForm(expr, saved, weighting, options, bool(dense), flags, means_on_axes(op, output, what))
+
+
+def means_on_axes(op, output, what):
+    """{reduction: axes of x} of a TensorOp's further means (derive.tensor.loss_means), each divisor a product of
+    distinct sizes of the output's axes: its first axis is x's first (the batch), its last x's last (the
+    classes), as the row and element kernels read x of any shape."""
+    found = {}
+    for reduction, divisor in (op.means or {}).items():
+        factors = sp.Mul.make_args(divisor)
+        axes = [0 if f == size_of(output[0]) else -1 if f == size_of(output[-1]) else None for f in factors]
+        if None in axes or len(set(axes)) < len(axes):
+            raise DeclarationError(f"{op.name}: {what}'s mean {reduction} divides by a product of the sizes of its "
+                                   f"first and last axes, not {divisor}")
+        found[reduction] = tuple(sorted(axes, reverse=True))
+    return found
 
 
 def written_out(steps, keep=None):

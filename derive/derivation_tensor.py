@@ -19,7 +19,7 @@ from derive.algebra import at_kinks, differentiated
 from derive.derivation_check import StepCheck
 from derive.derivation_steps import Derivation, Step, continues, without_repeats
 from derive.tensor import (Assignment, Sum, contracted, derivation, evaluated, explicit_sizes, in_terms_of_steps,
-                           random_arrays, reads_of, size_of, substituted)
+                           random_arrays, reads_of, shift_first, size_of, substituted)
 
 PENALTY = sp.Symbol("P")
 RULES = ("chain rule: the adjoint of each step that reads it times its partial derivative", "differentiation",
@@ -48,7 +48,7 @@ def chain_terms(op, step, name):
     limits = [(i, 0, size_of(i) - 1) for i in reversed(step.indices)]
     wrt = array(name)[at]
     partial = Sum(adjoint * sp.Derivative(array(step.name)[step.indices], wrt), *limits)
-    taken = Sum(adjoint * at_kinks(differentiated(step.expr, wrt)), *limits)
+    taken = shift_first(adjoint * at_kinks(differentiated(step.expr, wrt)), tuple(limits))
     contraction = substituted(contracted(taken, {a: (0, size_of(i) - 1) for a, i in back.items()}, op.sizes), back)
     return (substituted(partial, back), substituted(taken, back), contraction,
             in_terms_of_steps(contraction, op.steps))

@@ -1,5 +1,7 @@
 """Derivations of any catalog entry: a layer's vector-Jacobian product, a loss's gradient, and the
 variants a kernel is generated for (options at their neutral values, or in general)."""
+import itertools
+
 import sympy as sp
 
 from derive.algebra import at_kinks, contract, differentiated, in_terms_of, tidy
@@ -20,13 +22,32 @@ def neutralize(expr, values):
 
 
 def variants(op, target):
-    """{variant: substitutions}: "plain" with every option neutral, "general" with options as given."""
+    """{variant: substitutions}: "plain" with every option neutral, "general" with options as given; for each
+    setting of the op's flags but the defaults, the same with the flags fixed so ("plain_log_target"), as
+    flag_settings names them."""
     fixed = {param.symbol: param.neutral for param in op.params if param.kind == "ignore_index"
              and target != "labels"}
     plain = {param.symbol: param.neutral for param in op.params if param.neutral is not None}
-    if plain == fixed:
-        return {"plain": plain}
-    return {"plain": plain, "general": fixed}
+    found = {}
+    for suffix, setting in flag_settings(op).items():
+        flags = {sp.Symbol(name): sp.true if value else sp.false for name, value in setting.items()}
+        at = f"_{suffix}" if suffix else ""
+        found[f"plain{at}"] = {**plain, **flags}
+        if plain != fixed:
+            found[f"general{at}"] = {**fixed, **flags}
+    return found
+
+
+def flag_settings(op):
+    """{suffix: {flag: bool}}: every setting of the op's flags (Params of kind flag), the defaults first under
+    "", each other under the flags it changes ("log_target", "not_<flag>" for one whose default is True)."""
+    flags = [p for p in op.params if p.kind == "flag"]
+    settings = {}
+    for values in sorted(itertools.product((False, True), repeat=len(flags)),
+                         key=lambda v: v != tuple(p.default for p in flags)):
+        settings["_".join(p.name if v else f"not_{p.name}" for p, v in zip(flags, values) if v != p.default)] = {
+            p.name: v for p, v in zip(flags, values)}
+    return settings
 
 
 def with_target(expr, target):

@@ -66,7 +66,8 @@ class Param:
     symbol: sp.Basic
     default: object
     neutral: object = None
-    kind: str = "scalar"           # scalar | class_weights | element_weights | ignore_index
+    kind: str = "scalar"           # scalar | class_weights | element_weights | ignore_index | flag (True or False:
+                                   # each value its own kernels, derived with the flag fixed)
     example: object = None         # a value other than the default, for the tests (scalars)
     range: Range = Range()         # the values a scalar accepts: by default any finite real number
 
@@ -89,6 +90,8 @@ class Op:
     domain: tuple = (-3.0, 3.0)    # inputs drawn uniformly from here in the tests
     tol: float = 1e-6              # largest finite-difference relative error accepted
     constraints: tuple = ()        # ((option, "<=", option), ...): comparisons the constructor checks
+    means: dict = field(default_factory=dict)  # loss: {reduction: axes}, further means: the losses' sum over the
+                                   # product of x's sizes on those axes (kl_div's batchmean, (0,): the batch size)
 
     @staticmethod
     def index_range(index):

@@ -1,6 +1,7 @@
 """Numerically stable rewrites, each an identity (tests check every one preserves the value).
 
-erf is no rewrite: each backend calls an erf function printed once from derive.special.erf_numpy.
+erf and erfc are no rewrites: each backend calls the functions printed once from derive.special's erf_numpy
+and erfc_numpy.
 
 The kernels evaluate what these return; the derivations differentiate the plain forms."""
 import functools
@@ -9,7 +10,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, hypot, log1p
 
 from derive.functions import as_sigmoid, sigmoid
-from derive.special import Clip, ExpToInf, Expm1
+from derive.special import Clip, Erfc, ExpToInf, Expm1
 from derive.symbols import ClassMax
 
 
@@ -37,6 +38,37 @@ def one_softplus(expr):
     if not both:
         return expr
     return sp.collect(sp.expand(expr.xreplace({sp.log(1 + sp.exp(v)): sp.log(1 + sp.exp(-v)) + v for v in both})), both)
+
+
+def max_over_its_factor(expr):
+    """max(0, c u)/c = max(0, u) where c > 0 and min(0, u) where c < 0, for a c that is no number and reads none of
+    u's inputs (an option): the softplus form of PyTorch's Softplus(beta), log(1 + exp(beta x))/beta, is
+    (max(0, beta x) + log1p(exp(-|beta x|)))/beta, inf where beta x overflows (from x = 1.7e38 in float32 at
+    beta = 2) though its value is x. The branch is on c's sign, a scalar; neither branch overflows, and c = 0
+    is no value of the quotient."""
+    def unscaled(term, c):
+        """(k, u) of a term k max(0, c u), else None."""
+        k, m = term.as_independent(sp.Max, as_Add=False)
+        if isinstance(m, sp.Max) and len(m.args) == 2 and 0 in m.args:
+            u = sp.Add(*m.args) / c
+            return (k, u) if not u.has(c) and not c.has(*inputs_of(u)) else None
+        return None
+
+    def split(mul):
+        for power in mul.args:
+            c, exponent = power.as_base_exp()
+            if exponent != -1 or c.is_number:
+                continue
+            others = [f for f in mul.args if f is not power]
+            for factor in others:
+                terms = sp.Add.make_args(factor)
+                found = [(term, scaled) for term in terms if (scaled := unscaled(term, c)) is not None]
+                if found:
+                    (term, (k, u)), rest = found[0], [f for f in others if f is not factor]
+                    branches = sp.Piecewise((sp.Max(0, u), c > 0), (sp.Min(0, u), True))
+                    return sp.Mul(*rest) * (sp.Add(*(t for t in terms if t is not term)) / c + k * branches)
+        return mul
+    return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sp.Max), split)
 
 
 def log_cosh(expr):
@@ -410,6 +442,113 @@ def exp_minus_one(expr):
     return expr.replace(lambda e: isinstance(e, sp.Add), combined)
 
 
+# beyond, e^u/u exceeds 1.9e431: e^u + k u + r is past the largest float64 number for any float64 k and r
+EXP_OVERFLOWS = 1000
+
+
+def one_value(k):
+    """Whether k is one value a kernel reads (an option, a target's entry) or a number, times a number of at most
+    1e100: its magnitude is then below 1e100 times the largest float64 number (a product of two values is not)."""
+    scale, rest = k.as_coeff_Mul()
+    return abs(scale) <= 10 ** 100 and (rest == 1 or isinstance(rest, (sp.Symbol, sp.Indexed)))
+
+
+def exp_beyond_overflow(expr):
+    """e^u + k u + r = e^u where u > 1000, once rounded, for k and r that read none of u's inputs and are each one
+    value (one_value: a target, an option): there e^u/u > 1.9e431 exceeds |k| + |r| for any float64 numbers by far (e^u/u grows for u > 1), so
+    the sum is past the largest float64 number and rounds to inf, as e^u does. As written it is inf - inf = NaN
+    where k u overflows too (PoissonNLLLoss's log-input form e^x - t x at x = 3.4e38 in float32, t = 2), where
+    its value is +inf. Not an identity: equal once rounded to float64 or float32."""
+    def split(add):
+        for e in add.args:
+            if not isinstance(e, sp.exp) or e.args[0].is_number:
+                continue
+            u, reads = e.args[0], inputs_of(e.args[0])
+            # each other term k u (linear) or r (constant in u's inputs)
+            rest = [(term / u, True) if term.has(*reads) else (term, False) for term in add.args if term is not e]
+            if any(linear for _, linear in rest) and all(one_value(k) and not k.has(*reads) for k, _ in rest):
+                return sp.Piecewise((e, u > EXP_OVERFLOWS), (add, True))
+        return add
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sp.exp), split)
+
+
+GAUSSIAN_UNDERFLOWS = 1500    # a v^2 beyond this: e^-(a v^2) |v| < e^(709.8 - 1500) for any float64 v, below e^-745
+
+
+def gaussian_tails(expr):
+    """c v exp(-a v^2) = c clip(v, -V, V) exp(-a v^2) with V = sqrt(1500/a), once rounded, for numbers a > 0 and
+    |c| < 1e19: beyond V both sides are below |c| e^-790 (|v| is at most e^709.8), 0 in float64 and float32.
+    As written, c v overflows where exp(-a v^2) is 0 (GELU's derivative sqrt(2) x exp(-x^2/2)/sqrt(pi) at
+    x = 1.3e38 in float32), and inf * 0 is NaN. Not an identity: equal once rounded."""
+    def clipped(mul):
+        for e in mul.args:
+            if not isinstance(e, sp.exp):
+                continue
+            a, square = e.args[0].as_coeff_Mul()
+            if not (a.is_number and a.is_negative and square.is_Pow and square.exp == 2):
+                continue
+            v, c = square.base, mul / e / square.base
+            if c.is_number and not c.is_zero and abs(c) < 10 ** 19 and not v.is_number:
+                bound = sp.sqrt(GAUSSIAN_UNDERFLOWS / -a)
+                return c * Clip(v, -bound, bound) * e
+        return mul
+    return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sp.exp), clipped) if expr.has(sp.exp) else expr
+
+
+def one_minus_softmax(expr):
+    """c - c exp(u)/S = -c expm1(u - log S) for S a sum of exponentials (S > 0): 1 - p of a softmax entry p
+    (the focal loss's 1 - p_t) from the log-probability u - log S, which the row max then shifts. 1 - p
+    cancels where p is near 1 (to 0 from a margin of 17 in float32, where it is 4e-8); expm1 keeps it, and
+    no exp(u) overflows."""
+    def softmax_entry(term):
+        """(c, u, S) of a term c exp(u)/S, else None."""
+        scale, rest = term.as_independent(sp.exp, sp.Sum, as_Add=False)
+        factors = sp.Mul.make_args(rest)
+        sums = [f for f in factors if f.is_Pow and f.exp == -1 and isinstance(f.base, sp.Sum)
+                and isinstance(f.base.function, sp.exp)]
+        exps = [f for f in factors if isinstance(f, sp.exp)]
+        return (scale, exps[0].args[0], sums[0].base) if len(factors) == 2 and sums and exps else None
+
+    def combined(add):
+        for term in add.args:
+            found = softmax_entry(term)
+            if found and -found[0] in add.args:
+                scale, u, total = found
+                others = list(add.args)
+                others.remove(term)
+                others.remove(-scale)
+                return sp.Add(*others, scale * Expm1(u - sp.log(total)))
+        return add
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sp.Sum), combined)
+
+
+def over_expm1(expr):
+    """u (-expm1(u))^a = (-expm1(u))^(a + 1) u/(-expm1(u)), and so for expm1(u), with the quotient's limit at
+    u = 0 (-1, or 1), where the left side is 0 times 0^a, NaN for a < 0; for a power a whose constant term is
+    negative, as differentiation leaves it (a power that may be positive is left alone): the focal loss's derivative
+    gamma lp (1 - p)^(gamma - 1) at p = 1 (lp = 0), finite for every gamma >= 0 (0 for gamma > 0, as its
+    limit). The quotient reads u, not 0, in its division where u = 0, so that np.where's other branch is
+    not 0/0."""
+    def ratio(u, sign):
+        safe = sp.Piecewise((1, sp.Eq(u, 0)), (u, True))
+        return sp.Piecewise((sign, sp.Eq(u, 0)), (sign * u / Expm1(safe), True))
+
+    def split(mul):
+        for power in mul.args:
+            base, exponent = power.as_base_exp()
+            sign, rest = (-1, -base) if base.could_extract_minus_sign() else (1, base)
+            # a power that differentiation lowered (gamma - 1, -1): its constant term is negative
+            if not (isinstance(rest, expm1) and rest.args[0] in mul.args and exponent.as_coeff_Add()[0] < 0):
+                continue
+            u = rest.args[0]
+            others = list(mul.args)
+            others.remove(power)
+            others.remove(u)
+            return sp.Mul(*others, base ** (exponent + 1), ratio(u, sign))
+        return mul
+    return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(expm1), split)
+
+
 def root_of_squares(expr):
     """sqrt(u^2 + c) = hypot(u, sqrt(c)) for a constant c >= 0 (and its reciprocal 1/hypot): u^2 overflows
     from |u| = 1.3e154 in float64 (1.8e19 in float32) where the root is still |u|; hypot scales before it
@@ -490,6 +629,23 @@ def log_one_minus_exp(expr):
         u = power.args[0] + sp.log(scale)   # c exp(u) = exp(u + log c): SymPy takes exp(-1/1000) out as a factor
         return sp.Piecewise((sp.log(-Expm1(u)), u > -sp.log(2)), (log1p(-sp.exp(u)), True))
     return expr.replace(lambda e: isinstance(e, sp.log), branches)
+
+
+def one_plus_erf(expr):
+    """c + c erf(u) = c erfc(-u) and c - c erf(u) = c erfc(u), c a term of the same sum: erf(u) rounds to -1 from
+    u = -6 in float64 (-4 in float32), and the sum to 0 where erfc(-u) is still a normal number (GELU's
+    x (1 + erf(x/sqrt 2))/2 was 0 at x = -10, where it is -7.6e-23); erfc is relatively accurate there."""
+    def merged(add):
+        for term in add.args if add.is_Add else ():
+            c, e = term.as_independent(sp.erf, as_Add=False)
+            if isinstance(e, sp.erf) and (c in add.args or -c in add.args):
+                r = c if c in add.args else -c
+                rest = list(add.args)
+                rest.remove(term)
+                rest.remove(r)
+                return merged(sp.Add(*rest)) + r * Erfc(-e.args[0] if r == c else e.args[0])
+        return add
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sp.erf), merged) if expr.has(sp.erf) else expr
 
 
 def x_log_x(expr):
@@ -599,19 +755,22 @@ def guarded_branches(expr):
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
 REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients named", as_sigmoid, True), ("exponential sums shifted", exp_sums_shifted, True),
             ("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
-            ("one softplus", one_softplus, True), ("softplus", softplus, True), ("log cosh", log_cosh, True),
+            ("one softplus", one_softplus, True), ("softplus", softplus, True),
+            ("max over its factor", max_over_its_factor, True), ("log cosh", log_cosh, True),
             ("tanh quotients", tanh_quotients, True), ("hinge as a step", hinge_as_step, True),
-            ("shift by the row max", shift_by_max, True),
+            ("1 - softmax", one_minus_softmax, True), ("shift by the row max", shift_by_max, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
             ("exponential quotients shifted", exp_quotients_shifted, True),
             ("sigmoid polynomials factored", sigmoid_polynomials_factored, True),
             ("1 - sigmoid", one_minus_sigmoid, True),
             ("sigmoid minus a target", sigmoid_minus_target, True), ("sigmoid differences", sigmoid_differences, True),
             ("1 - tanh squared", one_minus_tanh_squared, True), ("combine exponentials", sp.powsimp, True),
-            ("log1mexp", log_one_minus_exp, True), ("expm1", exp_minus_one, True),
+            ("log1mexp", log_one_minus_exp, True), ("expm1", exp_minus_one, True), ("1 + erf", one_plus_erf, True),
+            ("exponential beyond its overflow", exp_beyond_overflow, False), ("Gaussian tails", gaussian_tails, False),
             ("root of squares", root_of_squares, True), ("root less its constant", root_less_constant, True),
             ("quotients of squares", quotients_of_squares, True),
-            ("x log x", x_log_x, True), ("x log y", x_log_y, True),
+            ("x log x", x_log_x, True), ("x log y", x_log_y, True), ("branches guarded", guarded_branches, True),
+            ("over expm1", over_expm1, True),
             ("log1p", log_one_plus, True), ("log1p of a square", log_one_plus_square, True),
             ("clip branches", clip_branches, True),
             ("scaled sigmoid by branches", scaled_sigmoid_branches, True), ("logistic", logistic, True))

@@ -6,7 +6,7 @@ assumed to lie in that range, which is what lets a Kronecker delta contract a su
     x[i]  input row (the logits of a loss)      y[i]  forward output of a layer
     t[i]  target row of a loss                  c     integer class label of a row
     p[i]  softmax(x), saved by a loss           g     upstream gradient: g[i] of a layer, or the
-                                                      reduction's weight of one row of a loss
+    lp[i] log-softmax, saved by a loss                reduction's weight of one row of a loss
     L[n]  per-sample loss of row n              G[n]  upstream gradient of an unreduced loss
     i, j, k, m  class indices                   n, r  batch indices
     K  class count                              N  number of loss entries (rows or elements)

@@ -7,7 +7,8 @@ The language. An array's axes are index letters, and index k runs over 0..K-1 (i
 integer). Sum(e, k, j) sums e over the whole range of each index. An index expression is an index, a
 sum of indices, sizes and integers with each index counted once (m + j, h + H), or an integer target
 (x[n, c[n]], a label); every one must provably stay within its axis. An index that is no axis of an
-input, param or target has its size declared by a formula over the others (sizes={"M": "L - J + 1"}).
+input, param or target has its size declared by a formula over the others (sizes={"M": "L - J + 1"}), and
+so may a param's axis, which the constructor computes (MultiheadAttention's head size, sizes={"D": "E/H"}).
 A split axis is a shift: GLU's halves are x[n, h] and x[n, h + H], with sizes={"H": "K/2"}.
 
 The naming contract: y the output of a layer, L the loss of each entry of a loss; g the upstream
@@ -86,6 +87,9 @@ class TensorOp:
     given: dict = None             # {name: (index Symbol, ...)}: arrays the class passes in, constants (eval_mode)
     optional_axis: tuple = ()      # inputs whose last axis may be absent (a size of 1): PyTorch's (N, C) or (N, C, L)
     flags: dict = None             # {name: default}: booleans the steps' conditions read, fixed per kernel (see tensor_op)
+    window: dict = None            # {"input", "padded", "strided"}: zero padding and stride around the kernels (see tensor_op)
+    given_sizes: tuple = ()        # sizes the constructor takes that no array has (a pooling's window), kernel arguments
+    means: dict = None             # {reduction: divisor Expr over the output's sizes}: a loss's further means (tensor_loss)
 
     @property
     def batch_index(self):
@@ -105,6 +109,22 @@ class TensorOp:
             if n in rows.free_symbols:
                 return None
         return n
+
+    @property
+    def constructor_sizes(self):
+        """{size Symbol: the constructor's argument naming it}: the sizes of the params' axes, those named in
+        names first, in its order (PyTorch's embed_dim, num_heads), then in order of appearance, but those declared by a formula (MultiheadAttention's D = E/H), which the constructor computes."""
+        named = [sp.Symbol(s, integer=True, positive=True) for s in self.names or {}]
+        sizes = dict.fromkeys([*named, *(size_of(i) for axes, _ in self.params.values() for i in axes)])
+        return {s: self.names.get(str(s), str(s)) for s in sizes if s not in self.sizes}
+
+    def size_arguments(self, values):
+        """{constructor argument: value} of the sizes at values ({size Symbol: int}); an argument naming several
+        sizes (Conv2d's kernel_size, the sizes U and V of its weight's axes) takes the tuple of theirs."""
+        found = {}
+        for size, name in self.constructor_sizes.items():
+            found.setdefault(name, []).append(int(values[size]))
+        return {name: v[0] if len(v) == 1 else tuple(v) for name, v in found.items()}
 
     @property
     def module(self):
@@ -144,7 +164,8 @@ def size_of(index):
 
 
 def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, penalty=None, names=None, switches=None,
-              noise=None, running=None, flags=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
+              noise=None, running=None, flags=None, padding=None, stride=None, summary=None, domain=(-3.0, 3.0),
+              tol=1e-6):
     """A layer y[...] computed by steps from inputs, trainable params {name: (indices, init)} and options
     {name: default or (default, range)}, a default None meaning the input dtype's machine epsilon (PyTorch's
     RMSNorm eps); penalty a scalar over params and options that the class's penalty() returns and backward
@@ -162,23 +183,29 @@ def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, pen
     last index in brackets ("n c [l]") is an axis it may lack: the class then gives it a size of 1. flags
     {name: default} are constructor booleans a step's condition reads (Piecewise((exp(A[n, t, s]), (s <= t) |
     ~is_causal), (0, True))): each value gets kernels of its own, derived with the flag fixed, so that no
-    kernel tests it."""
+    kernel tests it. padding {input: "h w"} and stride "i j" make a convolution's or a pooling's window
+    (PyTorch's padding and stride, an int or one per axis): the class pads the input's axes h, w with
+    zeros and keeps every stride-th entry of the output's axes i, j, and backward takes the adjoints of
+    both (g spread back to those entries, dx cropped), so the steps declare the plain window, stride 1
+    and no padding, and the derivation is the plain window's."""
     return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol,
                     penalty, names or {}, switches=switches or {}, noise=noise or {}, running=running or {},
-                    flags=flags or {})
+                    flags=flags or {}, window=(padding, stride))
 
 
 def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None, options=None, sizes=None,
-                penalty=None, names=None, flags=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
+                penalty=None, names=None, flags=None, means=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
     """A loss L[...] of each entry (reduced later by mean, sum or none), computed by steps from inputs and targets;
     weights {name: indices} are optional constant arrays the constructor takes, ones by default (PyTorch's
-    weight and pos_weight); flags as tensor_op's."""
+    weight and pos_weight); flags as tensor_op's; means {reduction: divisor} further reductions, each the losses'
+    sum divided by a formula over the output's sizes ({"batchmean": "N"}, PyTorch's kl_div)."""
     return declared(name, "loss", inputs, params or {}, options or {}, targets or {}, sizes or {}, steps, summary,
-                    domain, tol, penalty, names or {}, weights or {}, flags=flags or {})
+                    domain, tol, penalty, names or {}, weights or {}, flags=flags or {}, means=means or {})
 
 
 def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol, penalty=None,
-             size_names=None, weights=None, switches=None, noise=None, running=None, flags=None):
+             size_names=None, weights=None, switches=None, noise=None, running=None, flags=None, means=None,
+             window=(None, None)):
     """The TensorOp of a declaration, refusing anything ill-formed with a DeclarationError naming it."""
     from derive.declare import DeclarationError, check_name, declared_param  # derive.declare re-exports this module
     check_name(name)
@@ -217,8 +244,14 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     if not steps or None in lines:
         refuse(f"step {steps[lines.index(None)] if steps else None!r} is not 'name[i, j] = expression'")
     known = set().union(*axes.values())
+    # a size names= gives an argument that is no array's axis's and no formula's: the constructor's (a pooling's
+    # kernel_size), passed to the kernels
+    given_sizes = tuple(s for s in size_names or {} if isinstance(s, str) and re.fullmatch(r"[A-Z]", s)
+                        and s not in {str(size_of(i)) for i in known} and s not in (sizes or {}))
+    known |= {sp.Symbol(s.lower(), integer=True) for s in given_sizes}
     size_symbols = {size_of(index): index for index in known}
-    size_formulas = declared_sizes(refuse, sizes, size_symbols)
+    data = {i for array in [*inputs, *targets, *weights, *noise] for i in axes[array]}
+    size_formulas = declared_sizes(refuse, sizes, size_symbols, data)
     known |= set(size_formulas)
     for target, spec, _ in (line.groups() for line in lines):
         axes[target] = axes_of(refuse, target, spec or "", known, what="step")
@@ -234,7 +267,7 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
         refuse(f"the last step defines {lines[-1][1]}; the output of a {kind} is {OUTPUT[kind]}")
     namespace = {**arrays, **{str(i): i for i in known}, **{str(size_of(i)): size_of(i) for i in known},
                  **{o: sp.Symbol(o, real=True) for o in options}, **{f: sp.Symbol(f) for f in flags}, "Sum": Summed,
-                 "KroneckerDelta": sp.KroneckerDelta}  # 1 where its two indices are equal, else 0
+                 "FirstMax": FirstMax, "KroneckerDelta": sp.KroneckerDelta}  # 1 where its two indices are equal, else 0
     formulas = {size_of(i): formula for i, formula in size_formulas.items()}
     if kind == "layer":  # an input that indexes an axis holds integer labels (an embedding's tokens): no gradient
         indexing = {index.base.name for line in lines for access in parsed(f"step {line[1]}", line[3].strip(),
@@ -264,6 +297,14 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
             refuse(f"{where}: {problem}")
         assignments.append(Assignment(line[1], axes[line[1]], expr))
         read |= reads
+    for flag, names in switches.items():   # off, a param is its identity: ones or zeros, a drawn one (a bias) 0
+        for p in names:
+            if params[p][1] not in ("ones", "zeros") and not all(
+                    sp.Add.make_args(sp.expand(step.expr, mul=False)).count(access) == 1
+                    and not (step.expr - access).has(access.base)
+                    for step in assignments for access in step.expr.atoms(sp.Indexed) if access.base.name == p):
+                refuse(f"switch {flag}: param {p} is drawn at random, so off it is 0, which it may be only where it "
+                       f"is a term of its own (a bias); initialise it to ones or zeros")
     penalty = None if penalty is None else penalty_of(refuse, penalty, namespace, params, axes, known, formulas)
     running = running_statistics(refuse, running, assignments, namespace, options, ranges, known)
     for a in optional_axis:   # the class adds the axis to x and takes it off y and dx: y must end in it too
@@ -278,13 +319,16 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
               if a not in read]
     if unread:
         refuse(f"{unread[0]} is never read")
+    window = window_of(refuse, *window, inputs, axes, assignments[-1].indices, options) if any(window) else None
     param_sizes = {str(size_of(i)) for p in params for i in axes[p]}
     for size, argument in (size_names or {}).items():
-        if size not in param_sizes or not isinstance(argument, str) or not argument.isidentifier() or keyword.iskeyword(
-                argument) or argument in {*options, "rng", "dtype", "reduction", "self"}:
+        if size not in {*param_sizes, *given_sizes} or not isinstance(argument, str) or not argument.isidentifier() or keyword.iskeyword(
+                argument) or argument in {*options, "rng", "dtype", "reduction", "self", "stride", "padding"}:
             known_sizes = ", ".join(sorted(param_sizes)) or "it has none"
             refuse(f"names: {size!r} -> {argument!r} must name the size of a param's axis ({known_sizes}) by an "
                    f"identifier no option, rng, dtype or reduction takes")
+    if window and window["stride_from"] is not None and window["stride_from"] not in (size_names or {}).values():
+        refuse(f"stride: {window['stride_from']!r}, the argument a stride of None takes, names no size (names=)")
     return TensorOp(name=name, kind=kind, summary=summary or "; ".join(text.strip() for text in steps),
                     source=f"derive.tensor.tensor_{'op' if kind == 'layer' else 'loss'} ({name})",
                     inputs={a: axes[a] for a in inputs}, params={p: (axes[p], params[p][1]) for p in params},
@@ -294,7 +338,52 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
                     domain=domain, tol=tol, penalty=penalty, names=dict(size_names or {}),
                     weights={w: axes[w] for w in weights}, switches=switches, dtype_eps=dtype_eps,
                     noise={z: (axes[z], kind, option) for z, (_, kind, option) in noise.items()}, running=running,
-                    optional_axis=optional_axis, flags={f: bool(v) for f, v in flags.items()})
+                    optional_axis=optional_axis, flags={f: bool(v) for f, v in flags.items()}, window=window,
+                    given_sizes=given_sizes,
+                    means=loss_means(refuse, means or {}, assignments[-1].indices))
+
+
+def loss_means(refuse, means, output):
+    """{reduction: divisor} of a loss's declared further means ({"batchmean": "N"}: the losses' sum over N, as
+    PyTorch's kl_div), each divisor a formula over the sizes of the output's axes, which the class reads from
+    the losses' shape; a name of its own, neither mean, sum nor none."""
+    sizes = {str(size_of(i)): size_of(i) for i in output}
+    found = {}
+    for reduction, text in means.items():
+        if not isinstance(reduction, str) or not reduction.isidentifier() or reduction in ("mean", "sum", "none"):
+            refuse(f"means: {reduction!r} must be a reduction's name other than mean, sum and none")
+        found[reduction] = parsed(f"mean {reduction}", str(text), sizes, refuse)
+        if not found[reduction].free_symbols:
+            refuse(f"mean {reduction}: its divisor {text!r} reads none of the output's sizes "
+                   f"({', '.join(sizes) or 'it has none'})")
+    return found
+
+
+def window_of(refuse, padding, stride, inputs, axes, output, options):
+    """{"input": x, "padded": (positions of x's padded axes), "strided": (positions of the output's strided
+    axes)} of a window declared padding={x: "h w"}, stride="i j"."""
+    if any(name in options for name in ("padding", "stride")):
+        refuse("an option named padding or stride is taken by the window's arguments")
+    found = {"input": None, "padded": (), "strided": (), "stride_from": None, "fill": 0.0}
+    if padding is not None:
+        if not (isinstance(padding, dict) and len(padding) == 1 and next(iter(padding)) in inputs):
+            refuse(f"padding must be {{input: 'axes'}} for one input, got {padding!r}")
+        ((name, spec),) = padding.items()
+        spec, fill = spec if isinstance(spec, tuple) else (spec, 0.0)   # ("h w", "-inf"): a max pooling's padding
+        if str(fill) not in ("0", "0.0", "-inf"):
+            refuse(f"padding: {name} may be padded with 0 or -inf, got {fill!r}")
+        found["fill"] = float(fill)
+        letters = [sp.Symbol(a, integer=True) for a in str(spec).split()]
+        if not letters or any(i not in axes[name][1:] for i in letters):
+            refuse(f"padding: {spec!r} must name axes of {name} but its first")
+        found.update(input=name, padded=tuple(axes[name].index(i) for i in letters))
+    if stride is not None:   # "i j", or ("i j", argument): stride None is that size argument's value (kernel_size)
+        stride, found["stride_from"] = stride if isinstance(stride, tuple) else (stride, None)
+        letters = [sp.Symbol(a, integer=True) for a in str(stride).split()]
+        if not letters or any(i not in output[1:] for i in letters):
+            refuse(f"stride: {stride!r} must name axes of the output but its first")
+        found["strided"] = tuple(output.index(i) for i in letters)
+    return found
 
 
 def running_statistics(refuse, running, assignments, namespace, options, ranges, known):
@@ -347,15 +436,15 @@ def eval_mode(op):
 
 
 def switched(refuse, switches, params, options):
-    """{flag: (param, ...)} of the declared switches, each param one with an identity init (ones or zeros), so
-    that the op with the switch off is the op without those params."""
+    """{flag: (param, ...)} of the declared switches: the op with one off is the op without its params, each kept
+    at its init where that is ones or zeros, else at 0 (a bias, checked where the steps are parsed)."""
     for flag, names in switches.items():
         names = (names,) if isinstance(names, str) else names
         if not (isinstance(flag, str) and flag.isidentifier() and not keyword.iskeyword(flag)) or flag in {
                 *options, *params, "rng", "dtype", "reduction", "self"}:
             refuse(f"switch {flag!r} must be an identifier no param, option, rng, dtype or reduction takes")
-        if not names or any(p not in params or params[p][1] not in ("ones", "zeros") for p in names):
-            refuse(f"switch {flag} must name params initialised to ones or zeros, got {names!r}")
+        if not names or any(p not in params for p in names):
+            refuse(f"switch {flag} must name params, got {names!r}")
     return {flag: (names,) if isinstance(names, str) else tuple(names) for flag, names in switches.items()}
 
 
@@ -390,16 +479,18 @@ def axes_of(refuse, array, spec, known=None, what="array"):
     return axes
 
 
-def declared_sizes(refuse, sizes, size_symbols):
-    """{index: formula} of the declared sizes, each over the axes' sizes and the sizes before it."""
+def declared_sizes(refuse, sizes, size_symbols, data):
+    """{index: formula} of the declared sizes, each over the axes' sizes and the sizes before it; a param's axis
+    may have one (MultiheadAttention's head size D = E/H, which its constructor computes), an axis of the data
+    (inputs, targets, weights, noise) not: its size is the array's."""
     formulas = {}
     for size, text in sizes.items():
         if not re.fullmatch(r"[A-Z]", size):
             refuse(f"size {size!r} is not a capital letter (the size of index {size.lower()!r})")
         index = sp.Symbol(size.lower(), integer=True)
-        if index in size_symbols.values():
+        if index in data:
             refuse(f"size {size} is already the size of an axis of index {index}")
-        namespace = {str(s): s for s in [*size_symbols, *map(size_of, formulas)]}
+        namespace = {str(s): s for s in [*size_symbols, *map(size_of, formulas)] if s != size_of(index)}
         formulas[index] = parsed(f"size {size}", str(text), namespace, refuse)
     return formulas
 
@@ -454,6 +545,16 @@ class Sum(sp.Sum):
         total = sp.Expr.__new__(cls, sp.sympify(function), *(sp.Tuple(*limit) for limit in limits))
         total.is_commutative = total.function.is_commutative
         return total
+
+
+class FirstMax(sp.Function):
+    """FirstMax(e, u, v): 1 where e is largest over the step's indices u, v (the first such in their order, a
+    NaN counting as largest, as PyTorch's max pooling picks its index), else 0. A mask, constant wherever it is
+    defined: its derivative is 0, and a step that is one is no step of the derivation."""
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
 
 
 class Summed(sp.Function):
@@ -555,7 +656,7 @@ def derivation(op):
     """The TensorDerivation of op: each step's adjoint from the steps that read it, each VJP likewise."""
     differentiable = set(op.inputs) | set(op.params)
     for step in op.steps:
-        if reads_of(step.expr) & differentiable:
+        if reads_of(step.expr) & differentiable and not isinstance(step.expr, FirstMax):
             differentiable.add(step.name)
     output = op.steps[-1].name
     readers = {name: [s for s in op.steps if name in reads_of(s.expr) and s.name in differentiable]
@@ -604,9 +705,27 @@ def vjp_term(op, step, name):
     at = tuple(sp.Dummy(str(i), integer=True) for i in axes)
     adjoint = sp.IndexedBase("g" if step is op.steps[-1] else f"g_{step.name}", real=True)
     derivative = at_kinks(differentiated(step.expr, sp.IndexedBase(name, real=True)[at]))
-    summed = Sum(adjoint[step.indices] * derivative, *((i, 0, size_of(i) - 1) for i in reversed(step.indices)))
+    outer = tuple((i, 0, size_of(i) - 1) for i in reversed(step.indices))
+    summed = shift_first(adjoint[step.indices] * derivative, outer)
     ranges = {a: (0, size_of(i) - 1) for a, i in zip(at, axes)}
     return in_terms_of_steps(substituted(contracted(summed, ranges, op.sizes), dict(zip(at, axes))), op.steps)
+
+
+def shift_first(term, outer):
+    """Sum(term, *outer), a Sum in term merged with it, outer innermost, where that Sum's delta pairs an outer
+    index with one of its own (a convolution's x[n, c, i + a]: delta(h, i + a)): contracting the output's
+    position i = h - a leaves the sum over the kernel's a, the transposed convolution as a window of A over
+    g, not of I over the kernel (I A times the work)."""
+    inner = [f for f in sp.Mul.make_args(term) if isinstance(f, Sum)]
+    if len(inner) == 1:
+        total, own = inner[0], {v for v, *_ in inner[0].limits}
+        positions = {v for v, *_ in outer}
+        shifted = any(d.free_symbols & own and d.free_symbols & positions
+                      for d in total.function.atoms(sp.KroneckerDelta))
+        if shifted and not any(limit.free_symbols & positions for _, *bounds in total.limits for limit in bounds):
+            rest = sp.Mul(*(f for f in sp.Mul.make_args(term) if f is not total))
+            return Sum(rest * total.function, *outer, *total.limits)
+    return Sum(term, *outer)
 
 
 def in_terms_of_steps(expr, steps):
@@ -814,6 +933,8 @@ def compiled(expr):
         return read_of(expr)
     if isinstance(expr, sp.Sum):
         return sum_of(expr)
+    if isinstance(expr, FirstMax):
+        return first_max_of(expr)
     if isinstance(expr, sp.Piecewise):
         branches = [(compiled(value), compiled(condition)) for value, condition in expr.args]
         return lambda arrays, scope: next(value(arrays, scope) for value, holds in branches if holds(arrays, scope))
@@ -826,6 +947,19 @@ def compiled(expr):
         raise TypeError(f"cannot evaluate {type(expr).__name__}: {expr}")
     operation, args = OPERATIONS[expr.func], [compiled(arg) for arg in expr.args]
     return lambda arrays, scope: operation(*(arg(arrays, scope) for arg in args))
+
+
+def first_max_of(mask):
+    """The evaluator of FirstMax(e, u, v): e at every u, v of their ranges in order, 1 at the first largest (a NaN
+    the largest, as np.argmax takes it), else 0."""
+    body, *over = mask.args
+    value = compiled(body)
+
+    def first_max(arrays, scope):
+        points = list(itertools.product(*(range(scope[size_of(v)]) for v in over)))
+        values = [value(arrays, {**scope, **dict(zip(over, point))}) for point in points]
+        return float(points[int(np.argmax(values))] == tuple(scope[v] for v in over))
+    return first_max
 
 
 def read_of(access):
@@ -864,14 +998,27 @@ def explicit_sizes(op, given):
     return scope
 
 
-def check_sizes(op, smallest=3):
+def check_sizes(op, smallest=3, largest=None):
     """{size: int} for the checks (and codegen's einsum paths): small distinct sizes of the axes, from smallest up,
-    for which every declared size is a positive integer (GLU's K even, Conv1d's L at least J)."""
+    for which every declared size is a positive integer (GLU's K even, Conv1d's L at least J); with largest,
+    none above it, distinct where they can be (a step over Conv2d's seven axes at 2..8 takes minutes)."""
     base = list(dict.fromkeys(size_of(i) for axes in [*op.inputs.values(), *(a for a, _ in op.params.values()),
-                                                       *op.targets.values()] for i in axes))
+                                                       *op.targets.values()] for i in axes
+                              if size_of(i) not in op.sizes))
+    base += [sp.Symbol(s, integer=True, positive=True) for s in op.given_sizes]
     base += [s for s in dict.fromkeys(op.labels.values()) if s not in base]
     candidates = itertools.chain(itertools.permutations(range(smallest, len(base) + smallest + 3), len(base)),
                                  itertools.product(range(1, 9), repeat=len(base)))
+    if largest is not None:   # sizes up to largest: no declared size 1 (a window over the whole axis) where that
+        found = []            # can be, as many distinct as can be, the smallest product first
+        for values in itertools.product(range(smallest, largest + 1), repeat=len(base)):
+            try:
+                scope = explicit_sizes(op, {str(s): v for s, v in zip(base, values)})
+            except ValueError:
+                continue
+            found.append(((sum(scope[s] == 1 for s in op.sizes), -len(set(values)), math.prod(values)), scope))
+        if found:
+            return min(found, key=lambda pair: pair[0])[1]
     for values in candidates:
         try:
             return explicit_sizes(op, {str(s): v for s, v in zip(base, values)})

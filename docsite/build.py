@@ -36,7 +36,12 @@ PYTORCH = {
     "BatchNorm2d": "nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats)",
     "GLU": "F.glu(x, dim=-1)", "Linear": "F.linear(x, W.T, b)  # W stored (in_features, out_features)",
     "Embedding": "F.embedding(x, weight)",
+    "Conv1d": "F.conv1d(x, weight, b, stride, padding)", "Conv2d": "F.conv2d(x, weight, b, stride, padding)",
+    "AvgPool2d": "F.avg_pool2d(x, kernel_size, stride, padding)",
+    "MaxPool2d": "F.max_pool2d(x, kernel_size, stride, padding)",
     "ScaledDotProductAttention": "F.scaled_dot_product_attention(Q, K, V, is_causal=is_causal)",
+    "MultiheadAttention": "nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)(query, key, value, "
+                          "attn_mask=causal mask if is_causal, need_weights=False)[0]",
     "Dropout": "F.dropout(x, p, training)  # its law: a random mask cannot equal PyTorch's draw",
     "SoftmaxCrossEntropy": "F.cross_entropy(x, target, weight, ignore_index=ignore_index, "
                            "label_smoothing=label_smoothing, reduction=reduction)",
@@ -47,10 +52,14 @@ PYTORCH = {
     "NLLLoss": "F.nll_loss(x, target, weight, ignore_index=ignore_index, reduction=reduction)",
     "MulticlassHinge": "F.multi_margin_loss(x, target, margin=margin, reduction=reduction) * x.shape[1]"
                        "  # PyTorch divides by the class count",
+    "KLDivLoss": "F.kl_div(x, target, reduction=reduction, log_target=log_target)",
+    "SoftmaxFocalLoss": "-alpha[target] * (1 - log_p.exp())**gamma * log_p, log_p = F.log_softmax(x, -1)"
+                        ".gather(1, target[:, None])[:, 0], reduced  # no PyTorch function: the formula",
 }
 WEIGHTS = {"class_weights": "an optional array over the classes, ones by default",
            "element_weights": "an optional array of x's shape, ones by default",
-           "ignore_index": "the label whose rows count 0 (as a symbol: 0 on such a row, else 1)"}
+           "ignore_index": "the label whose rows count 0 (as a symbol: 0 on such a row, else 1)",
+           "flag": "True or False, each derived and generated as kernels of its own"}
 
 
 def range_text(bounds):
@@ -112,7 +121,9 @@ def catalog_page(op):
              + "\n".join(f"| `{name}` | `{default}` | {accepts} |" for name, default, accepts in rows)
              if rows else "No options.")
     if op.kind == "loss":
-        table += '\n\nLike every loss, it takes `reduction="mean"` (the default), `"sum"` or `"none"`.'
+        table += ('\n\nLike every loss, it takes `reduction="mean"` (the default), `"sum"` or `"none"`'
+                  + "".join(f', and `"{mean}"`, the sum divided by `{" * ".join(f"x.shape[{a}]" for a in axes)}`'
+                            for mean, axes in getattr(op, "means", {}).items()) + ".")
     derivations = [name for name in (op.module, f"{op.module}_stable") if name in DERIVATIONS]
     sections = "\n\n".join(f"### {name}\n\n`symgrad derive {name}`: {d.title}\n\n{format_markdown(d)}"
                            for name in derivations for d in [DERIVATIONS[name]()])

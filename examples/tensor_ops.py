@@ -1,7 +1,7 @@
 """Operations in index notation, for symgrad codegen --ops examples/tensor_ops.py --out DIR --backend numpy.
 
 Each array's axes are index letters; index k runs over 0..K-1. The layers' params are made by the
-generated constructor from the sizes of their axes (Conv1d(O=8, C=3, J=3)); the losses take integer labels
+generated constructor from the sizes of their axes (ValidConv1d(O=8, C=3, J=3)); the losses take integer labels
 (NLL, FocalLoss) or target probabilities (KLDiv). derive/catalog.py declares more the same way (LayerNorm,
 RMSNorm, BatchNorm1d and BatchNorm2d with their running statistics, GLU, Embedding, Linear)."""
 from derive.declare import tensor_loss, tensor_op
@@ -26,7 +26,7 @@ CAUSAL_ATTENTION = tensor_op(
            "y[n, t, e] = Sum(P[n, t, s] * V[n, s, e], s)"],
     summary="scaled dot-product attention with a causal mask (key s <= query t), one head")
 CONV1D = tensor_op(
-    "Conv1d", inputs={"x": "n c l"}, params={"w": ("o c j", "uniform"), "b": ("o", "uniform")},
+    "ValidConv1d", inputs={"x": "n c l"}, params={"w": ("o c j", "uniform"), "b": ("o", "uniform")},
     sizes={"M": "L - J + 1"}, steps=["y[n, o, m] = Sum(w[o, c, j] * x[n, c, m + j], c, j) + b[o]"],
     summary="1-d convolution (cross-correlation, stride 1, no padding) of C channels into O")
 # KLDiv takes logits x and target probabilities t, as PyTorch's kl_div(log_softmax(x), t): an entry

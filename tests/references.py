@@ -80,6 +80,29 @@ def multiclass_hinge(x, target, reduction, margin=1.0):
     return reduce(margins.sum(axis=1), reduction, len(target))
 
 
+def kl_div(x, target, reduction, log_target=False):
+    """torch.nn.functional.kl_div: xlogy(t, t) - t x (0 where t = 0), or exp(t) (t - x) for log-probabilities t;
+    batchmean the sum over the batch size x.shape[0]."""
+    if log_target:
+        losses = np.exp(target) * (target - x)
+    else:
+        kept = np.where(target == 0, 1.0, target)
+        losses = np.where(target == 0, 0.0, target * np.log(kept)) - target * x
+    return losses.sum() / x.shape[0] if reduction == "batchmean" else reduce(losses, reduction)
+
+
+def softmax_focal_loss(x, target, reduction, alpha=None, gamma=2.0):
+    """Lin et al.'s focal loss of a softmax: -alpha[c] (1 - p_c)^gamma log p_c, the mean over rows (alpha does
+    not divide it); 1 - p_c as the other classes' probabilities, exact where p_c is near 1."""
+    n, k = x.shape
+    rows = np.arange(n)
+    log_p, p = log_softmax(x), softmax(x)
+    alpha = np.ones(k) if alpha is None else alpha
+    p[rows, target] = 0
+    others = p.sum(axis=1)
+    return reduce(-alpha[target] * others ** gamma * log_p[rows, target], reduction, n)
+
+
 LAYERS = {
     "Sigmoid": lambda x: np.exp(log_sigmoid(x)),
     "Tanh": np.tanh,
@@ -104,6 +127,8 @@ LOSSES = {
     "Huber": huber,
     "MulticlassHinge": multiclass_hinge,
     "NLLLoss": nll_loss,
+    "KLDivLoss": kl_div,
+    "SoftmaxFocalLoss": softmax_focal_loss,
 }
 
 

@@ -208,7 +208,8 @@ def test_the_console_script_generates_and_lists_every_operation(tmp_path):
     result = run("codegen", "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["operation", "kernels", "max", "rel", "error", "status"]
+    assert lines[0].split() == ["operation", "kernels", "max", "rel", "error", "ulps", "f32", "fwd/bwd", "ulps", "f64",
+                                "fwd/bwd", "status"]
     assert [line.split()[0] for line in lines[1:len(CATALOG) + 1]] == list(CATALOG)
     assert all(line.split()[-1] == "OK" for line in lines[1:len(CATALOG) + 1])
     assert (tmp_path / "out" / "__init__.py").exists()

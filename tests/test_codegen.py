@@ -184,6 +184,17 @@ def test_the_cache_serves_an_unchanged_run_and_never_stale_code(tmp_path):
     assert "tanh, changed" in (out / "tanh.py").read_text()
 
 
+def test_pruning_keeps_the_latest_entries_and_passes_over_one_another_run_removed(tmp_path, monkeypatch):
+    for age, key in enumerate(("new", "old", "older")):
+        pipeline.save(tmp_path, key, {})
+        os.utime(tmp_path / f"{key}.json", (1000 - age, 1000 - age))
+    # listed, then removed by another worker's or a make codegen's prune before this one reads its time
+    listed = [*tmp_path.glob("*.json"), tmp_path / "gone.json"]
+    monkeypatch.setattr(type(tmp_path), "glob", lambda folder, pattern: iter(listed))
+    pipeline.prune(tmp_path, kept=1)
+    assert sorted(os.listdir(tmp_path)) == ["new.json"]
+
+
 def test_in_place_lines_never_write_into_an_input_or_a_mask():
     import sympy as sp
 

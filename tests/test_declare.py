@@ -187,6 +187,52 @@ def test_a_declared_loss_with_a_constant_term_counts_it_once_per_entry(tmp_path)
         assert np.allclose(package.Offset(reduction=reduction).forward(x, t), expected), reduction
 
 
+def test_a_tensor_loss_with_a_further_mean_divides_its_sum_by_it_and_an_empty_batch_is_nan(tmp_path):
+    import warnings
+    from derive.declare import tensor_loss
+    catalog = build_catalog(tensor_loss("RowSquares", inputs={"x": "n k"}, targets={"t": "n k"},
+                                        means={"batchmean": "N"}, steps=["L[n, k] = (x[n, k] - t[n, k])**2"]))
+    package = import_package(stage(render_package(catalog, fused=False), tmp_path))
+    rng = np.random.default_rng(5)
+    x, t = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    loss = package.RowSquares(reduction="batchmean")
+    np.testing.assert_allclose(loss.forward(x, t), ((x - t) ** 2).sum() / 3, rtol=1e-14)
+    np.testing.assert_allclose(loss.backward(), 2 * (x - t) / 3, rtol=1e-14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for reduction in ("mean", "batchmean"):   # no 0/0: NaN, as PyTorch's mean of nothing, and an empty dx
+            empty = package.RowSquares(reduction=reduction)
+            assert np.isnan(empty.forward(x[:0], t[:0])) and empty.backward().shape == (0, 4)
+
+
+@pytest.mark.parametrize("declare, declaration, message", [
+    ("tensor_loss", dict(means={"mean": "N"}), "means: 'mean' must be a reduction's name other than mean, sum"),
+    ("tensor_loss", dict(means={"half": "2"}), "mean half: its divisor '2' reads none of the output's sizes"),
+    ("tensor_loss", dict(means={"each": "J"}), "unknown name J"),
+    ("element_loss", dict(means={"squared": "N*N"}), "mean squared divides by a product of the sizes of its first"),
+    ("row_layer", dict(flags={"twice": False}), "a row layer has no flags"),
+])
+def test_a_further_mean_or_a_flag_that_cannot_be_is_refused_by_name(declare, declaration, message):
+    from derive import declare as module
+    kind = "layer" if declare == "row_layer" else "loss"
+    steps = ["y[n, k] = Piecewise((2 * x[n, k], twice), (x[n, k], True))"] if kind == "layer" else [
+        "L[n, k] = (x[n, k] - t[n, k])**2"]
+    with pytest.raises(DeclarationError, match=message):
+        op = (module.tensor_op if kind == "layer" else module.tensor_loss)(
+            "Refused", inputs={"x": "n k"}, steps=steps, **({} if kind == "layer" else {"targets": {"t": "n k"}}),
+            **declaration)
+        getattr(module, declare)(op) if declare != "tensor_loss" else None
+
+
+def test_the_catalogs_kl_div_takes_log_target_as_a_flag_and_batchmean_as_a_mean_over_the_first_axis():
+    op = CATALOG["KLDivLoss"]
+    assert [(p.name, p.kind, p.default) for p in op.params] == [("log_target", "flag", False)]
+    assert op.means == {"batchmean": (0,)} and op.targets == ("dense",) and op.granularity == "element"
+    focal = CATALOG["SoftmaxFocalLoss"]
+    assert [(p.name, p.kind) for p in focal.params] == [("alpha", "class_weights"), ("gamma", "scalar")]
+    assert focal.mean_weight == {} and focal.saved[0][0].name == "lp"   # the mean over rows; the log-softmax saved
+
+
 def test_the_catalogs_row_layers_are_index_notation_declarations_of_the_seeds_forms():
     from derive.activations import log_softmax
     from derive.softmax import softmax

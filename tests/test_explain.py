@@ -109,7 +109,7 @@ def test_the_array_program_is_the_lowered_one_before_printing(ops, explained, na
 
 
 def test_einsums_and_windows_are_ir_in_the_program_and_numpy_in_the_source(explained):
-    program, source = (stage(explained, "Conv1d", which) for which in ("array program", "kernel source"))
+    program, source = (stage(explained, "ValidConv1d", which) for which in ("array program", "kernel source"))
     assert "Einsum(" in program and "Window(" in program and "sliding_window_view" not in program
     assert "np.einsum(" in source and "sliding_window_view(" in source and "Window(" not in source
 

@@ -34,7 +34,7 @@ def loss_case(op, kind, with_options, shape, rng, dtype=np.float64):
 
 
 def test_every_catalog_entry_is_exported_and_has_a_reference():
-    assert set(generated.__all__) == set(CATALOG) | {"Sequential", "SGD", "Adam", "AdamW"}
+    assert set(generated.__all__) == set(CATALOG) | {"Sequential", "Flatten", "SGD", "Adam", "AdamW"}
     # an index-notation layer's reference is its own steps, by derive.tensor's loops (tests/test_properties.py)
     assert set(references.LAYERS) | set(references.LOSSES) == {name for name, op in CATALOG.items() if isinstance(op, Op)}
 

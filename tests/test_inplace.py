@@ -9,6 +9,7 @@ import sympy as sp
 import pytest
 
 import codegen.kernels as kernels
+import codegen.tensor_lower as tensor_lower
 from codegen.printer import print_code
 from codegen.render import render_package
 from codegen.tensor_verify import sample
@@ -19,25 +20,40 @@ from derive.declare import example
 from derive.ops import Op
 from derive.reduction import REDUCTIONS
 
-REAL = kernels.assignments_in_place
+REAL, REAL_TENSOR = kernels.assignments_in_place, tensor_lower.tensor_in_place
 
 
-def whole_lines(assignments, later, full, output=None, recompute=False):
+def whole_lines(assignments, later, full, output=None, recompute=False, updates=()):
     """Each assignment printed as one expression: NumPy allocates every result."""
     return [(str(lhs), print_code(expr)) for lhs, expr in assignments]
 
 
-def careless_lines(assignments, later, full, output=None, recompute=False):
+def whole_tensor_lines(function, printer, view, new_array):
+    """An index-notation function's statements printed as they are: NumPy allocates every result."""
+    return [statement.source(printer) for statement in function.statements]
+
+
+def careless_lines(assignments, later, full, output=None, recompute=False, updates=()):
     """The in-place lines, but every operation that allocates writes over its first operand when that
     is a temporary, needed later or not: the bug the lowering's liveness analysis prevents."""
     overwrite = re.compile(r"^np\.(\w+)\(([uv]\d+), ([^=]*)\)$")
-    return [(lhs, overwrite.sub(r"np.\1(\2, \3, out=\2)", code)) for lhs, code in REAL(assignments, later, full, output, recompute)]
+    return [(lhs, overwrite.sub(r"np.\1(\2, \3, out=\2)", code))
+            for lhs, code in REAL(assignments, later, full, output, recompute, updates)]
 
 
-def package(lowering, folder, monkeypatch):
-    """The NumPy package printed with lowering, imported from a folder of its own."""
+def careless_tensor_lines(function, printer, view, new_array):
+    """The same carelessness in an index-notation function: every ufunc that allocates writes over its first
+    operand when that is a temporary (t, u or w), needed later or not."""
+    overwrite = re.compile(r"^(\w+) = np\.(\w+)\(([tuw]\d+)((?:, [^=]*)?)\)$")
+    return [overwrite.sub(r"\1 = np.\2(\3\4, out=\3)", line) for line in REAL_TENSOR(function, printer, view, new_array)]
+
+
+def package(lowering, folder, monkeypatch, tensor_lowering=REAL_TENSOR):
+    """The NumPy package printed with lowering (and tensor_lowering for the index-notation ops), imported from
+    a folder of its own."""
     with monkeypatch.context() as patch:
         patch.setattr(kernels, "assignments_in_place", lowering)
+        patch.setattr(tensor_lower, "tensor_in_place", tensor_lowering)
         files = {name: text for name, text in render_package(CATALOG).items() if not name.startswith("fast/")}
     return import_package(stage(files, folder))
 
@@ -90,7 +106,7 @@ def differences(pkg, reference):
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
-        return package(whole_lines, tmp_path_factory.mktemp("whole"), monkeypatch)
+        return package(whole_lines, tmp_path_factory.mktemp("whole"), monkeypatch, whole_tensor_lines)
 
 
 def test_in_place_kernels_give_what_whole_expressions_give(whole, tmp_path, monkeypatch):
@@ -99,6 +115,24 @@ def test_in_place_kernels_give_what_whole_expressions_give(whole, tmp_path, monk
 
 def test_a_lowering_that_overwrites_live_buffers_is_caught(whole, tmp_path, monkeypatch):
     assert len(differences(package(careless_lines, tmp_path, monkeypatch), whole)) >= 3
+    careless = differences(package(REAL, tmp_path / "tensor", monkeypatch, careless_tensor_lines), whole)
+    assert "LayerNorm" in careless, careless
+
+
+def test_an_update_in_place_is_written_into_its_argument_or_refused():
+    """SGD's velocity: v' = momentum v + grad lands in v; an update whose argument a later line still reads
+    cannot, and says so."""
+    from codegen.inplace import assignments_in_place
+    v, grad, momentum, v_next, a, a_next, b = sp.symbols("velocity grad momentum velocity_next a a_next b")
+    lines = assignments_in_place([(v_next, momentum * v + grad)], [v_next], ("velocity", "grad"),
+                                 updates=(("velocity_next", "velocity"),))
+    values = {"np": np, "velocity": np.ones(3), "grad": np.arange(3.0), "momentum": 0.5}
+    kept = values["velocity"]
+    for lhs, code in lines:
+        exec(f"{lhs} = {code}", values)  # noqa: S102 - the printed lines themselves
+    assert values["velocity_next"] is kept and np.array_equal(kept, [0.5, 1.5, 2.5])
+    with pytest.raises(ValueError, match="a_next is not computed in place into a"):
+        assignments_in_place([(a_next, 2 * a), (b, a + 1)], [a_next, b], ("a",), updates=(("a_next", "a"),))
 
 
 def test_a_returned_name_of_a_temporary_keeps_the_temporary_from_being_written_over():

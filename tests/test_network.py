@@ -43,6 +43,39 @@ def test_every_parameter_gradient_of_an_mlp_matches_finite_differences(l2):
         assert result.ok, f"{type(layer).__name__}.{name}: {result.report()}"
 
 
+class Recording:
+    """A layer without params that notes each backward it runs."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def forward(self, x):
+        return x
+
+    def backward(self, g):
+        self.calls += 1
+        return g
+
+
+def test_sequential_backward_computes_no_input_gradient_unless_asked():
+    """As for a torch input that requires no grad: backward returns None, the first Linear sets the same dW and
+    db as with input_grad=True but computes no dx, and a layer before it is not run backward."""
+    x, labels = blobs(np.random.default_rng(6), 7)
+    found = {}
+    for input_grad in (False, True):
+        first = Recording()
+        net, loss = Sequential([first, *mlp(np.random.default_rng(6)).layers]), SoftmaxCrossEntropy()
+        loss.forward(net.forward(x), labels)
+        dx = net.backward(loss.backward(), input_grad=input_grad)
+        found[input_grad] = dx, first.calls, [getattr(layer, "d" + name) for layer, name in net.parameters()]
+    (none, skipped, params), (dx, ran, expected) = found[False], found[True]
+    assert none is None and skipped == 0 and dx.shape == x.shape and ran == 1
+    for got, want in zip(params, expected):
+        np.testing.assert_array_equal(got, want)
+    assert Sequential([Recording()]).backward(np.ones(2)) is None
+    assert Sequential([]).backward(np.ones(2), input_grad=True).tolist() == [1.0, 1.0]
+
+
 def test_parameters_lists_each_linear_weight_and_bias():
     net = mlp(np.random.default_rng(1))
     assert [(type(layer).__name__, name) for layer, name in net.parameters()] == [
@@ -79,12 +112,17 @@ def test_sgd_with_momentum_follows_torch_optim_sgd():
     np.testing.assert_allclose(layer.b, reference[1].detach().numpy(), rtol=1e-12)
 
 
-def test_sgd_updates_in_place_so_references_stay_valid():
+@pytest.mark.parametrize("optimizer", [SGD, generated.Adam, generated.AdamW])
+def test_optimizers_update_in_place_so_references_stay_valid(optimizer):
+    """The param and the optimizer's state are updated where they are (no copy back), as torch.optim's."""
     layer = Linear(2, 2, rng=4)
     weights = layer.W
     layer.dW, layer.db = np.ones_like(layer.W), np.ones_like(layer.b)
-    SGD([(layer, "W"), (layer, "b")], lr=0.5).step()
-    assert layer.W is weights
+    step = optimizer([(layer, "W"), (layer, "b")], lr=0.5)
+    states = [a for name in ("velocities", "exp_avgs", "exp_avg_sqs") for a in getattr(step, name, [])]
+    step.step()
+    assert layer.W is weights and not np.array_equal(weights, Linear(2, 2, rng=4).W)
+    assert all(state.any() for state in states)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

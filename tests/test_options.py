@@ -27,6 +27,7 @@ CLASSES = [(op, package) for op in OPS for package in (generated, fast)
 SCALARS = [(op, param, package) for op, package in CLASSES for param in op.params if param.kind == "scalar"]
 WEIGHTS = [(op, param, package) for op, package in CLASSES for param in op.params if param.kind.endswith("weights")]
 IGNORING = [(op, param, package) for op, package in CLASSES for param in op.params if param.kind == "ignore_index"]
+FLAGS = [(op, param, package) for op, package in CLASSES for param in op.params if param.kind == "flag"]
 CONSTRAINED = [(op, constraint, package) for op, package in CLASSES for constraint in op.constraints]
 LOSSES = [(op, package) for op, package in CLASSES if op.kind == "loss"]
 ids = lambda cases: [f"{case[0].name}-{case[1].name if isinstance(case[1], Param) else ''.join(case[1])}"  # noqa: E731
@@ -180,6 +181,15 @@ def test_ignore_index_is_an_integer_not_a_bool(op, param, package):
     assert type(make(op, package, **{param.name: np.int64(-1)}).ignore_index) is int
 
 
+@pytest.mark.parametrize("op, param, package", FLAGS, ids=ids(FLAGS))
+def test_a_flag_is_true_or_false(op, param, package):
+    for value in (1, 0.0, "yes", None, np.array(True)):
+        with pytest.raises(TypeError) as excinfo:
+            make(op, package, **{param.name: value})
+        assert names_all(excinfo, op, param.name, value) and "must be True or False" in str(excinfo.value)
+    assert getattr(make(op, package, **{param.name: np.bool_(not param.default)}), param.name) is (not param.default)
+
+
 @pytest.mark.parametrize("op, param, package", WEIGHTS, ids=ids(WEIGHTS))
 def test_weights_are_none_or_an_array_of_real_numbers(op, param, package):
     one_d = param.kind == "class_weights"
@@ -202,7 +212,7 @@ def test_a_reduction_other_than_mean_sum_none_is_a_value_error_naming_it(op, pac
         with pytest.raises(ValueError) as excinfo:
             make(op, package, reduction=value)
         assert names_all(excinfo, op, "reduction", value), str(excinfo.value)
-    for value in ("mean", "sum", "none"):
+    for value in ("mean", "sum", "none", *op.means):   # and its own further means (KLDivLoss's batchmean)
         assert make(op, package, reduction=value).reduction == value
 
 

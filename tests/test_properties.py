@@ -60,8 +60,19 @@ def steps_value(op, instance, x):
     arrays = {**{a: x.reshape((-1,) + x.shape[len(lead):]).astype(np.float64) for a in op.inputs},
               **{p: getattr(instance, p).astype(np.float64) for p in op.params},
               **{z: saved[z].astype(np.float64) for z in op.noise or {}}}
+    window = op.window or {}
+    if window.get("input"):   # the class's padding around the steps' input (zeros, -inf for a max)
+        widths = [(0, 0)] * len(axes)
+        for axis, width in zip(window["padded"], instance.padding):
+            widths[axis] = (width, width)
+        arrays[window["input"]] = np.pad(arrays[window["input"]], widths, constant_values=window["fill"])
     scope = {size_of(i): size for name, axes in [*op.inputs.items(), *((p, a) for p, (a, _) in op.params.items())]
              for i, size in zip(axes, arrays[name].shape)}
+    for size, argument in op.constructor_sizes.items():   # a pooling's window: the constructor's kernel_size
+        if str(size) in op.given_sizes:
+            shared = [s for s, a in op.constructor_sizes.items() if a == argument]
+            value = getattr(instance, argument)
+            scope[size] = value[shared.index(size)] if len(shared) > 1 else value
     scope |= {size_of(i): int(formula.subs(scope)) for i, formula in op.sizes.items()}
     options = {o: getattr(instance, o) for o in op.options}
     scope |= {sp.Symbol(o, real=True): float(np.finfo(x.dtype).eps if v is None else v) for o, v in options.items()}
@@ -71,6 +82,11 @@ def steps_value(op, instance, x):
     variant, taken = with_flags(op, {f: getattr(instance, f) for f in op.flags or {}}), set(names_of(op))
     program = mean_corrected(max_shifted(program_of(variant), taken), taken)
     value = evaluated_shifted(program.forward, arrays, scope)[op.steps[-1].name]
+    if window.get("strided"):   # the class's stride of the output
+        index = [slice(None)] * value.ndim
+        for axis, stride in zip(window["strided"], instance.stride):
+            index[axis] = slice(None, None, stride)
+        value = value[tuple(index)]
     return value.reshape(lead + value.shape[1:])
 
 
@@ -117,7 +133,7 @@ def extreme_values_case(op, kind, dtype, data):
         try:                    # row in training) is no case of this test
             instance.forward(*[x] * len(op.inputs))
         except ValueError as error:
-            assume("at these shapes" not in str(error) and "more than one value" not in str(error))
+            assume("at these sizes" not in str(error) and "more than one value" not in str(error))
     check_extremes(op, kind, x, target, instance)
 
 

@@ -21,7 +21,7 @@ FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.S | re
 # the derive lines not run here, with why: each step's check and an --ops file's derivation take seconds, and
 # tests/test_derivations.py and tests/test_tensor_steps.py run those checks on every derivation already
 SLOW_DERIVE = ("--check", "--ops")
-TRAINING = {"Sequential", "SGD", "Adam", "AdamW"}
+TRAINING = {"Sequential", "Flatten", "SGD", "Adam", "AdamW"}
 
 
 def fenced_blocks(text):

@@ -2,9 +2,10 @@
 (on its branch's domain, where it has branches), and each rule, applied to an expression it matches, keeps the value
 to 45 digits at points on both sides of every branch and far into the tails. A rule that does not apply leaves
 its expression alone."""
+import numpy as np
 import pytest
 import sympy as sp
-from sympy.codegen.cfunctions import hypot, log1p
+from sympy.codegen.cfunctions import expm1, hypot, log1p
 
 import derive.stability as stability
 from derive.functions import sigmoid
@@ -13,6 +14,7 @@ u, t, g = (sp.Symbol(name, real=True) for name in ("u", "t", "g"))
 positive, negative = sp.Symbol("p", positive=True), sp.Symbol("n", negative=True)
 c, a = sp.Symbol("c", positive=True), sp.Symbol("a", positive=True)
 k, r = sp.Symbol("k", real=True), sp.Symbol("r", real=True)
+k_ = sp.Symbol("k_", integer=True)   # a sum's index
 
 
 def s(v):
@@ -40,13 +42,18 @@ IDENTITIES = {
     "scaled_sigmoid_branches": [(s(positive), 1 / (1 + sp.exp(-sp.Abs(positive)))),
                                 (s(negative), sp.exp(-sp.Abs(negative)) / (1 + sp.exp(-sp.Abs(negative)))),
                                 (s(0), sp.exp(0) / (1 + sp.exp(0)))],
+    # c > 0: max(0, c u)/c = max(0, u); c < 0 (-c here): min(0, u); u = p, n or 0
+    "max_over_its_factor": [(sp.Max(0, f * v) / f, (sp.Max if f == c else sp.Min)(0, v))
+                            for f in (c, -c) for v in (positive, negative, sp.Integer(0))],
+    # SymPy writes erfc(-u) as 2 - erfc(u) itself; rewritten as erf, each side is the other
+    "one_plus_erf": [(k + k * sp.erf(u), k * sp.erfc(-u)), (k - k * sp.erf(u), k * sp.erfc(u))],
 }
 
 
 @pytest.mark.parametrize("rule", IDENTITIES)
 def test_sympy_proves_each_identity_on_its_domain(rule):
     for lhs, rhs in IDENTITIES[rule]:
-        difference = (lhs - rhs).rewrite(sp.exp)
+        difference = (lhs - rhs).rewrite(sp.exp).rewrite(sp.erf)
         assert sp.simplify(sp.expand_log(difference, force=False)) == 0, (rule, lhs, rhs)
 
 
@@ -60,10 +67,21 @@ EXAMPLES = {
     "quotients_of_squares": 2 * g * u / ((u - t) ** 2 + 1) - 2 * g * t / ((u - t) ** 2 + 1) + u / (u ** 2 + 4),
     "log_one_plus_square": log1p(3 * (u - t) ** 2) + log1p(u ** 2),
     "scaled_sigmoid_branches": u * sigmoid(u) + (u + 1) ** 2 * sigmoid(2 * u),
+    # t - 1 < 0, t > 0: both branches; a term beside the max, and a factor in front of it
+    "max_over_its_factor": sp.Max(0, (t - 1) * u) / (t - 1) + 2 * (sp.Max(0, t * u) + u) / t + log1p(
+        sp.exp(-sp.Abs(g * u))) / g + sp.Max(0, g * u) / g,
+    # not an identity: equal where u <= 1000, within 1e-430 relatively above (test_an_exponential_beyond_...)
+    "exp_beyond_overflow": (sp.exp(u) - 3 * t * u + g) * (sp.exp(2 * u) + 4 * t * u),
+    "one_plus_erf": (1 + sp.erf(u / sp.sqrt(2))) * u / 2 + 3 - 3 * sp.erf(u - t) + sp.erf(u) ** 2 + 1,
+    # not an identity: equal where |u - t| <= V, both below e^-790 beyond (test_a_gaussian_tail_...)
+    "gaussian_tails": 3 * (u - t) * sp.exp(-(u - t) ** 2 / 2) + u * sp.exp(-u ** 2),
+    "one_minus_softmax": 3 - 3 * sp.exp(u) / sp.Sum(sp.exp(k_ * u), (k_, 0, 2)) + t,
+    # away from u = t, where the left side is 0 * 0^(t - 1) and the right one its limit
+    "over_expm1": g * (u - t) * (-expm1(u - t)) ** (t - 1) + (u - t) / expm1(u - t),
 }
 # both sides of every branch (|u - t| = 2, 1, 1/sqrt 3, t = 3/7), 0, and the tails
 POINTS = (-10 ** 30, -300, -20, -2, sp.Rational(-11, 7), -1, sp.Rational(-1, 3), 0, sp.Rational(1, 3), 1,
-          sp.Rational(3, 7) + 1 / sp.sqrt(3), sp.Rational(17, 7), 5, 300, 10 ** 30)
+          sp.Rational(3, 7) + 1 / sp.sqrt(3), sp.Rational(17, 7), 5, 300, 1200, 10 ** 30)
 
 
 def value(expr, point):
@@ -86,6 +104,33 @@ def test_each_rule_keeps_the_value_to_45_digits_on_both_sides_of_its_branches(ru
         assert abs(before - after) <= sp.Float(10) ** -45 * max(1, abs(before)), (point, before, after)
 
 
+def test_an_exponential_beyond_its_overflow_outgrows_any_float64_terms():
+    # e^u/u grows for u > 1, so for u > 1000 and |k|, |r| <= M (the largest float64 number):
+    # e^u + k u + r >= u (e^u/u - M) - M >= e^1000 - 1001 M, which is more than M: the sum rounds to inf, as e^u
+    assert sp.simplify(sp.diff(sp.exp(u) / u, u).subs(u, 1 + positive)).is_positive
+    largest = sp.Rational(*float(np.finfo(np.float64).max).as_integer_ratio())
+    assert sp.N(sp.exp(stability.EXP_OVERFLOWS) - (stability.EXP_OVERFLOWS + 2) * largest, 50) > 0
+    # a bound 300 would not do: e^300 is a float64 number, and k u beside it is not negligible
+    assert sp.N(sp.exp(300) - 302 * largest, 50) < 0
+
+
+def test_one_plus_erf_keeps_what_erf_rounds_away():
+    from derive.special import Erfc
+    rewritten = stability.one_plus_erf(sp.expand((1 + sp.erf(u)) * g + 1 - sp.erf(t)))
+    assert not rewritten.has(sp.erf) and rewritten.count(Erfc) == 2
+    assert sp.N(stability.one_plus_erf(1 + sp.erf(u)).subs(u, -30), 20) > 1e-393   # 1 + erf(-30) is 0 in float64
+
+
+def test_a_gaussian_tail_is_below_every_float_beyond_its_clip():
+    # beyond V = sqrt(1500/a), |c v| exp(-a v^2) <= c e^709.8 e^-1500 for |v| <= the largest float64 number,
+    # and |c| < 1e19: below half the smallest subnormal (2^-1075), so both sides round to 0
+    largest = sp.Rational(*float(np.finfo(np.float64).max).as_integer_ratio())
+    assert sp.N(10 ** 19 * largest * sp.exp(-stability.GAUSSIAN_UNDERFLOWS), 50) < sp.Integer(2) ** -1075
+    # and within V nothing changes: the clip is the identity there
+    from derive.special import Clip
+    assert Clip(sp.Rational(-54), -sp.sqrt(3000), sp.sqrt(3000)) == -54
+
+
 def test_a_wrong_identity_is_caught():
     # sigmoid_differences' second form once gave c tanh(u/2) for c sigmoid(u) - c/2 (twice the value)
     wrong = sp.simplify((k * s(u) - k / 2 - k * sp.tanh(u / 2)).rewrite(sp.exp))
@@ -103,6 +148,15 @@ def test_a_wrong_identity_is_caught():
     ("quotients_of_squares", u ** 2 / (u ** 2 + 1)),              # not k v/(v^2 + c)
     ("log_one_plus_square", log1p(t * u ** 2)),                   # t may be negative
     ("scaled_sigmoid_branches", t * sigmoid(u)),                  # no factor that grows with u
+    ("max_over_its_factor", sp.Max(0, u * t) / (u + t)),           # the divisor is not the max's factor
+    ("max_over_its_factor", sp.Max(0, 2 * u) / 2),                # a number: no branch to choose
+    ("exp_beyond_overflow", sp.exp(u) - u ** 2),                   # not linear in u
+    ("exp_beyond_overflow", sp.exp(u) - u * sp.exp(t)),            # e^t is no float64 bound
+    ("one_minus_softmax", 1 - sp.exp(u) / (1 + sp.exp(u))),       # no sum of exponentials
+    ("one_plus_erf", 2 + sp.erf(u) + t * sp.erf(u)),              # no c + c erf
+    ("gaussian_tails", u * sp.exp(u ** 2)),                       # grows: no tail
+    ("gaussian_tails", u ** 2 * sp.exp(-u ** 2)),                 # not linear in u
+    ("over_expm1", u * (-expm1(u)) ** t),                         # a power that may be positive
 ])
 def test_a_rule_leaves_what_it_does_not_prove(rule, expr):
     assert getattr(stability, rule)(expr) == expr

@@ -47,6 +47,11 @@ def kl_div(x, t, reduction):
             else F.kl_div(log_p, t, reduction={"mean": "batchmean", "sum": "sum"}[reduction]))
 
 
+def pool_window(name):
+    """A pooling's kernel_size where instance_of makes it, at the check sizes (its stride None the same)."""
+    return tuple(check_sizes(CATALOG[name])[size_of(sp.Symbol(i, integer=True))] for i in "uv")
+
+
 def reduced(L, reduction):
     return {"mean": L.mean(), "sum": L.sum(), "none": L}[reduction]
 
@@ -64,7 +69,12 @@ TORCH = {
                                                    eps=o["eps"]),
     "Attention": lambda a, p, o, r: F.scaled_dot_product_attention(a["Q"], a["K"], a["V"]),
     "CausalAttention": lambda a, p, o, r: F.scaled_dot_product_attention(a["Q"], a["K"], a["V"], is_causal=True),
-    "Conv1d": lambda a, p, o, r: F.conv1d(a["x"], p["w"], p["b"]),
+    "ValidConv1d": lambda a, p, o, r: F.conv1d(a["x"], p["w"], p["b"]),
+    "Conv1d": lambda a, p, o, r: F.conv1d(a["x"], p["weight"], p["b"]),
+    # the class made at the check sizes (instance_of): its kernel_size, stride None the kernel's, as F.avg_pool2d's
+    "AvgPool2d": lambda a, p, o, r: F.avg_pool2d(a["x"], pool_window("AvgPool2d")),
+    "MaxPool2d": lambda a, p, o, r: F.max_pool2d(a["x"], pool_window("MaxPool2d")),
+    "Conv2d": lambda a, p, o, r: F.conv2d(a["x"], p["weight"], p["b"]),
     "GLU": lambda a, p, o, r: F.glu(a["x"], dim=1),
     "Linear": lambda a, p, o, r: F.linear(a["x"], p["W"].T, p["b"]),
     "Embedding": lambda a, p, o, r: F.embedding(a["x"], p["weight"]),
@@ -93,8 +103,8 @@ def close(ours, theirs, what, tol=1e-10):
 
 def instance_of(package, op, arrays, params, reduction=None, dtype=np.float64, options=None):
     """op's generated class made for arrays' sizes, with params set to the given values."""
-    constructor = {op.names.get(str(size_of(i)), str(size_of(i))): arrays_size(arrays, op, i)
-                   for axes, _ in op.params.values() for i in axes}
+    constructor = op.size_arguments({size: arrays_size(arrays, op, sp.Symbol(str(size).lower(), integer=True))
+                                     for size in op.constructor_sizes})
     extra = {"dtype": dtype} if op.params else {}
     instance = getattr(package, op.name)(**constructor, **(options or {}), **extra,
                                          **({"reduction": reduction} if reduction else {}))
@@ -205,7 +215,9 @@ def test_the_lowering_computes_what_the_derivation_says(package):
         scope = {**check_sizes(op), **{sp.Symbol(o, real=True): v for o, v in op.options.items()}}
         found = derivation(op)
         reduction = "none" if op.kind == "loss" else None
-        out, grads, upstream = run(package, op, arrays, params, reduction, rng)
+        # a window's class at stride 1 and no padding computes its steps as declared (test_torch_parity: the rest)
+        out, grads, upstream = run(package, op, arrays, params, reduction, rng,
+                                   options={"stride": 1} if op.window else None)
         values = evaluated(op.steps, {**arrays, **params, "g": upstream}, scope)
         np.testing.assert_allclose(out, values[op.steps[-1].name], rtol=1e-12, atol=1e-12, err_msg=op.name)
         # the causal mask's derivative as derived adds the masked entries' terms and takes them away again
@@ -248,7 +260,7 @@ def test_the_max_shift_keeps_every_value(name):
 
 def test_a_planted_lowering_bug_is_caught_and_nothing_written(tmp_path, monkeypatch):
     """The transposed convolution reading its kernel unflipped (w[l + m] for w[l - m]): verification fails
-    on Conv1d's dx, and codegen writes nothing."""
+    on ValidConv1d's dx, and codegen writes nothing."""
     windowed = ArrayLowering.windowed
 
     def unflipped(self, *args):
@@ -258,7 +270,7 @@ def test_a_planted_lowering_bug_is_caught_and_nothing_written(tmp_path, monkeypa
         return expr, axes
     monkeypatch.setattr(ArrayLowering, "windowed", unflipped)
     out = tmp_path / "pkg"
-    reports, changed, _ = codegen(build_catalog(OPS["Conv1d"]), out, cache=None, backend="numpy")
+    reports, changed, _ = codegen(build_catalog(OPS["ValidConv1d"]), out, cache=None, backend="numpy")
     (report,) = reports
     assert changed is None and not out.exists()
     assert not report.ok and any(failure.startswith("dx") for failure in report.failures), report.failures
@@ -289,10 +301,10 @@ def test_inputs_are_checked_in_one_clear_line(package):
     attention = package.Attention()
     with pytest.raises(ValueError, match=r"Attention: K has shape \(2, 3, 4\) and Q has \(2, 3, 5\): their axes d"):
         attention.forward(np.ones((2, 3, 5)), np.ones((2, 3, 4)), np.ones((2, 3, 4)))
-    with pytest.raises(ValueError, match="GLU: size H = K/2 is 1.5 at these shapes"):
+    with pytest.raises(ValueError, match="GLU: size H = K/2 is 1.5 at these sizes"):
         package.GLU().forward(np.ones((2, 3)))
-    with pytest.raises(ValueError, match=r"Conv1d: size M = L - J \+ 1 is -1"):
-        package.Conv1d(O=2, C=1, J=5).forward(np.ones((1, 1, 3)))
+    with pytest.raises(ValueError, match=r"ValidConv1d: size M = L - J \+ 1 is -1"):
+        package.ValidConv1d(O=2, C=1, J=5).forward(np.ones((1, 1, 3)))
     nll = package.NLL()
     with pytest.raises(TypeError, match="NLL: c must hold integer class labels, got dtype float64"):
         nll.forward(np.ones((2, 3)), np.array([0.0, 1.0]))
@@ -373,10 +385,10 @@ def test_rendering_is_deterministic_and_every_file_says_what_it_is():
 
 def test_the_array_program_reads_as_the_rules_say():
     """Stage 4 alone, printed: einsum with a literal path, a window for m + j, padding and a flipped window
-    for l - m, take_along_axis at a label, put_along_axis for its delta, slices for GLU's halves."""
-    conv_forward, conv_backward = lowered(OPS["Conv1d"])
+    for l - j (a window of the kernel's J over g), take_along_axis at a label, put_along_axis for its delta, slices for GLU's halves."""
+    conv_forward, conv_backward = lowered(next(op for op in examples.OPS if op.name == "ValidConv1d"))
     assert 'np.einsum("ocj,ncmj->nom", w, sliding_window_view(x, J, axis=2), optimize=[' in str(conv_forward)
-    assert ("sliding_window_view(np.pad(w, ((0, 0), (0, 0), (M - 1, L - J))), M, axis=2)[..., ::-1]"
+    assert ("sliding_window_view(np.pad(g, ((0, 0), (0, 0), (J - 1, L - M))), J, axis=2)[..., ::-1]"
             in str(conv_backward))
     nll_forward, nll_backward = lowered(OPS["NLL"])
     assert "L = -np.take_along_axis(x, c[:, None], axis=1)[:, 0]" in str(nll_forward)

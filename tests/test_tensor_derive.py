@@ -88,15 +88,16 @@ def test_layer_norm_adjoint_program_reads_its_intermediates():
 
 def test_conv1d_dx_is_the_transposed_convolution_within_range():
     dx = DERIVED["Conv1d"].gradients["x"][-1]
-    assert str(dx) == ("dx[n, c, l] = Sum(g[n, o, m]*w[o, c, l - m], (m, Max(0, -J + l + 1), Min(l, M - 1)), "
-                       "(o, 0, O - 1))")
+    # the kernel's j kept, the output's m = l - j contracted: a window of J over g, not of M over w
+    assert str(dx) == ("dx[n, c, l] = Sum(g[n, o, -j + l]*w[o, c, j], (o, 0, O - 1), (j, Max(0, -M + l + 1), "
+                       "Min(l, J - 1)))")
     (total,) = dx.expr.atoms(Sum)
-    m, lower, upper = total.limits[0]
-    assert lower.has(sp.Max) and upper.has(sp.Min), "the range of m is conditioned on l - m lying in 0..J-1"
+    m, lower, upper = total.limits[1]
+    assert lower.has(sp.Max) and upper.has(sp.Min), "the range of j is conditioned on l - j lying in 0..M-1"
     sizes = {"N": 2, "C": 2, "L": 5, "O": 2, "J": 3}
     check_derivation_numerically(CONV1D, DERIVED["Conv1d"], sizes)  # the evaluator refuses any read outside an array
     whole = dataclasses.replace(DERIVED["Conv1d"], gradients={"x": (dx._replace(expr=Sum(
-        total.function, (m, 0, size_of(m) - 1), total.limits[1])),)})
+        total.function, total.limits[0], (m, 0, size_of(m) - 1))),)})
     with pytest.raises(IndexError, match="outside its shape"):
         check_derivation_numerically(CONV1D, whole, sizes)
 

@@ -1,6 +1,8 @@
 """Every generated layer and loss against PyTorch's function of the same purpose: values and gradients,
 every option and reduction, float64. PyTorch is a test dependency (the dev extra), never a run-time one."""
 import itertools
+import math
+import warnings
 
 import numpy as np
 import pytest
@@ -30,7 +32,7 @@ LAYERS = {
     "Softmax": lambda x: torch.softmax(x, -1),
     "LogSoftmax": lambda x: F.log_softmax(x, -1),
 }
-TENSOR_OPTIONS = ("weight", "pos_weight")
+TENSOR_OPTIONS = ("weight", "pos_weight", "alpha")
 
 
 def torch_loss(name, x, target, reduction, options):
@@ -48,6 +50,15 @@ def torch_loss(name, x, target, reduction, options):
         return F.nll_loss(x, target, reduction=reduction, **options)
     if name == "MulticlassHinge":  # PyTorch's multi_margin_loss divides each row by the class count; seed 002's not
         return F.multi_margin_loss(x, target, reduction=reduction, **options) * x.shape[1]
+    if name == "KLDivLoss":
+        with warnings.catch_warnings():  # kl_div's "mean" divides by every entry, and it warns so
+            warnings.simplefilter("ignore", UserWarning)
+            return F.kl_div(x, target, reduction=reduction, **options)
+    if name == "SoftmaxFocalLoss":  # no PyTorch function: Lin et al.'s formula written out, alpha scaling each row
+        log_p = F.log_softmax(x, -1).gather(1, target[:, None])[:, 0]
+        alpha = options.get("alpha", torch.ones(x.shape[-1], dtype=x.dtype))
+        losses = -(1 - log_p.exp()) ** options.get("gamma", 2.0) * log_p * alpha[target]
+        return {"none": losses, "sum": losses.sum(), "mean": losses.mean()}[reduction]
     raise KeyError(f"no PyTorch counterpart for {name}")
 
 
@@ -59,7 +70,8 @@ def torch_value_and_grad(function, x, upstream):
 
 
 def test_every_layer_and_loss_has_a_pytorch_counterpart():
-    names = (set(LAYERS) | {"Linear", "Embedding", "Dropout", "ScaledDotProductAttention"} | set(NORMS) | set(BATCH_NORMS)
+    names = (set(LAYERS) | {"Linear", "Embedding", "Dropout", "ScaledDotProductAttention",
+                                    "MultiheadAttention", "Conv1d", "Conv2d", "AvgPool2d", "MaxPool2d"} | set(NORMS) | set(BATCH_NORMS)
              | {op.name for op, _, _ in LOSS_CASES})
     assert names == set(CATALOG)
 
@@ -250,6 +262,139 @@ def test_attention_takes_empty_axes_and_refuses_mismatched_ones_by_name():
         generated.ScaledDotProductAttention(is_causal="yes")
 
 
+def multihead_from_torch(module, layer):
+    """layer's params set to module's: in_proj_weight's rows h D + d are Wq[h, d, :], then Wk's, then Wv's."""
+    E, H = module.embed_dim, module.num_heads
+    weights = module.in_proj_weight.detach().numpy().reshape(3, H, E // H, E)
+    biases = module.in_proj_bias.detach().numpy().reshape(3, H, E // H)
+    layer.Wq, layer.Wk, layer.Wv = (w.astype(layer.Wq.dtype) for w in weights)
+    layer.bq, layer.bk, layer.bv = (b.astype(layer.Wq.dtype) for b in biases)
+    layer.Wo = module.out_proj.weight.detach().numpy().reshape(E, H, E // H).astype(layer.Wq.dtype)
+    layer.bo = module.out_proj.bias.detach().numpy().astype(layer.Wq.dtype)
+
+
+@pytest.mark.parametrize("dtype, is_causal, T, S", [(np.float64, False, 5, 7), (np.float64, True, 6, 6),
+                                                    (np.float64, True, 4, 6), (np.float32, True, 6, 6)])
+def test_multihead_attention_matches_torch_nn_multihead_attention(dtype, is_causal, T, S):
+    """Values, the three inputs' gradients and all eight params' against nn.MultiheadAttention(batch_first=True)
+    with random (not zero) biases; causal as its attn_mask of keys s > t."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(8)
+    E, H = 6, 3
+    module = torch.nn.MultiheadAttention(E, H, batch_first=True).double()
+    with torch.no_grad():
+        module.in_proj_bias.normal_()
+        module.out_proj.bias.normal_()
+    layer = generated.MultiheadAttention(E, H, is_causal=is_causal, dtype=dtype)
+    multihead_from_torch(module, layer)
+    query, key, value = (rng.normal(size=(2, n, E)).astype(dtype) for n in (T, S, S))
+    y = layer.forward(query, key, value)
+    upstream = rng.normal(size=y.shape).astype(dtype)
+    grads = layer.backward(upstream)
+    tensors = [torch.tensor(a.astype(np.float64), requires_grad=True) for a in (query, key, value)]
+    mask = torch.triu(torch.ones(T, S, dtype=torch.bool), diagonal=1) if is_causal else None
+    ty, _ = module(*tensors, attn_mask=mask, need_weights=False)
+    ty.backward(torch.tensor(upstream.astype(np.float64)))
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == np.float64 else {"rtol": 1e-3, "atol": 1e-4}
+    assert y.dtype == dtype and all(d.dtype == dtype for d in grads)
+    np.testing.assert_allclose(y, ty.detach().numpy(), **tol)
+    for name, ours, theirs in zip(("query", "key", "value"), grads, tensors):
+        np.testing.assert_allclose(ours, theirs.grad.numpy(), **tol, err_msg=f"d{name}")
+    expected = torch.nn.MultiheadAttention(E, H, batch_first=True).double()
+    expected.in_proj_weight.data, expected.in_proj_bias.data = module.in_proj_weight.grad, module.in_proj_bias.grad
+    expected.out_proj.weight.data, expected.out_proj.bias.data = module.out_proj.weight.grad, module.out_proj.bias.grad
+    gradients = generated.MultiheadAttention(E, H)
+    multihead_from_torch(expected, gradients)
+    for p in layer.params:
+        np.testing.assert_allclose(getattr(layer, f"d{p}"), getattr(gradients, p), **tol, err_msg=f"d{p}")
+
+
+def test_multihead_attention_refuses_a_head_count_that_does_not_divide_embed_dim():
+    with pytest.raises(ValueError, match=r"MultiheadAttention: size D = E/H is 2.66667 at these sizes; it must be a "
+                                         r"positive integer"):
+        generated.MultiheadAttention(8, 3)
+    with pytest.raises(ValueError, match="MultiheadAttention: num_heads must be an integer > 0, got 0"):
+        generated.MultiheadAttention(8, 0)
+
+
+CONV_CASES = [("Conv1d", (2, 3, 9), 4, 3, {}), ("Conv1d", (2, 3, 10), 2, 4, {"stride": 3, "padding": 2}),
+              ("Conv1d", (3, 7), 2, 1, {"bias": False}),   # unbatched (C, L), a kernel of 1
+              ("Conv2d", (2, 3, 8, 7), 4, 3, {}), ("Conv2d", (2, 3, 8, 7), 4, 3, {"stride": 2, "padding": 1}),
+              ("Conv2d", (2, 2, 9, 8), 3, (3, 2), {"stride": (2, 3), "padding": (0, 2), "bias": False}),
+              ("Conv2d", (1, 1, 5, 5), 2, 5, {"padding": 2})]   # the kernel as large as the image
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name, shape, out, kernel, options", CONV_CASES,
+                         ids=[f"{c[0]}-{c[3]}-{c[4]}" for c in CONV_CASES])
+def test_convolutions_match_torch_nn_conv(name, shape, out, kernel, options, dtype):
+    """y, dx, dweight and db against nn.Conv1d/Conv2d at strides, paddings (ints and pairs), bias=False."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(9)
+    channels = shape[-1 - int(name[-2])]   # (N, C, L) or (N, C, H, W)
+    module = getattr(torch.nn, name)(channels, out, kernel, **options).double()
+    layer = getattr(generated, name)(module.in_channels, out, kernel, **options, dtype=dtype)
+    layer.weight = module.weight.detach().numpy().astype(dtype)
+    if module.bias is not None:
+        layer.b = module.bias.detach().numpy().astype(dtype)
+    x = rng.normal(size=shape).astype(dtype)
+    y = layer.forward(x)
+    upstream = rng.normal(size=y.shape).astype(dtype)
+    dx = layer.backward(upstream)
+    tx = torch.tensor(x.astype(np.float64), requires_grad=True)
+    ty = module(tx)
+    ty.backward(torch.tensor(upstream.astype(np.float64)))
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == np.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    assert y.dtype == dx.dtype == layer.dweight.dtype == dtype
+    np.testing.assert_allclose(y, ty.detach().numpy(), **tol)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), **tol, err_msg="dx")
+    np.testing.assert_allclose(layer.dweight, module.weight.grad.numpy(), **tol, err_msg="dweight")
+    if module.bias is None:
+        assert layer.db is None and "b" not in layer.params and not layer.b.any()
+    else:
+        np.testing.assert_allclose(layer.db, module.bias.grad.numpy(), **tol, err_msg="db")
+
+
+POOL_CASES = [((2, 3, 8, 6), 2, {}), ((2, 3, 7, 7), 3, {"stride": 2, "padding": 1}),
+              ((3, 9, 8), (3, 2), {"stride": (1, 2), "padding": (1, 0)}), ((1, 1, 4, 4), 4, {"padding": 2})]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape, kernel, options", POOL_CASES + [((2, 2, 6, 6), 2, {"stride": 1})],
+                         ids=[f"{c[1]}-{c[2]}" for c in POOL_CASES] + ["2-overlapping"])
+@pytest.mark.parametrize("name", ["AvgPool2d", "MaxPool2d"])
+def test_pooling_matches_torch_nn_pooling(name, shape, kernel, options, dtype):
+    """Stride None (the kernel's), strides and paddings as ints and pairs (the average counting the padding's
+    zeros, the max padded with -inf beside negative inputs), an unbatched (C, H, W) input, ties (the max's
+    gradient to the first largest entry, as PyTorch's), overlapping windows whose gradients add up, a NaN."""
+    rng = np.random.default_rng(11)
+    x = -np.abs(rng.normal(size=shape)).astype(dtype)
+    x[..., 0, :2] = x[..., 1, :2] = -0.5                 # ties within a window
+    x.flat[-1] = np.nan
+    layer = getattr(generated, name)(kernel, **options)
+    y = layer.forward(x)
+    upstream = rng.normal(size=y.shape).astype(dtype)
+    dx = layer.backward(upstream)
+    tx = torch.tensor(x.astype(np.float64), requires_grad=True)
+    ty = getattr(torch.nn, name)(kernel, **options)(tx)
+    ty.backward(torch.tensor(upstream.astype(np.float64)))
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == np.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    assert y.dtype == dx.dtype == dtype and y.shape == ty.shape
+    np.testing.assert_allclose(y, ty.detach().numpy(), **tol)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), **tol, err_msg="dx")
+
+
+def test_convolutions_refuse_bad_windows_by_name():
+    with pytest.raises(TypeError, match=r"Conv2d: stride must be an integer or a tuple of 2 integers, got \(1, 2, 3\)"):
+        generated.Conv2d(1, 1, 3, stride=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"Conv2d: padding must be at least 0, got -1"):
+        generated.Conv2d(1, 1, 3, padding=-1)
+    with pytest.raises(ValueError, match=r"Conv1d: kernel_size must be an integer > 0, got 0"):
+        generated.Conv1d(1, 1, 0)
+    with pytest.raises(ValueError, match=r"Conv2d: size I = H - U \+ 1 is 0 at these sizes"):
+        generated.Conv2d(1, 1, 3).forward(np.ones((1, 1, 2, 5)))   # a kernel taller than the image
+
+
 def test_rms_norms_default_eps_is_the_dtypes_machine_epsilon_as_pytorch():
     x = np.full((1, 3), 1e-4, np.float32)  # mean square 1e-8: float32's eps (1.2e-7) outweighs it
     ours = generated.RMSNorm(3, dtype=np.float32).forward(x)
@@ -352,6 +497,16 @@ def test_losses_match_pytorch(op, kind, options, reduction):
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-10, atol=1e-15)
 
 
+# a loss's own further reductions (KLDivLoss's batchmean), with its defaults and its other options (log_target)
+MEAN_CASES = [(op, kind, options, mean) for op, kind, options in LOSS_CASES for mean in op.means]
+
+
+@pytest.mark.parametrize("op, kind, options, reduction", MEAN_CASES,
+                         ids=[f"{op.name}-{'options' if o else 'defaults'}-{m}" for op, _, o, m in MEAN_CASES])
+def test_further_means_match_pytorch(op, kind, options, reduction):
+    test_losses_match_pytorch(op, kind, options, reduction)
+
+
 DENSE_CASES = [(op, kind, options) for op, kind, options in LOSS_CASES if kind == "dense"]
 # PyTorch takes any real dense target; ours refuses only these (stated here, not read from the catalog,
 # so that a range the catalog adds shows up as a failure): probability rows with a negative entry
@@ -371,6 +526,71 @@ def test_dense_targets_beyond_zero_and_one_as_pytorch(op, kind, options):
     expected, expected_dx = torch_value_and_grad(lambda t: torch_loss(op.name, t, target, "mean", values), x, None)
     np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_kl_div_with_zeros_in_its_targets_matches_pytorch_in_every_reduction_without_warnings(dtype):
+    """Probability rows with zeros (a one-hot row among them: t log t is 0 there, as xlogy's), log_target both
+    ways, every reduction, x of three axes (batchmean divides by the first); float32 kept, within its rounding."""
+    rng = np.random.default_rng(9)
+    x = np.log(rng.dirichlet(np.ones(4), (3, 2))).astype(dtype)
+    t = rng.dirichlet(np.ones(4), (3, 2))
+    t[0, 0], t[1, 1, :2], t[2, 0] = [0.0, 1.0, 0.0, 0.0], 0.0, 0.0   # a one-hot row, zeros, a row of zeros
+    tol = {"rtol": 1e-12, "atol": 1e-15} if dtype == np.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    for log_target, reduction in itertools.product((False, True), ("none", "sum", "mean", "batchmean")):
+        target = (np.log(t + 0.01) if log_target else t).astype(dtype)
+        upstream = rng.normal(size=x.shape).astype(dtype)
+        loss = generated.KLDivLoss(log_target=log_target, reduction=reduction)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            value, dx = loss.forward(x, target), loss.backward(upstream if reduction == "none" else None)
+        expected, expected_dx = torch_value_and_grad(
+            lambda tx: torch_loss("KLDivLoss", tx, target.astype(np.float64), reduction, {"log_target": log_target}),
+            x.astype(np.float64), upstream.astype(np.float64))
+        assert value.dtype == dx.dtype == dtype
+        np.testing.assert_allclose(value, expected, **tol, err_msg=f"{reduction}, log_target={log_target}")
+        np.testing.assert_allclose(dx, expected_dx, **tol, err_msg=f"{reduction}, log_target={log_target}")
+
+
+def torch_focal_loss(x, c, gamma, alpha=None):
+    """Lin et al.'s softmax focal loss in PyTorch's float64, each row's: -alpha_c (1 - p_c)^gamma log p_c."""
+    return torch_loss("SoftmaxFocalLoss", x, c, "none", {"gamma": gamma, **({} if alpha is None else {"alpha": alpha})})
+
+
+def test_the_focal_loss_at_gamma_0_is_cross_entropy_and_alpha_scales_each_row():
+    """gamma = 0: F.cross_entropy with weight alpha, row by row (its mean divides by the rows' weights, ours by
+    the rows, as torchvision's and kornia's focal losses do)."""
+    rng = np.random.default_rng(10)
+    x, c, alpha = rng.normal(0, 3, (7, 5)), rng.integers(0, 5, 7), rng.uniform(0.2, 2.0, 5)
+    for weight in (None, alpha):
+        rows = generated.SoftmaxFocalLoss(alpha=weight, gamma=0.0, reduction="none")
+        value, dx = rows.forward(x, c), rows.backward(np.ones(7))
+        expected, expected_dx = torch_value_and_grad(lambda t: F.cross_entropy(
+            t, torch.tensor(c), None if weight is None else torch.tensor(weight), reduction="none"), x, np.ones(7))
+        np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(dx, expected_dx, rtol=1e-12, atol=1e-15)
+        mean = generated.SoftmaxFocalLoss(alpha=weight, gamma=0.0)
+        np.testing.assert_allclose(mean.forward(x, c), expected.mean(), rtol=1e-12)
+        np.testing.assert_allclose(mean.backward(), expected_dx / 7, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_focal_loss_is_finite_and_right_at_confident_and_hopeless_logits(dtype):
+    """Margins up to 1e4 either way: log p_c from the max-shifted log-softmax, 1 - p_c as -expm1(log p_c) (p_c
+    rounds to 1 from a margin of 17 in float32), and the gradient's gamma (1 - p_c)^(gamma - 1) log p_c finite
+    where p_c is 1 (for 0 <= gamma < 1 too, where PyTorch's autograd of the written-out form is NaN), each
+    value within the dtype's rounding of PyTorch's float64 (beside 1: a log-softmax near 0 is as exact as its
+    log of a sum near 1, in PyTorch's as in ours); the dtype kept."""
+    x = np.array([[30.0, 0.0, -1.0], [200.0, 0.0, 0.0], [0.0, 1e4, 0.0], [-1e3, 0.0, 1.0], [5.0, 5.0, 5.0]])
+    c = np.array([0, 0, 0, 0, 2])
+    truth = torch_value_and_grad(lambda t: torch_focal_loss(t, c, 2.0), x, np.ones(5))
+    for gamma in (0.0, 0.5, 2.0):
+        loss = generated.SoftmaxFocalLoss(gamma=gamma, reduction="none")
+        value, dx = loss.forward(x.astype(dtype), c), loss.backward(np.ones(5, dtype))
+        assert value.dtype == dx.dtype == dtype and np.isfinite(value).all() and np.isfinite(dx).all(), gamma
+    tol = {"rtol": 1e-12, "atol": 1e-15} if dtype == np.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    np.testing.assert_allclose(value, truth[0], **tol)   # gamma = 2, the last
+    np.testing.assert_allclose(dx, truth[1], **tol)
 
 
 def test_all_rows_ignored_gives_nan_and_a_zero_gradient_as_pytorch():
@@ -406,6 +626,7 @@ STRICTER = {
     "SoftmaxCrossEntropy": whole_rows(np.isnan(SPECIAL)),  # a NaN in an ignored row: PyTorch skips the row
     "NLLLoss": whole_rows(np.isnan(SPECIAL)),              # the same
     "BinaryCrossEntropyWithLogits": SPECIAL == -np.inf,    # ours +inf, the limit; PyTorch computes -inf + inf
+    "GELU": np.isinf(SPECIAL),  # backward: ours the limits 1 and 0 (x clipped in x exp(-x^2/2)); PyTorch inf * 0
 }
 
 

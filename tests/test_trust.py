@@ -311,6 +311,27 @@ def test_the_generated_erf_is_within_a_few_ulps_of_maths_in_both_backends():
             assert np.max(np.abs(result - truth) / spacing) <= ulps
 
 
+def test_the_generated_erfc_is_within_a_few_ulps_of_maths_in_both_backends_however_small():
+    import numba
+
+    import generated._special
+    import generated.fast._runtime as runtime
+    from derive.special import erfc_tail_polynomial
+    assert erfc_tail_polynomial()[1] < 2.0 ** -55               # the fit itself, relative to the tail's value
+    fused = numba.njit(lambda values: np.array([runtime.erfc(v) for v in values]))
+    x = np.concatenate([np.linspace(-6, 27, 6601), [0.0, -0.0, 0.5, -0.5, 1e-300, -30.0, 30.0, 100.0]])
+    for dtype, ulps in ((np.float64, 6), (np.float32, 6)):
+        values = x.astype(dtype)
+        truth = np.array([math.erfc(float(v)) for v in values]).astype(dtype)
+        normal = np.abs(truth) >= np.finfo(dtype).tiny                # a flushed subnormal is within the contract
+        spacing = np.spacing(np.abs(truth[normal]))
+        for erfc in (generated._special.erfc, fused):
+            result = erfc(values)
+            assert result.dtype == dtype
+            assert np.max(np.abs(result[normal] - truth[normal]) / spacing) <= ulps, (dtype, erfc)
+            assert (np.abs(result[~normal]) <= np.finfo(dtype).tiny).all()
+
+
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"weight": np.array([1.0, 2.0, 0.5])}])
 def test_softmax_cross_entropy_subtracts_the_row_max_before_the_log_sum_on_every_path(options):
     import generated

@@ -19,7 +19,8 @@ PHASES = ("Linear 1 forward", "ReLU forward", "Linear 2 forward", "loss forward"
 
 
 def phases(mlp, calls):
-    """{phase: median seconds} over calls steps of a GeneratedMLP, each phase timed alone."""
+    """{phase: median seconds} over calls steps of a GeneratedMLP, each phase timed alone (the first Linear's
+    backward as Sequential.backward calls it: its params' gradients alone)."""
     first, relu, second = mlp.net.layers
     seconds = {phase: [] for phase in PHASES}
     for _ in range(calls):
@@ -38,7 +39,7 @@ def phases(mlp, calls):
         marks.append(time.perf_counter())
         g = relu.backward(g)
         marks.append(time.perf_counter())
-        first.backward(g)
+        first.backward(g, input_grad=False)
         marks.append(time.perf_counter())
         mlp.optimizer.step()
         marks.append(time.perf_counter())
@@ -48,52 +49,24 @@ def phases(mlp, calls):
 
 
 class Changed(steps.GeneratedMLP):
-    """The generated step with the changes asked for, each what a generator could print instead:
-    in_place_sgd: torch.optim.SGD's update with one scratch buffer per parameter (v *= momentum; v += grad;
-        param -= lr v), where the generated SGD makes three new arrays per parameter and copies two back;
-    no_input_grad: the first Linear's backward without dx = g W^T, which nothing reads;
-    bias_in_place: Linear's y = x @ W; y += b, where the generated prints b + (x @ W), a second (N, out) array;
+    """The generated step with the changes asked for, each what a generator could print instead (or did before):
+    input_grad: the first Linear's dx = g W^T computed, which nothing reads (Sequential.backward(g,
+        input_grad=True); before issue 25 every step did);
     relu_by_comparison: ReLU's backward as g (x > 0), one pass where the generated takes three (clip, ceil,
         multiply) to keep a NaN (symgrad's NaN policy: another function at NaN, timed to show the policy's cost)."""
 
-    def __init__(self, arrays, lr, momentum, in_place_sgd=False, no_input_grad=False, bias_in_place=False,
-                 relu_by_comparison=False):
+    def __init__(self, arrays, lr, momentum, input_grad=False, relu_by_comparison=False):
         super().__init__(arrays, lr, momentum)
-        self.changes = dict(in_place_sgd=in_place_sgd, no_input_grad=no_input_grad, bias_in_place=bias_in_place,
-                            relu_by_comparison=relu_by_comparison)
-        self.scratch = [np.empty_like(v) for v in self.optimizer.velocities]
-
-    def linear_forward(self, layer, x):
-        if not self.changes["bias_in_place"]:
-            return layer.forward(x)
-        layer._x, y = x, x @ layer.W
-        y += layer.b
-        return y
-
-    def linear_backward(self, layer, g, input_grad=True):
-        if not self.changes["bias_in_place"] and input_grad:
-            return layer.backward(g)
-        x = layer._x if self.changes["bias_in_place"] else layer._saved[0]
-        layer.dW, layer.db = x.T @ g, np.einsum("nk->k", g)
-        return g @ layer.W.T if input_grad else None
-
-    def update(self):
-        if not self.changes["in_place_sgd"]:
-            return self.optimizer.step()
-        for (layer, name), velocity, scratch in zip(self.optimizer.parameters, self.optimizer.velocities, self.scratch):
-            velocity *= self.optimizer.momentum
-            velocity += getattr(layer, "d" + name)
-            np.multiply(velocity, -self.optimizer.lr, out=scratch)
-            getattr(layer, name)[...] += scratch
+        self.changes = dict(input_grad=input_grad, relu_by_comparison=relu_by_comparison)
 
     def step(self):
         first, relu, second = self.net.layers
-        h = self.linear_forward(first, self.x)
-        loss = self.loss.forward(self.linear_forward(second, relu.forward(h)), self.labels)
-        g = self.linear_backward(second, self.loss.backward())
+        h = first.forward(self.x)
+        loss = self.loss.forward(second.forward(relu.forward(h)), self.labels)
+        g = second.backward(self.loss.backward())
         g = np.multiply(g, h > 0) if self.changes["relu_by_comparison"] else relu.backward(g)
-        self.linear_backward(first, g, input_grad=not self.changes["no_input_grad"])
-        self.update()
+        first.backward(g, input_grad=self.changes["input_grad"])
+        self.optimizer.step()
         return loss
 
 
@@ -105,18 +78,13 @@ def variant(name, arrays, threads=steps.BLAS_THREADS[0], **changes):
 
 def contenders(arrays, threads=steps.BLAS_THREADS[0]):
     """The generated step ("tuned" here: the baseline of the ratios), each change alone, NumPy's BLAS on one
-    thread, the step in float64 (Linear's default dtype; PyTorch's is float32), the changes all together, the
-    tuned NumPy step and PyTorch on one thread."""
+    thread, the step in float64, the tuned NumPy step and PyTorch on one thread."""
     found = [variant("tuned", arrays, threads),              # the generated step as it is: the ratios' baseline
-             variant("sgd-in-place", arrays, threads, in_place_sgd=True),
-             variant("no-input-grad", arrays, threads, no_input_grad=True),
-             variant("bias-in-place", arrays, threads, bias_in_place=True),
+             variant("input-grad", arrays, threads, input_grad=True),
              variant("relu-cmp", arrays, threads, relu_by_comparison=True),
              *([variant("blas-1t", arrays, 1)] if threads != 1 else []),
              variant("float64", {name: a.astype(np.float64) if a.dtype.kind == "f" else a for name, a in arrays.items()},
-                     threads),
-             variant("all", arrays, threads, in_place_sgd=True, no_input_grad=True, bias_in_place=True,
-                     relu_by_comparison=True)]
+                     threads)]
     tuned_step = next(c for c in steps.contenders(arrays) if c.name == "tuned")
     found.append(Contender("numpy-tuned", tuned_step.make, setup=found[0].setup))
     if frameworks.installed("torch"):

@@ -84,4 +84,7 @@ def issue25(records, missing):
     for threads in (1, 2):
         found.append(entry(f"issue 25, 3. generated MLP SGD step <= 1.0x torch-{threads}t, every size",
                            over(steps, "generated", f"torch-{threads}t"), 1.0))
+    # like with like: NumPy's BLAS on one thread as torch-1t's (generated has its default, two)
+    found.append(entry("issue 25, 3. generated-1t MLP SGD step <= 1.0x torch-1t, every size (both on one thread)",
+                       over(steps, "generated-1t", "torch-1t"), 1.0))
     return found

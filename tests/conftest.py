@@ -1,0 +1,14 @@
+"""make test runs the suite on pytest-xdist workers. numba's on-disk cache is not safe for two processes that
+compile the same function at once (each numbers its new entry .1.nbc from the index it read, and the last
+index written wins, so one signature's index entry can name another's machine code): each worker keeps its
+compiled kernels in a folder of its own (under build/, or under a NUMBA_CACHE_DIR of yours), instead of
+generated/fast/__pycache__. It must be set before numba is imported, as it is when pytest loads this file."""
+import os
+import sys
+from pathlib import Path
+
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    assert "numba" not in sys.modules, "numba was imported before tests/conftest.py could set NUMBA_CACHE_DIR"
+    shared = os.environ.get("NUMBA_CACHE_DIR") or Path(__file__).resolve().parent.parent / "build" / "numba-cache"
+    os.environ["NUMBA_CACHE_DIR"] = str(Path(shared) / WORKER)
