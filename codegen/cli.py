@@ -320,7 +320,7 @@ def parser():
     demo.add_argument("--out", default="build/demo", help="the folder for the plots and the results' JSON")
     demo.add_argument("--scene", choices=("mlp", "cnn", "transformer", "all"), default="all", help="which scene to run")
     demo.add_argument("--hidden", choices=("relu", "tanh"), default="relu", help="the MLP's hidden activation")
-    demo.add_argument("--epochs", type=int, help="the MLP's and the CNN's epochs (default 20 and 10)")
+    demo.add_argument("--epochs", type=int, help="the MLP's and the CNN's epochs (default 20 and 12)")
     demo.add_argument("--steps", type=int, default=150, help="the transformer's training steps")
     demo.set_defaults(run=run_demo)
     return top

@@ -25,7 +25,7 @@ SIDE = 8
 @dataclass(frozen=True)
 class Config:
     channels: tuple = (16, 32)
-    epochs: int = 10
+    epochs: int = 12
     lr: float = 0.05
     momentum: float = 0.9
     batch: int = 32
