@@ -65,12 +65,15 @@ class Transformer:
     """Token and position embeddings, one pre-norm block (causal multi-head attention, a GELU MLP, each added to
     the residual stream), a final LayerNorm and a linear head to the logits of the next token."""
 
-    def __init__(self, config):
-        rng, E = np.random.default_rng(config.seed), config.width
-        self.token, self.position = Embedding(VOCABULARY, E, rng=rng), Embedding(CONTEXT, E, rng=rng)
-        self.norm1, self.attention = LayerNorm(E), MultiheadAttention(E, config.heads, is_causal=True, rng=rng)
-        self.norm2, self.mlp = LayerNorm(E), Sequential([Linear(E, 4 * E, rng=rng), GELU(), Linear(4 * E, E, rng=rng)])
-        self.norm, self.head = LayerNorm(E), Linear(E, VOCABULARY, rng=rng)
+    def __init__(self, config, dtype=np.float64):
+        rng, E, kept = np.random.default_rng(config.seed), config.width, {"dtype": dtype}
+        self.token = Embedding(VOCABULARY, E, rng=rng, **kept)
+        self.position = Embedding(CONTEXT, E, rng=rng, **kept)
+        self.norm1 = LayerNorm(E, **kept)
+        self.attention = MultiheadAttention(E, config.heads, is_causal=True, rng=rng, **kept)
+        self.norm2 = LayerNorm(E, **kept)
+        self.mlp = Sequential([Linear(E, 4 * E, rng=rng, **kept), GELU(), Linear(4 * E, E, rng=rng, **kept)])
+        self.norm, self.head = LayerNorm(E, **kept), Linear(E, VOCABULARY, rng=rng, **kept)
         self.layers = (self.token, self.position, self.norm1, self.attention, self.norm2, *self.mlp.layers,
                        self.norm, self.head)
 

@@ -210,12 +210,15 @@ def test_a_tiny_run_of_every_group_prints_each_row_and_the_summary(tmp_path, cap
         assert note is None or note in printed
     expected.append(("mlp_sgd", steps.size_label(steps.TINY[0]), [c.name for c in steps.contenders(
         steps.mlp_arrays(steps.TINY[0], np.dtype("float32"), np.random.default_rng(0)))]))
+    config = steps.TRANSFORMER_TINY[0]
+    expected.append(("transformer", steps.transformer_label(config),
+                     [c.name for c in steps.transformer_contenders(config, steps.transformer_batch(config))]))
     for case, size, names in expected:
         names = [n for n in names if n in ("generated", "tuned", "torch-2t", "copy")]
         assert [r["contender"] for r in records if r["case"] == case] == names, case
         assert all([case, size, "float32", name] in lines for name in names), case
     assert all(r["median_s"] > 0 and len(r["samples_s"]) == r["repeats"] for r in records)
-    assert printed.count("\ntarget ") == len(saved["targets"]) == 16
+    assert printed.count("\ntarget ") == len(saved["targets"]) == 18
     assert "target issue 6, 2. make codegen from cold <= 20 s: -, not measured" in printed   # engine not asked for
     assert saved["cpu"]["vector"] == [] or "avx2" in saved["cpu"]["vector"]
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from codegen import demo_transformer
+from codegen.bench.torch_transformer import TorchTransformer
 from codegen.cli import main
 from codegen.demo import SETUPS, Config, Progress, gradient_factors, load_digits_split, mlp, train
 from codegen.demo_cnn import Config as CNNConfig
@@ -167,41 +168,6 @@ def test_the_cnn_scene_learns_the_digits_and_writes_its_plots_and_results(tmp_pa
 
 
 SMALL = TransformerConfig(width=8, heads=2, steps=6, batch=8, train_size=64, test_size=16, evaluate_every=3)
-
-
-class TorchTransformer(nn.Module):
-    """The demo's transformer of torch.nn modules, with the generated model's weights."""
-
-    def __init__(self, model):
-        super().__init__()
-        E, H = model.token.weight.shape[1], model.attention.Wq.shape[0]
-        mine, linears = model.attention, (*model.mlp.layers[::2], model.head)
-        self.token, self.position = (nn.Embedding(*table.weight.shape) for table in (model.token, model.position))
-        self.norm1, self.norm2, self.norm = (nn.LayerNorm(E) for _ in range(3))
-        self.attention = nn.MultiheadAttention(E, H, batch_first=True)
-        self.fc1, self.fc2, self.head = (nn.Linear(*linear.W.shape) for linear in linears)
-        pairs = [(self.token.weight, model.token.weight), (self.position.weight, model.position.weight),
-                 # in_proj_weight's rows h D + d are Wq[h, d, :], then Wk's, then Wv's; out_proj's columns h D + d
-                 (self.attention.in_proj_weight, np.concatenate([mine.Wq, mine.Wk, mine.Wv]).reshape(3 * E, E)),
-                 (self.attention.in_proj_bias, np.concatenate([mine.bq, mine.bk, mine.bv]).reshape(3 * E)),
-                 (self.attention.out_proj.weight, mine.Wo.reshape(E, E)), (self.attention.out_proj.bias, mine.bo)]
-        for norm, theirs in zip((self.norm1, self.norm2, self.norm), (model.norm1, model.norm2, model.norm)):
-            pairs += [(norm.weight, theirs.gamma), (norm.bias, theirs.beta)]
-        for linear, theirs in zip((self.fc1, self.fc2, self.head), linears):
-            pairs += [(linear.weight, theirs.W.T), (linear.bias, theirs.b)]  # W is (in, out), torch's (out, in)
-        self.double()
-        with torch.no_grad():
-            for param, value in pairs:
-                param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
-
-    def forward(self, tokens):
-        T = tokens.shape[1]
-        x = self.token(tokens) + self.position(torch.arange(T))
-        a = self.norm1(x)
-        causal = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
-        x = x + self.attention(a, a, a, attn_mask=causal, need_weights=False)[0]
-        x = x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
-        return self.head(self.norm(x))
 
 
 def test_the_transformer_scene_trains_as_pytorch_trains_the_same_network():

@@ -90,7 +90,7 @@ def time_interleaved(found, repeats, sample_seconds, short_repeats=SHORT_REPEATS
     gc.disable()
     try:
         for repeat in range(whole(repeats * short_repeats)):
-            if repeat == whole(repeats) and np.median(samples["tuned"]) >= sample_seconds:
+            if repeat == whole(repeats) and np.median(samples.get("tuned", samples[found[0].name])) >= sample_seconds:
                 break
             for contender in (found[n] for n in orders[repeat % len(orders)]):
                 step, count = steps[contender.name], calls[contender.name]
@@ -159,10 +159,14 @@ def layer_units(classes, tiny, rng):
 
 
 def step_units(tiny, rng):
-    """The MLP's SGD step (codegen/bench/steps.py) at each size, float32."""
+    """The MLP's SGD step and the demo transformer's Adam step (codegen/bench/steps.py) at each size, float32."""
     for size in steps.TINY if tiny else steps.SIZES:
         arrays = steps.mlp_arrays(size, np.dtype("float32"), rng)
         yield Unit("steps", "mlp_sgd", steps.size_label(size), "float32", steps.contenders(arrays), arrays["x"].nbytes)
+    for config in steps.TRANSFORMER_TINY if tiny else steps.TRANSFORMER_SIZES:
+        batch = steps.transformer_batch(config)
+        yield Unit("steps", "transformer", steps.transformer_label(config), "float32",
+                   steps.transformer_contenders(config, batch), batch["x"].nbytes)
 
 
 def bench(units, repeats, sample_seconds, only=None, short_repeats=SHORT_REPEATS):
@@ -178,7 +182,7 @@ def bench(units, repeats, sample_seconds, only=None, short_repeats=SHORT_REPEATS
             record = {"group": unit.group, "case": unit.case, "size": unit.size, **unit.extra, "dtype": unit.dtype,
                       "contender": contender.name, "median_s": float(np.median(times)),
                       "q1_s": float(np.percentile(times, 25)), "q3_s": float(np.percentile(times, 75)),
-                      "x_tuned": paired_ratio(times, samples["tuned"]),
+                      "x_tuned": paired_ratio(times, samples["tuned"]) if "tuned" in samples else None,
                       "copies": paired_ratio(times, samples["copy"]),
                       "peak_bytes": peak, "peak_x_input": None if peak is None else peak / unit.input_bytes,
                       "repeats": len(times), "calls": calls[contender.name], "samples_s": times}
@@ -192,7 +196,7 @@ def row(record):
     peak = record["peak_bytes"]
     cells = (record["case"], record["size"], record["dtype"], record["contender"],
              f"{record['median_s'] * 1e3:.4g}", f"{(record['q3_s'] - record['q1_s']) / record['median_s'] * 100:.1f}",
-             f"{record['x_tuned']:.2f}", f"{record['copies']:.1f}",
+             "n/a" if record["x_tuned"] is None else f"{record['x_tuned']:.2f}", f"{record['copies']:.1f}",
              "n/a" if peak is None else f"{peak / 1e6:.1f}",
              "n/a" if peak is None else f"{record['peak_x_input']:.2f}")
     return format_row(cells)

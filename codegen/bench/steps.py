@@ -1,10 +1,12 @@
 """The training-step rows of make bench (issue 25, target 3): one SGD step (momentum 0.9) of the MLP
-Linear-ReLU-Linear-softmax cross-entropy, float32, every contender from the same weights and batch."""
+Linear-ReLU-Linear-softmax cross-entropy, and one Adam step of the demo's transformer block
+(codegen/demo_transformer.py), float32, every contender from the same weights and batch."""
 from functools import partial
 
 import numpy as np
 
 import generated
+from codegen import demo_transformer
 from codegen.bench import frameworks, tuned
 from codegen.bench.cases import Contender, copy_step
 
@@ -12,6 +14,10 @@ from codegen.bench.cases import Contender, copy_step
 SIZES = ((32, 64, 64, 10), (256, 784, 256, 10), (1024, 784, 512, 100), (4096, 1024, 1024, 1000))
 TINY = ((5, 4, 6, 3),)
 LR, MOMENTUM = 0.01, 0.9
+# the demo's transformer as it trains (width 32, 4 heads, batches of 64 sequences of 16 tokens), and 4 times as
+# wide on 4 times the batch
+TRANSFORMER_SIZES = (demo_transformer.Config(), demo_transformer.Config(width=128, heads=8, batch=256))
+TRANSFORMER_TINY = (demo_transformer.Config(width=8, heads=2, batch=4),)
 BLAS_THREADS = (2, 1)      # NumPy's BLAS threads of the generated step: its default here (2 cores), then one
 
 
@@ -75,4 +81,54 @@ def contenders(arrays):
             found.append(Contender(f"torch-{threads}t", partial(mlp_step, frameworks.TorchMLP, arrays),
                                    setup=partial(frameworks.torch_threads, threads), traced=False))
     found.append(Contender("copy", lambda: copy_step(arrays)))
+    return found
+
+
+def transformer_label(config):
+    return f"{config.batch}:{demo_transformer.CONTEXT}x{config.width}/{config.heads}h"
+
+
+def transformer_batch(config):
+    """A batch of the demo's training sequences: x, the tokens the network reads, and the targets."""
+    rows = demo_transformer.sequences(np.random.default_rng(config.seed), config.batch)
+    x, targets = demo_transformer.inputs_and_targets(rows)
+    return {"x": x, "targets": targets}
+
+
+class GeneratedTransformer:
+    """The demo's Adam step from generated/ alone, as codegen/demo_transformer.py trains, in float32."""
+
+    def __init__(self, config, batch):
+        self.model = demo_transformer.Transformer(config, dtype=np.float32)
+        self.loss = generated.SoftmaxCrossEntropy(ignore_index=demo_transformer.IGNORED)
+        self.optimizer = generated.Adam(self.model.parameters(), lr=config.lr)
+        self.batch = batch
+
+    def step(self):
+        logits = self.model.forward(self.batch["x"])
+        loss = self.loss.forward(logits.reshape(-1, logits.shape[-1]), self.batch["targets"].reshape(-1))
+        self.model.backward(self.loss.backward().reshape(logits.shape))
+        self.optimizer.step()
+        return loss
+
+
+def torch_transformer_step(config, batch):
+    from codegen.bench.torch_transformer import TorchTransformerStep
+    model = demo_transformer.Transformer(config, dtype=np.float32)
+    return TorchTransformerStep(model, batch["x"], batch["targets"], config.lr, demo_transformer.IGNORED).step
+
+
+def transformer_contenders(config, batch):
+    """The generated step on NumPy's BLAS threads (2, then 1), PyTorch on 1 and 2 threads, a copy of the tokens."""
+    found = []
+    threaded = frameworks.installed("threadpoolctl")
+    for threads in BLAS_THREADS if threaded else (None,):
+        name = "generated" if threads in (None, BLAS_THREADS[0]) else f"generated-{threads}t"
+        found.append(Contender(name, lambda: GeneratedTransformer(config, batch).step,
+                               setup=threaded and partial(frameworks.blas_threads, threads) or None))
+    if frameworks.installed("torch"):
+        for threads in frameworks.TORCH_THREADS:
+            found.append(Contender(f"torch-{threads}t", partial(torch_transformer_step, config, batch),
+                                   setup=partial(frameworks.torch_threads, threads), traced=False))
+    found.append(Contender("copy", lambda: copy_step(batch)))
     return found

@@ -3,7 +3,8 @@ figure and where it is worst) or not measured (and why). Informational, never as
 import numpy as np
 
 from codegen.bench.layers import LAYERS, size_label
-from codegen.bench.steps import SIZES as STEP_SIZES, size_label as step_label
+from codegen.bench.steps import SIZES as STEP_SIZES, TRANSFORMER_SIZES, transformer_label
+from codegen.bench.steps import size_label as step_label
 
 
 def find(records, contender, **where):
@@ -87,4 +88,10 @@ def issue25(records, missing):
     # like with like: NumPy's BLAS on one thread as torch-1t's (generated has its default, two)
     found.append(entry("issue 25, 3. generated-1t MLP SGD step <= 1.0x torch-1t, every size (both on one thread)",
                        over(steps, "generated-1t", "torch-1t"), 1.0))
+    blocks = [r for r in records if r["group"] == "steps" and r["case"] == "transformer"
+              and r["size"] in {transformer_label(c) for c in TRANSFORMER_SIZES}]
+    for threads in (1, 2):
+        found.append(entry(f"issue 25, 3. generated-{threads}t transformer block Adam step <= 1.0x torch-{threads}t, "
+                           f"every size", over(blocks, f"generated-{threads}t" if threads == 1 else "generated",
+                                               f"torch-{threads}t"), 1.0))
     return found
