@@ -23,7 +23,17 @@ The contract, per quantity (forward, backward) and point:
             subnormals, as fastmath does). Elsewhere the bound is the whole tolerance: 8 ulps is at most
             9.5e-7 relative in float32 and 1.8e-15 in float64, within issue 23's 1e-6 and 1e-12.
 The figure (Tally.worst_ulps): the largest error in ulps where the truth is a normal number, inf where a
-kernel breaks the contract with NaN or an infinity."""
+kernel breaks the contract with NaN or an infinity.
+
+An index-notation op (TensorSubject) is surveyed at small sizes (check_sizes from 2 to 3), on samples whose
+inputs hold the grid's magnitudes, every S-th from the j-th, with random signs and one 0 (each row spans tiny to
+large); params from the op's domain, g from (-1, 1). The truth is its declared steps and the derivation its
+kernels are printed from (derive.tensor.derivation), each entry by mpmath (lambdify per step), at 400 digits
+where an input exceeds TINY_EXP or 40 and 50 disagree. Its contract is the element-wise one's, error <= BOUND
+ulps + eps kappa, kappa = sum_v |v dq/dv| over every real input entry (inputs, params, g: by differences at 50
+digits, computed only where the error exceeds BOUND ulps of the truth), which is what the small entries of its
+outputs need, often a cancellation; its figure counts an entry's error in units u = ulp(truth) + eps kappa / BOUND
+(ulps of the truth where within BOUND), so that it is at most BOUND exactly where the contract holds."""
 import functools
 import math
 import warnings
@@ -52,7 +62,8 @@ ROW, ROW_UPSTREAM, DENSE_ROW, LABELS = (1.0, 0.0, -0.5), (1.0, -2.0, 0.5), (0.25
 ROW_X, ROW_T = (sp.symbols(f"{name}0:{len(ROW)}", real=True) for name in "xt")
 # an element-wise loss's targets, by default and where an op's are others
 LOSS_TARGETS, CATALOG_TARGETS = (0.0, 0.5), {"BinaryCrossEntropyWithLogits": (0.0, 0.25, 1.0)}
-INDEX_NOTATION = "index notation: its steps have no mpmath truth yet (its finite differences stand)"
+SEED = 0                            # an index-notation op's samples: params, signs, order, labels, noise
+SCALE_DIGITS = 20                   # an entry's scale by differences at v (1 + 10^-20), at the truth's precision
 
 
 @dataclass(frozen=True)
@@ -99,12 +110,13 @@ def element_wise(op):
 
 
 def subject(op, source="catalog"):
-    """The Subject of op at its default options (weights 1, no label ignored), or why it has none."""
+    """The Subject of op at its default options (weights 1, no label ignored), or why it has none; a
+    TensorSubject of an op in index notation."""
     from derive.gradients import neutralize
     from derive.ops import Op
     from derive.symbols import i
     if type(op) is not Op:
-        return INDEX_NOTATION
+        return tensor_subject(op)
     values = {p.symbol: exact(p.default) if p.kind == "scalar" else sp.S(p.default) if p.kind == "flag" else p.neutral
               for p in op.params}
     if any(value is None for value in values.values()):
@@ -372,23 +384,11 @@ def bound(name, dtype):
 def judge(tally, got, truth, scale, dtype, ulps_bound, where):
     """Add one point to tally: got (dtype) against truth (mpf); scale() the conditioning sum |v dq/dv| (None: no
     inexact verdict, the figure alone)."""
+    if not finite_verdict(tally, got, truth, dtype, where):
+        return
     info = np.finfo(dtype)
-    expected = rounded(truth, dtype)
-    if np.isinf(expected):
-        if not (np.isinf(got) and np.sign(got) == np.sign(expected)):
-            tally.overflow += 1
-            tally.worst_ulps = math.inf
-            tally.note(f"{where}: {got!r} where the truth overflows ({mpmath.nstr(truth, 5)})", math.inf)
-        return
-    tally.cases += 1
     normal = abs(truth) >= info.tiny
-    if not np.isfinite(got):
-        tally.bad, tally.worst_ulps, tally.worst_excess = tally.bad + 1, math.inf, math.inf
-        tally.example = f"{where}: {got!r}, truth {mpmath.nstr(truth, 8)}"
-        return
-    with np.errstate(over="ignore"):  # the spacing at the largest number is inf's distance
-        ulp = float(np.spacing(np.abs(expected))) if expected else float(info.smallest_subnormal)
-    ulp = ulp if math.isfinite(ulp) else float(np.spacing(info.max / 2) * 2)
+    ulp = unit_in_last_place(rounded(truth, dtype), dtype)
     with mpmath.workdps(DIGITS):
         error = float(abs(mpmath.mpf(float(got)) - truth))
     ulps = error / ulp
@@ -412,6 +412,33 @@ def judge(tally, got, truth, scale, dtype, ulps_bound, where):
     tally.worst_excess = max(tally.worst_excess, excess)
 
 
+def finite_verdict(tally, got, truth, dtype, where):
+    """Count a point whose truth overflows (got must be the infinity of its sign) or whose kernel gives NaN or an
+    infinity where the truth is finite; True where both are finite, for the error to be judged."""
+    expected = rounded(truth, dtype)
+    if np.isinf(expected):
+        if not (np.isinf(got) and np.sign(got) == np.sign(expected)):
+            tally.overflow += 1
+            tally.worst_ulps = math.inf
+            tally.note(f"{where}: {got!r} where the truth overflows ({mpmath.nstr(truth, 5)})", math.inf)
+        return False
+    tally.cases += 1
+    if not np.isfinite(got):
+        tally.bad, tally.worst_ulps, tally.worst_excess = tally.bad + 1, math.inf, math.inf
+        tally.example = f"{where}: {got!r}, truth {mpmath.nstr(truth, 8)}"
+        return False
+    return True
+
+
+def unit_in_last_place(expected, dtype):
+    """The spacing of dtype at expected (a float of dtype): the smallest subnormal at 0, and at the largest number
+    the spacing below it."""
+    info = np.finfo(dtype)
+    with np.errstate(over="ignore"):  # the spacing at the largest number is inf's distance
+        ulp = float(np.spacing(np.abs(expected))) if expected else float(info.smallest_subnormal)
+    return ulp if math.isfinite(ulp) else float(np.spacing(info.max / 2) * 2)
+
+
 class Survey:
     """The tallies of subjects' classes in package, the truth evaluated once per point and shared by every
     backend (runners: more backends than the package's classes)."""
@@ -428,11 +455,16 @@ class Survey:
         return tallies
 
     def runners(self, subject):
-        """{backend: function(points, target) -> (forward, backward)} of subject."""
+        """{backend: function(points, target) -> (forward, backward)} of subject (of an index-notation subject,
+        function(arrays) -> {(quantity, output name): array})."""
         classes = kernel_classes(subject, self.package) if self.package else {}
+        if isinstance(subject, TensorSubject):
+            return {backend: functools.partial(run_tensor_class, cls, subject) for backend, cls in classes.items()}
         return {backend: functools.partial(run_class, cls, subject) for backend, cls in classes.items()}
 
     def of(self, subject):
+        if isinstance(subject, TensorSubject):
+            return self.of_tensor(subject)
         variables = (*subject.inputs, *subject.target)
         truth = Truth(subject.forward + subject.backward, variables)
         entries = {"forward": range(len(subject.forward)),
@@ -474,12 +506,237 @@ class Survey:
         return tallies
 
 
+    def of_tensor(self, subject):
+        """The tallies of an index-notation subject: every entry of its output and gradients at each sample,
+        judged in units of its scale (judge_scaled)."""
+        runners, tallies = self.runners(subject), {}
+        for dtype in self.dtypes:
+            options = tensor_options(subject, dtype)
+            for k, arrays in enumerate(tensor_samples(subject, dtype, self.quick, self.package)):
+                truth = TensorTruth(subject, arrays, options)
+                results = {backend: run(arrays) for backend, run in runners.items()}
+                for (quantity, name), values in truth.values.items():
+                    for at in np.ndindex(values.shape):
+                        if values[at] is None:
+                            continue
+                        scale = functools.partial(truth.scale, (quantity, name), at)
+                        for backend, outputs in results.items():
+                            tally = tallies.setdefault((subject.name, backend, dtype.__name__, quantity), Tally())
+                            judge_scaled(tally, np.asarray(outputs[(quantity, name)])[at], values[at], scale, dtype,
+                                         bound(subject.name, dtype), f"sample {k}, {name}{list(at)}")
+        return tallies
+
+
 def where_text(point):
     """A point as the report names it: x's value, or its row."""
     return repr(float(point[0])) if len(point) == 1 else f"({', '.join(repr(float(v)) for v in point)})"
 
 
 # ---- make codegen's figures -------------------------------------------------------------------------
+
+# ---- index notation -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorSubject:
+    """An index-notation op (derive.tensor.TensorOp, its flags at their defaults) at small sizes: its forward the
+    declared steps, its backward the derivation's gradient programs, both the SymPy results its kernels print."""
+
+    name: str
+    op: object
+    sizes: dict                     # {size Symbol: int}, check_sizes from 2 to 3
+
+    @functools.cached_property
+    def programs(self):
+        """{(quantity, output name): assignments}: the forward steps, then each input's and param's gradient."""
+        from derive.tensor import derivation
+        found = {("forward", self.op.steps[-1].name): self.op.steps}
+        found.update({("backward", program[-1].name): program for program in derivation(self.op).gradients.values()})
+        return found
+
+    @functools.cached_property
+    def functions(self):
+        """{assignment: its entry as a function of the arrays it reads, its indices and the options} (lambdify
+        to mpmath), or the FirstMax of a mask, which derive.tensor.evaluated computes exactly (a comparison)."""
+        from derive.tensor import FirstMax
+        options = [sp.Symbol(o, real=True) for o in self.op.options]
+        found = {}
+        for program in self.programs.values():
+            for a in program:
+                if a in found or isinstance(a.expr, FirstMax):
+                    continue
+                expr = a.expr.replace(sigmoid, lambda u: 1 / (1 + sp.exp(-u))).xreplace(self.sizes)
+                bases = sorted({e.base for e in expr.atoms(sp.Indexed)}, key=str)
+                found[a] = [b.name for b in bases], sp.lambdify([*bases, *a.indices, *options], expr, MPMATH)
+        return found
+
+    @property
+    def real_inputs(self):
+        """The arrays whose rounding the scale counts: inputs, params, dense targets and the upstream gradient."""
+        return [*self.op.inputs, *self.op.params, *(t for t in self.op.targets if t not in self.op.labels), "g"]
+
+
+def tensor_subject(op):
+    """The TensorSubject of an index-notation op at its default flags."""
+    from derive.tensor import check_sizes, with_flags
+    op = with_flags(op, {}) if op.flags else op
+    return TensorSubject(op.name, op, check_sizes(op, 2, 3))
+
+
+def tensor_samples(subject, dtype, quick, package):
+    """[{array name: array of dtype}, ...]: the inputs of sample j hold every S-th magnitude of the grid from the
+    j-th, S the number of samples (each magnitude once), with random signs, one entry 0, in random order: each row
+    spans tiny to large. Params from the op's domain, g from (-1, 1), labels uniform, dense targets from [0, 1],
+    noise drawn as the class draws it (package's runtime, seed SEED)."""
+    from derive.tensor import size_of
+    op, rng = subject.op, np.random.default_rng(SEED)
+
+    def shape(axes):
+        return tuple(subject.sizes[size_of(i)] for i in axes)
+    grid_values = magnitudes(dtype, quick)
+    entries = sum(math.prod(shape(axes)) for axes in op.inputs.values())
+    count = math.ceil(len(grid_values) / entries) if entries else 1   # Embedding's input is labels alone
+    samples = []
+    for j in range(count):
+        values = np.resize(grid_values[j::count], entries) * rng.choice([-1, 1], entries)
+        values[rng.integers(entries) if entries else slice(0)] = 0
+        values = rng.permutation(values).astype(dtype)
+        arrays, start = {}, 0
+        for name, axes in op.inputs.items():
+            size = math.prod(shape(axes))
+            arrays[name], start = values[start:start + size].reshape(shape(axes)), start + size
+        arrays |= {p: rng.uniform(*op.domain, shape(axes)).astype(dtype) for p, (axes, _) in op.params.items()}
+        arrays |= {t: rng.integers(0, subject.sizes[op.labels[t]], shape(axes)) if t in op.labels else
+                   rng.uniform(0, 1, shape(axes)).astype(dtype) for t, axes in op.targets.items()}
+        arrays |= {z: getattr(package._tensor, f"{kind}_mask")(np.random.default_rng(SEED), shape(axes),
+                                                               op.options[option], np.dtype(dtype), True)
+                   for z, (axes, kind, option) in (op.noise or {}).items()}
+        samples.append(arrays | {"g": rng.uniform(-1, 1, shape(op.steps[-1].indices)).astype(dtype)})
+    return samples
+
+
+def tensor_options(subject, dtype):
+    """The options' values in the kernels of dtype (an option whose default is the dtype's machine epsilon)."""
+    return {o: exact(np.finfo(dtype).eps if o in subject.op.dtype_eps else v) for o, v in subject.op.options.items()}
+
+
+def program_values(subject, arrays, options, digits):
+    """{(quantity, output name): object array of mpf, None where not a real number} of subject's programs at arrays
+    (float or integer) and options (exact), by mpmath at digits."""
+    from derive.tensor import FirstMax, evaluated
+    with mpmath.workdps(digits):
+        values = {name: a if a.dtype.kind in "iu" else np.vectorize(mpf_of, otypes=[object])(a)
+                  for name, a in arrays.items()}
+        option_values = [mpmath.mpf(v) for v in options.values()]
+        for program in subject.programs.values():   # the forward steps first, which the gradients read
+            for a in program:
+                if a.name in values:    # an adjoint step two gradients share
+                    continue
+                if isinstance(a.expr, FirstMax):  # a mask of comparisons, 0 or 1: exact in floats
+                    values[a.name] = evaluated([a], values, subject.sizes)[a.name].astype(object)
+                else:
+                    values[a.name] = entries(subject.functions[a], values, a, subject, option_values)
+    return {key: values[program[-1].name] for key, program in subject.programs.items()}
+
+
+def mpf_of(value):
+    """A float of any dtype, or an mpf (a perturbed input), as an mpf."""
+    return value if isinstance(value, mpmath.mpf) else mpmath.mpf(float(value))
+
+
+def entries(function, values, assignment, subject, option_values):
+    """Every entry of one assignment (an object array of mpf, None where it is not a real number)."""
+    from derive.tensor import size_of
+    names, f = function
+    reads = [values[name] for name in names]
+    result = np.empty(tuple(subject.sizes[size_of(i)] for i in assignment.indices), object)
+    for at in np.ndindex(result.shape):
+        try:
+            result[at] = real(f(*reads, *at, *option_values))
+        except (ZeroDivisionError, ValueError, TypeError, OverflowError):  # TypeError: it read a None
+            result[at] = None
+    return result
+
+
+class TensorTruth:
+    """The truth of one sample: every output's entries at DIGITS (MORE_DIGITS where an input exceeds TINY_EXP, or
+    the two precisions disagree), and, where asked, every entry's scale sum_v |v dq/dv| over every real input entry
+    v, by differences q(v (1 + 10^-SCALE_DIGITS)) - q(v) at DIGITS, all of them at once (an allowance: two digits
+    of it are enough)."""
+
+    def __init__(self, subject, arrays, options):
+        self.subject, self.arrays, self.options = subject, arrays, options
+        large = any(np.max(np.abs(arrays[name]), initial=0) > TINY_EXP for name in subject.real_inputs)
+        levels = [] if large else [program_values(subject, arrays, options, d) for d in (DIGITS - 10, DIGITS)]
+        agree = levels and all(v is None or f is not None and abs(v - f) <= AGREE * abs(v)
+                               for key in levels[1] for f, v in zip(levels[0][key].flat, levels[1][key].flat))
+        self.values = levels[1] if agree else program_values(subject, arrays, options, MORE_DIGITS)
+
+    def scale(self, key, at):
+        """sum_v |v dq/dv| of output key's entry at."""
+        return self.scales[key][at]
+
+    @functools.cached_property
+    def scales(self):
+        """{(quantity, output name): array of float, sum_v |v dq/dv| per entry (inf beyond the largest float)}."""
+        total = {key: np.zeros(values.shape) for key, values in self.values.items()}
+        largest = mpmath.mpf(np.finfo(float).max)
+        with mpmath.workdps(DIGITS), np.errstate(over="ignore"):
+            delta = mpmath.mpf(10) ** -SCALE_DIGITS
+            for name in self.subject.real_inputs:
+                for at in np.ndindex(self.arrays[name].shape):
+                    if not self.arrays[name][at]:
+                        continue
+                    moved = self.arrays[name].astype(object)
+                    moved[at] = mpf_of(moved[at]) * (1 + delta)
+                    shifted = program_values(self.subject, {**self.arrays, name: moved}, self.options, DIGITS)
+                    for key, values in self.values.items():
+                        for k, (v, w) in enumerate(zip(values.flat, shifted[key].flat)):
+                            if v is not None and w is not None:
+                                total[key].flat[k] += float(min(abs(w - v) / delta, largest))
+        return total
+
+
+def run_tensor_class(cls, subject, arrays):
+    """{(quantity, output name): array} of a generated index-notation class at one sample: its output (a window
+    at stride 1, the derivation's; a loss unreduced) and the gradient of every input and param for upstream g."""
+    op = subject.op
+    instance = cls(**op.size_arguments(subject.sizes), **({"stride": 1} if op.window else {}),
+                   **({"rng": np.random.default_rng(SEED)} if op.noise else {}),
+                   **({"reduction": "none"} if op.kind == "loss" else {}))
+    for p in op.params:
+        setattr(instance, p, arrays[p].copy())
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = instance.forward(*(arrays[a].copy() for a in [*op.inputs, *op.targets]))
+        grads = instance.backward(arrays["g"].copy())
+    grads = dict(zip(op.inputs, grads if isinstance(grads, tuple) else (grads,)))
+    grads |= {p: getattr(instance, f"d{p}") for p in op.params}
+    return {("forward", op.steps[-1].name): y, **{("backward", f"d{name}"): grad for name, grad in grads.items()}}
+
+
+def judge_scaled(tally, got, truth, scale, dtype, ulps_bound, where):
+    """judge for an entry of an index-notation op, in units u = ulp(truth) + eps scale() / ulps_bound, scale() its
+    sum_v |v dq/dv| (computed only where the error exceeds ulps_bound ulps of the truth): within ulps_bound units
+    is the element-wise contract's error <= ulps_bound ulps + eps scale(), and the figure is the largest count of
+    units, less the smallest normal number where the truth is below it (a kernel may flush a subnormal result)."""
+    if not finite_verdict(tally, got, truth, dtype, where):
+        return
+    info = np.finfo(dtype)
+    normal = abs(truth) >= info.tiny
+    ulp = unit_in_last_place(rounded(truth, dtype), dtype)
+    with mpmath.workdps(DIGITS):
+        error = max(0.0, float(abs(mpmath.mpf(float(got)) - truth)) - (0.0 if normal else float(info.tiny)))
+    ulps = error / ulp
+    if ulps > ulps_bound:
+        ulps = error / (ulp + EPS[dtype] * scale() / ulps_bound)
+    if normal:
+        tally.worst_ulps = max(tally.worst_ulps, ulps)
+    if ulps > ulps_bound:
+        tally.inexact += 1
+        tally.note(f"{where}: {got!r}, truth {mpmath.nstr(truth, 10)} ({ulps:.3g} units of its scale)",
+                   ulps / ulps_bound)
+    tally.worst_excess = max(tally.worst_excess, ulps / ulps_bound)
+
 
 def figures(op, package, quick=True):
     """{backend: (float32 forward, float32 backward, float64 forward, float64 backward)} of op's classes in

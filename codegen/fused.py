@@ -228,9 +228,12 @@ def fused_code(kernel, rows, loss, summed=False):
         name = kernel.name
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     args = arguments(exprs, ({"c"} if uses_label else set()) | set(kernel.takes), kernel.params)
+    flags = []
     if kernel.weight is not None and "g" in args:
-        args.remove("g")  # the kernel computes it from its total
-    unfused = sorted(set(args) - FUSED_ARGS - set(kernel.params))
+        # the kernel computes g from its total, and takes the flags choosing it (mean: 1/total, or a sum's 1)
+        flags = sorted(s.name for s in kernel.weight.free_symbols if s.name not in dict(kernel.outputs))
+        args = [a for a in args if a != "g"] + flags
+    unfused = sorted(set(args) - FUSED_ARGS - set(kernel.params) - set(flags))
     if unfused:
         raise FusionError(f"it reads {', '.join(unfused)}")
     if any(e.has(*UNFUSED) for e in exprs):
@@ -244,9 +247,10 @@ def fused_code(kernel, rows, loss, summed=False):
         raise FusionError(f"{kernel.name}: an element-wise kernel with a row reduction")
     for lhs, expr in assignments:
         kinds[lhs.name] = kind_of(expr, kinds)
+    assignments = entries_at_label(assignments, kinds)
     # every argument but the arrays is a number, cast to the input's dtype once
     names_of = {a: f"{a}[n, k]" if rows else f"{a}[i]" for a in full}
-    names_of |= {a: f"T({a})" for a in args if a not in full and a not in COLUMNS + ("g",)}
+    names_of |= {a: f"T({a})" for a in args if a not in full + flags and a not in COLUMNS + ("g",)}
     names_of |= {a: f"{a}[n, 0]" for a in COLUMNS if a in args and a != "c"}
     if "g" in args:
         names_of["g"] = "g_n" if rows and loss else "g[n, k]" if rows else "g_i"
@@ -266,6 +270,33 @@ def fused_code(kernel, rows, loss, summed=False):
             "signature": args + (["out=None"] if kernel.out else []),
             "returns": names, "body": body, "runtime": sorted(loops.used),
             "call": call_lines(name, args, full, names, kinds, rows, columns, into, summed)}
+
+
+def entries_at_label(assignments, kinds):
+    """The assignments with the label's entry of an expression (AtLabel(v1 - v4): a saved array that
+    a forward writing dx replaced by its definition) read as that expression of the entries at the
+    label: each full temporary it reads gets a per-row copy (v1_c = AtLabel(x) - a0) assigned just
+    before, the per-row values are read as they are. Symbols replace symbols, so nothing is rewritten
+    (SymPy would fold exp(u - log(s)) into exp(u)/s, and -expm1 into 1 - exp). kinds gets the copies' kinds."""
+    full = {lhs: expr for lhs, expr in assignments if kinds[lhs.name] == "full"}
+    copies, taken = {}, []
+
+    def at_label(expr):
+        for symbol in sorted(expr.free_symbols & set(full), key=str):  # sorted: the same file every run
+            if symbol in copies:  # copied by an earlier one's definition
+                continue
+            copy = sp.Symbol(f"{symbol.name}_c")
+            taken.append((copy, at_label(full[symbol])))
+            copies[symbol] = copy
+            kinds[copy.name] = kind_of(taken[-1][1], kinds)
+        arrays = {s: AtLabel(s) for s in expr.free_symbols if kinds.get(s.name) == "full" and s not in full}
+        return expr.xreplace(arrays | {s: copies[s] for s in expr.free_symbols if s in full})
+
+    for lhs, expr in assignments:
+        expr = expr.replace(lambda e: isinstance(e, AtLabel) and (e.args[0] in full or not e.args[0].is_Symbol),
+                            lambda e: at_label(e.args[0]))
+        taken.append((lhs, expr))
+    return taken
 
 
 def kind_of(expr, kinds):

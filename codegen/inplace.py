@@ -406,6 +406,24 @@ class Ufunc(sp.Function):
         return f"np.{ufunc.name}({', '.join(_print(o) if o.is_Integer else printer.doprint(o) for o in operands)}{out})"
 
 
+class Filled(Ufunc):
+    """np.where(where, fill, value) with fill a number, or, where a buffer is named (value's own), fill copied
+    into it where `where` holds (np.copyto: a mask costs no new array, and a tenth of a masked ufunc's time).
+    Args: (Str "where", Str buffer, value, where, fill)."""
+
+    def _numpycode(self, printer):
+        _, _, value, where, fill = self.args
+        return f"np.where({printer.doprint(where)}, {printer.doprint(fill)}, {printer.doprint(value)})"
+
+    def lines(self, printer, target):
+        """The lines computing target: np.copyto into the buffer, then target naming it; or target = np.where."""
+        _, into, _, where, fill = self.args
+        if not into.name:
+            return [f"{target} = {printer.doprint(self)}"]
+        return [f"np.copyto({into.name}, {printer.doprint(fill)}, where={printer.doprint(where)})",
+                f"{target} = {into.name}"]
+
+
 @dataclass
 class Line:
     """A line of a buffered index-notation function: target = value (a Ufunc, or an expression printed
@@ -499,7 +517,23 @@ class TensorFlattener:
             return self.emit(POWERS.get(expr.exp, "power"), shape, self.operand(expr.base), *exponent)
         if type(expr) in UNARY and self.shape(expr.args[0]):
             return self.emit(UNARY[type(expr)], shape, self.operand(expr.args[0]))
-        return self.whole(expr, shape)
+        return self.filled(expr, shape) or self.whole(expr, shape)
+
+    def filled(self, expr, shape):
+        """Piecewise((value, c), (fill, True)) (or its branches the other way) with fill a number, as Filled, so that
+        it may write fill over value's buffer; else None."""
+        if not (isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1].cond == sp.true):
+            return None
+        (first, condition), (second, _) = expr.args
+        value, fill = (first, second) if second.is_number else (second, first) if first.is_number else (None, None)
+        if value is None or self.shape(value) != shape:
+            return None
+        # where fill goes: not the condition where fill is the other branch, ~(u > 0), never u <= 0, which a NaN fails
+        where = self.within(condition)
+        where = sp.Not(where, evaluate=False) if fill is second else where
+        target = self.name("u")
+        self.lines.append(Line(target.name, Filled(Str("where"), Str(""), self.operand(value), where, fill), shape))
+        return target
 
     def within(self, expr):
         """expr with the full-shape values inside it (a reduction's operand, a branch) computed first."""
@@ -533,6 +567,9 @@ class TensorFlattener:
     def product(self, expr, shape):
         """Full factors multiplied (or divided) in turn, then the others: together where that makes no full
         array itself, else the numbers and scalars with the first of them, and each other one alone."""
+        scaled = self.scaled_operand(expr)
+        if scaled is not None:
+            return self.operand(scaled)
         factors, divisors, rest = [], [], []
         for f in self.reusing(expr.args):
             if isinstance(f, sp.Pow) and f.exp == -1 and self.shape(f.base):
@@ -562,6 +599,20 @@ class TensorFlattener:
             if group != 1:
                 value = self.emit("multiply", shape, value, self.within(group))
         return value
+
+    def scaled_operand(self, expr):
+        """A scalar times a matrix product, the scalar moved onto the product's smallest operand where that is
+        smaller than the product (attention's scores: Q / sqrt(D), T D entries, not the T S of Q K^T); else None."""
+        from codegen.tensor_lower import MatMul
+        products = [f for f in expr.args if isinstance(f, MatMul)]
+        scale = sp.Mul(*(f for f in expr.args if not isinstance(f, MatMul)))
+        if len(products) != 1 or np.ndim(self.value(scale)) != 0:
+            return None
+        sizes = [np.size(self.value(o)) for o in products[0].args]
+        smallest = int(np.argmin(sizes))
+        if sizes[smallest] >= np.size(self.value(products[0])):
+            return None
+        return MatMul(*(scale * o if n == smallest else o for n, o in enumerate(products[0].args)))
 
     def reusing(self, factors):
         """factors with each sum that is a number times a value an earlier statement holds written so (LayerNorm's
@@ -595,13 +646,14 @@ class TensorFlattener:
 
 def evaluation_namespace(function):
     """The names a function's statements read, at the check sizes: its arrays random from 0.5 to 1.5 (where
-    every function of the catalog is defined), its options 0.5, its sizes as its first lines compute them."""
+    every function of the catalog is defined), its options 0.5, a window's stride 1 on each axis, its sizes as its
+    first lines compute them."""
     import math
     rng = np.random.default_rng(0)
     shapes = dict(function.shapes)
     namespace = {"np": np, "math": math}
     for name in function.args:
-        namespace[name] = rng.uniform(0.5, 1.5, shapes[name]) if name in shapes else 0.5
+        namespace[name] = rng.uniform(0.5, 1.5, shapes[name]) if name in shapes else (1,) * 3 if name == "stride" else 0.5
     for names, how in function.sizes:
         exec(f"{names} = {how}", namespace)  # noqa: S102 - the kernel's own source
     return namespace
@@ -651,13 +703,15 @@ def tensor_in_place(function, printer, view, fresh):
         if isinstance(line.value, Ufunc):
             whole = operands(line)
             dead = [o for o in whole if owned.get(o) == line.shape and last_use.get(o) == position and o not in kept]
-            into = dead[0] if dead else next((f for f in free if owned[f] == line.shape), None)
+            spare = next((f for f in free if owned[f] == line.shape), None) if type(line.value) is Ufunc else None
+            into = dead[0] if dead else spare   # a Filled writes over its own value alone
             if into is not None:
                 free = [f for f in free if f != into]
                 del owned[into]
-                line.value = Ufunc(line.value.args[0], Str(into), *line.value.args[2:])
-        printed.append(line.statement.source(printer) if line.statement is not None
-                       else f"{line.target} = {printer.doprint(line.value)}")
+                line.value = line.value.func(line.value.args[0], Str(into), *line.value.args[2:])
+        printed += ([line.statement.source(printer)] if line.statement is not None
+                    else line.value.lines(printer, line.target) if isinstance(line.value, Filled)
+                    else [f"{line.target} = {printer.doprint(line.value)}"])
         free += [name for name in reads(line) if name in owned and last_use.get(name) == position
                  and name not in kept and name not in free]
         if line.shape is not None and line.target not in kept:

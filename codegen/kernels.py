@@ -29,6 +29,9 @@ STATE = ("param", "grad", "velocity")
 X = sp.Symbol("x")
 # A saved quotient (softmax) is kept as its numerator e_i and its denominator.
 NUMERATOR, DENOMINATOR = "e", "den"
+# the reductions a forward writing dx serves, and the flag it takes: True under a mean (g = 1/total), False
+# under a sum (g = 1)
+WITH_DX, MEAN = ("mean", "sum"), sp.Symbol("mean")
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ class Kernel:
     out: bool = False              # takes out=, a buffer for its result (a backward's dx)
     summed: "Kernel" = None        # the same with L summed over every entry (an element-wise loss's forward)
     recompute: bool = False        # negations of arguments recomputed where read, not held in a buffer
-    weight: sp.Expr = None         # g, each loss entry's weight, from the total the kernel computes (not an argument)
+    weight: sp.Expr = None         # g, each loss entry's weight, from the total the kernel computes and the flags
+                                   # its free symbols name but total (MEAN), not an argument
     takes: tuple = ()              # arguments taken even where no output reads them (a loss backward's g: its
                                    # class passes g, and a zero derivative reads none)
     arrays: tuple = ()             # arguments made arrays first: erf is called on an option alone too, and
@@ -103,22 +107,28 @@ def loss_kernels(op, target, variant):
     return forward, backward
 
 
-def with_mean_gradient(forward, backward):
-    """forward, also writing backward's dx under a mean in place of the arrays it saves for backward.
+def with_gradient(forward, backward):
+    """forward, also writing backward's dx under a mean or a sum in place of the arrays it saves for backward.
 
-    A mean's weight g = 1/total is known as soon as forward knows its total, so the pass that reads x
-    for the loss can write dx as well, and backward has nothing left to read: what JAX's
-    jit(value_and_grad) makes of a loss by fusing. render.py asks for it for the fused kernels of an
-    element-wise loss only: softmax-CE's would also carry its label's scatter (at_label), and its two
-    kernels already take under 2 copies of the bandwidth floor."""
+    The weight g (a mean's 1/total, a sum's 1) is known as soon as forward knows its total, so the pass
+    that reads x for the loss can write dx as well, and backward has nothing left to read: what JAX's
+    jit(value_and_grad) makes of a loss by fusing. render.py asks for it for the fused kernels; a row
+    loss's dx keeps backward's update at each row's label (at_label). The kernel takes the flag MEAN
+    and picks g from it: one compiled kernel serves both reductions (a kernel each would compile twice)."""
     outputs = dict(forward.outputs)
-    saved = {sp.Symbol(name): expr for name, expr in forward.outputs if name not in ("L", "total")}
+    saved = {name: expr for name, expr in forward.outputs if name not in ("L", "total")}
     (_, dx), = backward.outputs
-    return Kernel(f"{forward.name}_mean", f"The losses' total per row, dx under a mean and the mean's total "
-                  f"({forward.name.split('_', 1)[1].replace('_', ', ')}).",
+
+    def in_forward(expr):  # matched by name: backward's den is a positive symbol, forward's output a name
+        return expr.xreplace({s: saved[s.name] for s in expr.free_symbols if s.name in saved})
+    under_mean, under_sum = (row_weight(REDUCTIONS[name]) for name in WITH_DX)
+    weight = sp.Piecewise((under_mean, MEAN), (under_sum, True))
+    return Kernel(f"{forward.name}_with_dx", f"The losses' total per row, dx (under a mean if mean, else under a "
+                  f"sum) and the mean's total ({forward.name.split('_', 1)[1].replace('_', ', ')}).",
                   f"{forward.derivation}; {backward.derivation}",
-                  (("L", outputs["L"]), ("dx", dx.xreplace(saved)), ("total", outputs["total"])),
-                  sizes=forward.sizes, params=forward.params, weight=row_weight(REDUCTIONS["mean"]))
+                  (("L", outputs["L"]), ("dx", in_forward(dx)), ("total", outputs["total"])),
+                  None if backward.at_label is None else in_forward(backward.at_label),
+                  sizes=forward.sizes, params=forward.params, weight=weight)
 
 
 def term_totals(per_entry, params):
@@ -204,11 +214,11 @@ def erf_kernel():
                   (("y", erf_numpy(X)),), arrays=("x",))
 
 
-def erfc_kernel():
-    """erfc(x) with NumPy alone, the generated package's _special.erfc: 1 - erf's series near 0, and
-    exp(-x^2) times derive.special's polynomial in the tail, relatively accurate however small erfc is."""
-    return Kernel("erfc", "erfc(x), element-wise: to a few ulp in float64, as math.erfc.", "erfc(x)",
-                  (("y", erfc_numpy(X)),), arrays=("x",))
+def erfc_kernel(dtype):
+    """erfc(x) with NumPy alone for a dtype array, called by the generated package's _special.erfc: 1 - erf's series
+    near 0, and exp(-x^2) times derive.special's polynomial in the tail, relatively accurate however small erfc is."""
+    return Kernel(f"erfc_{dtype}", f"erfc(x), element-wise: to a few ulp in {dtype}, as math.erfc.", "erfc(x)",
+                  (("y", erfc_numpy(X, dtype)),), arrays=("x",))
 
 
 def kernel_assignments(kernel):

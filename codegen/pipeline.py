@@ -25,14 +25,15 @@ from codegen.accuracy import figures
 from codegen.render import CATALOG_SOURCE, FAST, ROOT, environment, generator_digest, operation_files, package_files
 from codegen.verify import check_agreement, check_op
 from codegen.stages import budgeted, in_stage
+from codegen.tensor_fused import agreement, fusion_error
 from codegen.write import differences, import_package, publish, stage
 from derive.declare import DeclarationError
 from derive.tensor import TensorOp
 
 # seconds an operation's accuracy survey may take (or the stage budget, if less): past it, its figures are n/a
 SURVEY_SECONDS = 10.0
-# the line under an index-notation op's "(fast)" row: codegen.fused prints element-wise and row kernels only
-TENSOR_NOT_FUSED = "skipped: an index-notation op has no fused numba form; fast/ has no class for it (use the NumPy one)"
+# the line under the "(fast)" row of an index-notation op that codegen.tensor_fused does not fuse, with why
+TENSOR_NOT_FUSED = "skipped: no fused numba form ({}); fast/ has no class for it (use the NumPy one)"
 
 
 # one JSON file per operation and inputs (cache_key), in a checkout's git-ignored build/; none in an installed package
@@ -137,8 +138,9 @@ def verify_package(package, catalog, seed=0):
             with in_stage(name, "verification"), np.errstate(all="ignore"):
                 checks = check_op(op, cls, rng)
                 if where is fast:  # the fused backend also computes what the NumPy one does
+                    agree = agreement if isinstance(op, TensorOp) else check_agreement
                     checks += [(f"against NumPy, {variant}", check)
-                               for variant, check in check_agreement(op, getattr(package, op.name), cls, rng)]
+                               for variant, check in agree(op, getattr(package, op.name), cls, rng)]
         except DeclarationError as error:
             reports.append(OpReport(name, kernels, float("inf"), False, (str(error),)))
             continue
@@ -146,9 +148,9 @@ def verify_package(package, catalog, seed=0):
         found = surveyed[op.name]
         ulps = found if isinstance(found, str) else found.get("fused" if where is fast else "numpy")
         reports.append(OpReport(name, kernels, max(check.error for _, check in checks), not failures, failures, ulps))
-    # an index-notation op has no fused form (yet): the summary says so, rather than leave it out silently
-    reports += [OpReport(f"{name} (fast)", 0, 0.0, True, (TENSOR_NOT_FUSED,)) for name, op in catalog.items()
-                if fast is not None and isinstance(op, TensorOp)]
+    # an index-notation op codegen.tensor_fused does not fuse: the summary says why, rather than leave it out silently
+    reports += [OpReport(f"{name} (fast)", 0, 0.0, True, (TENSOR_NOT_FUSED.format(fusion_error(op)),))
+                for name, op in catalog.items() if fast is not None and isinstance(op, TensorOp) and not hasattr(fast, name)]
     return in_order(reports, catalog)
 
 

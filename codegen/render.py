@@ -9,9 +9,10 @@ import sympy as sp
 
 from codegen.fused import FASTMATH, FusionError, fused_code, runtime_functions
 from codegen.kernels import (erf_kernel, erfc_kernel, kernel_code, layer_kernels, loss_kernels, reductions,
-                             sgd_kernel, with_mean_gradient, adam_kernel)
+                             sgd_kernel, with_gradient, adam_kernel, MEAN, WITH_DX)
 from codegen.printer import print_code, range_arguments
 from codegen.stages import in_stage
+from codegen.tensor_fused import fast_context as tensor_fast_context
 from codegen.tensor_lower import module_context
 from derive.gradients import flag_settings, variants
 from derive.tensor import TensorOp
@@ -20,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
 # Everything whose change can change a generated file; its digest goes in every header.
 GENERATOR = ("derive/*.py", "codegen/lower.py", "codegen/printer.py", "codegen/kernels.py", "codegen/inplace.py",
-             "codegen/fused.py", "codegen/render.py", "codegen/tensor_lower.py", "templates/*.jinja")
+             "codegen/fused.py", "codegen/render.py", "codegen/tensor_lower.py", "codegen/tensor_fused.py",
+             "templates/*.jinja")
 # The derivations printed for readers (symgrad derive, make docs) never reach a generated file; nor does the
 # registry's file itself: each entry is in its own files' digests (their context holds it), so that a changed
 # entry changes its own files alone, and make codegen derives that operation alone.
@@ -160,7 +162,7 @@ def loss_context(op):
             # the plain labels path is also forward's common case, taken first with as few Python operations as it
             # takes: at (64, 10) those are most of a call
             common = common_condition(op) if target == "labels" and not general else None
-            paths.append({"forward": forward, "backward": backward, "donor": donor, "mean": None, "common": common,
+            paths.append({"forward": forward, "backward": backward, "donor": donor, "with_dx": None, "common": common,
                           "condition": " and ".join(flag_tests(op, suffix) + (
                               [] if general else neutral_tests(op, target))) or None,
                           "prepare": prepare + positions(prepare, forward, backward)})
@@ -240,7 +242,7 @@ def fast_context(op, context=None):
     for path in context.get("paths", []):
         prepare = [line for line in path["prepare"] if line != POSITIONS]
         path["prepare"] = prepare + positions(prepare, path["forward"], path["backward"])
-        path["mean"] = mean_gradient_code(op, path, {kernel.name: kernel for kernel in kernels}, printed)
+        path["with_dx"] = with_dx_code(op, path, {kernel.name: kernel for kernel in kernels}, printed)
     fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
     runtime = {name for p in printed.values() for code in (p["fused"], p["summed"]) if code for name in code["runtime"]}
     # _runtime's dense_target tests the range in one compiled pass (NumPy's makes boolean arrays)
@@ -251,16 +253,22 @@ def fast_context(op, context=None):
                 checks=checks)
 
 
-def mean_gradient_code(op, path, kernels, printed):
-    """An element-wise loss path's fused forward that also writes dx under a mean (with_mean_gradient),
-    printed with how the class calls it; None where its forward or backward is not fused."""
+def with_dx_code(op, path, kernels, printed):
+    """A loss path's fused forward that also writes dx under a mean or a sum (with_gradient), printed
+    with how the class calls it and the reductions it serves; None where its forward or backward is not
+    fused. An element-wise loss's sums its losses per row, as its summed forward; a row loss's gives one
+    per row anyway."""
     forward, backward = (printed[path[side]["name"]] for side in ("forward", "backward"))
-    if op.granularity != "element" or not (forward["summed"] and backward["fused"]):
+    rows = op.granularity == "row"
+    if not ((forward["fused"] if rows else forward["summed"]) and backward["fused"]):
         return None
-    kernel = with_mean_gradient(kernels[path["forward"]["name"]], kernels[path["backward"]["name"]])
-    code = fused_code(kernel, False, True, summed=True)
-    return {"name": kernel.name, "doc": kernel.doc, "fused": code,
-            "call": with_calls({"args": code["signature"]}, op)["call"]}
+    kernel = with_gradient(kernels[path["forward"]["name"]], kernels[path["backward"]["name"]])
+    code = fused_code(kernel, rows, True, summed=not rows)
+    call = with_calls({"args": code["signature"]}, op)["call"]
+    # the common case is a mean: it passes True, where the checked path passes the reduction's test
+    return {"name": kernel.name, "doc": kernel.doc, "fused": code, "reductions": WITH_DX,
+            "call": [{MEAN.name: 'self.reduction == "mean"'}.get(arg, arg) for arg in call],
+            "common_call": [{MEAN.name: "True"}.get(arg, arg) for arg in call]}
 
 
 def render_package(catalog, fused=True):
@@ -275,9 +283,17 @@ def operation_files(op, fused=True, env=None, generator=None):
     """{file name: text} of op's own modules: its NumPy one, and its fused one if fused and it has that form."""
     env, generator = env or environment(), generator or generator_digest()
     source = f"{CATALOG_SOURCE} ({op.name})"
-    if isinstance(op, TensorOp):  # index notation: lowered to whole arrays by codegen.tensor_lower; no fused form (yet)
-        with in_stage(op.name, "lowering its derivation to arrays and printing them"):
-            return {f"{op.module}.py": render(env, "tensor.py.jinja", source, generator, module_context(op))}
+    if isinstance(op, TensorOp):  # index notation: lowered to whole arrays by codegen.tensor_lower, fused loops by
+        with in_stage(op.name, "lowering its derivation to arrays and printing them"):  # codegen.tensor_fused
+            files = {f"{op.module}.py": render(env, "tensor.py.jinja", source, generator, module_context(op))}
+        if fused:
+            with in_stage(op.name, "printing its fused kernels (--backend numpy skips them)"):
+                try:
+                    files[f"{FAST}/{op.module}.py"] = render(env, "tensor_fused.py.jinja", source, generator,
+                                                             tensor_fast_context(op))
+                except FusionError:  # the codegen summary says why (codegen.tensor_fused.fusion_error)
+                    pass
+        return files
     with in_stage(op.name, "deriving and printing its NumPy kernels"):
         context = op_context(op)
         files = {f"{op.module}.py": render(env, f"{op.kind}.py.jinja", source, generator, context)}
@@ -303,7 +319,8 @@ def package_files(catalog, modules, fused=True, env=None, generator=None):
                                   {"sgd": kernel_code(sgd_kernel()), "adam": kernel_code(adam_kernel(False)),
                                    "adamw": kernel_code(adam_kernel(True))}),
              "_special.py": render(env, "special.py.jinja", "derive/special.py", generator,
-                                   {"erf": kernel_code(erf_kernel()), "erfc": kernel_code(erfc_kernel())})}
+                                   {"erf": kernel_code(erf_kernel()),
+                                    "erfcs": [kernel_code(erfc_kernel(dtype)) for dtype in ("float32", "float64")]})}
     if any(isinstance(op, TensorOp) for op in ops):
         files["_tensor.py"] = render(env, "tensor_runtime.py.jinja", "templates/tensor_runtime.py.jinja", generator, {})
     if not fused:

@@ -1,7 +1,8 @@
 """Stages 3-5 of an index-notation operation: its TensorDerivation lowered to whole-array NumPy.
 
-    derivation(op) --max shift, derive.stability.INDEX_REWRITES--> forward and backward assignments
-    (masks of indices, powers combined, branches guarded, the logistic) --ArrayLowering--> array program: statements over views,
+    derivation(op) --max shift, corrected mean, ASSIGNMENT_REWRITES--> forward and backward assignments
+    (1 - sigmoid and the other exact element-wise rewrites, masks of indices, powers combined, branches guarded,
+    the logistic) --ArrayLowering--> array program: statements over views,
     np.einsum with its path chosen here, reductions, sliding windows, gathers and scatters
     --TensorPrinter--> NumPy source --templates/tensor.py.jinja--> the generated class.
 
@@ -12,7 +13,10 @@ product is np.einsum over its factors' views (its output in scope order, its pat
 np.einsum_path at the check sizes), any other summand is broadcast over its indices and reduced
 (np.add.reduce). A shifted index is a slice (x[n, h + H]) or, two indices in one (x[n, c, m + j]),
 a sliding window, the array zero-padded where the derivation narrowed the range to keep the read
-inside it (the transposed convolution's l - m): no read is ever out of range. A label x[n, c[n]] is
+inside it (the transposed convolution's l - m): no read is ever out of range. A window contracted with
+one array is one matrix product over the window copied to a matrix (im2col, window_product); a window's
+strided positions are read at the stride in the view, and a Sum over taps of reads at p - t of a strided
+position is the adjoint's scatter (windows_added, col2im). A label x[n, c[n]] is
 np.take_along_axis; a Kronecker delta at a label on the gradient side is a scatter
 (np.put_along_axis). A term guarded by a bound on an index (GLU's halves) updates that slice of its
 array. A Piecewise on data is np.where once guarded_branches has made both branches safe."""
@@ -31,7 +35,7 @@ from sympy.printing.str import StrPrinter
 from codegen.inplace import base_name, tensor_in_place
 from codegen.printer import KernelPrinter, positive_first, range_arguments
 from derive.special import ExpToInf
-from derive.stability import INDEX_REWRITES, rewritten_by
+from derive.stability import INDEX_REWRITES, REWRITES, rewritten_by
 from derive.tensor import (Assignment, FirstMax, Sum, bound_of, check_sizes, derivation, eval_mode, flag_values, folded,
                            in_base_sizes, linear, reads_of, size_of, with_flags)
 
@@ -234,9 +238,200 @@ def mean_of(expr):
     return (total[0], size) if whole and sp.simplify(rest - 1 / size) == 0 else (None, None)
 
 
+def guard_of(expr):
+    """(value, condition) of a guard Piecewise((value, condition), (0, True)), else (expr, None)."""
+    if isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1] == (0, True):
+        return expr.args[0].expr, expr.args[0].cond
+    return expr, None
+
+
+def read_back_rules(program):
+    """{name: (costly factor f, the other factors r, condition c or None)} of each forward step but the output
+    s = f r (or Piecewise((f r, c), (0, True))): f reads every index of s and is no array read and no Sum
+    (in_terms_of_steps names those), r read fewer indices, so cost less (a softmax's P = exp(A - m) / Z: f the
+    exponential, r 1/Z; a normalised x's (x - mu) / sqrt(var + eps): f x - mu, r the reciprocal root)."""
+    found = {}
+    for step in program.forward[:-1]:
+        body, condition = guard_of(step.expr)
+        factors = sp.Mul.make_args(body)
+        costly = [f for f in factors if not f.is_number and not isinstance(f, (sp.Indexed, Sum))
+                  and set(step.indices) <= f.free_symbols]
+        rest = [f for f in factors if f not in costly]
+        if len(costly) == 1 and not any(set(step.indices) <= f.free_symbols or f.has(Sum) for f in rest):
+            found[step.name] = (costly[0], sp.Mul(*rest), condition)
+    return found
+
+
+def read_back(expr, program, rules, facts=frozenset()):
+    """expr with each value f[at] that a forward step s = f r computes read back as s[at] / r[at] (the saved P
+    times Z for exp(A - m)), where s's condition holds: facts are the conditions known to hold there (the
+    enclosing Piecewise's branch and the Sums' ranges)."""
+    if isinstance(expr, sp.Piecewise):
+        branches, before = [], set()
+        for value, condition in expr.args:
+            known = facts | before | (set(sp.And.make_args(condition)) if condition != sp.true else set())
+            branches.append((read_back(value, program, rules, frozenset(known)), condition))
+            before.add(sp.Not(condition))
+        return sp.Piecewise(*branches)
+    if isinstance(expr, Sum):
+        ranges = {c for v, lo, hi in expr.limits for c in (sp.Le(lo, v), sp.Le(v, hi))}
+        return Sum(read_back(expr.function, program, rules, facts | ranges), *expr.limits)
+    indices = {i: sp.Wild(f"w_{i}") for step in program.forward for i in step.indices}
+    # a sum is matched by its primitive part: 2 x - 2 mu is 2 (x - mu)
+    number, primitive = sp.factor_terms(expr).as_coeff_Mul() if isinstance(expr, sp.Add) else (1, expr)
+    for name, (costly, rest, condition) in rules.items():
+        step = next(s for s in program.forward if s.name == name)
+        wilds = {i: indices[i] for i in step.indices}
+        match = primitive.match(costly.xreplace(wilds)) if primitive.func == costly.func else None
+        if match is None or any(w not in match for w in wilds.values()):
+            continue
+        at = {i: match[w] for i, w in wilds.items()}
+        if condition is None or set(sp.And.make_args(condition.xreplace(at))) <= facts:
+            return number * sp.IndexedBase(name, real=True)[tuple(at[i] for i in step.indices)] / rest.xreplace(at)
+    if isinstance(expr, sp.Indexed) or not expr.args:
+        return expr
+    return expr.func(*(read_back(arg, program, rules, facts) for arg in expr.args))
+
+
+def masks_applied(expr, guarded):
+    """Piecewise((0, ~c), (e, True)) or Piecewise((e, c), (0, True)) as e, where each term of e is a saved step
+    s[at] that is 0 wherever c fails (guarded: {s: (its indices, its condition)}, c[at] holding wherever s's
+    condition does) times numbers and array reads (finite): the step applies the mask already."""
+    def applied(piecewise):
+        if len(piecewise.args) != 2 or piecewise.args[1].cond != sp.true:
+            return piecewise
+        (first, condition), (second, _) = piecewise.args
+        if first == 0:
+            kept, value = sp.Not(condition), second
+        elif second == 0:
+            kept, value = condition, first
+        else:
+            return piecewise
+        needed = set(sp.And.make_args(kept))
+
+        def masked(term):
+            factors = sp.Mul.make_args(term)
+            plain = all(f.is_number or isinstance(f.as_base_exp()[0], sp.Indexed) and f.as_base_exp()[1].is_Integer
+                        for f in factors)
+            return plain and any(
+                isinstance(f, sp.Indexed) and f.base.name in guarded and needed <= set(sp.And.make_args(
+                    guarded[f.base.name][1].xreplace(dict(zip(guarded[f.base.name][0], f.indices))))) for f in factors)
+        return value if all(masked(t) for t in sp.Add.make_args(value)) else piecewise
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), applied)
+
+
+def sums_factored(expr):
+    """expr with the factors of each Sum's summand that read none of its indices taken out of the Sum."""
+    def out(total):
+        variables = {v for v, *_ in total.limits}
+        outside, inside = total.function.as_independent(*variables, as_Add=False)
+        return total if outside == 1 else outside * Sum(inside, *total.limits)
+    return expr.replace(lambda e: isinstance(e, Sum), out)
+
+
+def common_factor(assignment):
+    """a[F] = s[F] u + s[F] v as s[F] (u + v), s an array read at every index F of the assignment: one
+    pass of the product, after the sum (attention's g_A = P (g_P + Z g_Z))."""
+    terms = [set(sp.Mul.make_args(t)) for t in sp.Add.make_args(assignment.expr)]
+    common = [f for f in set.intersection(*terms) if isinstance(f, sp.Indexed)
+              and set(assignment.indices) <= set(f.indices)] if len(terms) > 1 else []
+    if not common:
+        return assignment
+    factor = sp.Mul(*sorted(common, key=sp.default_sort_key))
+    return assignment._replace(expr=factor * sp.Add(*(t / factor for t in sp.Add.make_args(assignment.expr))))
+
+
+def steps_read_back(program):
+    """The backward program with each value a forward step computes read back from that step (read_back):
+    a softmax's exp(A - m) as P Z, so that its adjoint is P (g_P - Sum(P g_P)) and A is not saved; then the
+    masks that those steps apply already dropped (masks_applied), the factors free of a Sum's indices taken
+    out of it, and a factor common to an adjoint's terms taken out of their sum."""
+    rules = read_back_rules(program)
+    if not rules:
+        return program
+    guarded = {s.name: (s.indices, guard_of(s.expr)[1]) for s in program.forward if guard_of(s.expr)[1] is not None}
+    backward = []
+    for a in program.backward:
+        expr = read_back(a.expr, program, rules)
+        if expr != a.expr:
+            a = common_factor(a._replace(expr=sums_factored(masks_applied(expr, guarded))))
+        backward.append(a)
+    if tuple(backward) == program.backward:
+        return program
+    return program._replace(backward=tuple(backward), rewrites=(*program.rewrites, "steps read back"))
+
+
+def adjoints_inlined(program):
+    """Each adjoint a[F] = r[F] c of the backward program (r an array read at every index F, c factors reading
+    fewer) written into the assignments that read it, where each Sum that reads it sums over indices c does not
+    read: c then leaves the Sum (sums_factored). BatchNorm's g_y_gamma = g gamma[c] in sums over n, h, w: gamma
+    times the sums dgamma and dbeta are, each computed once, and no pass makes g_y_gamma."""
+    backward, returns = list(program.backward), set(program.returns)
+    for a in program.backward:
+        factors = sp.Mul.make_args(a.expr)
+        full = [f for f in factors if isinstance(f, sp.Indexed) and set(a.indices) <= set(f.indices)]
+        if a.name in returns or len(full) != 1 or a.expr.has(Sum) or any(
+                set(a.indices) <= f.free_symbols for f in factors if f is not full[0]):
+            continue
+        rest = sp.Mul(*(f for f in factors if f is not full[0]))
+
+        def at(read):
+            return dict(zip(a.indices, read.indices))
+
+        def constant(expr, bound=frozenset()):   # rest, where expr reads a, free of the enclosing Sums' indices
+            if isinstance(expr, Sum):
+                return constant(expr.function, bound | {v for v, *_ in expr.limits})
+            if isinstance(expr, sp.Indexed):
+                return expr.base.name != a.name or not rest.xreplace(at(expr)).free_symbols & bound
+            return all(constant(arg, bound) for arg in expr.args)
+        readers = [b for b in backward if b is not a and a.name in reads_of(b.expr)]
+        if not all(constant(b.expr) for b in readers):
+            continue
+        written = {b.name: b._replace(expr=sums_factored(b.expr.replace(
+            lambda e: isinstance(e, sp.Indexed) and e.base.name == a.name, lambda e: a.expr.xreplace(at(e)))))
+            for b in readers}
+        backward = [written.get(b.name, b) for b in backward if b is not a]
+    if len(backward) == len(program.backward):
+        return program
+    return program._replace(backward=tuple(backward), rewrites=(*program.rewrites, "adjoints inlined"))
+
+
+def exponents_masked(expr):
+    """Piecewise((exp(u + v) r, c), (0, True)) as exp(Piecewise((u, c), (-oo, True)) + v) r, as exp(-oo) = 0: u
+    the terms of the exponent that read every index c reads, v and r reading fewer, so that a masked entry
+    shares them with an entry of its row that c keeps, where they are finite: c a condition on indices alone
+    that keeps an entry of every row (a causal mask keeps key 0 of every query; a row it masked whole would be
+    NaN, 0 before). One masked array then serves a softmax's max, its sum and its quotient."""
+    def masked(piecewise):
+        value, condition = guard_of(piecewise)
+        exponentials = [f for f in sp.Mul.make_args(value) if isinstance(f, (sp.exp, ExpToInf))]
+        if condition is None or condition.has(sp.Indexed) or len(exponentials) != 1:
+            return piecewise
+        indices, rest = condition.free_symbols, sp.Mul(*(f for f in sp.Mul.make_args(value) if f != exponentials[0]))
+        terms = sp.Add.make_args(exponentials[0].args[0])
+        reading = [t for t in terms if indices <= t.free_symbols]
+        others = [t for t in terms if t not in reading]
+        if not reading or any(indices <= f.free_symbols for f in (rest, *others)):
+            return piecewise
+        exponential = exponentials[0].func
+        return exponential(sp.Piecewise((sp.Add(*reading), condition), (-sp.oo, True)) + sp.Add(*others)) * rest
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), masked)
+
+
+# the rewrites of each assignment's scalar expression: the element-wise ones that are identities (1 - sigmoid gives
+# GLU's gate derivative as sigmoid(b) sigmoid(-b)), then INDEX_REWRITES. Left out: the approximate ones, their
+# thresholds found for an element-wise op's one variable x; those INDEX_REWRITES holds; the shifts, which max_shifted
+# makes here over any axes (the row max's ClassMax is an element-wise op's one class axis); and the steps as
+# branches, whose Piecewise would leave a Sum over the index it tests (masks of indices is their index form)
+ELEMENT_WISE_ONLY = {"shift by the row max", "1 - softmax", "exponential sums shifted", "steps as branches"}
+ASSIGNMENT_REWRITES = tuple(r for r in REWRITES if r[2] and r[0] not in ELEMENT_WISE_ONLY
+                            and r[0] not in {name for name, _, _ in INDEX_REWRITES}) + INDEX_REWRITES
+
+
 def rewritten(program, taken):
     """program after max_shifted and mean_corrected, which rewrite it as a whole, then every rewrite of
-    derive.stability.INDEX_REWRITES on each assignment."""
+    ASSIGNMENT_REWRITES on each assignment, then steps_read_back and adjoints_inlined on the backward
+    program and exponents_masked on the forward one."""
     program = mean_corrected(max_shifted(program, taken), taken)
 
     applied = list(program.rewrites)
@@ -244,12 +439,15 @@ def rewritten(program, taken):
     def each(assignments):
         out = []
         for a in assignments:
-            expr, names = rewritten_by(a.expr, INDEX_REWRITES)
+            expr, names = rewritten_by(a.expr, ASSIGNMENT_REWRITES)
             applied.extend(name for name in names if name not in applied)
             out.append(a._replace(expr=expr))
         return tuple(out)
     program = program._replace(forward=each(program.forward), backward=each(program.backward))
-    return program._replace(rewrites=tuple(applied))
+    program = adjoints_inlined(steps_read_back(program._replace(rewrites=tuple(applied))))
+    forward = tuple(a._replace(expr=exponents_masked(a.expr)) for a in program.forward)
+    masked = ("exponents masked",) if forward != program.forward else ()
+    return program._replace(forward=forward, rewrites=program.rewrites + masked)
 
 
 def fresh(name, taken):
@@ -317,6 +515,16 @@ class FirstMaxMask(ArrayOperation):
 
 class Padded(ArrayOperation):
     """np.pad(array, widths): zeros around the axes, so a shifted read past an end reads 0."""
+
+
+class WindowsAdded(ArrayOperation):
+    """windows_added(windows, shape, axes, taps, stride): each window's entries added back where a strided
+    sliding window read them (col2im), the adjoint of the window read."""
+
+
+class Reshaped(ArrayOperation):
+    """array.reshape(shape): a window view copied once into a matrix (im2col), or a product's matrix given back
+    its axes."""
 
 
 class Broadcast(ArrayOperation):
@@ -416,6 +624,15 @@ class ArrayLowering:
         self.statements, self.sizes, self.imports, self.dtype = [], set(), set(), False
         self.size_symbols = ({extent(i) for axes in axes.values() for i in axes} | set(op.sizes)
                              | {sp.Symbol(s, integer=True, positive=True) for s in op.given_sizes})
+        # a kernel's taps: an index of a param's axis or of a size the constructor takes (a pooling's window)
+        self.kernel_sizes = ({size_of(i) for axes, _ in op.params.values() for i in axes}
+                             | {sp.Symbol(s, integer=True, positive=True) for s in op.given_sizes})
+        # a window's strided positions (the output's axes i, j of stride="i j"): {index name: its stride, the
+        # kernels' argument stride[k]}; the derivation is the stride-1 window's, read at every stride-th position
+        output = op.steps[-1].indices
+        self.strides = {str(output[at]): sp.Symbol(f"stride[{k}]", integer=True, positive=True)
+                        for k, at in enumerate((op.window or {}).get("strided", ()))}
+        self.stride_used = False
 
     def fail(self, problem):
         raise LoweringError(f"{self.op.name}: {problem}")
@@ -469,8 +686,14 @@ class ArrayLowering:
         expr = View(name) if all(b == ":" for b in basic) else View(f"{name}[{', '.join(trimmed(basic))}]")
         if flips:
             expr = Aligned(expr, Str(", ".join("::-1" if a in flips else ":" for a in range(max(flips) + 1))))
-        for at, index, free, size in windows:
-            expr, axes = self.windowed(expr, axes, at, index, free, size, scope)
+        # every window's axis padded by one np.pad before the first window: a pad after it would copy that window
+        pads = [self.window_padding(index, free, size, scope) for _, index, free, size in windows]
+        if any(front != 0 or back != 0 for front, back in pads):
+            widths = {at: f"({self.integer(front)}, {self.integer(back)})"
+                      for (at, *_), (front, back) in zip(windows, pads)}
+            expr = Padded(expr, Str(tuple_text([widths.get(a, "(0, 0)") for a in range(len(axes))])))
+        for (at, index, free, size), (front, back) in zip(windows, pads):
+            expr, axes = self.windowed(expr, axes, at, index, free, size, scope, front, back)
         for at, label in reversed(labels):
             expr, axes = self.gathered(expr, axes, at, label, scope)
         while len({a for a in axes if a is not None}) < len([a for a in axes if a is not None]):
@@ -480,36 +703,45 @@ class ArrayLowering:
             axes = [a for n, a in enumerate(axes) if n not in (one, two)] + [twice]
         return expr, tuple(axes)
 
-    def windowed(self, expr, axes, at, index, free, size, scope):
-        """The view of x[..., p + w, ...] with p a position and w a window axis (the summed one where one
-        is), zero-padded where the read would leave the array, as a sliding window (the window axis last)."""
+    def window_padding(self, index, free, size, scope):
+        """(front, back): the zeros a shifted read x[..., p + w, ...] needs before and after x's axis of size
+        size to stay inside it over the whole ranges of p and w."""
         for i in free:
             lo, hi = scope.ranges[i]
             if not self.same(lo, 0) or not self.same(hi, extent(i) - 1):
                 self.fail(f"the shifted read of index {index} needs the whole range of {i}, not {lo}..{hi}")
-        summed = [i for i in free if i in scope.summed]
-        window, position = (summed[0], next(i for i in free if i != summed[0])) if len(summed) == 1 else free[::-1]
         slopes = {i: linear(index, i)[0] for i in free}
         offset = index.subs({i: 0 for i in free})
         low = offset + sum(-(extent(i) - 1) for i in free if slopes[i] == -1)
         high = offset + sum(extent(i) - 1 for i in free if slopes[i] == 1)
-        front, back = self.padding(-low), self.padding(high - (size - 1))
-        if front != 0 or back != 0:
-            widths = ", ".join(f"({self.integer(front)}, {self.integer(back)})" if a == at else "(0, 0)"
-                               for a in range(len(axes)))
-            expr = Padded(expr, Str(f"({widths}{',' if len(axes) == 1 else ''})"))
+        return self.padding(-low), self.padding(high - (size - 1))
+
+    def windowed(self, expr, axes, at, index, free, size, scope, front, back):
+        """The view of x[..., p + w, ...] with p a position and w a window axis (the summed one where one
+        is), x padded by front and back already, as a sliding window (the window axis last); a strided
+        position (self.strides) read at every stride-th entry, x[..., s p + w, ...], in the view itself."""
+        summed = [i for i in free if i in scope.summed]
+        window, position = (summed[0], next(i for i in free if i != summed[0])) if len(summed) == 1 else free[::-1]
+        slopes = {i: linear(index, i)[0] for i in free}
+        step = {i: self.stride_of(i) for i in free}
+        if any(step.values()) and -1 in slopes.values():
+            self.fail(f"the shifted read of index {index} reads a strided position backwards")
+        offset = index.subs({i: 0 for i in free})
         # index + front = p~ + w~ + start, p~ and w~ the positions counted from 0 in reading order
         start = sp.expand(offset + front - sum(extent(i) - 1 for i in free if slopes[i] == -1))
         length = size + front + back
-        expr = Window(expr, Str(self.integer(extent(window))), Str(str(at)))
+        expr = Window(expr, Str(self.integer(self.span(window))), Str(str(at)))
         self.imports.add("sliding_window_view")
-        available = sp.expand(length - extent(window) + 1 - start)
+        available = sp.expand(length - extent(window) + 1 - start)   # at stride 1
+        exact = self.same(available, extent(position)) and not step[window]
         post = [":"] * len(axes) + [":"]
-        span = ("" if self.same(start, 0) else self.integer(start)) + ":" + (
-            "" if self.same(available, extent(position)) else self.integer(start + extent(position)))
-        post[at] = span
+        post[at] = ("" if self.same(start, 0) else self.integer(start)) + ":" + (
+            "" if exact else self.integer(start + self.span(position))) + (
+            f":{self.integer(step[position])}" if step[position] else "")
         if slopes[window] == -1:
             post[-1] = "::-1"
+        if step[window]:
+            post[-1] = f"::{self.integer(step[window])}"
         if any(p != ":" for p in post):
             expr = Aligned(expr, Str(", ".join(trimmed(post))))
         if slopes[position] == -1:
@@ -517,6 +749,17 @@ class ArrayLowering:
         axes = list(axes)
         axes[at] = position
         return expr, axes + [window]
+
+    def stride_of(self, index):
+        """The stride symbol of a strided position index (noted as read), else None."""
+        found = self.strides.get(str(index).rstrip("'"))
+        self.stride_used |= found is not None
+        return found
+
+    def span(self, index):
+        """How many entries of an axis the positions of index read: its extent, s (extent - 1) + 1 at stride s."""
+        step = self.stride_of(index)
+        return extent(index) if step is None else step * (extent(index) - 1) + 1
 
     def padding(self, amount):
         """max(0, amount) for an amount whose sign the sizes decide: each declared size is positive (M =
@@ -636,6 +879,10 @@ class ArrayLowering:
     def summed(self, total, scope):
         """A Sum: np.einsum over a product's factors, or the summand reduced by np.add.reduce."""
         total = self.widened(nested(total), scope)
+        added = self.windows_added(total, scope)
+        if added is not None:
+            return added
+        total = taps_reversed(total)
         inner, free = self.inner(total, scope)
         variables = [v for v, *_ in total.limits]
         coefficient, rest = total.function.as_independent(*variables, as_Add=False)
@@ -645,19 +892,23 @@ class ArrayLowering:
         if not variables:
             return self.value(coefficient * rest, scope)
         factors = sp.Mul.make_args(rest)
-        operands = [self.native(f, inner) for f in factors if isinstance(f, sp.Indexed)]
+        reads = [f for f in factors if isinstance(f, sp.Indexed)]
+        operands = [self.native(f, inner) for f in reads]
         others = sp.Mul(*(f for f in factors if not isinstance(f, sp.Indexed)))
         if others != 1:
             sub = inner.restricted(others.free_symbols & set(inner.indices))
             operands.append((self.value(others, sub), sub.indices))
         if len(operands) == 1:
             (operand, axes), = operands
-            result = Reduce(operand, Str(axis_text(sorted(axes.index(v) for v in variables))), Str("add"))
             kept = [a for a in axes if a not in variables]
+            result = (self.taps_summed(operand, axes, kept) if all(extent(v) in self.kernel_sizes for v in variables)
+                      and operand.has(Window) else None)
+            result = result or Reduce(operand, Str(axis_text(sorted(axes.index(v) for v in variables))), Str("add"))
             return self.value(coefficient, scope) * self.align(result, kept, list(scope.indices))
-        return self.value(coefficient, scope) * self.align(self.einsum(operands, free), free, list(scope.indices))
+        product = self.einsum(operands, free, reads if others == 1 else ())
+        return self.value(coefficient, scope) * self.align(product, free, list(scope.indices))
 
-    def einsum(self, operands, out):
+    def einsum(self, operands, out, reads=()):
         """Einsum over operands [(expr, axes)] giving the axes out, along the path np.einsum_path chooses at
         the check sizes."""
         letters = einsum_letters([a for _, axes in operands for a in axes])
@@ -667,7 +918,114 @@ class ArrayLowering:
                    for _, axes in operands]
         path, _ = np.einsum_path(subscripts, *dummies, optimize="optimal")
         path = path if path_pays(subscripts, path) else False
-        return matmul(operands, out) or Einsum(Str(f'"{subscripts}"'), Str(repr(path)), *(expr for expr, _ in operands))
+        return (matmul(operands, out) or self.window_product(operands, out, reads)
+                or Einsum(Str(f'"{subscripts}"'), Str(repr(path)), *(expr for expr, _ in operands)))
+
+    def windows_added(self, total, scope):
+        """A Sum over taps t of reads at p - t of a strided position's axis (the transposed convolution's
+        g[n, o, h - u], max pooling's m[n, c, h - u, w - v, u, v]), p an index of the scope, as its adjoint's
+        form: the summand at each position i = p - t and tap t, G[..., i, t] (the Sum over the other summed
+        indices, as a contraction of its own), added into p = s i + t by windows_added (col2im). Only the
+        positions the stride kept are read, and none outside the array; None where the Sum has no such read."""
+        variables = {v for v, *_ in total.limits}
+        pairs = {}                           # {p: (t, the position index, its stride)}
+        for read in total.function.atoms(sp.Indexed):
+            for index, axis in zip(read.indices, self.axes[read.base.name]):
+                step = None if isinstance(index, sp.Indexed) else self.strides.get(str(axis))
+                taps = [t for t in index.free_symbols if t in variables] if step is not None else []
+                outer = [p for p in index.free_symbols if p in scope.indices and p not in variables]
+                if len(taps) == len(outer) == 1 and sp.expand(index - outer[0] + taps[0]) == 0:
+                    if pairs.setdefault(outer[0], (taps[0], axis, step)) != (taps[0], axis, step):
+                        return None
+        if not pairs or {a for _, a, _ in pairs.values()} & (set(scope.indices) | variables):
+            return None
+        function = total.function.xreplace({p - t: axis for p, (t, axis, _) in pairs.items()})
+        if function.free_symbols & set(pairs):
+            return None                      # p read elsewhere than at p - t
+        self.imports.add("windows_added")
+        self.stride_used = True
+        taps, positions = [t for t, _, _ in pairs.values()], [a for _, a, _ in pairs.values()]
+        rest = [limit for limit in total.limits if limit[0] not in taps]
+        kept = [i for i in scope.indices if i not in pairs]
+        # G's axes: the taps before the positions, so that a product's matrix G[..., t] is a contiguous slice
+        order = kept + taps + positions
+        ranges = {**{i: scope.ranges[i] for i in kept}, **{i: (sp.S.Zero, extent(i) - 1) for i in taps + positions}}
+        windows = self.value(Sum(function, *rest) if rest else function, Scope(tuple(order), ranges))
+        target = [pairs[i][1] if i in pairs else i for i in scope.indices] + taps
+        windows = Aligned(windows, Str(f"transpose({', '.join(str(order.index(i)) for i in target)})"))
+        return WindowsAdded(windows, *(Str(tuple_text(entries)) for entries in (
+            [self.integer(extent(i)) for i in scope.indices], [scope.indices.index(p) for p in pairs],
+            [self.integer(extent(t)) for t in taps], [self.integer(step) for _, _, step in pairs.values()])))
+
+    def taps_summed(self, operand, axes, kept):
+        """The sum of windows over their few taps (a pooling's) as np.einsum's own loop, one pass over the
+        windows: np.add.reduce over such short trailing axes runs an inner loop per window, 2.2x as long."""
+        letters = einsum_letters(axes)
+        return Einsum(Str(f'"{"".join(letters[a] for a in axes)}->{"".join(letters[a] for a in kept)}"'), Str("False"),
+                      operand)
+
+    def window_product(self, operands, out, reads):
+        """The contraction of a sliding window with one other array (im2col) as one matrix product (np.matmul,
+        BLAS), where it is one: each operand arranged (transposed, then copied by reshape) to a matrix of rows by
+        columns, any leading axes of out the window's alone a batch the other broadcasts over, and the product
+        given back its axes (transposed to out where the matrix order needs it). Of the layouts, the one whose
+        window matrix ends with the positions along the window's source's last axis: its copy reads runs of
+        that axis, contiguous (a layout ending with the kernel's few taps copies 3 entries at a time, and
+        np.einsum's tensordot chose one: 18 ms of Conv2d's 59). None where no layout ends so (the einsum path).
+        Also the product of two plain arrays into windows (windows_added's G), which any layout suits."""
+        windowed = [k for k, (expr, _) in enumerate(operands) if expr.has(Window)]
+        if (len(operands) != 2 or len(reads) != 2 or len(windowed) > 1
+                or not (windowed or any(str(i) in self.strides for i in out))):
+            return None
+        x = windowed[0] if windowed else next(k for k in (0, 1) if out[0] in operands[k][1])
+        a = 1 - x
+        x_axes, a_axes = operands[x][1], operands[a][1]
+        summed = [i for i in x_axes if i in a_axes]
+        if not summed or set(summed) & set(out):
+            return None
+        source = {i: n for n, index in enumerate(reads[x].indices) if not isinstance(index, sp.Indexed)
+                  for i in index.free_symbols if i in x_axes}
+        taps = {i for i in x_axes if extent(i) in self.kernel_sizes}
+        last = [i for i in x_axes if source.get(i) == len(reads[x].indices) - 1]
+        run = [i for i in last if i not in taps or len(last) == 1] if windowed else [None]
+        if len(run) != 1:
+            return None
+        summed.sort(key=lambda i: (source[i], i not in taps))
+        owner = {**{i: x for i in x_axes}, **{i: a for i in a_axes}}
+        for lead in range(len(out)):
+            if any(owner[i] != x for i in out[:lead]):
+                break
+            rest = out[lead:]
+            cut = next((n for n in range(1, len(rest)) if owner[rest[n]] != owner[rest[0]]), None)
+            if cut is None or any(owner[i] != owner[rest[cut]] for i in rest[cut:]):
+                continue
+            for groups in ([rest[:cut], rest[cut:]], [rest[cut:], rest[:cut]]):
+                first = owner[groups[0][0]]
+                arranged = {first: [groups[0], summed], 1 - first: [summed, groups[1]]}
+                if windowed and arranged[x][-1][-1] != run[0]:
+                    continue
+                batch = [[i] for i in out[:lead]]
+                product = MatMul(*(self.matrix(*operands[k], ([] if k == a else batch) + arranged[k])
+                                   for k in (first, 1 - first)))
+                order = [*out[:lead], *groups[0], *groups[1]]
+                product = Reshaped(product, Str(self.shape_text([[i] for i in order])))
+                if order != list(out):
+                    product = Aligned(product, Str(f"transpose({', '.join(str(order.index(i)) for i in out)})"))
+                return product
+        return None
+
+    def matrix(self, expr, axes, groups):
+        """expr (its axes in its own order) transposed to the order of groups and reshaped, each group one axis."""
+        order = [i for group in groups for i in group]
+        if list(axes) != order:
+            expr = Aligned(expr, Str(f"transpose({', '.join(str(list(axes).index(i)) for i in order)})"))
+        return Reshaped(expr, Str(self.shape_text(groups)))
+
+    def shape_text(self, groups):
+        """N, C*U*V, I*J: the sizes of groups of indices, each group's product in the group's order, as Python
+        source (its sizes noted as read)."""
+        self.integer(sp.Mul(*(extent(i) for group in groups for i in group)))
+        return ", ".join("*".join(str(extent(i)) for i in group) for group in groups)
 
     def reduced(self, total, scope, ufunc):
         """A Maximum: the summand over its scope, reduced by np.maximum.reduce over the summed axes."""
@@ -808,9 +1166,12 @@ def path_pays(subscripts, path):
 
 
 def matmul(operands, out):
-    """The MatMul of two operands [(expr, axes)] giving the axes out, where it is one: a single index summed,
-    a single free one of each, the batch indices the leading axes of both and of out in one order; else None.
-    BLAS, without einsum's parsing of its subscripts and choice of a path on every call."""
+    """The MatMul of two operands [(expr, axes)] giving the axes out, where it is one: a single index summed, a
+    single free one of each, the batch indices (shared and kept) in any order; else None. Each operand is viewed
+    with the batch axes first, in out's order, and its two matrix axes last, and the product viewed in out's order:
+    BLAS, without einsum's parsing of its subscripts and choice of a path on every call (multi-head attention's
+    "nshd,nthd->nhts" in einsum's own loop took 10x as long). Only where one of each operand's matrix axes is its
+    last, so that BLAS reads each matrix with a unit stride rather than NumPy copying it."""
     if len(operands) != 2:
         return None
     (a, a_axes), (b, b_axes) = operands
@@ -818,18 +1179,25 @@ def matmul(operands, out):
     batch = [i for i in out if i in shared]
     summed = shared - set(out)
     own_a, own_b = [i for i in a_axes if i not in shared], [i for i in b_axes if i not in shared]
-    if not (len(summed) == len(own_a) == len(own_b) == 1 and len(out) == len(batch) + 2
-            and list(a_axes[:len(batch)]) == list(b_axes[:len(batch)]) == batch):
+    if not (len(summed) == len(own_a) == len(own_b) == 1 and len(out) == len(batch) + 2):
         return None
     (v,) = summed
+    if a_axes[-1] not in (v, own_a[0]) or b_axes[-1] not in (v, own_b[0]):
+        return None
+    (left, left_axes, row), (right, right_axes, column) = sorted(
+        ((a, a_axes, own_a[0]), (b, b_axes, own_b[0])), key=lambda operand: list(out).index(operand[2]))
+    product = MatMul(viewed(left, left_axes, batch + [row, v]), viewed(right, right_axes, batch + [v, column]))
+    return viewed(product, batch + [row, column], list(out))
 
-    def arranged(expr, axes, last):   # expr with its two matrix axes ordered (first, last)
-        if axes[-1] == last:
-            return expr
+
+def viewed(expr, axes, order):
+    """expr, whose axes are axes, as a view with its axes in order: itself, its last two swapped, or a transpose."""
+    axes = list(axes)
+    if axes == order:
+        return expr
+    if axes[:-2] == order[:-2]:
         return Aligned(expr, Str("T" if len(axes) == 2 else f"swapaxes({len(axes) - 2}, {len(axes) - 1})"))
-    if list(out[len(batch):]) == [own_a[0], own_b[0]]:
-        return MatMul(arranged(a, a_axes, v), arranged(b, b_axes, own_b[0]))
-    return MatMul(arranged(b, b_axes, v), arranged(a, a_axes, own_a[0]))
+    return Aligned(expr, Str(f"transpose({', '.join(str(axes.index(i)) for i in order)})"))
 
 
 def nested(total):
@@ -848,14 +1216,43 @@ def nested(total):
     return Sum(sp.Mul(*rest, sub.function), *total.limits, *sub.limits)
 
 
+def taps_reversed(total):
+    """total with each summed index v that every shifted read takes with slope -1 (the transposed convolution's
+    g[n, o, h - u]) and every other read as itself (weight[o, c, u]) counted from the other end, v -> V - 1 - v
+    over its whole range: the same sum, its shifted reads then windows in reading order and the flip on the
+    plain reads (weight[o, c, U - 1 - u], a small array): a copy of a large window read backwards is slow."""
+    flipped = []
+    outside = total.function.xreplace({r: sp.Dummy() for r in total.function.atoms(sp.Indexed)}).free_symbols
+    for v, lo, hi in total.limits:
+        if lo != 0 or sp.expand(hi - extent(v) + 1) != 0 or v in outside:
+            continue
+        shifted, plain = 0, True
+        for index in (i for r in total.function.atoms(sp.Indexed) for i in r.indices if v in i.free_symbols):
+            found = None if isinstance(index, sp.Indexed) else linear(index, v)
+            if found and found[0] == -1 and any(i != v and not i.name[0].isupper() for i in index.free_symbols):
+                shifted += 1
+            elif index != v:
+                plain = False
+        if shifted and plain:
+            flipped.append(v)
+    if not flipped:
+        return total
+    return Sum(total.function.xreplace({v: extent(v) - 1 - v for v in flipped}), *total.limits)
+
+
 def trimmed(entries):
-    """An index tuple without its trailing ":" entries, which NumPy implies, and two or more leading ones
-    as "..." (m[..., None])."""
-    entries = list(entries)
+    """An index tuple without its trailing ":" entries, which NumPy implies, or, where it has none, with two or
+    more leading ones as "..." (m[..., None]): "..." before the entries kept would move them to the last axes."""
+    entries, count = list(entries), len(entries)
     while entries and entries[-1] == ":":
         entries.pop()
     leading = next((n for n, e in enumerate(entries) if e != ":"), len(entries))
-    return ["..."] + entries[leading:] if leading >= 2 else entries
+    return ["..."] + entries[leading:] if leading >= 2 and len(entries) == count else entries
+
+
+def tuple_text(entries):
+    """(a, b) or (a,): a tuple of entries (source text or numbers), as Python source."""
+    return f"({', '.join(map(str, entries))}{',' if len(entries) == 1 else ''})"
 
 
 def axis_text(positions):
@@ -891,19 +1288,21 @@ def names_of(op):
             | {str(i) for i in indices} | {str(size_of(i)) for i in indices} | set(SOURCE_NAMES))
 
 
-def lowered(op):
+def lowered(op, factor=True):
     """(forward, backward) ArrayFunctions of op: forward(inputs, params, targets, options) returns the output
     and what backward reads; backward(what it reads, g, options) returns every input's and param's gradient.
     An op with a penalty has two more: penalty(params, options) returns its value and penalty_backward its
-    gradient in each param it reads."""
+    gradient in each param it reads. factor: save a param's factor (factor_saved), as the NumPy kernels do;
+    codegen.tensor_fused's loops compute it again from the input for nothing, where saving it is a pass more."""
     if op.weights:
         raise LoweringError(f"{op.name}: weights ({', '.join(op.weights)}) are options of row_loss and element_loss "
                             f"(derive.declare); in a general tensor_loss, declare them as targets")
-    taken = names_of(op)
     clash = sorted((set(SOURCE_NAMES) - {"g"}) & {*op.inputs, *op.params, *op.targets, *op.options,
                                                  *(s.name for s in op.steps)})
     if clash:
         raise LoweringError(f"{op.name}: the name {clash[0]} is taken by the generated code; rename it")
+    op = factor_saved(op) if factor else op
+    taken = names_of(op)
     original = program_of(op)
     program = rewritten(original, taken)
     axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets,
@@ -914,7 +1313,8 @@ def lowered(op):
     output = op.steps[-1].name
     steps = [a.name for a in program.forward]
     read = set().union(*(reads_of(a.expr) for a in program.backward))
-    saved = [name for name in steps if name in read and name != output]
+    # what backward reads, and the steps the class moves its running statistics towards
+    saved = [name for name in steps if (name in read or name in (op.running or {})) and name != output]
     options = [sp.Symbol(o, real=True) for o in op.options]
     notes = [f"rewritten: {', '.join(program.rewrites)} (codegen.tensor_lower)"] if program.rewrites else []
     forward = function(op, "forward", f"{output} and what backward reads, by the forward steps.", program.forward,
@@ -936,6 +1336,24 @@ def lowered(op):
         for name, doc, assignments in [("penalty", "The penalty P, to add to the loss.", [value]),
                                        ("penalty_backward", "The penalty's gradient in each param it reads.",
                                         gradients)])
+
+
+def factor_saved(op):
+    """op with the factor of a param in its layer's output, y = f p + ..., made a step of its own just before,
+    y_p = f, where f is no array read and reads every index of y: the operand of a product that reverse mode
+    saves, as a tape does (LayerNorm's normalised x, the factor of gamma), which its backward then reads (dgamma
+    = Sum(g y_gamma), and steps_read_back finds it inside the other adjoints) rather than computing again."""
+    output = op.steps[-1]
+    for term in sp.Add.make_args(output.expr) if op.kind == "layer" else ():
+        params = [f for f in sp.Mul.make_args(term) if isinstance(f, sp.Indexed) and f.base.name in op.params]
+        factor = sp.Mul(*(f for f in sp.Mul.make_args(term) if f not in params))
+        if (len(params) == 1 and set(output.indices) <= factor.free_symbols and not isinstance(factor, sp.Indexed)
+                and not factor.has(Sum) and not reads_of(factor) & set(op.params)):
+            name = fresh(f"{output.name}_{params[0].base.name}", names_of(op))
+            step = Assignment(name, output.indices, factor)
+            read = sp.IndexedBase(name, real=True)[output.indices] * params[0]
+            return replace(op, steps=(*op.steps[:-1], step, output._replace(expr=output.expr.xreplace({term: read}))))
+    return op
 
 
 def running_update(op):
@@ -962,6 +1380,8 @@ def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, 
     statements = shared(lowering.statements, taken)
     used = set().union(*(sp.sympify(s.value).free_symbols for s in statements if s.form != "zeros"))
     lines, arrays, passed = size_lines(op, lowering.sizes, arrays, axes)
+    lines = strided_sizes(lines, op, lowering)
+    passed += ("stride",) * lowering.stride_used
     args = tuple(arrays) + passed + tuple(o.name for o in options if o in used)
     if lowering.dtype:   # the dtype of g, or of the first input (never of integer labels)
         lines.append(("dtype", f"{'g' if 'g' in arrays else next(iter(op.inputs))}.dtype"))
@@ -969,6 +1389,20 @@ def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, 
                    for a in dict.fromkeys([*arrays, *(x.name for x in assignments)]) if a in axes)
     return ArrayFunction(name, doc, args, tuple(lines), tuple(statements), tuple(returns),
                          tuple(derivation), tuple(sorted(lowering.imports)), shapes)
+
+
+def strided_sizes(lines, op, lowering):
+    """lines with the size of each strided position that its declared formula gives (I = H - U + 1, the
+    count at stride 1) counted at its stride instead: (H - U) // s + 1 (the stride noted as read)."""
+    found = []
+    for size, how in lines:
+        step = lowering.strides.get(size.lower())
+        if step is not None and sp.Symbol(size, integer=True, positive=True) in op.sizes and not how.endswith("shape"):
+            lowering.stride_used = True
+            formula = sp.expand(in_base_sizes(sp.Symbol(size, integer=True, positive=True), op.sizes) - 1)
+            how = f"({ScalarPrinter().doprint(formula)}) // {step} + 1"
+        found.append((size, how))
+    return found
 
 
 def size_lines(op, needed, arrays, axes):
@@ -1028,11 +1462,12 @@ def shared(statements, taken):
     return out
 
 
-def module_context(op):
+def module_context(op, factor=True):
     """What templates/tensor.py.jinja needs to print op's module: its two functions' source and its class's
-    structure (constructor, input checks, calls, saved arrays), every formula printed from SymPy."""
+    structure (constructor, input checks, calls, saved arrays), every formula printed from SymPy; factor as
+    lowered's."""
     flagged, op = op, with_flags(op, {})   # the kernels of the flags' defaults, then one pair per other setting
-    forward, backward, *penalty = lowered(op)
+    forward, backward, *penalty = lowered(op, factor)
     only = [f for f in [params_only(op, backward)] if f is not None]   # backward(g, input_grad=False)'s kernel
     printer = TensorPrinter()
     running = running_context(op, printer) if op.running else None
@@ -1092,11 +1527,12 @@ def module_context(op):
                  f"{', '.join(gradients) or 'None (integer labels have no gradient)'}")
     signature += f", setting {', '.join('d' + p for p in op.params)}" if op.params else ""
     return {"op": op, "kind": op.kind, "functions": functions, "imports": sorted(imports), "batched": batched,
-            "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set()) | ({"first_max"} & imports)
+            "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set())
+                              | ({"first_max", "windows_added"} & imports)
                               | ({"flattened"} if batched else set())
                               | ({"derived_size"} if derived or computed else set())
                               | ({"integers"} if any(len(s["sizes"]) > 1 for s in sizes) else set())
-                              | ({"integers", "padded", "cropped", "strided", "dilated"} if op.window else set())
+                              | ({"integers", "padded", "cropped"} if op.window else set())
                               | ({"label_input", "label_range"} if op.labels else set())
                               | ({"flag"} if op.switches or flagged.flags else set())
                               | ({"or_machine_eps"} if op.dtype_eps else set())
@@ -1152,6 +1588,7 @@ def calls(op, forward, backward, given=None):
     and backward's options after g. An option left None is the dtype's machine epsilon: x's in forward, g's (x's
     dtype) in backward."""
     source = {**{p: f"self.{p}" for p in op.params}, **{o: f"self.{o}" for o in op.options}, **(given or {}),
+              "stride": "self.stride",
               **given_sources(op)}
     first = next(iter([*op.inputs, *op.targets]))
     forward_source = {**source, **{o: f"or_machine_eps(self.{o}, {first})" for o in op.dtype_eps}}
@@ -1344,6 +1781,15 @@ class TensorPrinter(KernelPrinter):
     def _print_Window(self, expr):
         array, size, axis = expr.args
         return f"sliding_window_view({self._print(array)}, {size.name}, axis={axis.name})"
+
+    def _print_WindowsAdded(self, expr):
+        windows, shape, axes, taps, stride = expr.args
+        return f"windows_added({self._print(windows)}, {shape.name}, {axes.name}, {taps.name}, {stride.name})"
+
+    def _print_Reshaped(self, expr):
+        array, shape = expr.args
+        inner = self._print(array)
+        return f"{inner if isinstance(array, (View, ArrayOperation)) else f'({inner})'}.reshape({shape.name})"
 
     def _print_Padded(self, expr):
         array, widths = expr.args

@@ -166,12 +166,13 @@ OPS = (
                          summary="softmax then cross-entropy, fused, as torch.nn.functional.cross_entropy",
                          domain=(-5.0, 5.0)),
              labels=True, ignore_index=-100, target_range=(0, None)),
-    # any real target, as PyTorch's function takes (no range to check: the formula holds for every t)
+    # any real target, as PyTorch's function takes (no range to check: the formula holds for every t). One step, so
+    # that backward reads x, as PyTorch's saves its input: from a saved p = sigmoid(x), p - t cancels to 0 at t = 1
+    # where the gradient is -exp(-x) (from x = 17 in float32); from x it is (1 - t) sigmoid(x) - t sigmoid(-x)
     element_loss(tensor_loss("BinaryCrossEntropyWithLogits", inputs={"x": "n k"}, targets={"t": "n k"},
                              weights={"weight": "n k", "pos_weight": "k"},
-                             steps=["p[n, k] = sigmoid(x[n, k])",
-                                    "L[n, k] = -weight[n, k] * (pos_weight[k] * t[n, k] * log(p[n, k])"
-                                    " + (1 - t[n, k]) * log(1 - p[n, k]))"],
+                             steps=["L[n, k] = -weight[n, k] * (pos_weight[k] * t[n, k] * log(sigmoid(x[n, k]))"
+                                    " + (1 - t[n, k]) * log(1 - sigmoid(x[n, k])))"],
                              summary="sigmoid then binary cross-entropy, fused, as "
                                      "torch.nn.functional.binary_cross_entropy_with_logits", domain=(-6.0, 6.0))),
     elementwise_loss("MeanSquaredError", "(x - t)**2", summary="squared error, as torch.nn.functional.mse_loss"),

@@ -6,6 +6,7 @@ and erfc_numpy.
 The kernels evaluate what these return; the derivations differentiate the plain forms."""
 import functools
 
+import mpmath
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, hypot, log1p
 
@@ -752,15 +753,167 @@ def guarded_branches(expr):
     return expr.replace(lambda e: isinstance(e, sp.Piecewise), guarded)
 
 
+def one_plus_tanh(expr):
+    """c + c tanh(u) = 2c sigmoid(2u) and c - c tanh(u) = 2c sigmoid(-2u), c a term of the same sum: tanh(u) rounds
+    to -1 from u = -9 in float32 (-19 in float64), and the sum to 0 where its value is still a normal number
+    (GELU's tanh form x (1 + tanh(.))/2 was 0 at x = -10, where it is -1.2e-37); the sigmoid keeps it, and
+    x sigmoid(2u) does not double x, which overflowed at the largest number."""
+    def merged(add):
+        for term in add.args:
+            k, tanh = term.as_independent(sp.tanh, as_Add=False)
+            for r in (k, -k):
+                if isinstance(tanh, sp.tanh) and r in add.args:
+                    rest = list(add.args)
+                    rest.remove(term)
+                    rest.remove(r)
+                    u = tanh.args[0] if r == k else -tanh.args[0]
+                    return merged(sp.Add(*rest)) + 2 * r * sigmoid(2 * u)
+        return add
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sp.tanh), merged)
+
+
+def _over_sigmoid(term, v):
+    """term sigmoid(v) as exp(a + v) sigmoid(-v) (term/exp(a)) where term has a factor exp(a) whose exponent holds
+    -v's terms (e^a sigmoid(v) = e^a/(1 + e^-v) = e^(a + v)/(e^v + 1)), else None."""
+    for e in sp.Mul.make_args(term):
+        if isinstance(e, sp.exp) and set(sp.Add.make_args(-v)) <= set(sp.Add.make_args(e.args[0])):
+            return term / e * sp.exp(e.args[0] + v) * sigmoid(-v)
+    return None
+
+
+def exponentials_over_a_sigmoid(expr):
+    """e^a sigmoid(v) = e^(a + v) sigmoid(-v) where a holds -v's terms, in a product and in each term of a sum it
+    multiplies: (e^x erf(s) + erf(s)) sigmoid(-x), Serf's derivative as SymPy puts it over one denominator, is
+    erf(s) sigmoid(x) + erf(s) sigmoid(-x), where e^x overflowed from x = 89 in float32 (710 in float64) and
+    multiplied a sigmoid of 0, inf * 0. The exponent a + v is the shorter; the two sigmoids are then one (sigmoid
+    pairs)."""
+    def moved(mul):
+        for s in [f for f in mul.args if isinstance(f, sigmoid)]:
+            v, rest = s.args[0], mul / s
+            direct = _over_sigmoid(rest, v)
+            if direct is not None:
+                return direct
+            for add in [f for f in sp.Mul.make_args(rest) if f.is_Add]:
+                terms = [_over_sigmoid(term, v) for term in add.args]
+                if any(t is not None for t in terms):
+                    others = rest / add
+                    return others * sp.Add(*(t if t is not None else term * s for t, term in zip(terms, add.args)))
+        return mul
+    return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sigmoid) and e.has(sp.exp), moved)
+
+
+def sigmoid_pairs(expr):
+    """c sigmoid(u) + c sigmoid(-u) = c: sigmoid(u) + sigmoid(-u) = 1."""
+    def merged(add):
+        terms = list(add.args)
+        for term in add.args:
+            c, s = term.as_independent(sigmoid, as_Add=False)
+            partner = c * sigmoid(-s.args[0]) if isinstance(s, sigmoid) else None
+            if partner is not None and term in terms and partner in terms and partner != term:
+                terms.remove(term)
+                terms.remove(partner)
+                terms.append(c)
+        return sp.Add(*terms) if len(terms) != len(add.args) else add
+    return expr.replace(lambda e: isinstance(e, sp.Add) and e.has(sigmoid), merged)
+
+
+LARGEST = (2 - mpmath.mpf(2) ** -52) * mpmath.mpf(2) ** 1023     # the largest float64 number, exactly
+with mpmath.workdps(40):                                        # 54 bits: one more than float64's
+    ROUNDS_TO_INF = LARGEST + mpmath.mpf(2) ** 970              # half an ulp above it: from here a value is inf
+# a product below e^-746 (< 2^-1075, half the smallest float64 subnormal) rounds to 0; 4 more for the rounding
+# of the exponent that the branch compares (even in float32 that is below 1e-3 relatively at |u| of a few thousands)
+UNDERFLOWS = 750
+
+
+def magnitude(e):
+    """An upper bound of |e| (an mpf) over every float64 value of its inputs, or None where none is known: a value
+    (an array entry, an option) is at most the largest float64 number, and each function bounds its own."""
+    if e.is_number:
+        return abs(mpmath.mpf(sp.N(e, 30))) if e.is_finite else None
+    if isinstance(e, (sp.Symbol, sp.Indexed)):
+        return LARGEST
+    if isinstance(e, (sigmoid, sp.tanh, sp.erf, sp.Heaviside, sp.sign)):
+        return mpmath.mpf(1)
+    if isinstance(e, Erfc):
+        return mpmath.mpf(2)
+    if isinstance(e, (sp.exp, ExpToInf)):
+        return mpmath.mpf(1) if e.args[0].is_nonpositive else None
+    if isinstance(e, log1p):
+        return magnitude(e.args[0]) if e.args[0].is_nonnegative else None
+    if isinstance(e, Clip):
+        bounds = [magnitude(a) for a in e.args[1:]]
+        return max(bounds) if None not in bounds else magnitude(e.args[0])
+    if isinstance(e, sp.Piecewise):
+        parts = [magnitude(value) for value, _ in e.args]
+    elif isinstance(e, (sp.Abs, sp.Max, sp.Min, sp.Add, sp.Mul, hypot)):
+        parts = [magnitude(a) for a in e.args]
+    elif isinstance(e, sp.Pow) and e.exp.is_number and e.exp.is_positive:
+        base = magnitude(e.base)
+        return None if base is None else base ** mpmath.mpf(sp.N(e.exp, 30))
+    elif isinstance(e, sp.Pow) and e.exp.is_Integer and e.base.is_Add:
+        least = sum((a for a in e.base.args if a.is_number), sp.S.Zero)   # 1/(c + nonnegative terms)^n <= 1/c^n
+        others = all(a.is_nonnegative for a in e.base.args if not a.is_number)
+        return mpmath.mpf(sp.N(least ** e.exp, 30)) if least.is_positive and others else None
+    else:
+        return None
+    if None in parts:
+        return None
+    return (mpmath.fsum(parts) if isinstance(e, (sp.Add, hypot)) else mpmath.fprod(parts) if isinstance(e, sp.Mul)
+            else max(parts))
+
+
+def decay(factor):
+    """u where factor <= e^u (an exponential, a sigmoid, a positive integer power of either), else None."""
+    base, n = factor.as_base_exp() if not isinstance(factor, sp.exp) else (factor, sp.S.One)
+    if isinstance(base, (sp.exp, sigmoid)) and n.is_Integer and n > 0:
+        return n * base.args[0]
+    return None
+
+
+def products_beyond_underflow(expr):
+    """c P e^u = 0 where u < -(log B + 750), once rounded, B a bound of |c P| over all float64 inputs (magnitude):
+    the product is then below e^-746 < 2^-1075, which rounds to 0 in float64 and float32; likewise for a sigmoid,
+    sigmoid(u) < e^u. Applied where the factors that read what u reads (and numbers) may overflow by themselves,
+    where u is far below 0: as written the product is inf * 0 = NaN there. GELU's tanh form's derivative
+    x^3 e^(-2|w|)... at x = 1e112 in float64 (x^3 overflows, w too), SwishBeta's beta x sigmoid(-beta x) at the
+    largest number (beta x overflows). A factor that reads none of u's inputs (the upstream gradient, a target)
+    only enters the bound, and other inputs count as 1 in the factors that do: a NaN that needs a second input at
+    its extreme too (KLDivLoss's (t - x) e^t at t = -max, x = max) is not worth a branch in every call. Not an
+    identity: equal once rounded."""
+    def branched(mul):
+        with mpmath.workdps(40):   # 1 + x is below ROUNDS_TO_INF, 2 x is not: more digits than float64 has
+            conditions = beyond(mul)
+        return sp.Piecewise((0, sp.Or(*conditions)), (mul, True)) if conditions else mul
+
+    def beyond(mul):
+        """The conditions u < -(log B + 750) of mul's factors e^u that may meet an overflowing rest."""
+        conditions = []
+        for factor in mul.args:
+            u = decay(factor)
+            rest = mul / factor if u is not None and not u.is_nonnegative else None   # e^u >= 1: no underflow
+            bound = magnitude(rest) if rest is not None else None
+            if bound is None or not bound:
+                continue
+            reads = {s for s in u.free_symbols if not s.is_integer}   # its entries and options, not an index
+            near = sp.Mul(*(f for f in sp.Mul.make_args(rest) if f.is_number or f.has(*reads)))
+            growing = magnitude(near.xreplace({s: 1 for s in near.free_symbols - reads if not s.is_integer}))
+            if growing is not None and growing >= ROUNDS_TO_INF:
+                conditions.append(u < -sp.Integer(int(mpmath.ceil(mpmath.log(bound) + UNDERFLOWS))))
+        return conditions
+    return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sp.exp, sigmoid), branched)
+
+
 # (name, rewrite, exact): exact rewrites are identities; the others agree to a few float64 ulps
 REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients named", as_sigmoid, True), ("exponential sums shifted", exp_sums_shifted, True),
             ("split logs", split_logs, True), ("log of a sigmoid", log_of_sigmoid, True),
             ("one softplus", one_softplus, True), ("softplus", softplus, True),
             ("max over its factor", max_over_its_factor, True), ("log cosh", log_cosh, True),
-            ("tanh quotients", tanh_quotients, True), ("hinge as a step", hinge_as_step, True),
+            ("tanh quotients", tanh_quotients, True), ("1 + tanh", one_plus_tanh, True),
+            ("hinge as a step", hinge_as_step, True),
             ("1 - softmax", one_minus_softmax, True), ("shift by the row max", shift_by_max, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
             ("exponential quotients shifted", exp_quotients_shifted, True),
+            ("exponentials over a sigmoid", exponentials_over_a_sigmoid, True), ("sigmoid pairs", sigmoid_pairs, True),
             ("sigmoid polynomials factored", sigmoid_polynomials_factored, True),
             ("1 - sigmoid", one_minus_sigmoid, True),
             ("sigmoid minus a target", sigmoid_minus_target, True), ("sigmoid differences", sigmoid_differences, True),
@@ -773,6 +926,7 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("over expm1", over_expm1, True),
             ("log1p", log_one_plus, True), ("log1p of a square", log_one_plus_square, True),
             ("clip branches", clip_branches, True),
+            ("products beyond underflow", products_beyond_underflow, False),
             ("scaled sigmoid by branches", scaled_sigmoid_branches, True), ("logistic", logistic, True))
 
 

@@ -185,9 +185,9 @@ def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, pen
     ~is_causal), (0, True))): each value gets kernels of its own, derived with the flag fixed, so that no
     kernel tests it. padding {input: "h w"} and stride "i j" make a convolution's or a pooling's window
     (PyTorch's padding and stride, an int or one per axis): the class pads the input's axes h, w with
-    zeros and keeps every stride-th entry of the output's axes i, j, and backward takes the adjoints of
-    both (g spread back to those entries, dx cropped), so the steps declare the plain window, stride 1
-    and no padding, and the derivation is the plain window's."""
+    zeros (and crops dx), and the kernels take the stride, reading the windows at every stride-th entry of
+    the output's axes i, j and adding their gradients back there (codegen.tensor_lower), so the steps
+    declare the plain window, stride 1 and no padding, and the derivation is the plain window's."""
     return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol,
                     penalty, names or {}, switches=switches or {}, noise=noise or {}, running=running or {},
                     flags=flags or {}, window=(padding, stride))

@@ -121,7 +121,8 @@ def test_the_generators_own_failure_reported_as_a_refusal_is_an_internal_error(m
 
 
 def test_the_command_prints_the_counts_writes_the_report_and_fails_on_a_defect(tmp_path, capsys):
-    # --jit 0: no fused class compiled by numba (20 s here; run_case(jit=True) is the next test's)
+    # --jit 0: no fused class compiled by numba (20 s here; run_case(jit=True) is the next test's); the accuracy
+    # survey by default, and the count of accepted declarations that meet the contract
     report = tmp_path / "fuzz.json"
     status = fuzz.main(["--count", "2", "--seed", "3", "--jobs", "1", "--jit", "0", "--report", str(report)])
     written = json.loads(report.read_text())
@@ -130,6 +131,15 @@ def test_the_command_prints_the_counts_writes_the_report_and_fails_on_a_defect(t
     assert status == (1 if any(r["outcome"] in fuzz.DEFECTS for r in written["results"]) else 0)
     out = capsys.readouterr().out
     assert out.startswith("outcome") and "accepted" in out and "2 declaration(s)" in out
+    accepted = sum(r["outcome"] == "accepted" for r in written["results"])
+    assert written["survey"] and sum(written["tail_verdicts"].values()) == accepted
+    assert not accepted or "surveyed declaration(s) meet issue 23's accuracy contract" in out
+
+
+def test_run_case_surveys_the_tails_only_when_asked():
+    case = fuzz.Case("activation", "x*sigmoid(x)")
+    assert fuzz.run_case(case).tails == ""
+    assert fuzz.run_case(case, survey=True).tails == "met"
 
 
 def test_the_fused_class_is_checked_compiled_by_numba_too():
@@ -167,3 +177,7 @@ def test_the_summary_counts_the_tail_verdicts_of_accepted_declarations():
     assert "meeting the accuracy contract in the tails" in text and "breaking it" in text
     met = next(line for line in text.splitlines() if "meeting the accuracy contract" in line)
     assert met.split()[-1] == "2" and "x=-88.7" in text
+    assert "2 of 3 surveyed declaration(s) meet issue 23's accuracy contract in the tails" in text
+    none_met = fuzz.summary(results[2:]).splitlines()   # none met: the row says 0
+    assert next(line for line in none_met if "meeting the accuracy contract" in line).split()[-1] == "0"
+    assert "0 of 1 surveyed declaration(s) meet issue 23's accuracy contract in the tails" in none_met

@@ -96,10 +96,9 @@ def test_losses_match_the_reference_and_keep_the_dtype(op, kind, options, dtype,
     assert np.allclose(value, reference, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
 
 
-def test_bce_mean_forward_and_backward_use_one_buffer_of_x_size():
-    # the benchmark's element-wise loss: a summed forward keeps no array of losses and recomputes
-    # -x rather than hold it, so the probabilities' buffer (which backward turns into dx) is the only
-    # one; two would make glibc return the memory and fault it in again on the next call
+def test_bce_mean_forward_and_backward_use_two_buffers_of_x_size():
+    # the benchmark's element-wise loss: a summed forward keeps no array of losses; backward reads x, not a saved
+    # p (issue 23: p - t cancels at t = 1), and (1 - t) sigmoid(x) - t sigmoid(-x) needs dx and one scratch buffer
     rng = np.random.default_rng(2)
     x = rng.standard_normal((256, 128))
     target = rng.integers(0, 2, x.shape).astype(x.dtype)
@@ -111,7 +110,7 @@ def test_bce_mean_forward_and_backward_use_one_buffer_of_x_size():
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 1.1 * x.nbytes
+    assert peak < 2.1 * x.nbytes
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
@@ -217,4 +216,5 @@ def test_generated_code_imports_numpy_alone(path):
                for alias in node.names}
     imports |= {node.module.split(".")[0] for node in ast.walk(tree)
                 if isinstance(node, ast.ImportFrom) and node.level == 0}
-    assert imports <= {"numpy", "math"}  # math: Python's own, for sizes and options as Python floats
+    # math and itertools: Python's own, for sizes and options as Python floats and a window's few taps
+    assert imports <= {"numpy", "math", "itertools"}

@@ -43,8 +43,9 @@ def careless_lines(assignments, later, full, output=None, recompute=False, updat
 
 def careless_tensor_lines(function, printer, view, new_array):
     """The same carelessness in an index-notation function: every ufunc that allocates writes over its first
-    operand when that is a temporary (t, u or w), needed later or not."""
-    overwrite = re.compile(r"^(\w+) = np\.(\w+)\(([tuw]\d+)((?:, [^=]*)?)\)$")
+    operand when that is an array's name (a temporary, or one forward saved: LayerNorm's y_gamma), needed later
+    or not."""
+    overwrite = re.compile(r"^(\w+) = np\.(\w+)\(([a-z_]\w*)((?:, [^=]*)?)\)$")
     return [overwrite.sub(r"\1 = np.\2(\3\4, out=\3)", line) for line in REAL_TENSOR(function, printer, view, new_array)]
 
 

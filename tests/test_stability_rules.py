@@ -47,6 +47,9 @@ IDENTITIES = {
                             for f in (c, -c) for v in (positive, negative, sp.Integer(0))],
     # SymPy writes erfc(-u) as 2 - erfc(u) itself; rewritten as erf, each side is the other
     "one_plus_erf": [(k + k * sp.erf(u), k * sp.erfc(-u)), (k - k * sp.erf(u), k * sp.erfc(u))],
+    "one_plus_tanh": [(k + k * sp.tanh(u), 2 * k * s(2 * u)), (k * sp.tanh(u) - k, -2 * k * s(-2 * u))],
+    "exponentials_over_a_sigmoid": [(sp.exp(r) * s(u), sp.exp(r + u) * s(-u))],
+    "sigmoid_pairs": [(k * s(u) + k * s(-u), k)],
 }
 
 
@@ -78,6 +81,13 @@ EXAMPLES = {
     "one_minus_softmax": 3 - 3 * sp.exp(u) / sp.Sum(sp.exp(k_ * u), (k_, 0, 2)) + t,
     # away from u = t, where the left side is 0 * 0^(t - 1) and the right one its limit
     "over_expm1": g * (u - t) * (-expm1(u - t)) ** (t - 1) + (u - t) / expm1(u - t),
+    "one_plus_tanh": (1 + sp.tanh(u - t)) * u / 2 + 3 - 3 * sp.tanh(2 * u) + sp.tanh(u) ** 2,
+    # Serf's derivative over one denominator: e^u erf(t) sigma(-u) is erf(t) sigma(u)
+    "exponentials_over_a_sigmoid": (sp.exp(u) * sp.erf(t) + sp.erf(t) + g * u * sp.exp(u - u ** 2)) * sigmoid(-u) + sp.exp(
+        t) * sigmoid(u),
+    "sigmoid_pairs": 3 * sigmoid(u - t) + 3 * sigmoid(t - u) + sigmoid(2 * u) + sigmoid(-u),
+    # not an identity: equal where the branch keeps the product, both below 2^-1075 beyond (test_a_product_beyond_...)
+    "products_beyond_underflow": 3 * t * u * sigmoid(-t * u) + 2 * u ** 3 * sp.exp(-u ** 2) * g + u * sigmoid(u),
 }
 # both sides of every branch (|u - t| = 2, 1, 1/sqrt 3, t = 3/7), 0, and the tails
 POINTS = (-10 ** 30, -300, -20, -2, sp.Rational(-11, 7), -1, sp.Rational(-1, 3), 0, sp.Rational(1, 3), 1,
@@ -131,6 +141,34 @@ def test_a_gaussian_tail_is_below_every_float_beyond_its_clip():
     assert Clip(sp.Rational(-54), -sp.sqrt(3000), sp.sqrt(3000)) == -54
 
 
+def test_a_product_beyond_underflow_is_below_every_float():
+    # the branch's product is at most B e^u, B = magnitude(rest) over all float64 inputs, and u < -(log B + 750):
+    # below e^-750 < 2^-1075, half the smallest subnormal, so it rounds to 0 in float64 and float32
+    assert sp.exp(-stability.UNDERFLOWS + 4) < sp.Integer(2) ** -1075
+    largest = sp.Rational(*float(np.finfo(np.float64).max).as_integer_ratio())
+    assert stability.LARGEST == sp.N(largest, 40)
+    # a rest overflows from half an ulp above the largest number: 1 + M rounds to M, 2 M to inf
+    assert float(stability.ROUNDS_TO_INF) == np.inf and float(stability.ROUNDS_TO_INF - 2 ** 960) == float(largest)
+    x = sp.IndexedBase("x", real=True)[k_]
+    product = 2 * x ** 3 * sp.exp(-sp.Abs(x) * (x ** 2 + 1)) / (1 + sp.exp(-sp.Abs(x))) ** 2
+    (gaussian,) = [f for f in product.args if isinstance(f, sp.exp)]
+    assert stability.magnitude(product / gaussian) == 2 * stability.LARGEST ** 3
+    (zero, condition), _ = stability.products_beyond_underflow(product).args
+    threshold = -condition.rhs if condition.rhs.is_negative else condition.rhs   # u < -Z, or -u > Z
+    assert zero == 0 and sp.N(2 * largest ** 3 * sp.exp(-threshold), 50) < sp.Integer(2) ** -1075
+    # a bound is known only where each factor has one: e^x may be anything
+    assert stability.magnitude(sp.exp(x) * x) is None and stability.magnitude(sigmoid(x) * sp.tanh(x)) == 1
+
+
+def test_a_threshold_that_drops_a_float_is_caught(monkeypatch):
+    # 3 t u sigmoid(-t u) at u = 300 (t = 3/7) is 6e-54, a float64 number: the branch keeps it, and one 2100 lower,
+    # which gives 0 from t u = 70, does not
+    expr = 3 * t * u * sigmoid(-t * u)
+    assert value(stability.products_beyond_underflow(expr), 300) == value(expr, 300) > 2.0 ** -1022
+    monkeypatch.setattr(stability, "UNDERFLOWS", stability.UNDERFLOWS - 2100)
+    assert value(stability.products_beyond_underflow(expr), 300) == 0
+
+
 def test_a_wrong_identity_is_caught():
     # sigmoid_differences' second form once gave c tanh(u/2) for c sigmoid(u) - c/2 (twice the value)
     wrong = sp.simplify((k * s(u) - k / 2 - k * sp.tanh(u / 2)).rewrite(sp.exp))
@@ -157,6 +195,13 @@ def test_a_wrong_identity_is_caught():
     ("gaussian_tails", u * sp.exp(u ** 2)),                       # grows: no tail
     ("gaussian_tails", u ** 2 * sp.exp(-u ** 2)),                 # not linear in u
     ("over_expm1", u * (-expm1(u)) ** t),                         # a power that may be positive
+    ("one_plus_tanh", 2 + sp.tanh(u) + t * sp.tanh(u)),            # no c + c tanh
+    ("exponentials_over_a_sigmoid", sp.exp(t + 2 * u) * sigmoid(u)),  # the exponent holds no -u
+    ("sigmoid_pairs", sigmoid(u) + 2 * sigmoid(-u)),
+    ("products_beyond_underflow", u * sigmoid(-u) + 2 * sp.exp(u) * t),   # u, 2 t: neither overflows alone
+    ("products_beyond_underflow", g * t * sp.exp(u)),              # g t reads none of u's inputs
+    ("products_beyond_underflow", (t - u) * sp.exp(t)),            # t - u overflows only with u at its extreme too
+    ("products_beyond_underflow", u ** 2 * sp.exp(u) * sigmoid(-u) * sp.exp(u ** 2)),  # no bound of the rest
 ])
 def test_a_rule_leaves_what_it_does_not_prove(rule, expr):
     assert getattr(stability, rule)(expr) == expr

@@ -627,6 +627,9 @@ STRICTER = {
     "NLLLoss": whole_rows(np.isnan(SPECIAL)),              # the same
     "BinaryCrossEntropyWithLogits": SPECIAL == -np.inf,    # ours +inf, the limit; PyTorch computes -inf + inf
     "GELU": np.isinf(SPECIAL),  # backward: ours the limits 1 and 0 (x clipped in x exp(-x^2/2)); PyTorch inf * 0
+    # backward: ours the limits (docs/stability.md, products beyond underflow); PyTorch inf * 0
+    "GELUTanh": np.isinf(SPECIAL),
+    "Mish": np.isinf(SPECIAL),
 }
 
 

@@ -158,8 +158,19 @@ class BinaryCrossEntropyWithLogits:
         return (hinge + a.sum()) / x.size
 
     def backward(self):
-        dx = sigmoid(self._x)
-        dx -= self._t
+        # the generated kernels' function since issue 23: (1 - t) sigmoid(x) - t sigmoid(-x), which is -exp(-x)
+        # at t = 1 for large x, where sigmoid(x) - t cancels to 0 (from x = 17 in float32)
+        x, t = self._x, self._t
+        with np.errstate(over="ignore"):   # exp(x) = inf gives t/inf = 0, the limit
+            a = np.negative(x)
+            np.exp(a, out=a)
+            a += 1
+            dx = np.subtract(1, t, dtype=x.dtype)
+            np.divide(dx, a, out=dx)
+            np.exp(x, out=a)
+            a += 1
+            np.divide(t, a, out=a)
+        dx -= a
         dx *= 1 / dx.size
         return dx
 

@@ -1,0 +1,154 @@
+"""generated.fast's index-notation classes (codegen.tensor_fused): the fused kernels run compiled against the NumPy
+classes in float32 and float64, against finite differences, keeping the dtype and the NumPy classes' errors; the
+ops the printer does not fuse say why; codegen refuses a wrong fused kernel."""
+import numpy as np
+import pytest
+
+import generated
+from codegen import tensor_fused
+from codegen.pipeline import codegen
+from codegen.tensor_fused import FusionError, fusion_error, row_scheme
+from codegen.tensor_verify import sample
+from codegen.verify import check_op
+from derive.catalog import CATALOG
+from derive.tensor import TensorOp
+
+numba = pytest.importorskip("numba")
+fast = pytest.importorskip("generated.fast")
+
+TENSOR = [op for op in CATALOG.values() if isinstance(op, TensorOp)]
+# the generator's own answer: the index-notation ops with a fused forward or backward
+FUSED = [op for op in TENSOR if fusion_error(op) is None]
+ids = lambda ops: [op.name for op in ops]  # noqa: E731
+AGREE = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-11, atol=1e-12)}
+
+
+def test_the_fused_classes_are_the_generators_answer():
+    assert {op.name for op in FUSED} >= {"LayerNorm", "RMSNorm"}
+    assert {op.name for op in FUSED} <= set(fast.__all__)
+    assert not [op.name for op in TENSOR if op not in FUSED and hasattr(fast, op.name)]
+    for op in FUSED:
+        module = getattr(fast, op.module)
+        assert isinstance(module._forward, numba.core.registry.CPUDispatcher), op.name
+        assert isinstance(module._backward, numba.core.registry.CPUDispatcher), op.name
+
+
+@pytest.mark.parametrize("name, why", [("GLU", "have not"), ("Conv2d", "window"), ("Dropout", "noise"),
+                                       ("BatchNorm2d", "strided"),
+                                       ("ScaledDotProductAttention", "row index")])
+def test_an_op_outside_the_scheme_says_why(name, why):
+    assert why in fusion_error(CATALOG[name])
+    assert not hasattr(fast, name)
+
+
+def instances(op, dtype, rng, rows=1):
+    """(fast instance, NumPy instance, inputs, upstream g) at op's check sizes, params alike; a batched op's input
+    with rows x the check batch in two leading axes (more rows than the kernels' chunks, not a multiple of them)."""
+    constructor, arrays, params = sample(op, rng)
+    made = []
+    for cls in (getattr(fast, op.name), getattr(generated, op.name)):
+        instance = cls(**constructor, dtype=dtype)
+        for p, value in params.items():
+            setattr(instance, p, value.astype(dtype))
+        made.append(instance)
+    inputs = [arrays[a] for a in op.inputs]
+    if op.batch_index is not None and rows > 1:
+        inputs = [rng.uniform(*op.domain, (rows, *x.shape)) for x in inputs]
+    inputs = [x.astype(dtype) for x in inputs]
+    return *made, inputs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", FUSED, ids=ids(FUSED))
+def test_agrees_with_numpy_and_keeps_the_dtype(op, dtype):
+    rng = np.random.default_rng(0)
+    mine, theirs, inputs = instances(op, dtype, rng, rows=29)
+    y = mine.forward(*inputs)
+    g = rng.standard_normal(y.shape).astype(dtype)
+    for input_grad in (True, False) if getattr(theirs, "params_alone", False) else (True,):
+        results = []
+        for instance in (mine, theirs):
+            out = instance.forward(*inputs)
+            grads = instance.backward(g, input_grad=input_grad) if input_grad is False else instance.backward(g)
+            results.append([out, *(grads if isinstance(grads, tuple) else (grads,) * (grads is not None)),
+                            *(getattr(instance, f"d{p}") for p in op.params)])
+        for got, want in zip(*results):
+            assert got.dtype == dtype and got.shape == want.shape
+            scale = max(np.max(np.abs(want), initial=0.0), 1.0)
+            np.testing.assert_allclose(got, want, rtol=AGREE[dtype]["rtol"], atol=AGREE[dtype]["atol"] * scale)
+
+
+@pytest.mark.parametrize("op", FUSED, ids=ids(FUSED))
+def test_gradients_match_finite_differences(op):
+    for variant, check in check_op(op, getattr(fast, op.name), np.random.default_rng(1)):
+        assert check.ok, f"{op.name} (fast) {variant}: {check.report()}"
+
+
+@pytest.mark.parametrize("op", FUSED, ids=ids(FUSED))
+def test_an_empty_batch_and_a_constant_row_are_numpys(op):
+    rng = np.random.default_rng(2)
+    mine, theirs, (x,) = instances(op, np.float64, rng)
+    for value in (np.full_like(x, 1.5), x[:0]):
+        with np.errstate(all="ignore"):
+            np.testing.assert_allclose(mine.forward(value), theirs.forward(value), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", FUSED, ids=ids(FUSED))
+def test_bad_input_gives_the_numpy_classes_error(op):
+    rng = np.random.default_rng(3)
+    mine, theirs, (x,) = instances(op, np.float64, rng)
+
+    def outcome(call):
+        """The error's one line, or None where call returns."""
+        try:
+            call()
+        except (ValueError, TypeError, RuntimeError) as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+    assert outcome(lambda: mine.backward(x)) == outcome(lambda: theirs.backward(x)) is not None  # before forward
+    # one entry short on the axis of the first param (LayerNorm's k, BatchNorm's c)
+    (axes, _), *_ = op.params.values()
+    short = np.delete(x, 0, axis=op.inputs["x"].index(axes[0]))
+    for bad in (short, "x", x.astype(np.int64), x[0]):
+        assert outcome(lambda: mine.forward(bad)) == outcome(lambda: theirs.forward(bad))
+    assert outcome(lambda: mine.forward(short)) is not None
+    mine.forward(x)
+    theirs.forward(x)
+    assert outcome(lambda: mine.backward(short)) == outcome(lambda: theirs.backward(short)) is not None
+
+
+@pytest.mark.parametrize("op", FUSED, ids=ids(FUSED))
+def test_the_scheme_names_the_row_index(op):
+    r, inner = row_scheme(op)
+    assert r not in inner and {r, *inner} == set(op.steps[-1].indices)
+
+
+def wrong(assignment_name):
+    """tensor_fused.Kernel.assign with assignment_name's value 0.1% off: a wrong fused kernel."""
+    assign = tensor_fused.Kernel.assign
+
+    def assigned(self, a):
+        return assign(self, a._replace(expr=a.expr * 1.001) if a.name == assignment_name else a)
+    return assigned
+
+
+@pytest.mark.parametrize("name", ["dx", "mu", "dgamma"])
+def test_codegen_refuses_a_wrong_fused_kernel(tmp_path, monkeypatch, name):
+    """A fused LayerNorm whose dx, saved mean or dgamma is 0.1% off fails verification, named, and nothing is
+    written, while its NumPy twin passes."""
+    monkeypatch.setattr(tensor_fused.Kernel, "assign", wrong(name))
+    reports, changed, _ = codegen({"LayerNorm": CATALOG["LayerNorm"]}, tmp_path / "pkg", cache=None, backend="fast")
+    assert changed is None and not (tmp_path / "pkg").exists()
+    assert [report.name for report in reports if not report.ok] == ["LayerNorm (fast)"]
+    failures = next(report.failures for report in reports if not report.ok)
+    assert any("against NumPy" in failure for failure in failures)
+
+
+def test_a_kernel_outside_the_scheme_is_a_fusion_error():
+    op = CATALOG["LayerNorm"]
+    r, inner = row_scheme(op)
+    steps, programs = tensor_fused.programs(op)
+    shifted = programs["forward"][-1]._replace(expr=programs["forward"][-1].expr.subs(inner[0], inner[0] + 1))
+    with pytest.raises(FusionError, match="shifted"):
+        tensor_fused.Kernel(op, (r, inner), "forward", (*programs["forward"][:-1], shifted), ["x", "gamma", "beta",
+                                                                                             "eps"], ["y"], steps)

@@ -1,0 +1,101 @@
+"""The fast forms of window operations (issue 25, target 2): a window contracted with one array is one matrix
+product over a copy whose runs are the positions (im2col), a strided window is read at its stride in the view, and
+the transposed read of a strided position is its adjoint's scatter (windows_added, col2im). Speed is shown by
+python -m codegen.bench; these tests hold the forms and their values."""
+import numpy as np
+import pytest
+
+import generated
+from codegen.tensor_lower import lowered, trimmed
+from derive.catalog import CATALOG
+from derive.tensor import with_flags
+
+
+def windows_added_by_loops(windows, shape, axes, taps, stride):
+    """windows_added's meaning, one entry at a time: windows[..., p, q, t, r] added at (s p + t, s' q + r)."""
+    added = np.zeros(shape, windows.dtype)
+    windows = np.broadcast_to(windows, windows.shape[:len(shape)] + tuple(taps))
+    for index in np.ndindex(*windows.shape):
+        at = list(index[:len(shape)])
+        for k, axis in enumerate(axes):
+            at[axis] = stride[k] * index[axis] + index[len(shape) + k]
+        added[tuple(at)] += windows[index]
+    return added
+
+
+@pytest.mark.parametrize("taps, stride, size", [((3, 3), (1, 1), (7, 6)), ((2, 2), (2, 2), (6, 6)),
+                                                ((3, 2), (2, 3), (8, 9)), ((2, 3), (3, 1), (9, 5)),
+                                                ((2, 3), (3, 4), (9, 11))],
+                         ids=["overlapping", "tiling", "strides", "overlapping-one-way", "gaps"])
+def test_windows_added_adds_each_window_where_it_was_read(taps, stride, size):
+    rng = np.random.default_rng(0)
+    positions = [(n - t) // s + 1 for n, t, s in zip(size, taps, stride)]
+    windows = rng.standard_normal((2, 3, *positions, *taps)).astype(np.float32)
+    shape = (2, 3, *size)
+    added = generated._tensor.windows_added(windows, shape, (2, 3), taps, stride)
+    assert added.dtype == np.float32
+    np.testing.assert_allclose(added, windows_added_by_loops(windows, shape, (2, 3), taps, stride), atol=1e-6)
+    # a tap axis of size 1: one value for every tap (an average pooling's g)
+    one = windows[..., :1, :]
+    np.testing.assert_allclose(generated._tensor.windows_added(one, shape, (2, 3), taps, stride),
+                               windows_added_by_loops(one, shape, (2, 3), taps, stride), atol=1e-6)
+
+
+def test_first_max_marks_the_first_largest_of_each_window_a_nan_largest():
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 3, (4, 5, 2, 3)).astype(np.float32)    # ties in most windows
+    a[0, 0, 1, 2], a[1, 1] = np.nan, -np.inf
+    a[2, 2, 0, 1] = a[2, 2, 1, 0] = np.nan
+    mask = generated._tensor.first_max(a, (2, 3))
+    flat = a.reshape(4, 5, 6)
+    expected = np.arange(6) == np.argmax(flat, axis=-1)[..., None]
+    assert mask.dtype == np.float32
+    np.testing.assert_array_equal(mask.reshape(4, 5, 6), expected)
+
+
+def test_trimmed_keeps_each_entry_on_its_axis():
+    """'...' before entries whose trailing ':' were dropped would move them to the last axes: x[:, :, ::2] of 5
+    axes is not x[..., ::2]."""
+    assert trimmed([":", ":", "::2", ":", ":"]) == [":", ":", "::2"]
+    assert trimmed([":", ":", "None", "None", ":", ":"]) == [":", ":", "None", "None"]
+    assert trimmed([":", ":", ":U", ":", "::2"]) == ["...", ":U", ":", "::2"]
+
+
+def printed(name):
+    forward, backward, *_ = lowered(with_flags(CATALOG[name], {}))
+    return str(forward), str(backward)
+
+
+def test_a_convolution_is_one_matrix_product_over_strided_windows():
+    """Conv2d: forward and dweight copy the window with the positions (j) last, the runs the copy reads, and
+    take one product; the windows read at the stride; dx adds the product's windows back at the stride,
+    g never dilated nor a window read backwards."""
+    forward, backward = printed("Conv2d")
+    assert ("(weight.reshape(O, C*U*V) @ sliding_window_view(sliding_window_view(x, U, axis=2)[:, :, ::stride[0]], V, "
+            "axis=3)[:, :, :, ::stride[1]].transpose(0, 1, 4, 5, 2, 3).reshape(N, C*U*V, I*J)).reshape(N, O, I, J)"
+            ) in forward
+    assert "I = (H - U) // stride[0] + 1" in forward
+    assert ("dx = windows_added((weight.transpose(1, 2, 3, 0).reshape(C*U*V, O) @ g.reshape(N, O, I*J))"
+            ".reshape(N, C, U, V, I, J).transpose(0, 1, 4, 5, 2, 3), (N, C, H, W), (2, 3), (U, V), "
+            "(stride[0], stride[1]))") in backward
+    assert ".transpose(1, 2, 3, 0, 4, 5).reshape(C*U*V, N*I*J) @ g.transpose(0, 2, 3, 1).reshape(N*I*J, O)" in backward
+    assert "np.einsum" not in forward + backward and "::-1" not in forward + backward
+
+
+@pytest.mark.parametrize("name", ["AvgPool2d", "MaxPool2d"])
+def test_a_pooling_reads_its_strided_windows_and_adds_them_back(name):
+    forward, backward = printed(name)
+    assert "[:, :, ::stride[0]]" in forward and "[:, :, :, ::stride[1]]" in forward
+    assert "windows_added(" in backward and "np.pad" not in backward and "np.einsum" not in backward
+
+
+@pytest.mark.parametrize("name, build", [("Conv2d", lambda: generated.Conv2d(3, 4, 3, stride=2, padding=1,
+                                                                            dtype=np.float32)),
+                                         ("AvgPool2d", lambda: generated.AvgPool2d(2)),
+                                         ("MaxPool2d", lambda: generated.MaxPool2d(3, stride=2, padding=1))])
+def test_the_fast_forms_keep_float32(name, build):
+    layer = build()
+    x = np.random.default_rng(1).standard_normal((2, 3, 9, 8)).astype(np.float32)
+    y = layer.forward(x)
+    dx = layer.backward(np.ones_like(y))
+    assert y.dtype == dx.dtype == np.float32 and dx.shape == x.shape
