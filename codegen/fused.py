@@ -228,8 +228,8 @@ def fused_code(kernel, rows, loss, summed=False):
         name = kernel.name
     uses_label = kernel.at_label is not None or any(e.has(AtLabel) for e in exprs)
     args = arguments(exprs, ({"c"} if uses_label else set()) | set(kernel.takes), kernel.params)
-    flags = []
-    if kernel.weight is not None and "g" in args:
+    flags, weighted = [], kernel.weight is not None and "g" in args   # not a constant dx, which reads no g
+    if weighted:
         # the kernel computes g from its total, and takes the flags choosing it (mean: 1/total, or a sum's 1)
         flags = sorted(s.name for s in kernel.weight.free_symbols if s.name not in dict(kernel.outputs))
         args = [a for a in args if a != "g"] + flags
@@ -255,7 +255,7 @@ def fused_code(kernel, rows, loss, summed=False):
     if "g" in args:
         names_of["g"] = "g_n" if rows and loss else "g[n, k]" if rows else "g_i"
     # g computed once, before the loop, in the input's dtype (T(1)/total alone is a float64 in numba)
-    weight = None if kernel.weight is None else f"g = T({scalar_code(kernel.weight, names_of)})"
+    weight = f"g = T({scalar_code(kernel.weight, names_of)})" if weighted else None
     if summed:
         names_of["N"] = "N*K"  # the element count, which the rows' loops split into N rows of K
     # a backward writes into out (which may be a saved array it reads) when that is safe: every
