@@ -25,6 +25,10 @@ The contract, per quantity (forward, backward) and point:
 The figure (Tally.worst_ulps): the largest error in ulps where the truth is a normal number, inf where a
 kernel breaks the contract with NaN or an infinity.
 
+A row op's point is judged as an index-notation op's entry (judge_scaled, below), its scale counting the row, a
+dense target and a row layer's upstream gradient (ROW_G): a false 0 is no verdict of its own there, but it is far
+from a truth whose scale is of the truth's own size (a well-conditioned one), and so fails.
+
 An index-notation op (TensorSubject) is surveyed at small sizes (check_sizes from 2 to 3), on samples whose
 inputs hold the grid's magnitudes, every S-th from the j-th, with random signs and one 0 (each row spans tiny to
 large); params from the op's domain, g from (-1, 1). The truth is its declared steps and the derivation its
@@ -59,7 +63,7 @@ X, T = sp.Symbol("x", real=True), sp.Symbol("t", real=True)
 # a row op's point: a row of three entries, each magnitude of the grid times ROW (the largest entry first, a
 # second 0 and a third of the other sign); a row layer's upstream gradient; a loss's dense target row, labels
 ROW, ROW_UPSTREAM, DENSE_ROW, LABELS = (1.0, 0.0, -0.5), (1.0, -2.0, 0.5), (0.25, 0.5, 0.25), (0, 2)
-ROW_X, ROW_T = (sp.symbols(f"{name}0:{len(ROW)}", real=True) for name in "xt")
+ROW_X, ROW_T, ROW_G = (sp.symbols(f"{name}0:{len(ROW)}", real=True) for name in "xtg")
 # an element-wise loss's targets, by default and where an op's are others
 LOSS_TARGETS, CATALOG_TARGETS = (0.0, 0.5), {"BinaryCrossEntropyWithLogits": (0.0, 0.25, 1.0)}
 SEED = 0                            # an index-notation op's samples: params, signs, order, labels, noise
@@ -84,9 +88,19 @@ class Subject:
     def loss(self):
         return self.op.kind == "loss"
 
+    @property
+    def row(self):
+        """Whether a point is a row (a row op's), judged in units of its scale (judge_scaled)."""
+        return len(self.inputs) > 1
+
+    @property
+    def gradient(self):
+        """The upstream gradient's symbols, a row layer's (ROW_G, whose rounding its scale counts), else ()."""
+        return ROW_G[:len(self.upstream)] if self.row and len(self.upstream) > 1 else ()
+
     @functools.cached_property
     def backward(self):
-        objective = sum(g * y for g, y in zip(self.upstream, self.forward))
+        objective = sum(g * y for g, y in zip(self.gradient or self.upstream, self.forward))
         return tuple(sp.diff(objective, v) for v in self.inputs)
 
     def variables(self, target):
@@ -204,7 +218,7 @@ def grid(subject, dtype, quick):
     neighbours either side, a row op's each times ROW."""
     positive = magnitudes(dtype, quick)
     xs = [np.zeros(1, dtype), positive, -positive]
-    if len(subject.inputs) > 1:
+    if subject.row:
         rows = np.unique((np.concatenate(xs)[:, None] * np.array(ROW)).astype(dtype), axis=0)
         return {t: rows for t in subject.targets}
     points = {}
@@ -265,14 +279,14 @@ class Truth:
         return found if found is not None else [value for f in self.each for value in evaluated(f, args) or [None]]
 
     def scale(self, entry, args, counted):
-        """sum |v dq/dv| of expression entry at args over its first counted variables (the inputs, and a target
-        that is a number)."""
+        """sum |v dq/dv| of expression entry at args over the variables whose positions counted holds (the inputs,
+        a target that is a number, a row layer's upstream gradient)."""
         if entry not in self.partials:
             self.partials[entry] = sp.lambdify(self.variables, [_no_delta(sp.diff(self.plain[entry], v))
                                                                 for v in self.variables], MPMATH, cse=True)
         slopes = evaluated(self.partials[entry], args) or [None] * len(args)
-        return sum(float(abs(mpmath.mpf(float(v)) * slope)) for v, slope in zip(args[:counted], slopes)
-                   if v and slope is not None)
+        return sum(float(abs(mpmath.mpf(float(args[k])) * slopes[k])) for k in counted
+                   if args[k] and slopes[k] is not None)
 
 
 def evaluated(function, args):
@@ -465,7 +479,8 @@ class Survey:
     def of(self, subject):
         if isinstance(subject, TensorSubject):
             return self.of_tensor(subject)
-        variables = (*subject.inputs, *subject.target)
+        variables = (*subject.inputs, *subject.target, *subject.gradient)
+        upstream = tuple(subject.upstream) if subject.gradient else ()
         truth = Truth(subject.forward + subject.backward, variables)
         entries = {"forward": range(len(subject.forward)),
                    "backward": range(len(subject.forward), len(subject.forward) + len(subject.backward))}
@@ -485,9 +500,11 @@ class Survey:
         tallies = {}
         for dtype in self.dtypes:
             for target, points in grid(subject, dtype, self.quick).items():
-                given = subject.variables(target)
+                given = (*subject.variables(target), *upstream)
                 # a label is exact: only a target that is a number is rounded like the inputs
-                counted = len(subject.inputs) + (0 if isinstance(target, int) else len(given))
+                targets = len(given) - len(upstream)
+                counted = [*range(len(subject.inputs)),
+                           *range(len(subject.inputs) + targets * isinstance(target, int), len(variables))]
                 results = {backend: run(points, target) for backend, run in runners.items()}
                 for k, point in enumerate(points):
                     args = (*point, *given)
@@ -498,11 +515,14 @@ class Survey:
                                 continue
                             where = f"x={where_text(point)}" + (f", t={target!r}" if subject.loss else "") + (
                                 f" [{column}]" if len(entries[quantity]) > 1 else "")
-                            scale = functools.partial(truth.scale, entry, args, counted) if self.verdict else None
+                            # a row in units of its scale, figures too, as an index-notation op's
+                            scale = (functools.partial(truth.scale, entry, args, counted)
+                                     if self.verdict or subject.row else None)
                             for backend, outputs in results.items():
                                 tally = tallies.setdefault((subject.name, backend, dtype.__name__, quantity), Tally())
-                                judge(tally, outputs[q][k, column], values[entry], scale, dtype,
-                                      bound(subject.name, dtype), where)
+                                (judge_scaled if subject.row else judge)(
+                                    tally, outputs[q][k, column], values[entry], scale, dtype,
+                                    bound(subject.name, dtype), where)
         return tallies
 
 

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates"
 # Everything whose change can change a generated file; its digest goes in every header.
 GENERATOR = ("derive/*.py", "codegen/lower.py", "codegen/printer.py", "codegen/kernels.py", "codegen/inplace.py",
+             "codegen/bounds.py",
              "codegen/fused.py", "codegen/render.py", "codegen/tensor_lower.py", "codegen/tensor_fused.py",
              "templates/*.jinja")
 # The derivations printed for readers (symgrad derive, make docs) never reach a generated file; nor does the

@@ -1,8 +1,9 @@
 """The numba backend of an index-notation operation: its forward and backward assignments (the same SymPy
 results codegen.tensor_lower lowers to whole-array NumPy) printed as fused loops.
 
-The scheme fits an operation whose arrays are indexed by a row index r, their first axis, plus inner indices
-I, the same for every full array (LayerNorm's and RMSNorm's n and k): an assignment is full
+The scheme fits an operation whose arrays are indexed by a row index r plus inner indices I, the same for every
+full array, with at least one of I after r (LayerNorm's and RMSNorm's n and k, BatchNorm2d's c and n, h, w; the
+inner indices after r, the arrays' last axes, one loop where they are more than one): an assignment is full
 (over r and I: written in a loop over I), per row (over r: a local of the row, stored if returned) or a
 sum over rows (over some of I: a param's gradient). A sum over I is a row reduction, an accumulator of
 the loop over I held in cache; a sum over r is a partial sum per chunk of rows, the chunks added in order
@@ -42,8 +43,12 @@ def row_scheme(op):
     (r,) = rows if len(rows) == 1 else (op.batch_index,) if not rows else (None,)
     if r is None or r not in full:
         raise FusionError("its steps have no single row index (per-row steps over one index of the output)")
-    if full[0] != r:  # BatchNorm's channel c: 200 KB apart from n to n at (64, 16, 28, 28), fused 2x slower than NumPy
-        raise FusionError(f"its rows (over {r}) are not the arrays' first axis: a row is strided, not held in cache")
+    # the axes after the rows' (BatchNorm2d's h, w after c), but the optional last one an input may lack: the
+    # innermost loop runs over them, along a row's contiguous stretch; with none it would step a row's stride
+    # (BatchNorm1d on (N, C): 7x slower than NumPy at (8192, 1024), where on (64, 32, 512) it is 3x faster)
+    if len(full) - full.index(r) - 1 - bool(op.optional_axis) < 1:
+        lacking = f" where {op.optional_axis[0]} lacks its optional last axis" if op.optional_axis else ""
+        raise FusionError(f"its rows (over {r}) are the arrays' last axis{lacking}: a row's entries are strided")
     outside = [a for a, axes in op.inputs.items() if not set(axes) <= set(full)]
     if outside:  # attention's keys: an axis the output has not
         raise FusionError(f"its input {outside[0]} is over {', '.join(map(str, op.inputs[outside[0]]))}, indices the "
@@ -85,6 +90,8 @@ class Kernel:
         self.full = set(self.inner) | {self.r}
         self.indices = {str(i): i for i in self.full}
         self.taken = names_of(op) | set(OWN_NAMES)
+        self.run = self.merged_run(op.steps[-1].indices)
+        self.merged = sp.Symbol(self.fresh("".join(map(str, self.run)))) if self.run else None
         self.level, self.rows, self.used = {}, [], set()
         self.reductions, self.writes, self.partials, self.totals, self.stores = [], [], [], [], []
         self.local = {name: self.fresh(f"{name}_{self.r}") for name, axes in self.axes.items() if axes == (self.r,)}
@@ -94,6 +101,33 @@ class Kernel:
                 self.row(sp.Symbol(self.local[name]), sp.IndexedBase(name)[self.r], loaded=True)
         for a in assignments:
             self.assign(a)
+
+    def merged_run(self, order):
+        """The inner indices after the row's, the arrays' last axes, where they are two or more and every array
+        over any of them has them all, in that order, last: one loop over them all. A row's run of entries is
+        then one contiguous stretch (BatchNorm2d's h, w: 784, where a loop over w alone, 28 long, is too short
+        for the vectorized loop numba prints, and ran 4x slower); ()."""
+        run = order[order.index(self.r) + 1:]
+        if len(run) < 2 or any(set(axes) & set(run) and tuple(axes[-len(run):]) != run for axes in self.axes.values()):
+            return ()
+        return run
+
+    def looped(self, indices):
+        """indices as the loops index an array: the merged run one index."""
+        if not self.run or tuple(indices[-len(self.run):]) != self.run:
+            return tuple(indices)
+        return (*indices[:-len(self.run)], self.merged)
+
+    def extent(self, index):
+        """The size of a loop's index: the product of the merged run's."""
+        return "*".join(str(size_of(i)) for i in self.run) if index == self.merged else str(size_of(index))
+
+    def viewed(self, name, axes):
+        """The argument name as the kernel takes it: reshaped, the merged run one axis (a view of a contiguous
+        array, as the outputs are; a copy of another)."""
+        if self.looped(axes) == tuple(axes):
+            return name
+        return f"{name}.reshape(({', '.join(self.extent(i) for i in self.looped(axes))}))"
 
     def fresh(self, name):
         name = fresh(name, self.taken)
@@ -218,7 +252,8 @@ class Kernel:
 
     def code(self, expr):
         """expr as numba code: arrays at the loops' indices, sizes and options in T."""
-        names = {e: sp.Symbol(f"{e.base.name}[{', '.join(map(str, e.indices))}]") for e in expr.atoms(sp.Indexed)}
+        names = {e: sp.Symbol(f"{e.base.name}[{', '.join(map(str, self.looped(e.indices)))}]")
+                 for e in expr.atoms(sp.Indexed)}
         names |= {s: sp.Symbol(f"T({s})") for s in expr.free_symbols
                   if isinstance(s, sp.Symbol) and s.name in self.op.options or s in self.sizes_read(expr)}
         return FusedPrinter(self.used).doprint(expr.xreplace(names))
@@ -235,20 +270,23 @@ class Kernel:
         calls the kernel."""
         first = next((a for a in self.args if self.kind_of_array(a) == "full"), self.args[0])
         parts = [parts for parts, *_ in self.partials]
-        plain = self.size_lines() + self.allocations(first)
+        plain = self.size_lines(self.args, self.axes) + self.allocations(first)
         if self.partials:
             plain += [f"chunks = min({size_of(self.r)}, {CHUNKS})"]
             plain += [f"{parts} = np.zeros((chunks, {', '.join(str(size_of(i)) for i in axes)}), {first}.dtype)"
                       for parts, axes, *_ in self.partials]
-        arguments = self.args + self.returns + parts
-        return plain + [f"_{self.name}({', '.join(arguments)})"], arguments, self.kernel_lines(first)
+        arguments = self.args + self.returns + parts + [str(size_of(i)) for i in self.run]
+        axes = {**self.axes, **{parts: (None, *axes) for parts, axes, *_ in self.partials}}
+        call = [self.viewed(a, axes[a]) if a in axes else a for a in arguments]
+        return plain + [f"_{self.name}({', '.join(call)})"], arguments, self.kernel_lines(first)
 
     def kernel_lines(self, first):
         """The jitted kernel's body: per row (per chunk of rows where it sums over them), the row locals of each
         level and the loop after them; then the params' gradients from their partial sums."""
         loops = max([level for _, _, level in self.writes] + [level for *_, level, _ in self.partials]
                     + [self.level[a] for a, _ in self.reductions] + [0])
-        lines = [f"T = {first}.dtype.type"] + self.size_lines()
+        viewed = {a: self.looped(axes) for a, axes in self.axes.items()}
+        lines = [f"T = {first}.dtype.type"] + self.size_lines(self.args, viewed, given={size_of(i) for i in self.run})
         if self.partials:
             lines += [f"chunks = {self.partials[0][0]}.shape[0]", "for chunk in numba.prange(chunks):",
                       f"    for {self.r} in range(chunk * {size_of(self.r)} // chunks, (chunk + 1) * "
@@ -272,8 +310,8 @@ class Kernel:
         except FusionError:
             return None
 
-    def size_lines(self):
-        """Each size the kernel reads, from the first argument with that axis."""
+    def size_lines(self, args, axes, given=()):
+        """Each size the kernel reads but the given ones, from the first of args (over axes) with that axis."""
         wanted = {size_of(i) for i in self.full}
         for _, expr, _ in self.rows:
             wanted |= self.sizes_read(expr)
@@ -282,9 +320,8 @@ class Kernel:
             for e in exprs:
                 wanted |= self.sizes_read(e)
         lines = []
-        for size in sorted(wanted, key=str):
-            found = next(((a, n) for a in self.args for n, i in enumerate(self.axes.get(a, ())) if size_of(i) == size),
-                         None)
+        for size in sorted(wanted - set(given), key=str):
+            found = next(((a, n) for a in args for n, i in enumerate(axes.get(a, ())) if size_of(i) == size), None)
             if found is None:
                 raise FusionError(f"size {size} is read by no argument's shape")
             lines.append(f"{size} = {found[0]}.shape[{found[1]}]")
@@ -310,18 +347,18 @@ class Kernel:
         """body inside one loop per index, in order."""
         lines = []
         for depth, i in enumerate(indices):
-            lines.append("    " * depth + f"for {i} in range({size_of(i)}):")
+            lines.append("    " * depth + f"for {i} in range({self.extent(i)}):")
         return lines + ["    " * len(indices) + line for line in body]
 
     def loop(self, level):
         """One pass over the row: the reductions of this level, the outputs and partial sums written in it."""
         here = [(a, e) for a, e in self.reductions if self.level[a] == level]
         body = [f"{a} = {a} + {self.code(e)}" for a, e in here]
-        body += [f"{a.name}[{', '.join(map(str, a.indices))}] = {self.code(e)}"
+        body += [f"{a.name}[{', '.join(map(str, self.looped(a.indices)))}] = {self.code(e)}"
                  for a, e, at in self.writes if at == level]
-        body += [f"{parts}[chunk, {', '.join(map(str, axes))}] += {self.code(e)}"
+        body += [f"{parts}[chunk, {', '.join(map(str, self.looped(axes)))}] += {self.code(e)}"
                  for parts, axes, e, at, _ in self.partials if at == level]
-        return [f"{a} = T(0)" for a, _ in here] + self.nest(self.inner, body)
+        return [f"{a} = T(0)" for a, _ in here] + self.nest(self.looped(self.inner), body)
 
     def total_lines(self):
         """Each param's gradient from the chunks' partial sums, added in chunk order."""
@@ -330,10 +367,11 @@ class Kernel:
             mine = [(parts, total) for parts, _, _, _, total in self.partials
                     if total in map(str, value.free_symbols)]
             body = [f"{total} = T(0)" for _, total in mine]
-            body += ["for chunk in range(chunks):"] + [f"    {total} = {total} + {parts}[chunk, "
-                                                         f"{', '.join(map(str, a.indices))}]" for parts, total in mine]
-            body.append(f"{a.name}[{', '.join(map(str, a.indices))}] = {self.code(value)}")
-            lines += self.nest(a.indices, body)
+            at = ", ".join(map(str, self.looped(a.indices)))
+            body += ["for chunk in range(chunks):"] + [f"    {total} = {total} + {parts}[chunk, {at}]"
+                                                         for parts, total in mine]
+            body.append(f"{a.name}[{at}] = {self.code(value)}")
+            lines += self.nest(self.looped(a.indices), body)
         return lines
 
 

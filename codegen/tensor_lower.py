@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 import sympy as sp
+from sympy.codegen.cfunctions import log2
 from sympy.core.symbol import Str
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
@@ -37,7 +38,7 @@ from codegen.printer import KernelPrinter, positive_first, range_arguments
 from derive.special import ExpToInf
 from derive.stability import INDEX_REWRITES, REWRITES, rewritten_by
 from derive.tensor import (Assignment, FirstMax, Sum, bound_of, check_sizes, derivation, eval_mode, flag_values, folded,
-                           in_base_sizes, linear, reads_of, size_of, with_flags)
+                           in_base_sizes, in_units, linear, reads_of, scale_degrees, size_of, unit_rows, with_flags)
 
 
 class LoweringError(ValueError):
@@ -81,6 +82,7 @@ class Program(NamedTuple):
     backward: tuple
     returns: tuple                 # d<name> of every input and param, in order
     rewrites: tuple = ()           # the names of the rewrites that changed it, for the reader
+    guards: tuple = ()             # (Guard, ...) of the forward program (rescaled_scores)
 
 
 def program_of(op):
@@ -418,6 +420,74 @@ def exponents_masked(expr):
     return expr.replace(lambda e: isinstance(e, sp.Piecewise), masked)
 
 
+class LargestExponent(sp.Function):
+    """E of an array's float dtype, every number of it below 2^E (np.finfo(dtype).maxexp): 128 in float32, 1024 in
+    float64."""
+
+    is_integer = is_positive = True
+
+    def _pythoncode(self, printer):
+        return f"np.finfo({self.args[0].name}.dtype).maxexp"
+
+    _numpycode = _sympystr = _pythoncode
+
+
+class Guard(NamedTuple):
+    """Assignments computed again where a forward step's entries are not all finite (a softmax's max shift): the
+    scores step, their new values in units of a power of two, and the names of the arrays they read."""
+
+    scores: str
+    shift: str
+    assignments: tuple
+    reads: tuple
+
+
+def rescaled_scores(program, op, taken):
+    """program with a Guard for each declared rescaled scores step A[F, s] = f Sum(Q[..] R[..], d), linear in Q
+    (derive.tensor.linear_in), shifted by m[F] = Max(u(A), s): where m is not finite (a score overflowed, or an inf
+    - inf in its sum gave NaN), c[F] = 2^-k is a power of two with c (terms) (1 + |f|) max|Q| max|R| <= 2^(E-2),
+    E the dtype's largest exponent, so that c A = A(c Q) and its max m_c[F] = Max(u(c A), s) are finite, and A becomes
+    (c A - m_c)/c: exp(A - m) = exp((c A - c m)/c), as c m = Max(u(c A)) for c > 0 (tests/test_stability_rules.py);
+    the steps from A to m then run again, where m is now 0. Its entries far below the max are -inf, whose exp
+    is the right 0."""
+    guards, rewrites = [], list(program.rewrites)
+    for name, array in (op.rescaled or {}).items():
+        scores = next(a for a in program.forward if a.name == name)
+        shift = next((a for a in program.forward if isinstance(a.expr, Maximum) and name in reads_of(a.expr)), None)
+        totals = [f for f in sp.Mul.make_args(scores.expr) if isinstance(f, Sum)]
+        factors = sp.Mul.make_args(totals[0].function) if len(totals) == 1 else ()
+        reads = [f for f in factors if isinstance(f, sp.Indexed)]
+        if shift is None or len(reads) != 2 or len(factors) != 2 or array not in {r.base.name for r in reads}:
+            raise LoweringError(f"{op.name}: rescaled {name} must be f Sum(a product of {array} and one other array)"
+                                f" whose max shifts a softmax")
+        row, limits = shift.indices, {v: (v, lo, hi) for v, lo, hi in totals[0].limits}
+
+        def largest(read, row=row, limits=limits):    # max |read| over its indices outside the row
+            over = [limits.get(i, (i, 0, extent(i) - 1)) for i in read.indices if i not in row]
+            return Maximum(sp.Abs(read), *over)
+        (read,) = [r for r in reads if r.base.name == array]
+        terms = sp.Mul(*(hi - lo + 1 for _, lo, hi in totals[0].limits))
+        factor = terms * (1 + sp.Abs(scores.expr / totals[0]))   # the sum before its factor f, and after
+        names = [fresh(f"{n}_{suffix}", taken) for n, suffix in
+                 ((name, "scale"), (array, "scaled"), (name, "scaled"), (name, "scaled_max"))]
+        taken |= set(names)
+        c, scaled_read, scaled, scaled_max = (sp.IndexedBase(n, real=True) for n in names)
+        # + 5: the 2 of 2^(E-2), and 3 to spare, as each of the three ceil(log2) may come out 1 low (a log2 rounded
+        # down at 2^e (1 + eps)); k >= 0: c <= 1, so c Q is finite
+        exponent = (sum(sp.ceiling(log2(largest(r))) for r in reads)
+                    + sp.ceiling(sp.log(factor, 2)))
+        power = sp.Max(0, exponent + 5 - LargestExponent(Str(array)))
+        assignments = (Assignment(names[0], row, 2 ** -power),
+                       Assignment(names[1], read.indices, c[row] * read),   # before the product, so c Q is finite
+                       Assignment(names[2], scores.indices, scores.expr.xreplace({read: scaled_read[read.indices]})),
+                       Assignment(names[3], row, shift.expr.replace(
+                           lambda e: isinstance(e, sp.Indexed) and e.base.name == name, lambda e: scaled[e.indices])),
+                       Assignment(name, scores.indices, (scaled[scores.indices] - scaled_max[row]) / c[row]))
+        guards.append(Guard(name, shift.name, assignments, tuple(sorted({r.base.name for r in reads}))))
+        rewrites.append(f"{name} in units of a power of two where {shift.name} is not finite")
+    return program._replace(guards=tuple(guards), rewrites=tuple(rewrites))
+
+
 # the rewrites of each assignment's scalar expression: the element-wise ones that are identities (1 - sigmoid gives
 # GLU's gate derivative as sigmoid(b) sigmoid(-b)), then INDEX_REWRITES. Left out: the approximate ones, their
 # thresholds found for an element-wise op's one variable x; those INDEX_REWRITES holds; the shifts, which max_shifted
@@ -544,9 +614,10 @@ class Statement(NamedTuple):
     target: str
     value: sp.Expr
     form: str = "define"           # define | zeros | add (target[region] += value) | scatter (at the labels)
-    #                                | accumulate (at labels that may repeat, each adding)
+    #                                | accumulate (at labels that may repeat, each adding) | guard (region's
+    #                                statements run where target is not all finite; value: (target, what they read))
     region: object = ""            # add: the slice it adds into; scatter: (index array, axis, into zeros);
-    #                                accumulate: (index array, axis)
+    #                                accumulate: (index array, axis); guard: (Statement, ...)
 
     def source(self, printer):
         value = printer.doprint(self.value)
@@ -556,6 +627,10 @@ class Statement(NamedTuple):
             return f"{self.target} = np.zeros({value}, dtype)"
         if self.form == "add":
             return f"{self.target}[{self.region}] += {value}"
+        if self.form == "guard":
+            inner = "".join(f"\n    {line}" for s in self.region for line in s.source(printer).split("\n"))
+            return (f"if not np.isfinite({printer.doprint(self.value[0])}).all():  # a score past the largest number: "
+                    f"the scores again in units of a power of two{inner}")
         if self.form == "accumulate":
             at = ", ".join(["slice(None)"] * self.region[1] + [printer.doprint(self.region[0])])
             return f"np.add.at({self.target}, ({at}{',' if self.region[1] == 0 else ''}), {value})"
@@ -588,7 +663,7 @@ class ArrayFunction:
         printer = printer or TensorPrinter()
         body = (tensor_in_place(self, printer, View, new_array) if isinstance(printer, TensorPrinter) and self.shapes
                 else [s.source(printer) for s in self.statements])
-        return [f"{s} = {how}" for s, how in self.sizes] + body
+        return [f"{s} = {how}" for s, how in self.sizes] + [line for text in body for line in text.split("\n")]
 
     def __str__(self):
         return "\n".join([f"def {self.name}({', '.join(self.args)}):", *(f"    {line}" for line in self.lines()),
@@ -1304,7 +1379,7 @@ def lowered(op, factor=True):
     op = factor_saved(op) if factor else op
     taken = names_of(op)
     original = program_of(op)
-    program = rewritten(original, taken)
+    program = rescaled_scores(rewritten(original, taken), op, taken)
     axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets,
             **{z: a for z, (a, _, _) in (op.noise or {}).items()}, **(op.given or {}), "g": op.steps[-1].indices,
             **{a.name: a.indices for a in (*program.forward, *program.backward)}}
@@ -1319,7 +1394,7 @@ def lowered(op, factor=True):
     notes = [f"rewritten: {', '.join(program.rewrites)} (codegen.tensor_lower)"] if program.rewrites else []
     forward = function(op, "forward", f"{output} and what backward reads, by the forward steps.", program.forward,
                        given, (output, *saved), axes, sizes, options, taken,
-                       [str(a) for a in original.forward] + notes)
+                       [str(a) for a in original.forward] + notes, program.guards)
     backward = function(op, "backward", "The gradient of each input and param: g times the Jacobian (a "
                         "vector-Jacobian product) by the adjoint steps.", program.backward,
                         [name for name in given + saved if name in read] + ["g"], program.returns, axes, sizes,
@@ -1372,12 +1447,15 @@ def running_update(op):
                     check_sizes(op), options, names_of(op), list(map(str, updates)))
 
 
-def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, taken, derivation):
-    """The ArrayFunction computing assignments from the arrays and the options they read."""
+def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, taken, derivation, guards=()):
+    """The ArrayFunction computing assignments from the arrays and the options they read, and after each guard's
+    shift step the statement computing its assignments again where that step is not finite (guarded)."""
     lowering = ArrayLowering(op, axes, sizes)
     for assignment in assignments:
         lowering.assign(assignment)
     statements = shared(lowering.statements, taken)
+    for guard in guards:
+        statements = guarded(statements, guard, lowering, taken)
     used = set().union(*(sp.sympify(s.value).free_symbols for s in statements if s.form != "zeros"))
     lines, arrays, passed = size_lines(op, lowering.sizes, arrays, axes)
     lines = strided_sizes(lines, op, lowering)
@@ -1389,6 +1467,28 @@ def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, 
                    for a in dict.fromkeys([*arrays, *(x.name for x in assignments)]) if a in axes)
     return ArrayFunction(name, doc, args, tuple(lines), tuple(statements), tuple(returns),
                          tuple(derivation), tuple(sorted(lowering.imports)), shapes)
+
+
+def guarded(statements, guard, lowering, taken):
+    """statements with, after the guard's shift step, a guard statement: where the shift is not all finite, its
+    assignments (a fresh lowering's, their subexpressions shared among themselves alone, so that the usual path
+    computes none of them) and again the statements from the scores step to the shift."""
+    axes = {**lowering.axes, **{a.name: a.indices for a in guard.assignments}}
+    inner = ArrayLowering(lowering.op, axes, lowering.check_sizes)
+    for assignment in guard.assignments:
+        inner.assign(assignment)
+    lowering.sizes |= inner.sizes
+    lowering.imports |= inner.imports
+    targets = [s.target for s in statements]
+    start, stop = targets.index(guard.scores), len(targets) - targets[::-1].index(guard.shift)
+    # the scale's own statement left out of the sharing: its sizes' arithmetic stays Python numbers (a NumPy
+    # float64 scalar would make a float32 kernel's scale float64)
+    scale, *rest = inner.statements
+    rescaled = [scale, *shared(rest, taken | set(targets)), *statements[start + 1:stop]]
+    check = sp.Tuple(View(guard.shift), *(View(r) for r in guard.reads))
+    # its target the shift it checks: the in-place pass takes a statement's target as read, and the scores' buffer,
+    # written anew here, is free for the mask that follows them (a causal softmax's)
+    return [*statements[:stop], Statement(guard.shift, check, "guard", tuple(rescaled)), *statements[stop:]]
 
 
 def strided_sizes(lines, op, lowering):
@@ -1472,11 +1572,15 @@ def module_context(op, factor=True):
     printer = TensorPrinter()
     running = running_context(op, printer) if op.running else None
     variants = variants_context(flagged)
+    units = (units_context(op, forward, backward, *(calls(op, forward, backward)[k] for k in ("forward_call",
+                                                                                              "backward_options")),
+                           printer) if op.scaling else None)
     output = op.steps[-1].name
     functions = [{"name": f.name, "doc": f.doc, "args": list(f.args), "lines": f.lines(printer),
                   "returns": list(f.returns), "derivation": list(f.derivation), "imports": f.imports,
                   "overflows": any(sp.sympify(s.value).has(ExpToInf) for s in f.statements)}
                  for f in (forward, backward, *only, *penalty, *(running.pop("functions") if running else ()),
+                           *(units.pop("functions") if units else ()),
                            *(f for v in variants for f in v.pop("functions")))]
     arguments = {}
     for size, name in op.constructor_sizes.items():
@@ -1536,6 +1640,7 @@ def module_context(op, factor=True):
                               | ({"label_input", "label_range"} if op.labels else set())
                               | ({"flag"} if op.switches or flagged.flags else set())
                               | ({"or_machine_eps"} if op.dtype_eps else set())
+                              | ({"overflowed", "rows_joined", "units_of"} if units else set())
                               | ({"flag", "generator", *(f"{kind}_mask" for _, kind, _ in op.noise.values())}
                                  if op.noise else set())
                               | ({"flag", "running_factor"} | ({"nonzero_size"} if running["denominators"] else set())
@@ -1544,7 +1649,7 @@ def module_context(op, factor=True):
                                          "nullable": o in op.dtype_eps or o in (running or {}).get("momenta", ()),
                                          "checks": range_arguments(op.ranges[o])}
                                         for o, v in op.options.items()],
-            "running": running, "optional": [a for a in op.optional_axis], "variants": variants,
+            "running": running, "optional": [a for a in op.optional_axis], "variants": variants, "units": units,
             "flags": [{"name": f, "default": repr(v)} for f, v in (flagged.flags or {}).items()],
             "switches": [{"name": flag, "params": list(params), "cleared": " = ".join(f"self.d{p}" for p in params),
                           "zeroed": [p for p in params if op.params[p][1] not in ("ones", "zeros")]}
@@ -1649,6 +1754,59 @@ def running_context(op, printer):
             "update_returns": list(update.returns), "output_shape": measured_shape(op.steps[-1].indices),
             "zeros": [f"np.zeros_like(self._saved[{list(op.inputs).index(r[1:])}])" if r[1:] in op.inputs
                       else f"np.zeros_like(self.{r[1:]})" for r in backward.returns]}
+
+
+def units_context(op, forward, backward, forward_call, backward_options, printer):
+    """The guard of an op with a scaling (a normalisation): where a statistic forward returns is not finite (it
+    overflowed), those rows (unit_rows) are computed again by forward_units, in units of c, a power of two per row
+    near 1/max|x| (units_of), with each option times c^its degree (c^2 eps as an array, in_units), and each result
+    written back times c^-k, k its degree (scale_degrees: y as it is, a variance / c^2); backward computes dx
+    again there by backward_units, times c, and the others' by backward (every gradient joined: a param's summed
+    over rows is the sum of both parts). The check is O(rows); the NumPy kernels of forward_units and
+    backward_units (the fused module imports them) save a param's factor whatever the module's kernels do."""
+    factored = factor_saved(op)   # its saved factor (y_gamma) too, whatever the module's kernels save
+    degrees, (row,) = scale_degrees(factored), unit_rows(op)
+    units_forward, units_backward = (replace(f, name=f"{f.name}_units") for f in lowered(in_units(op))[:2])
+    axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()},
+            **{s.name: s.indices for s in factored.steps}, "g": op.steps[-1].indices,
+            **{f"d{a}": axes for a, axes in op.inputs.items()}, **{f"d{p}": a for p, (a, _) in op.params.items()}}
+
+    def at_rows(name, source=None):
+        """name (or its source, self.gamma) read at the rows, along the axis of the row index."""
+        where = axes[name].index(row) if row in axes.get(name, ()) else None
+        return source or name if where is None else f"{source or name}[{':, ' * where}rows]"
+
+    def times_c(name, k, value):
+        """value times c^k, c broadcast along name's axes."""
+        where = axes[name].index(row) if name in axes else 0
+        scale = sp.Symbol("c" + (f"[:, {', '.join(['None'] * (len(axes[name]) - where - 1))}]"
+                                 if len(axes.get(name, ())) > where + 1 else ""))
+        return printer.scalar.doprint(scale ** k * sp.Symbol(value))
+
+    calls = dict(zip(forward.args, forward_call))
+    prepared = [f"{v}_c = {times_c(v, d, at_rows(v, calls[v]))}" for v, d in op.scaling.items()]
+    arguments = [f"{a}_c" if a in op.scaling else at_rows(a, calls[a]) for a in units_forward.args]
+    written = [f"{at_rows(r)} = {times_c(r, -degrees[r], f'{r}_c')}" for r in units_forward.returns
+               if r in forward.returns]
+    gone = units_backward.args.index("g")
+    saved = [f"{a}_c" if a in (*units_forward.returns, *op.scaling) else at_rows(a, calls.get(a))
+             for a in units_backward.args[:gone]]
+    statistics = [r for r in forward.returns if degrees.get(r) and axes[r] == (row,)]
+    kept = backward.args[:backward.args.index("g")]
+    others = [f"{a}[{':, ' * axes[a].index(row)}good]" if row in axes.get(a, ()) else a
+              for a in [*kept, "g"]] + backward_options
+    joined = [f"{'self.' * (r[1:] in op.params)}{r} = " + (
+        f"rows_joined({r}_1, good, {times_c(r, -degrees[r], f'{r}_c')}, rows, {axes[r].index(row)})"
+        if row in axes[r] else printer.scalar.doprint(sp.Symbol(f"{r}_1") + sp.Symbol(f"{r}_c")))
+        for r in backward.returns]
+    return {"functions": [units_forward, units_backward], "statistics": statistics, "input": next(iter(op.inputs)),
+            "axis": axes[next(iter(op.inputs))].index(row), "prepared": prepared,
+            "forward": f"{', '.join(f'{r}_c' for r in units_forward.returns)} = forward_units({', '.join(arguments)})",
+            "written": written, "saved": saved, "unpacked": f"{', '.join(kept)}{',' * (len(kept) == 1)} = self._saved",
+            "others": f"{', '.join(f'{r}_1' for r in backward.returns)} = {backward.name}({', '.join(others)})",
+            "backward": f"{', '.join(f'{r}_c' for r in units_backward.returns)} = "
+                        f"backward_units(*saved, {', '.join([at_rows('g'), *units_backward.args[gone + 1:]])})",
+            "joined": joined}
 
 
 def penalty_context(op, functions, source):

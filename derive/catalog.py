@@ -19,7 +19,7 @@ def batch_norm(name, spec, summary):
     count = "*".join(i.upper() for i in over)
     return tensor_op(name, inputs={"x": spec}, params={"gamma": ("c", "ones"), "beta": ("c", "zeros")},
                      options={"eps": (1e-5, ">= 0"), "momentum": (0.1, "[0, 1]")},
-                     switches={"affine": ("gamma", "beta")},
+                     switches={"affine": ("gamma", "beta")}, scaling={"x": 1, "eps": 2},
                      running={"mu": ("running_mean", "zeros", "mu[c]", "momentum"),
                               "var": ("running_var", "ones", f"var[c] * {count} / ({count} - 1)", "momentum")},
                      names={"C": "num_features"},
@@ -63,13 +63,13 @@ OPS = (
     # PyTorch's nn.LayerNorm(normalized_shape, eps, elementwise_affine, bias) over the last axis: biased variance
     tensor_op("LayerNorm", inputs={"x": "n k"}, params={"gamma": ("k", "ones"), "beta": ("k", "zeros")},
               options={"eps": (1e-5, ">= 0")}, switches={"elementwise_affine": ("gamma", "beta"), "bias": ("beta",)},
-              names={"K": "normalized_shape"},
+              names={"K": "normalized_shape"}, scaling={"x": 1, "eps": 2},
               steps=["mu[n] = Sum(x[n, k], k) / K", "var[n] = Sum((x[n, k] - mu[n])**2, k) / K",
                      "y[n, k] = (x[n, k] - mu[n]) / sqrt(var[n] + eps) * gamma[k] + beta[k]"],
               summary="each row normalised to mean 0 and variance 1, then scaled by gamma and shifted by beta"),
     # PyTorch's nn.RMSNorm(normalized_shape, eps=None, elementwise_affine): eps None is the dtype's machine epsilon
     tensor_op("RMSNorm", inputs={"x": "n k"}, params={"gamma": ("k", "ones")}, options={"eps": (None, ">= 0")},
-              switches={"elementwise_affine": ("gamma",)}, names={"K": "normalized_shape"},
+              switches={"elementwise_affine": ("gamma",)}, names={"K": "normalized_shape"}, scaling={"x": 1, "eps": 2},
               steps=["ms[n] = Sum(x[n, k]**2, k) / K", "y[n, k] = x[n, k] / sqrt(ms[n] + eps) * gamma[k]"],
               summary="each row divided by its root mean square, then scaled by gamma"),
     # PyTorch's nn.BatchNorm1d(num_features, eps, momentum, affine, track_running_stats) on (N, C) or (N, C, L), and
@@ -94,8 +94,11 @@ OPS = (
               summary="x times a mask of 0 and 1/(1 - p) drawn in training mode (each entry kept with probability "
                       "1 - p), x in eval mode"),
     # PyTorch's F.scaled_dot_product_attention(Q, K, V, is_causal): softmax(Q K^T / sqrt(D)) V over any leading axes
-    # (batch, heads); is_causal masks key s > query t (0 in Z and P, and in their gradients)
+    # (batch, heads); is_causal masks key s > query t (0 in Z and P, and in their gradients). The scores A, linear in
+    # Q, overflow where |q| |k| passes the largest number, the softmax's truth a finite near one-hot: there the
+    # kernels compute them again from c Q, c a power of two (rescaled; PyTorch's is NaN there)
     tensor_op("ScaledDotProductAttention", inputs={"Q": "n t d", "K": "n s d", "V": "n s e"}, flags={"is_causal": False},
+              rescaled={"A": "Q"},
               steps=["A[n, t, s] = Sum(Q[n, t, d] * K[n, s, d], d) / sqrt(D)",
                      "Z[n, t] = Sum(Piecewise((exp(A[n, t, s]), (s <= t) | ~is_causal), (0, True)), s)",
                      "P[n, t, s] = Piecewise((exp(A[n, t, s]) / Z[n, t], (s <= t) | ~is_causal), (0, True))",
@@ -109,6 +112,7 @@ OPS = (
                       "bk": ("h d", "zeros"), "Wv": ("h d e", "uniform"), "bv": ("h d", "zeros"),
                       "Wo": ("e h d", "uniform"), "bo": ("e", "zeros")},
               sizes={"D": "E/H"}, names={"E": "embed_dim", "H": "num_heads"}, flags={"is_causal": False},
+              rescaled={"A": "q"},   # its scores overflow as ScaledDotProductAttention's
               steps=["q[n, t, h, d] = Sum(query[n, t, e] * Wq[h, d, e], e) + bq[h, d]",
                      "k[n, s, h, d] = Sum(key[n, s, e] * Wk[h, d, e], e) + bk[h, d]",
                      "v[n, s, h, d] = Sum(value[n, s, e] * Wv[h, d, e], e) + bv[h, d]",

@@ -126,6 +126,24 @@ def hinge_as_step(expr):
     return expr.replace(lambda e: isinstance(e, sp.Add), stepped)
 
 
+def margin_outside_the_max(expr):
+    """max(0, a - b + m) = max(-m, a - b) + m for entries a, b of one array and m free of arrays: a - b is
+    exactly 0 where a = b, so the multiclass hinge's term at its own label is m to the last bit, which the
+    loss then subtracts; as written, a + (m - b) rounds (x_c = 1e10 in float32: 0, and a loss of -m)."""
+    def outside(hinge):
+        if len(hinge.args) != 2 or 0 not in hinge.args:
+            return hinge
+        (add,) = [a for a in hinge.args if a != 0]
+        entries = [term for term in sp.Add.make_args(add) if term.has(sp.Indexed)]
+        margin = add - sp.Add(*entries)
+        bases = {e.base for term in entries for e in term.atoms(sp.Indexed)}
+        signs = sorted(term.as_coeff_Mul()[0] for term in entries)
+        if len(entries) != 2 or len(bases) != 1 or signs != [-1, 1] or margin == 0 or margin.has(sp.Indexed):
+            return hinge
+        return sp.Max(-margin, add - margin) + margin
+    return expr.replace(lambda e: isinstance(e, sp.Max), outside) if expr.has(sp.Max) else expr
+
+
 def steps_as_branches(expr):
     """An expression f(H) in a step H = H(u) (0 at u = 0, the kinks' convention) is H f(1) + H'(-u) f(0),
     with H'(v) = 1 - H(-v) the step that is 1 at v = 0: exact, as H is 0 or 1. The derivative of max(a, b)
@@ -529,7 +547,9 @@ def over_expm1(expr):
     negative, as differentiation leaves it (a power that may be positive is left alone): the focal loss's derivative
     gamma lp (1 - p)^(gamma - 1) at p = 1 (lp = 0), finite for every gamma >= 0 (0 for gamma > 0, as its
     limit). The quotient reads u, not 0, in its division where u = 0, so that np.where's other branch is
-    not 0/0."""
+    not 0/0. A product that also holds e^(u + w) is 0 where e^u is: never over the reals, and in floats where
+    the product as written is 0, or NaN at u = -inf (the focal loss's log p_c where x_c - max overflows), whose
+    limit u e^u -> 0 it then gives."""
     def ratio(u, sign):
         safe = sp.Piecewise((1, sp.Eq(u, 0)), (u, True))
         return sp.Piecewise((sign, sp.Eq(u, 0)), (sign * u / Expm1(safe), True))
@@ -545,7 +565,16 @@ def over_expm1(expr):
             others = list(mul.args)
             others.remove(power)
             others.remove(u)
-            return sp.Mul(*others, base ** (exponent + 1), ratio(u, sign))
+            decays = [f for f in others if isinstance(f, sp.exp) and u in sp.Add.make_args(f.args[0])]
+            if not decays:
+                return sp.Mul(*others, base ** (exponent + 1), ratio(u, sign))
+            # e^(u + w) = e^w e^u, e^w and a delta (for split_at_label) outside the branch, which then reads
+            # what u reads alone; its condition on ExpToInf, which SymPy leaves alone (exp(u) = 0 it calls False)
+            others.remove(decays[0])
+            outside = [f for f in others if isinstance(f, sp.KroneckerDelta) or not f.has(u)]
+            inside = [f for f in others if f not in outside]
+            return sp.Mul(*outside, sp.exp(decays[0].args[0] - u), sp.Piecewise(
+                (0, sp.Eq(ExpToInf(u), 0)), (sp.Mul(*inside, sp.exp(u), base ** (exponent + 1), ratio(u, sign)), True)))
         return mul
     return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(expm1), split)
 
@@ -927,7 +956,8 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("log1p", log_one_plus, True), ("log1p of a square", log_one_plus_square, True),
             ("clip branches", clip_branches, True),
             ("products beyond underflow", products_beyond_underflow, False),
-            ("scaled sigmoid by branches", scaled_sigmoid_branches, True), ("logistic", logistic, True))
+            ("scaled sigmoid by branches", scaled_sigmoid_branches, True),
+            ("margin outside the max", margin_outside_the_max, True), ("logistic", logistic, True))
 
 
 # the rewrites of an index-notation operation's steps and adjoints (codegen.tensor_lower, after its max shift)

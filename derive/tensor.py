@@ -90,6 +90,8 @@ class TensorOp:
     window: dict = None            # {"input", "padded", "strided"}: zero padding and stride around the kernels (see tensor_op)
     given_sizes: tuple = ()        # sizes the constructor takes that no array has (a pooling's window), kernel arguments
     means: dict = None             # {reduction: divisor Expr over the output's sizes}: a loss's further means (tensor_loss)
+    scaling: dict = None           # {input or option: degree}: y unchanged by each v -> c^degree v (scale_degrees)
+    rescaled: dict = None          # {scores step: array it is linear in}: a softmax's scores, their overflow guarded (see tensor_op)
 
     @property
     def batch_index(self):
@@ -164,8 +166,8 @@ def size_of(index):
 
 
 def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, penalty=None, names=None, switches=None,
-              noise=None, running=None, flags=None, padding=None, stride=None, summary=None, domain=(-3.0, 3.0),
-              tol=1e-6):
+              noise=None, running=None, flags=None, padding=None, stride=None, scaling=None, rescaled=None,
+              summary=None, domain=(-3.0, 3.0), tol=1e-6):
     """A layer y[...] computed by steps from inputs, trainable params {name: (indices, init)} and options
     {name: default or (default, range)}, a default None meaning the input dtype's machine epsilon (PyTorch's
     RMSNorm eps); penalty a scalar over params and options that the class's penalty() returns and backward
@@ -187,10 +189,14 @@ def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, pen
     (PyTorch's padding and stride, an int or one per axis): the class pads the input's axes h, w with
     zeros (and crops dx), and the kernels take the stride, reading the windows at every stride-th entry of
     the output's axes i, j and adding their gradients back there (codegen.tensor_lower), so the steps
-    declare the plain window, stride 1 and no padding, and the derivation is the plain window's."""
+    declare the plain window, stride 1 and no padding, and the derivation is the plain window's. scaling
+    {input or option: degree} declares the output unchanged where each is multiplied by c^degree for any c > 0
+    (a normalisation's x -> c x, eps -> c^2 eps), which scale_degrees proves. rescaled {step: array} names a
+    softmax's scores (attention's A), linear in array (Q): where a row's max overflows, the kernels compute that
+    row's softmax again from c A = A(c Q), c a power of two (codegen.tensor_lower.rescaled_scores)."""
     return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol,
                     penalty, names or {}, switches=switches or {}, noise=noise or {}, running=running or {},
-                    flags=flags or {}, window=(padding, stride))
+                    flags=flags or {}, window=(padding, stride), scaling=scaling or {}, rescaled=rescaled or {})
 
 
 def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None, options=None, sizes=None,
@@ -205,7 +211,7 @@ def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None,
 
 def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol, penalty=None,
              size_names=None, weights=None, switches=None, noise=None, running=None, flags=None, means=None,
-             window=(None, None)):
+             window=(None, None), scaling=None, rescaled=None):
     """The TensorOp of a declaration, refusing anything ill-formed with a DeclarationError naming it."""
     from derive.declare import DeclarationError, check_name, declared_param  # derive.declare re-exports this module
     check_name(name)
@@ -320,6 +326,14 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
     if unread:
         refuse(f"{unread[0]} is never read")
     window = window_of(refuse, *window, inputs, axes, assignments[-1].indices, options) if any(window) else None
+    for v, degree in (scaling or {}).items():
+        if v not in {*inputs, *options} or not isinstance(degree, int) or not degree:
+            refuse(f"scaling: {v!r} -> {degree!r} must map an input or an option to a nonzero integer degree")
+    for step, array in (rescaled or {}).items():
+        scores = next((a for a in assignments[:-1] if a.name == step), None)
+        if scores is None or array not in {*inputs, *(a.name for a in assignments)} or not linear_in(scores.expr, array):
+            refuse(f"rescaled: {step!r} -> {array!r} must map a step (not the output) to an input or step it is "
+                   f"linear in")
     param_sizes = {str(size_of(i)) for p in params for i in axes[p]}
     for size, argument in (size_names or {}).items():
         if size not in {*param_sizes, *given_sizes} or not isinstance(argument, str) or not argument.isidentifier() or keyword.iskeyword(
@@ -339,7 +353,7 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
                     weights={w: axes[w] for w in weights}, switches=switches, dtype_eps=dtype_eps,
                     noise={z: (axes[z], kind, option) for z, (_, kind, option) in noise.items()}, running=running,
                     optional_axis=optional_axis, flags={f: bool(v) for f, v in flags.items()}, window=window,
-                    given_sizes=given_sizes,
+                    given_sizes=given_sizes, scaling=dict(scaling or {}), rescaled=dict(rescaled or {}),
                     means=loss_means(refuse, means or {}, assignments[-1].indices))
 
 
@@ -691,6 +705,14 @@ def penalty_gradients(op):
             found.append(Assignment(f"d{name}", axes, substituted(contracted(derivative, ranges, op.sizes),
                                                                   dict(zip(at, axes)))))
     return tuple(found)
+
+
+def linear_in(expr, array):
+    """Whether expr reads array and is c times itself where each read of array is c times it, for every c (SymPy's
+    proof): attention's scores Sum(Q[n, t, d] K[n, s, d], d)/sqrt(D) in Q."""
+    c = sp.Symbol("c", positive=True)
+    scaled = expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name == array, lambda e: c * e)
+    return array in reads_of(expr) and sp.simplify(sp.factor_terms(scaled - c * expr)) == 0
 
 
 def reads_of(expr):
@@ -1077,3 +1099,52 @@ def check_derivation_numerically(op, derivation, sizes, seed=0, values=None, ste
         scale = max(np.max(np.abs(numeric)), np.max(np.abs(analytic)), 1e-300)
         checks.append(GradientCheck(name, analytic, numeric, float(np.max(np.abs(analytic - numeric)) / scale)))
     return tuple(checks)
+
+
+def scale_degrees(op):
+    """{array: k} of every forward step and gradient assignment of op, which its declared scaling ({input or option:
+    degree}) multiplies by c^k for any c > 0, each proven by SymPy: the expression with each array it reads times
+    c to that array's k, and each option times c to its degree, simplifies to c^k times itself (a mean's k is 1,
+    a variance's 2, the output's must be 0: y(c x; c^2 eps) = y(x; eps), so dx(x) = c dx(c x; c^2 eps) where x's
+    degree is 1). The ValueError names the first assignment that is not so."""
+    c = sp.Symbol("c", positive=True)
+    options = {sp.Symbol(o, real=True): c ** d * sp.Symbol(o, real=True) for o, d in op.scaling.items()
+               if o in op.options}
+    degrees = {**{p: 0 for p in op.params}, **{t: 0 for t in op.targets}, "g": 0,
+               **{v: d for v, d in op.scaling.items() if v in op.inputs}}
+    for a in (*op.steps, *dict.fromkeys(a for program in derivation(op).gradients.values() for a in program)):
+        scaled = a.expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name in degrees,
+                                lambda e: c ** degrees[e.base.name] * e).xreplace(options)
+        ratio = sp.simplify(sp.factor_terms(scaled) / a.expr) if a.expr != 0 else sp.Integer(1)
+        k = sp.simplify(sp.expand_log(sp.log(ratio))) / sp.log(c) if ratio.free_symbols <= {c} else None
+        if k is None or not sp.simplify(k).is_integer:
+            raise ValueError(f"{op.name}: {a.name} is not c^k times itself under the scaling {op.scaling} "
+                             f"(scaled over plain: {sp.sstr(ratio)})")
+        degrees[a.name] = int(sp.simplify(k))
+    if degrees[op.steps[-1].name]:
+        raise ValueError(f"{op.name}: its output {op.steps[-1].name} is c^{degrees[op.steps[-1].name]} times itself "
+                         f"under the scaling {op.scaling}, not unchanged")
+    return degrees
+
+
+def unit_rows(op):
+    """The indices of op's rows in units (a LayerNorm's n, a BatchNorm's channel c): those of its statistics, the
+    steps its scaling multiplies (scale_degrees) that read fewer indices than its output."""
+    degrees = scale_degrees(op)
+    found = {s.indices for s in op.steps[:-1] if degrees[s.name] and len(s.indices) < len(op.steps[-1].indices)}
+    if len(found) != 1:
+        raise ValueError(f"{op.name}: its scaled statistics are over {sorted(map(str, found))}, not one set of indices")
+    return found.pop()
+
+
+def in_units(op):
+    """op with each option its scaling multiplies (eps) an array over unit_rows, given: the kernels that compute
+    rows in units of c, a power of two per row, with c^2 eps (y(x; eps) = y(c x; c^2 eps), scale_degrees)."""
+    rows = unit_rows(op)
+    arrays = {o: sp.IndexedBase(o, real=True)[rows] for o in op.scaling if o in op.options}
+    symbols = {sp.Symbol(o, real=True): a for o, a in arrays.items()}
+    return dataclasses.replace(op, steps=tuple(s._replace(expr=s.expr.xreplace(symbols)) for s in op.steps),
+                               options={o: v for o, v in op.options.items() if o not in arrays},
+                               ranges={o: r for o, r in op.ranges.items() if o not in arrays},
+                               dtype_eps=tuple(o for o in op.dtype_eps if o not in arrays),
+                               given={**(op.given or {}), **{o: rows for o in arrays}}, scaling={})

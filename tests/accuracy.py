@@ -4,10 +4,11 @@
     .venv/bin/python tests/accuracy.py --quick --only LogCosh,Softplus       (the test's grid)
 
 The grid, the truth and the contract are codegen/accuracy.py's (make codegen prints its figures for each
-operation). Here the subjects are every element-wise catalog operation and the DECLARED list of realistic user
-expressions: their NumPy kernels, the fused ones where they exist (run interpreted, with math as numba compiles
+operation). Here the subjects are every element-wise catalog operation, every row operation of the catalog (a
+softmax, a loss over classes: a row of three entries, judged in units of its scale as an index-notation op's) and
+the DECLARED list of realistic user expressions: their NumPy kernels, the fused ones where they exist (run interpreted, with math as numba compiles
 it, as codegen verifies them) and the naive PyTorch form of the same expression (torch's functions as written,
-autograd for the derivative), in float32 and float64. A kernel meets the contract where its bad, overflow and
+autograd for the derivative; none for a row op), in float32 and float64. A kernel meets the contract where its bad, overflow and
 inexact counts are all 0."""
 import argparse
 import functools
@@ -96,6 +97,15 @@ def catalog_subjects(names=None):
     """Subjects of every element-wise catalog op (those named, if names): x[i] read as x, weights as 1."""
     from derive.catalog import CATALOG
     return [subject(op) for name, op in CATALOG.items() if element_wise(op) and (not names or name in names)]
+
+
+def row_subjects(names=None):
+    """Subjects of every row op of the catalog (those named, if names): a derive.ops.Op whose forward sums over
+    a row, over a row of accuracy.ROW's entries."""
+    from derive.catalog import CATALOG
+    from derive.ops import Op
+    return [subject(op) for name, op in CATALOG.items()
+            if type(op) is Op and not element_wise(op) and (not names or name in names)]
 
 
 # ---- the kernels ----------------------------------------------------------------------------------
@@ -188,7 +198,7 @@ class Survey(accuracy.Survey):
 
     def runners(self, subject):
         found = super().runners(subject)
-        if self.torch:
+        if self.torch and not subject.row:
             found["torch"] = functools.partial(run_torch, torch_function(subject.forward[0]))
         return found
 
@@ -222,8 +232,8 @@ def table(tallies):
 
 
 def survey(names=None, quick=False, torch=True):
-    """{(subject, backend, dtype, quantity): Tally} of the catalog's element-wise ops and DECLARED."""
-    catalog = catalog_subjects(names)
+    """{(subject, backend, dtype, quantity): Tally} of the catalog's element-wise and row ops and DECLARED."""
+    catalog = catalog_subjects(names) + row_subjects(names)
     declared = declared_subjects(names)
     tallies = {}
     if catalog:

@@ -12,3 +12,16 @@ if WORKER:
     assert "numba" not in sys.modules, "numba was imported before tests/conftest.py could set NUMBA_CACHE_DIR"
     shared = os.environ.get("NUMBA_CACHE_DIR") or Path(__file__).resolve().parent.parent / "build" / "numba-cache"
     os.environ["NUMBA_CACHE_DIR"] = str(Path(shared) / WORKER)
+
+import pytest  # noqa: E402  (after NUMBA_CACHE_DIR, which must be set first)
+
+
+@pytest.fixture(scope="module")
+def unsurveyed():
+    """codegen without its accuracy survey (about 10 s of a cold catalog run; every op's ulps figures read None,
+    "not surveyed"), from the first test of a module that asks for it to the module's end: for the modules whose
+    codegen runs test what is written, refused and kept, and read no figures."""
+    from codegen import pipeline
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "figures", lambda op, package: {})
+        yield

@@ -17,28 +17,25 @@ from derive.tensor import TensorOp
 
 TENSOR_OPS = [name for name, op in CATALOG.items() if isinstance(op, TensorOp)]
 BOTH = {(dtype, quantity) for dtype in ("float32", "float64") for quantity in accuracy.QUANTITIES}
-SQUARES = ("mean((x - mu)^2) overflows where |x| exceeds the root of the largest number (1.8e19 in float32, 1.3e154 "
-           "in float64): y is beta there, where it is finite, and the backward NaN. No rewrite of that step alone "
-           "helps: the variance itself is then beyond the largest number, so every step and adjoint would have to be "
-           "carried in units of the row's scale max|x| (docs/stability.md, 1.35 times the forward's time); "
-           "PyTorch's layer_norm gives 0 at 3e19 and NaN at 1e30 in float32; ")
-CANCELS = ("dx = (gamma g - mean(gamma g) - xhat mean(gamma g xhat))/sigma cancels for an entry far from its row's "
+BACKWARD = {("float32", "backward"), ("float64", "backward")}
+CANCELS = ("dx = (gamma g - mean(gamma g) - xhat mean(gamma g xhat))/sigma cancels for the entry far from its row's "
            "mean (1e7 ulps in float32 at |x| <= 1e4, where its truth is well conditioned): the terms are each "
-           "rounded to an ulp of |gamma g| and their sum is far smaller, in any arrangement of the formula; "
-           "PyTorch's is the same formula (849 ulps to our 175 at the row (1e4, 1, 1.5, -3))")
+           "rounded to an ulp of |gamma g| and their sum is far smaller, in any arrangement of the formula "
+           "(docs/stability.md); PyTorch's is the same formula (849 ulps to our 175 at the row (1e4, 1, 1.5, -3)). "
+           "The variance's overflow is guarded (rows in units of c, derive.tensor.scale_degrees): forward holds")
 KNOWN = {
-    "LayerNorm": (BOTH, SQUARES + CANCELS),
-    "RMSNorm": (BOTH, "mean(x^2) overflows as LayerNorm's variance; dx = gamma g/r - x mean(gamma g x)/r^3 "
-                "cancels for a small entry beside large ones, as LayerNorm's dx"),
-    "BatchNorm1d": (BOTH, SQUARES.replace("mu", "mean") + "dx cancels as LayerNorm's"),
-    "BatchNorm2d": (BOTH, SQUARES.replace("mu", "mean") + "dx cancels as LayerNorm's"),
-    "ScaledDotProductAttention": ({("float64", "forward"), ("float64", "backward")},
-                                  "the scores Q.K/sqrt(D) overflow to inf where |q| |k| exceeds the largest number, "
-                                  "and the softmax of inf - inf is NaN where the truth is a finite one-hot; the "
-                                  "max shift comes after the scores, so it cannot help, and PyTorch's "
-                                  "scaled_dot_product_attention is NaN there too"),
-    "MultiheadAttention": ({("float64", "forward"), ("float64", "backward")},
-                           "its scores overflow as ScaledDotProductAttention's"),
+    "LayerNorm": (BACKWARD, CANCELS),
+    "RMSNorm": (BACKWARD, "dx = gamma g/r - x mean(gamma g x)/r^3 cancels for a small entry beside large ones, as "
+                "LayerNorm's dx; forward holds"),
+    "BatchNorm1d": (BACKWARD, CANCELS.replace("row", "channel")),
+    "BatchNorm2d": ({("float64", "backward")}, CANCELS.replace("row", "channel") + "; in float32 the survey's "
+                    "channels (2 x 2 x 2 entries of the grid) do not cancel past the contract"),
+    "ScaledDotProductAttention": ({("float64", "backward")},
+                                  "dK = g_A^T (Q / sqrt(D)): the in-place pass moves 1/sqrt(D) onto Q, the smaller "
+                                  "operand, where it rounds a subnormal entry (4.9e-324 / sqrt(2) is 4.9e-324 again), "
+                                  "which a large g_A then carries into a normal dK (sqrt(2) times its truth at "
+                                  "Q = -4.9e-324, g_A = 2e171); 1/sqrt(D) after the product would cost a pass of T S "
+                                  "entries and overflow within sqrt(D) of the largest number"),
 }
 
 

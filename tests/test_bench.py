@@ -183,8 +183,13 @@ def test_the_summary_says_met_or_not_with_the_ratio_and_where_it_is_worst():
     fused = summary["2. fused LayerNorm 8192x1024 >= 2x faster than torch-2t"]
     assert fused["met"] and fused["figure"].startswith("2.00x")       # the paired ratios 2.5 and 1.5
     assert summary["2. fused LayerNorm 8192x1024 <= 3 copies"]["met"]
-    conv = summary["2. generated conv2d 64x16x28x28>32 <= 1.5x torch-2t"]
+    conv = summary["2. generated or fused conv2d 64x16x28x28>32, the faster, <= 1.5x torch-2t"]
     assert conv["met"] is None and "Conv2d is not in the catalog yet" in conv["figure"]
+    norm = {"case": "batch_norm2d", "size": "64x16x28x28"}
+    batch_norm = summary_of([record("generated", [3, 3], **norm), record("numba", [1, 2], **norm),
+                             record("torch-2t", [1, 1], **norm)])["2. generated or fused batch_norm2d 64x16x28x28, the "
+                                                                   "faster, <= 1.2x torch-2t"]
+    assert batch_norm["met"] is False and batch_norm["figure"].startswith("1.50x")   # the fused, the faster
     one, two = (summary[f"3. generated MLP SGD step <= 1.0x torch-{t}t, every size"] for t in (1, 2))
     assert one["met"] is False and one["figure"] == f"1.50x (worst: mlp_sgd {steps_at[1]} float32)"
     assert two["met"] is False and two["figure"].startswith("3.00x")

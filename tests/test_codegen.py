@@ -67,7 +67,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("codegen-cache")
 
 
-def test_codegen_into_a_new_folder_writes_everything_then_nothing(tmp_path, cache):
+def test_codegen_into_a_new_folder_writes_everything_then_nothing(tmp_path, cache, unsurveyed):
     out = tmp_path / "pkg"
     reports, changed, _ = codegen(CATALOG, out, cache=cache)   # derives everything: the cache starts empty
     assert all(report.ok for report in reports)
@@ -77,7 +77,7 @@ def test_codegen_into_a_new_folder_writes_everything_then_nothing(tmp_path, cach
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"], "no staging folder may be left behind"
 
 
-def test_codegen_removes_modules_no_longer_in_the_catalog(tmp_path, cache):
+def test_codegen_removes_modules_no_longer_in_the_catalog(tmp_path, cache, unsurveyed):
     out = tmp_path / "pkg"
     shutil.copytree(GENERATED, out)
     (out / "retired_op.py").write_text("")
@@ -85,7 +85,7 @@ def test_codegen_removes_modules_no_longer_in_the_catalog(tmp_path, cache):
     assert not (out / "retired_op.py").exists()
 
 
-def test_a_kernel_that_fails_its_check_writes_nothing(tmp_path, monkeypatch):
+def test_a_kernel_that_fails_its_check_writes_nothing(tmp_path, monkeypatch, unsurveyed):
     out = tmp_path / "pkg"
     shutil.copytree(GENERATED, out)
     before = snapshot(out)
@@ -127,7 +127,8 @@ def fail_on_call(number, function):
 
 
 @pytest.mark.parametrize("step", ["render", "verify", "publish"])
-def test_one_operation_breaking_mid_run_leaves_the_folder_byte_for_byte_unchanged(tmp_path, monkeypatch, step):
+def test_one_operation_breaking_mid_run_leaves_the_folder_byte_for_byte_unchanged(tmp_path, monkeypatch, step,
+                                                                                   unsurveyed):
     """Linear, in the middle of the catalog, breaks while rendering, verifying or publishing; the
     folder holds an older package (every file differs, one module is retired) so that publishing
     has files to replace and remove when it breaks."""

@@ -2,6 +2,7 @@
 (on its branch's domain, where it has branches), and each rule, applied to an expression it matches, keeps the value
 to 45 digits at points on both sides of every branch and far into the tails. A rule that does not apply leaves
 its expression alone."""
+import mpmath
 import numpy as np
 import pytest
 import sympy as sp
@@ -50,6 +51,9 @@ IDENTITIES = {
     "one_plus_tanh": [(k + k * sp.tanh(u), 2 * k * s(2 * u)), (k * sp.tanh(u) - k, -2 * k * s(-2 * u))],
     "exponentials_over_a_sigmoid": [(sp.exp(r) * s(u), sp.exp(r + u) * s(-u))],
     "sigmoid_pairs": [(k * s(u) + k * s(-u), k)],
+    # a margin m = c > 0 or -c < 0, the difference v of two entries on either side of -m and 0
+    "margin_outside_the_max": [(sp.Max(0, v + m), sp.Max(-m, v) + m) for m in (c, -c)
+                               for v in (2 * c, c / 2, -c / 2, -2 * c, c + positive, -c - positive, sp.Integer(0))],
 }
 
 
@@ -169,6 +173,36 @@ def test_a_threshold_that_drops_a_float_is_caught(monkeypatch):
     assert value(stability.products_beyond_underflow(expr), 300) == 0
 
 
+def test_the_margin_outside_the_max_keeps_the_hinges_own_term_exact_in_floats():
+    x = sp.IndexedBase("x", real=True)
+    hinge = sp.Sum(sp.Max(0, x[k_] - x[3] + t), (k_, 0, 2)) - sp.Max(0, t)
+    rewritten = stability.margin_outside_the_max(hinge)
+    assert rewritten != hinge
+    for row in ((1, -2, 0.5, 1), (1e10, 0, -5e9, 1e10), (-3, 0.25, 7, 0.5)):
+        at = {x[v]: sp.Rational(value) for v, value in enumerate(row)} | {t: sp.Rational(3, 7)}
+        assert sp.N(hinge.doit().xreplace(at), 50) == sp.N(rewritten.doit().xreplace(at), 50)
+    # the label's term in float32 at x_c = 1e10: as written a + (m - b) is 0, outside the max m to the last bit
+    xc, margin = np.float32(1e10), np.float32(1)
+    assert max(0, xc + (margin - xc)) == 0 and max(-margin, xc - xc) + margin == margin
+
+
+def test_over_expm1_gives_u_e_to_the_u_its_limit_0_where_u_is_minus_infinity():
+    # the focal loss's gamma lp_c e^(lp_c + lp_j) (1 - p_c)^(gamma - 1) where lp_c = x_c - max - log S overflowed
+    lp = sp.IndexedBase("lp", real=True)
+    expr = g * t * lp[1] * sp.exp(lp[1] + lp[2]) * (-expm1(lp[1])) ** (t - 1)
+    rewritten = stability.over_expm1(expr)
+    assert rewritten != expr
+    for point in (-300, -1, sp.Rational(-1, 3)):   # an identity: the branch never holds over the reals
+        at = {lp[1]: point, lp[2]: -2, t: sp.Rational(3, 7), g: sp.Rational(5, 3)}
+        assert abs(sp.N(expr.xreplace(at), 50) - sp.N(rewritten.xreplace(at).doit(), 50)) < sp.Float(10) ** -45
+    from derive.special import Expm1, ExpToInf
+    f = sp.lambdify([lp[1], lp[2], t, g], rewritten, [{"ExpToInf": np.exp, "Expm1": np.expm1}, "numpy"])
+    plain = sp.lambdify([lp[1], lp[2], t, g], expr, "numpy")
+    with np.errstate(all="ignore"):
+        assert np.isnan(plain(-np.inf, -2.0, 3 / 7, 1.0)) and f(-np.inf, -2.0, 3 / 7, 1.0) == 0
+    assert rewritten.has(ExpToInf) and rewritten.has(Expm1)
+
+
 def test_a_wrong_identity_is_caught():
     # sigmoid_differences' second form once gave c tanh(u/2) for c sigmoid(u) - c/2 (twice the value)
     wrong = sp.simplify((k * s(u) - k / 2 - k * sp.tanh(u / 2)).rewrite(sp.exp))
@@ -202,6 +236,8 @@ def test_a_wrong_identity_is_caught():
     ("products_beyond_underflow", g * t * sp.exp(u)),              # g t reads none of u's inputs
     ("products_beyond_underflow", (t - u) * sp.exp(t)),            # t - u overflows only with u at its extreme too
     ("products_beyond_underflow", u ** 2 * sp.exp(u) * sigmoid(-u) * sp.exp(u ** 2)),  # no bound of the rest
+    ("margin_outside_the_max", sp.Max(0, sp.IndexedBase("x")[k_] + t)),                  # one entry: no difference
+    ("margin_outside_the_max", sp.Max(0, sp.IndexedBase("x")[k_] - sp.IndexedBase("y")[k_] + t)),  # two arrays
 ])
 def test_a_rule_leaves_what_it_does_not_prove(rule, expr):
     assert getattr(stability, rule)(expr) == expr
@@ -213,3 +249,98 @@ def test_each_rule_is_in_the_driver_and_documented():
     headings = (Path(__file__).resolve().parent.parent / "docs" / "stability.md").read_text()
     for rule in EXAMPLES:
         assert rule in names and f"### {names[rule]}\n" in headings, rule
+
+
+# ---- a softmax's scores in units of a power of two (codegen.tensor_lower.rescaled_scores) ----------------------
+
+def test_sympy_proves_a_softmax_unchanged_by_its_scores_in_units_of_c():
+    # on the branch where score j is the largest (a_i = a_j - p_i, p_i >= 0), for any c > 0: max(c a) = c max(a), and
+    # exp((c a_s - max(c a))/c) = exp(a_s - max(a)) for every s; a masked score is -oo on both sides
+    x, p = sp.Symbol("x", real=True), sp.symbols("p0:3", nonnegative=True)
+    for j in range(3):
+        scores = [x if i == j else x - p[i] for i in range(3)]
+        largest, scaled = sp.Max(*scores), sp.Max(*(c * v for v in scores))
+        assert (largest, scaled) == (x, c * x)
+        for v in scores:
+            assert sp.simplify(sp.exp((c * v - scaled) / c) - sp.exp(v - largest)) == 0
+
+
+def test_the_declared_scores_are_linear_in_what_is_scaled_and_a_false_one_is_refused():
+    from derive.catalog import CATALOG
+    from derive.declare import DeclarationError
+    from derive.tensor import linear_in, tensor_op
+    declared = {name: op for name, op in CATALOG.items() if getattr(op, "rescaled", None)}
+    assert set(declared) == {"ScaledDotProductAttention", "MultiheadAttention"}
+    for op in declared.values():
+        for step, array in op.rescaled.items():
+            assert linear_in(next(s for s in op.steps if s.name == step).expr, array)
+    with pytest.raises(DeclarationError, match="rescaled"):     # Q^2: c^2 times itself, not c
+        tensor_op("Squared", inputs={"Q": "n t d", "K": "n s d"}, rescaled={"A": "Q"},
+                  steps=["A[n, t, s] = Sum(Q[n, t, d]**2 * K[n, s, d], d)", "y[n, t] = Sum(exp(A[n, t, s]), s)"])
+
+
+def softmax_at(digits, q, keys, scale=None):
+    """softmax(q.k / sqrt(D)) over keys at digits, from the scores, or (scale given) from the rule's: the scores of
+    c q, c = 2^-scale, shifted by their max, over c."""
+    with mpmath.workdps(digits):
+        root = mpmath.sqrt(len(q))
+        if scale is None:
+            scores = [mpmath.fsum(mpmath.mpf(a) * b for a, b in zip(q, k)) / root for k in keys]
+        else:
+            c = mpmath.ldexp(1, -scale)
+            scaled = [mpmath.fsum(c * mpmath.mpf(a) * b for a, b in zip(q, k)) / root for k in keys]
+            scores = [(v - max(scaled)) / c for v in scaled]
+        shifted = [mpmath.exp(v - max(scores)) for v in scores]
+        return [v / mpmath.fsum(shifted) for v in shifted]
+
+
+def test_scores_in_units_of_a_power_of_two_keep_the_softmax_to_45_digits():
+    # scores of 6e319 (past float64's largest number) 0.3 and 0.6 apart (at 400 digits, where 1e320 + 0.3 is exact),
+    # and two far below them
+    q = [1e200, 3.0, 2.5]
+    keys = [[1e120, 0, 1], [1e120, 1, 0], [1e120, 0.5, 1.5], [-1e100, 5, 7], [9.999999e119, 0, 1]]
+    for scale in (0, 330, 1027):
+        for plain, rescaled in zip(softmax_at(400, q, keys), softmax_at(400, q, keys, scale)):
+            assert abs(plain - rescaled) <= mpmath.mpf(10) ** -45 * max(abs(plain), mpmath.mpf(10) ** -300)
+
+
+def test_the_generated_attention_is_finite_where_its_scores_overflow():
+    # q.k = 1.6e308 beyond the largest float64 number: the unguarded kernel's inf - inf gave NaN; the truth is P's
+    # one-hot row, y = V's first row, and gradients of 0 but dV; float32 likewise at its largest number
+    from codegen.pipeline import imported
+    from codegen.render import ROOT
+    generated = imported(ROOT / "generated", fused=False)
+    for dtype in (np.float32, np.float64):
+        big = np.finfo(dtype).max
+        Q = np.array([[[big, big / 2]]], dtype)
+        K = np.array([[[big, big / 2], [-big, big], [1.0, 0.0]]], dtype)
+        V = np.arange(6, dtype=dtype).reshape(1, 3, 2)
+        for causal in (False, True):
+            layer = generated.ScaledDotProductAttention(is_causal=causal)
+            y = layer.forward(Q, K, V)
+            dQ, dK, dV = layer.backward(np.ones_like(y))
+            assert np.array_equal(y, V[:, :1]), (dtype, causal, y)
+            assert not np.any(dQ) and not np.any(dK) and np.array_equal(dV, [[[1, 1], [0, 0], [0, 0]]])
+
+
+def test_the_accuracy_checker_catches_the_unguarded_scores(tmp_path):
+    # the kernels printed without the declaration (rescaled={}): NaN where the scores overflow in float64, which
+    # the contract's survey finds; the generated ones meet it in float64's forward
+    import dataclasses
+    import shutil
+
+    from codegen import accuracy
+    from codegen.pipeline import imported
+    from codegen.render import ROOT, operation_files
+    from codegen.write import import_package
+    from derive.catalog import CATALOG
+    op = CATALOG["ScaledDotProductAttention"]
+    shutil.copytree(ROOT / "generated", tmp_path / "generated", ignore=shutil.ignore_patterns("fast", "__pycache__"))
+    for name, text in operation_files(dataclasses.replace(op, rescaled={}), fused=False).items():
+        (tmp_path / "generated" / name).write_text(text)
+    unguarded = import_package(tmp_path / "generated")
+    key = (op.name, "numpy", "float64", "forward")
+    subject = accuracy.subject(op)
+    assert accuracy.Survey([subject], unguarded, quick=True, dtypes=(np.float64,)).run()[key].bad > 0
+    generated = imported(ROOT / "generated", fused=False)
+    assert not accuracy.Survey([subject], generated, quick=True, dtypes=(np.float64,)).run()[key].failures

@@ -24,7 +24,7 @@ AGREE = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-11, at
 
 
 def test_the_fused_classes_are_the_generators_answer():
-    assert {op.name for op in FUSED} >= {"LayerNorm", "RMSNorm"}
+    assert {op.name for op in FUSED} >= {"LayerNorm", "RMSNorm", "BatchNorm2d"}
     assert {op.name for op in FUSED} <= set(fast.__all__)
     assert not [op.name for op in TENSOR if op not in FUSED and hasattr(fast, op.name)]
     for op in FUSED:
@@ -34,7 +34,7 @@ def test_the_fused_classes_are_the_generators_answer():
 
 
 @pytest.mark.parametrize("name, why", [("GLU", "have not"), ("Conv2d", "window"), ("Dropout", "noise"),
-                                       ("BatchNorm2d", "strided"),
+                                       ("BatchNorm1d", "lacks its optional last axis: a row's entries are strided"),
                                        ("ScaledDotProductAttention", "row index")])
 def test_an_op_outside_the_scheme_says_why(name, why):
     assert why in fusion_error(CATALOG[name])
@@ -132,14 +132,15 @@ def wrong(assignment_name):
     return assigned
 
 
-@pytest.mark.parametrize("name", ["dx", "mu", "dgamma"])
-def test_codegen_refuses_a_wrong_fused_kernel(tmp_path, monkeypatch, name):
-    """A fused LayerNorm whose dx, saved mean or dgamma is 0.1% off fails verification, named, and nothing is
-    written, while its NumPy twin passes."""
+@pytest.mark.parametrize("op, name", [("LayerNorm", "dx"), ("LayerNorm", "mu"), ("LayerNorm", "dgamma"),
+                                      ("BatchNorm2d", "dx"), ("BatchNorm2d", "var")])
+def test_codegen_refuses_a_wrong_fused_kernel(tmp_path, monkeypatch, op, name):
+    """A fused LayerNorm whose dx, saved mean or dgamma is 0.1% off (a BatchNorm2d whose dx or saved variance
+    is) fails verification, named, and nothing is written, while its NumPy twin passes."""
     monkeypatch.setattr(tensor_fused.Kernel, "assign", wrong(name))
-    reports, changed, _ = codegen({"LayerNorm": CATALOG["LayerNorm"]}, tmp_path / "pkg", cache=None, backend="fast")
+    reports, changed, _ = codegen({op: CATALOG[op]}, tmp_path / "pkg", cache=None, backend="fast")
     assert changed is None and not (tmp_path / "pkg").exists()
-    assert [report.name for report in reports if not report.ok] == ["LayerNorm (fast)"]
+    assert [report.name for report in reports if not report.ok] == [f"{op} (fast)"]
     failures = next(report.failures for report in reports if not report.ok)
     assert any("against NumPy" in failure for failure in failures)
 
@@ -152,3 +153,40 @@ def test_a_kernel_outside_the_scheme_is_a_fusion_error():
     with pytest.raises(FusionError, match="shifted"):
         tensor_fused.Kernel(op, (r, inner), "forward", (*programs["forward"][:-1], shifted), ["x", "gamma", "beta",
                                                                                              "eps"], ["y"], steps)
+
+
+def test_the_axes_after_the_rows_are_one_loop_where_every_array_has_them_last():
+    """BatchNorm2d's h, w (after its rows' c) are one loop over H*W, the arrays reshaped to (N, C, H*W); not
+    where an array has one of them alone, nor LayerNorm's single k."""
+    op = CATALOG["BatchNorm2d"]
+    scheme = row_scheme(op)
+    steps, programs = tensor_fused.programs(op)
+    kernel = tensor_fused.Kernel(op, scheme, "forward", programs["forward"], ["x", "gamma", "beta", "eps"],
+                                 ["y", "mu", "var"], steps)
+    plain, arguments, jitted = kernel.lines()
+    assert [str(i) for i in kernel.run] == ["h", "w"] and arguments[-2:] == ["H", "W"]
+    assert "x.reshape((N, C, H*W))" in plain[-1] and any("range(H*W)" in line for line in jitted)
+    assert not any("range(W)" in line for line in jitted)
+    kernel.axes["gamma"] = kernel.axes["gamma"] + (kernel.run[-1],)
+    assert kernel.merged_run(op.steps[-1].indices) == ()
+    op = CATALOG["LayerNorm"]
+    steps, programs = tensor_fused.programs(op)
+    assert tensor_fused.Kernel(op, row_scheme(op), "forward", programs["forward"], ["x", "gamma", "beta", "eps"],
+                               ["y", "mu", "var"], steps).run == ()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm2d_agrees_on_strided_arrays(dtype):
+    """x and g every other column of larger arrays: the fused kernels' reshaped arguments are copies then, and
+    their outputs (contiguous, reshaped as views) still receive every value."""
+    rng = np.random.default_rng(4)
+    op = CATALOG["BatchNorm2d"]
+    mine, theirs, (x,) = instances(op, dtype, rng)
+    x = np.repeat(x, 2, axis=-1)[..., ::2]
+    g = rng.standard_normal((*x.shape[:-1], 2 * x.shape[-1])).astype(dtype)[..., ::2]
+    assert not x.flags.c_contiguous and not g.flags.c_contiguous
+    results = [(instance.forward(x), instance.backward(g), instance.dgamma, instance.dbeta, instance.running_var)
+               for instance in (mine, theirs)]
+    for got, want in zip(*results):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=AGREE[dtype]["rtol"], atol=AGREE[dtype]["atol"])

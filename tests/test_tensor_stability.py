@@ -1,6 +1,8 @@
 """The element-wise stability rewrites on index-notation assignments (codegen.tensor_lower.ASSIGNMENT_REWRITES):
 each keeps every value of every catalog op, GLU's gate derivative no longer cancels, and the rules left out are
 left out for the reason their comment gives."""
+import dataclasses
+
 import mpmath
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from codegen.tensor_verify import sample
 from derive.catalog import CATALOG
 from derive.special import ExpToInf
 from derive.stability import INDEX_REWRITES, REWRITES, rewritten_by
-from derive.tensor import TensorOp, check_sizes, size_of, with_flags
+from derive.tensor import TensorOp, check_sizes, scale_degrees, size_of, unit_rows, with_flags
 from tests.references import evaluated_shifted
 
 ELEMENT_WISE = tuple(r for r in ASSIGNMENT_REWRITES if r not in INDEX_REWRITES)
@@ -103,3 +105,75 @@ def test_the_steps_as_branches_would_move_a_mask_out_of_its_sum():
     s = next(v for v, *_ in g_z.expr.atoms(sp.Sum).pop().limits)
     assert s not in g_z.expr.free_symbols and s in steps(g_z.expr).free_symbols
     assert "steps as branches" in ELEMENT_WISE_ONLY
+
+
+SCALED = [op for op in TENSOR_OPS if op.scaling]
+# each scaled op in each backend that has it (BatchNorm1d has no fused module: codegen.tensor_fused says why)
+SCALED_BACKENDS = [(op, fused) for op in SCALED for fused in (False, True)
+                   if not fused or (ROOT / "generated" / "fast" / f"{op.module}.py").exists()]
+
+
+def test_the_normalisations_declare_their_scale_equivariance():
+    assert {op.name for op in SCALED} == {"LayerNorm", "RMSNorm", "BatchNorm1d", "BatchNorm2d"}
+
+
+@pytest.mark.parametrize("op", SCALED, ids=lambda op: op.name)
+def test_scale_degrees_proves_the_output_unchanged_and_each_gradient_a_power_of_c(op):
+    """y(c x; c^2 eps) = y(x; eps) by SymPy, and the generated kernels agree bit for bit at c a power of two (which
+    scales exactly): the same y, dx(x) = c dx(c x; c^2 eps), the params' gradients unchanged."""
+    degrees = scale_degrees(op)
+    assert degrees[op.steps[-1].name] == 0 and degrees["dx"] == -1 and degrees["x"] == 1
+    assert all(degrees[f"d{p}"] == 0 for p in op.params)
+    cls = getattr(imported(ROOT / "generated", fused=False), op.name)
+    rng, c = np.random.default_rng(5), 2.0 ** -40
+    shape = (4, 3, 5, 2)[:len(op.inputs["x"])]
+    x, g = rng.uniform(-3, 3, shape), rng.uniform(-1, 1, shape)
+    eps = op.options["eps"]
+    plain, scaled = cls(3, eps=eps), cls(3, eps=eps * c ** op.scaling["eps"])
+    y, dx = plain.forward(x), plain.backward(g)
+    assert np.array_equal(scaled.forward(c * x), y)
+    assert np.array_equal(c * scaled.backward(g), dx)
+    assert all(np.array_equal(getattr(plain, f"d{p}"), getattr(scaled, f"d{p}")) for p in op.params)
+
+
+def test_scale_degrees_refuses_a_false_scaling():
+    op = CATALOG["LayerNorm"]
+    with pytest.raises(ValueError, match="LayerNorm: y is not c\\^k times itself"):
+        scale_degrees(dataclasses.replace(op, scaling={"x": 1}))     # eps left unscaled: var + eps is not
+    with pytest.raises(ValueError, match="output y is c\\^1 times itself"):
+        scale_degrees(dataclasses.replace(op, steps=op.steps[:-1] + (op.steps[-1]._replace(
+            expr=op.steps[-1].expr * sp.IndexedBase("x", real=True)[op.steps[-1].indices]),)))
+
+
+@pytest.mark.parametrize(("op", "fused"), SCALED_BACKENDS,
+                         ids=[f"{op.name}-{'fused' if fused else 'numpy'}" for op, fused in SCALED_BACKENDS])
+def test_a_row_whose_variance_overflows_is_computed_in_units_of_c(op, fused):
+    """Row 1 (a BatchNorm's channel 1) at 2^100 times its values in float32, beyond the root of the largest number:
+    the module's forward kernel alone gives a non-finite statistic there (what the guard reads), the class y(x) =
+    y(c x; c^2 eps) and dx(x) = c dx(c x; c^2 eps) for c = 2^-100 there, the other rows as the plain kernels give
+    them, dgamma from both, and a BatchNorm's running mean the unscaled one."""
+    package = imported(ROOT / "generated", fused=fused)
+    module = getattr(package.fast if fused else package, op.module)
+    cls, axis = getattr(module, op.name), op.inputs["x"].index(unit_rows(op)[0])
+    rng, c, eps = np.random.default_rng(7), np.float32(2.0 ** -100), np.float32(op.options["eps"])
+    shape = (4, 3, 5, 2)[:len(op.inputs["x"])]
+    x, g = rng.uniform(-3, 3, shape).astype(np.float32), rng.uniform(-1, 1, shape).astype(np.float32)
+    row, others = (slice(None),) * axis + (1,), (slice(None),) * axis + ([0, 2],)
+    large = x.copy()
+    large[row] /= c
+    layer, plain, scaled = (cls(3, eps=e, dtype=np.float32) for e in (eps, eps, eps * c * c))
+    with np.errstate(all="ignore"):
+        kernel = module.forward(large, layer.gamma, *([layer.beta] if "beta" in op.params else []), eps)
+        y, dx = layer.forward(large), layer.backward(g)
+    assert any(not np.isfinite(s[1]) for s in kernel[1:] if s.ndim == 1)
+    y_plain, dx_plain = plain.forward(x), plain.backward(g)
+    y_scaled, dx_scaled = scaled.forward(large * c), scaled.backward(g)
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    for got, want in ((y[row], y_scaled[row]), (dx[row], c * dx_scaled[row]), (y[others], y_plain[others]),
+                      (dx[others], dx_plain[others])):   # the kernels' sums may run in another order
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    expected = np.where(np.arange(shape[axis]).reshape((-1,) + (1,) * (x.ndim - axis - 1)) == 1, y_scaled, y_plain)
+    summed = tuple(i for i, index in enumerate(op.inputs["x"]) if index not in op.params["gamma"][0])
+    np.testing.assert_allclose(layer.dgamma, (g * expected).sum(axis=summed), rtol=1e-5, atol=1e-6)
+    if op.running:   # momentum 0.1 from 0
+        assert np.isclose(layer.running_mean[1], 0.1 * large[row].astype(np.float64).mean(), rtol=1e-5)

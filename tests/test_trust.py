@@ -79,7 +79,7 @@ DECLARED = {
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory):
+def package(tmp_path_factory, unsurveyed):
     """The declarations generated, verified and published with both backends, imported."""
     out = tmp_path_factory.mktemp("trust") / "declared"
     reports, changed, _ = codegen(build_catalog(*DECLARED.values()), out, cache=None)

@@ -291,6 +291,7 @@ def notes_of(cases, classes):
               for name in frameworks.FRAMEWORKS if not frameworks.installed(name)]
     if any(frameworks.installed(name) for name in frameworks.FRAMEWORKS):
         found.append("note: torch and JAX allocate where tracemalloc cannot see: their memory is n/a")
+    found.append(f"note: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (torch's and numba's threads)")
     return found
 
 
