@@ -12,6 +12,13 @@ if WORKER:
     assert "numba" not in sys.modules, "numba was imported before tests/conftest.py could set NUMBA_CACHE_DIR"
     shared = os.environ.get("NUMBA_CACHE_DIR") or Path(__file__).resolve().parent.parent / "build" / "numba-cache"
     os.environ["NUMBA_CACHE_DIR"] = str(Path(shared) / WORKER)
+    # make test's workers fill the machine's cores one each: a BLAS or torch pool of its own in each would
+    # oversubscribe them, and OpenMP threads that spin after each parallel region (torch's, numba's) take the
+    # other worker's core (codegen/bench/__main__.py's note); numba keeps its own count, so its parallel loops
+    # still run on more than one thread
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import pytest  # noqa: E402  (after NUMBA_CACHE_DIR, which must be set first)
 

@@ -115,8 +115,10 @@ def test_in_place_kernels_give_what_whole_expressions_give(whole, tmp_path, monk
 
 
 def test_a_lowering_that_overwrites_live_buffers_is_caught(whole, tmp_path, monkeypatch):
-    assert len(differences(package(careless_lines, tmp_path, monkeypatch), whole)) >= 3
-    careless = differences(package(REAL, tmp_path / "tensor", monkeypatch, careless_tensor_lines), whole)
+    """Both lowerings careless in one package (a render of the catalog each would double the time): each one's
+    carelessness shows in operations only it lowers."""
+    careless = differences(package(careless_lines, tmp_path, monkeypatch, careless_tensor_lines), whole)
+    assert len([name for name in careless if isinstance(CATALOG[name], Op)]) >= 3, careless
     assert "LayerNorm" in careless, careless
 
 
