@@ -12,10 +12,10 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, hypot, log1p
 from sympy.printing.precedence import PRECEDENCE
 
-from codegen.kernels import FULL_SIZE, DENOMINATOR, arguments, kernel_assignments, shared
-from codegen.lower import AtLabel, BatchSum, Column, LabelEntry, RowMax, RowSum, Squeeze
+from codegen.kernels import FULL_SIZE, DENOMINATOR, REST, arguments, kernel_assignments, shared
+from codegen.lower import AtIndex, AtLabel, BatchSum, Column, LabelEntry, RowArgmax, RowMax, RowSum, RowSumBut, Squeeze
 from codegen.printer import KernelPrinter
-from derive.special import FORMATS, Erfc, Expm1, ExpToInf, PowerOfTwo, erf_numpy, erfc_numpy, exp_steps, log1p_steps
+from derive.special import FORMATS, Erfc, Expm1, ExpToInf, PowerOfTwo, erf_numpy, erfc_steps, exp_steps, log1p_steps
 from derive.stability import sigmoid_by_branches
 
 # math.* keeps a float32 argument float32 in numba; np.maximum and np.sign propagate NaN as NumPy does.
@@ -33,16 +33,21 @@ RUNTIME = (("exp", "u", "e^u without libm: a clamp, a floor, a polynomial and tw
            # numba's math.erf is a scalar libm call, which keeps the loop from vectorizing
            ("erf", "u", "erf(u) without libm: a series for |u| < 2, erfc's continued fraction beyond",
             lambda u, dtype: shared_steps(erf_numpy(u))),
-           ("erfc", "z", "erfc(z) without libm: 1 - erf's series for |z| < 1/2, exp(-z^2) times a polynomial beyond",
-            lambda z, dtype: shared_steps(erfc_numpy(z))))
+           ("erfc", "z", "erfc(z) without libm: exp(-z^2) times a polynomial in |z|/(|z| + K), 2 minus it for z < 0",
+            erfc_steps))
 # an accumulator's start and its update: a sum and a max over the row. The max is _runtime's maximum
 # (llvm.maximum: NaN if either is NaN, as np.maximum), a reduction the loop vectorizer vectorizes;
 # np.maximum's branches keep the loop scalar (2 ns an element against 0.14)
-REDUCE = {RowSum: ("T(0)", "{acc} + {value}"), RowMax: ("T(-math.inf)", "maximum({acc}, {value})")}
+# an argmax (lower.RowArgmax, after its max: argmax_after_max) as the least k whose entry is the max, np.argmax's
+# index (the first of ties), a reduction that vectorizes; a sum but one entry (lower.RowSumBut) skips it by a select
+REDUCE = {RowSum: ("T(0)", "{acc} + {value}"), RowMax: ("T(-math.inf)", "maximum({acc}, {value})"),
+          RowArgmax: ("K", "min({acc}, k if {value} == {other} else K)"),
+          RowSumBut: ("T(0)", "{acc} + ({value} if k != {other} else T(0))")}
+REDUCTIONS = tuple(REDUCE)
 UNFUSED = (LabelEntry, BatchSum, Column)
-FUSED_ARGS = set(FULL_SIZE) | {"g", "c", DENOMINATOR}
+FUSED_ARGS = set(FULL_SIZE) | {"g", "c", DENOMINATOR, REST}
 # per-row arrays a kernel takes as columns (N, 1), read at [n, 0]
-COLUMNS = ("c", DENOMINATOR)
+COLUMNS = ("c", DENOMINATOR, REST)
 # fastmath flags that keep the NumPy kernels' values: sums over a row reassociated into SIMD lanes,
 # fused multiply-adds, reciprocals; never nnan or ninf, since the kernels give infinities and NaN
 FASTMATH = ("arcp", "contract", "reassoc")
@@ -196,16 +201,57 @@ def runtime_functions():
             for name, arg, doc, steps in RUNTIME]
 
 
+def argmax_after_max(assignments):
+    """The assignments with a max read at the argmax (lower.AtIndex) the row's max, a sum but the argmax summed by
+    ties (sum_but_by_ties), and any other argmax found after the max, RowArgmax(x, RowMax(x)): in a loop the max
+    is the reduction that vectorizes, and the argmax the first entry equal to it."""
+    definitions = dict(assignments)
+    def fused(expr):
+        expr = expr.replace(lambda e: isinstance(e, AtIndex), lambda e: RowMax(e.args[0]))
+        expr = expr.replace(lambda e: isinstance(e, RowSumBut), lambda e: sum_but_by_ties(e, definitions))
+        return expr.replace(lambda e: isinstance(e, RowArgmax) and len(e.args) == 1,
+                            lambda e: RowArgmax(e.args[0], RowMax(e.args[0])))
+    fused_assignments = [(lhs, fused(expr)) for lhs, expr in assignments]
+    read = set().union(*(expr.free_symbols for _, expr in fused_assignments))
+    # an argmax that only a sum but it read is no longer read
+    return [(lhs, expr) for lhs, expr in fused_assignments if lhs in read or not isinstance(expr, RowArgmax)]
+
+
+def sum_but_by_ties(reduction, definitions):
+    """RowSumBut(v, a), a the argmax of the row x and v = f(x) entry by entry (f reads no other full array), as
+    sum_{x_k != M} v_k + (n - 1) f(M), n the count of entries equal to the max M: the entries at ties are
+    f(M) alike, so it is the sum but the argmax's term, and its two reductions take one pass after the max's,
+    where the argmax would take a pass of its own. A NaN
+    x_k is unequal to M: its v_k is summed, NaN as the plain sum. Else the reduction unchanged."""
+    value, at = reduction.args
+    index = definitions.get(at, at)
+    if not (isinstance(index, RowArgmax) and len(index.args) == 1):
+        return reduction
+    (x,) = index.args
+    def whole(expr):  # v's definition through the temporaries it reads
+        return expr.xreplace({s: whole(definitions[s]) for s in expr.free_symbols if s in definitions})
+    entry = whole(value)
+    if entry.free_symbols - {x}:  # another array, or an option: summed past the argmax
+        return reduction
+    top = RowMax(x)
+    # f(M): x's entry the max, and the max read at the argmax (lower.AtIndex) the max too
+    at_top = entry.replace(lambda e: isinstance(e, AtIndex), lambda e: x).xreplace({x: top})
+    others = RowSum(sp.Piecewise((value, sp.Ne(x, top)), (0, True)))
+    ties = RowSum(sp.Piecewise((1, sp.Eq(x, top)), (0, True)))
+    return others + (ties - 1) * at_top
+
+
 def take_reductions(assignments):
     """The assignments with each row reduction an assignment of its own, a0, a1, ..., inner ones first."""
-    taken = []
+    taken, accumulators = [], {}   # a reduction read twice (a max, and the argmax after it) is taken once
     for lhs, expr in assignments:
-        while expr.has(RowSum, RowMax):
-            inner = [r for r in expr.atoms(RowSum, RowMax) if not r.args[0].has(RowSum, RowMax)]
+        while expr.has(*REDUCTIONS):
+            inner = [r for r in expr.atoms(*REDUCTIONS) if not any(a.has(*REDUCTIONS) for a in r.args)]
             for reduction in sorted(inner, key=sp.default_sort_key):
-                accumulator = sp.Symbol(f"a{sum(1 for a, _ in taken if a.name.startswith('a'))}")
-                taken.append((accumulator, reduction))
-                expr = expr.xreplace({reduction: accumulator})
+                if reduction not in accumulators:
+                    accumulators[reduction] = sp.Symbol(f"a{len(accumulators)}")
+                    taken.append((accumulators[reduction], reduction))
+                expr = expr.xreplace({reduction: accumulators[reduction]})
         taken.append((lhs, expr))
     return taken
 
@@ -220,6 +266,7 @@ def fused_code(kernel, rows, loss, summed=False):
     body is the jitted function's lines, call the plain function's (shape the arrays for the loops,
     call, shape the results back)."""
     exprs, assignments, returned, names = kernel_assignments(kernel)
+    assignments = argmax_after_max(assignments)
     assignments = [(lhs, sigmoid_by_branches(expr)) for lhs, expr in assignments]
     if summed:
         assignments = [(lhs, RowSum(expr) if lhs.name == "L" else expr) for lhs, expr in assignments]
@@ -241,9 +288,8 @@ def fused_code(kernel, rows, loss, summed=False):
     # a layer's g has x's shape: the one full array of a constant derivative's kernel (2x: dx = 2 g)
     full = [a for a in args if a in FULL_SIZE or a == "g" and not loss]
     kinds = dict.fromkeys(full, "full") | dict.fromkeys(COLUMNS, "row") | {"g": "row" if rows and loss else "full"}
-    label = [(sp.Symbol("at_label"), returned[len(names)])] if kernel.at_label is not None else []
-    assignments = take_reductions(assignments + label)
-    if not rows and any(isinstance(expr, (RowSum, RowMax)) for _, expr in assignments):
+    assignments = take_reductions(assignments)
+    if not rows and any(isinstance(expr, REDUCTIONS) for _, expr in assignments):
         raise FusionError(f"{kernel.name}: an element-wise kernel with a row reduction")
     for lhs, expr in assignments:
         kinds[lhs.name] = kind_of(expr, kinds)
@@ -259,9 +305,13 @@ def fused_code(kernel, rows, loss, summed=False):
     if summed:
         names_of["N"] = "N*K"  # the element count, which the rows' loops split into N rows of K
     # a backward writes into out (which may be a saved array it reads) when that is safe: every
-    # element is read and then written in the same iteration, which one pass with no reduction does
-    into = names[0] if kernel.out and not any(isinstance(e, (RowSum, RowMax)) for _, e in assignments) else None
-    loops = (Rows if rows else Elements)(assignments, kinds, names, full[0], names_of, into, weight)
+    # element is read and then written in the same iteration, which one pass with no reduction does; not where the
+    # value at the label reads an array's entry there: numba takes out and the arrays for unaliased, and LLVM may
+    # then read the entry after the loop has written over it
+    into = names[0] if kernel.out and not any(isinstance(e, REDUCTIONS) for _, e in assignments) and not (
+        kernel.label_value and kernel.at_label.has(AtLabel)) else None
+    loops = (Rows if rows else Elements)(assignments, kinds, names, full[0], names_of, into, weight,
+                                         kernel.label_value)
     body = loops.lines()
     columns = {out for out, expr in kernel.outputs if kinds[out] == "row" and not isinstance(expr, Squeeze)}
     columns -= {"L"} if summed else set()
@@ -303,7 +353,7 @@ def kind_of(expr, kinds):
     """"scalar", "row" or "full": what one value of expr is, from the kinds of its symbols."""
     if isinstance(expr, sp.Symbol):
         return kinds.get(expr.name, "scalar")
-    if isinstance(expr, (RowSum, RowMax, AtLabel)):
+    if isinstance(expr, REDUCTIONS + (AtLabel,)):
         return "row"
     found = {kind_of(arg, kinds) for arg in expr.args}
     return "full" if "full" in found else "row" if "row" in found else "scalar"
@@ -333,9 +383,10 @@ def call_lines(name, args, full, names, kinds, rows, columns, into, summed=False
 class Loops:
     """What both shapes share: the dtype, the scalars before the loop, the outputs' buffers."""
 
-    def __init__(self, assignments, kinds, names, first, names_of, into=None, weight=None):
+    def __init__(self, assignments, kinds, names, first, names_of, into=None, weight=None, label_value=False):
         self.assignments, self.kinds, self.names, self.first = assignments, kinds, names, first
         self.names_of, self.into, self.weight, self.used = dict(names_of), into, weight, set()
+        self.label_value = label_value   # at_label written over the label's entry, not added to it
 
     def code(self, expr):
         return scalar_code(expr, self.names_of, self.used)
@@ -373,13 +424,13 @@ class Rows(Loops):
 
     def row(self):
         self.full = {lhs.name: expr for lhs, expr in self.assignments if self.kinds[lhs.name] == "full"}
-        self.reductions = {lhs: expr for lhs, expr in self.assignments if isinstance(expr, (RowSum, RowMax))}
+        self.reductions = {lhs: expr for lhs, expr in self.assignments if isinstance(expr, REDUCTIONS)}
         rows = [(lhs, expr) for lhs, expr in self.assignments
                 if self.kinds[lhs.name] == "row" and lhs not in self.reductions]
         self.level = {}
         for lhs, expr in self.assignments:
             if lhs in self.reductions:
-                self.level[lhs] = self.level_of(expr.args[0]) + 1
+                self.level[lhs] = self.level_of(expr) + 1
             elif self.kinds[lhs.name] == "row":
                 self.level[lhs] = self.level_of(expr)
         outputs = [(lhs, expr) for lhs, expr in self.assignments if self.kinds[lhs.name] == "full" and lhs.name in self.names]
@@ -394,7 +445,7 @@ class Rows(Loops):
                     lines.append(f"{lhs}[n] = {self.code(expr)}" if lhs.name in self.names else f"{lhs} = {self.code(expr)}")
         if any(lhs.name == "at_label" for lhs, _ in rows):
             dense = next(name for name in self.names if self.kinds[name] == "full")
-            lines.append(f"{dense}[n, c[n, 0]] += at_label")
+            lines.append(f"{dense}[n, c[n, 0]] {'=' if self.label_value else '+='} at_label")
         return lines
 
     def row_values(self, expr):
@@ -423,7 +474,7 @@ class Rows(Loops):
         row of an output written in the last of them."""
         loops = {}
         for accumulator, reduction in self.reductions.items():
-            self.reads(reduction.args[0], self.level[accumulator], loops)
+            self.reads(reduction, self.level[accumulator], loops)
         for lhs, expr in outputs:
             self.reads(expr, self.written[lhs], loops)
         kept = {}
@@ -455,8 +506,9 @@ class Rows(Loops):
                     body.append(f"{output}[n, k] = {symbol}")
 
         for accumulator, reduction in here:
-            define(reduction.args[0])
-            update = REDUCE[type(reduction)][1].format(acc=accumulator, value=self.code(reduction.args[0]))
+            define(reduction)
+            value, *other = (self.code(a) for a in reduction.args)
+            update = REDUCE[type(reduction)][1].format(acc=accumulator, value=value, other=other[0] if other else None)
             self.used |= {"maximum"} if isinstance(reduction, RowMax) else set()
             body.append(f"{accumulator} = {update}")
         for lhs, expr in outputs:

@@ -18,15 +18,16 @@ from sympy.codegen.cfunctions import expm1, log1p
 from sympy.core.symbol import Str
 
 from codegen.bounds import finite_where_unselected
-from codegen.lower import AtLabel, BatchSum, Column, FullLike, LabelEntry, RowMax, RowSum, Shifted, Squeeze
+from codegen.lower import (AtIndex, AtLabel, BatchSum, Column, FullLike, LabelEntry, RowArgmax, RowMax, RowSum,
+                           RowSumBut, Shifted, Squeeze)
 from codegen.printer import one_bound_clip, positive_first, print_code
 from derive.special import ExpToInf
 
 UNARY = {sp.exp: "exp", ExpToInf: "exp", sp.log: "log", sp.tanh: "tanh", log1p: "log1p", expm1: "expm1", sp.Abs: "absolute",
-         sp.sign: "sign", sp.sin: "sin", sp.cos: "cos"}
+         sp.sign: "sign", sp.sin: "sin", sp.cos: "cos", sp.floor: "floor"}
 POWERS = {-1: "reciprocal", 2: "square", sp.Rational(1, 2): "sqrt"}
 # these produce an array smaller than the input (a column, a scalar), one of another shape, or a view
-NARROWING = (RowSum, RowMax, BatchSum, AtLabel, LabelEntry, Column, Squeeze)
+NARROWING = (RowSum, RowMax, RowSumBut, RowArgmax, AtIndex, BatchSum, AtLabel, LabelEntry, Column, Squeeze)
 
 
 class RowDot(sp.Function):
@@ -412,7 +413,7 @@ def gathered_early(assignments, full):
     for lhs, expr in assignments:  # a value an earlier line makes: made before this line reads it
         rewritten.append((lhs, expr.replace(lambda e: isinstance(e, sp.Add), regather)))
         made |= {e for e in sp.preorder_traversal(expr) if isinstance(e, sp.Add) and is_float_full(e, full)}
-        columns |= {lhs, expr} if isinstance(expr, (RowMax, RowSum)) else set()
+        columns |= {lhs, expr} if isinstance(expr, (RowMax, AtIndex, RowSum)) else set()
     return rewritten, gathers
 
 
@@ -511,6 +512,7 @@ class TensorFlattener:
         self.taken = {*function.args, *shapes, *(s.target for s in function.statements)}
         self.namespace, self.known = evaluation_namespace(function), {}
         self.named = {}            # {full-shape value: the name of an earlier statement that holds it}
+        self.results = {s.value for s in function.statements if s.target in function.returns and s.form == "define"}
 
     def value(self, expr):
         """expr's value at the check sizes, None where it has none (a condition, a Piecewise's pair)."""
@@ -666,11 +668,15 @@ class TensorFlattener:
 
     def scaled_operand(self, expr):
         """A scalar times a matrix product, the scalar moved onto the product's smallest operand where that is
-        smaller than the product (attention's scores: Q / sqrt(D), T D entries, not the T S of Q K^T); else None."""
+        smaller than the product (attention's scores: Q / sqrt(D), T D entries, not the T S of Q K^T); else None.
+        Never in a result: there a subnormal entry of the operand would round (4.9e-324 / sqrt(2) is 4.9e-324
+        again) and a large other operand carry that error into a normal entry (dK = g_A^T Q / sqrt(D) at
+        Q = -4.9e-324, g_A = 2e171, sqrt(2) times its truth); scaled after the product, each entry rounds once,
+        in a pass over the result, no larger than the operand where the sizes match (self-attention's T = S)."""
         from codegen.tensor_lower import MatMul
         products = [f for f in expr.args if isinstance(f, MatMul)]
         scale = sp.Mul(*(f for f in expr.args if not isinstance(f, MatMul)))
-        if len(products) != 1 or np.ndim(self.value(scale)) != 0:
+        if len(products) != 1 or np.ndim(self.value(scale)) != 0 or expr in self.results:
             return None
         sizes = [np.size(self.value(o)) for o in products[0].args]
         smallest = int(np.argmin(sizes))

@@ -10,13 +10,13 @@ from codegen.printer import print_code
 from derive import optim
 from derive.gradients import layer_backward, loss_forward, loss_gradient, mean_weight, variants
 from derive.reduction import REDUCTIONS, row_weight
-from derive.special import ExpToInf, erf_numpy, erfc_numpy
+from derive.special import ExpToInf, erf_numpy, erfc_numpy, erfc_steps
 from derive.stability import stable
 from derive.algebra import contract
-from derive.symbols import K, L, N, i, j, n, over_batch, r, total
+from derive.symbols import K, L, N, c, i, j, n, over_batch, r, total
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
-ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "lp", "e", "den", "W", "b", "g", "eps", "l2",
+ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "lp", "e", "den", "rest", "W", "b", "g", "eps", "l2",
              "K_in", "param", "grad", "velocity", "lr", "momentum")
 # How a loss kernel reads the sizes its formulas use from a full-size argument {a}: N loss entries
 # (rows or elements) and K classes.
@@ -27,11 +27,14 @@ STATE = ("param", "grad", "velocity")
 # the array whose shape and dtype an output takes where it reads no full-size array (a constant
 # derivative's dx = 2 g still reads x, which forward saves: the class checks g against it)
 X = sp.Symbol("x")
-# A saved quotient (softmax) is kept as its numerator e_i and its denominator.
-NUMERATOR, DENOMINATOR = "e", "den"
+# A saved quotient (softmax) is kept as its numerator e_i and its denominator, or where that is a shifted sum
+# 1 + T (derive.stability) as T, the rest.
+NUMERATOR, DENOMINATOR, REST = "e", "den", "rest"
 # the reductions a forward writing dx serves, and the flag it takes: True under a mean (g = 1/total), False
 # under a sum (g = 1)
 WITH_DX, MEAN = ("mean", "sum"), sp.Symbol("mean")
+# the name of a kernel's value at each row's label (Kernel.at_label)
+AT_LABEL = sp.Symbol("at_label")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Kernel:
     derivation: str                # the index-notation result it prints, for the reader
     outputs: tuple                 # ((name, array expression), ...) in return order
     at_label: sp.Expr = None       # added to outputs[0] at each row's label, if any
+    label_value: bool = False      # at_label is outputs[0]'s whole value at the label, written over it
     sizes: dict = None             # {size symbol: how to read it from the arguments}
     params: tuple = ()             # names of the op's own parameters, passed after the arrays
     full: tuple = FULL_SIZE        # the arguments of the input's full shape
@@ -57,6 +61,8 @@ class Kernel:
                                    # its kernel computes in place, which a NumPy scalar (or a 0-d array) cannot
     updates: tuple = ()            # ((output, argument), ...): the output is the argument's new value, written
                                    # into it (an optimizer's state, updated in place as torch.optim's)
+    steps: tuple = ()              # ((symbol, expr), ...) computing the one output, in the order derived and
+                                   # printed as given, no cse (derive.special.erfc_steps: three arrays at once)
 
 
 def layer_kernels(op):
@@ -99,10 +105,15 @@ def loss_kernels(op, target, variant):
     stable_gradient = in_saved(stable(gradient))
     dense, at_label = (split_at_label(stable_gradient, j) if target == "labels"
                        else (sp.factor_terms(stable_gradient), None))  # g (p - t): one product, not two
+    # from a saved softmax (p or log p), the whole derivative at the label, its terms over one denominator and
+    # then made stable, not dense's entry plus the delta's term: g p_c - g rounds p_c first, and loses p_c - 1
+    # where p_c is within an ulp of 1 (the focal loss's p (1 - p) likewise, as p - p^2)
+    whole = target == "labels" and bool(op.saved)
+    at_label = stable(in_saved(sp.factor_terms(sp.cancel(gradient.xreplace({j: c}))))) if whole else at_label
     backward = Kernel(f"backward_{suffix}", f"dL/dx times each entry's weight g ({target}, {variant}); out, if given, "
                       "is a buffer for it, which may be a saved array this call then overwrites.",
                       f"dx_j = {sp.sstr(gradient)}{note}", (("dx", shaped_like(lower(dense, j), X, FULL_SIZE)),),
-                      None if at_label is None else lower(at_label, j), sizes=SIZES[op.granularity],
+                      None if at_label is None else lower(at_label, j), whole, sizes=SIZES[op.granularity],
                       params=param_names(op), out=True, takes=("g",))
     return forward, backward
 
@@ -127,7 +138,7 @@ def with_gradient(forward, backward):
                   f"sum) and the mean's total ({forward.name.split('_', 1)[1].replace('_', ', ')}).",
                   f"{forward.derivation}; {backward.derivation}",
                   (("L", outputs["L"]), ("dx", in_forward(dx)), ("total", outputs["total"])),
-                  None if backward.at_label is None else in_forward(backward.at_label),
+                  None if backward.at_label is None else in_forward(backward.at_label), backward.label_value,
                   sizes=forward.sizes, params=forward.params, weight=weight)
 
 
@@ -151,8 +162,8 @@ def saved_arrays(op):
     of a gradient in saved quantities into one in those arrays.
 
     A saved quotient num_i / den whose denominator is the same for every i (softmax) is saved as
-    its numerator's array and its denominator, a column forward makes anyway: forward then skips the
-    pass that divides, and backward multiplies the numerator by one column, g / den, in the pass it
+    its numerator's array and its denominator (T of a denominator 1 + T, which the log reads too), a column
+    forward makes anyway: forward then skips the pass that divides, and backward multiplies the numerator by one column, g / den, in the pass it
     makes anyway. That is the tuned NumPy's softmax-CE, printed from the derivation; saving 1/den
     instead would cost a call on the column each step, which at a small batch is as dear as a pass."""
     arrays, rewrites = [], {}
@@ -161,8 +172,14 @@ def saved_arrays(op):
         if not (denominator.has(sp.Sum) and not denominator.has(i) and numerator.has(i)):
             arrays.append((base.name, lower(stable(definition), i)))
             continue
-        part, scale = sp.IndexedBase(NUMERATOR, real=True), sp.Symbol(DENOMINATOR, positive=True)
-        arrays += [(part.name, lower(numerator, i)), (scale.name, lower(denominator, i))]
+        part = sp.IndexedBase(NUMERATOR, real=True)
+        if denominator.is_Add and 1 in denominator.args:   # 1 + T: T saved, the sum log1p(T) reads too
+            saved, whole = sp.Symbol(REST, nonnegative=True), denominator - 1
+            scale = 1 + saved
+        else:
+            saved, whole = sp.Symbol(DENOMINATOR, positive=True), denominator
+            scale = saved
+        arrays += [(part.name, lower(numerator, i)), (saved.name, lower(whole, i))]
         rewrites[base] = lambda at, part=part, scale=scale: part[at] / scale
     def in_saved(expr):  # noqa: E306
         return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base in rewrites,
@@ -215,10 +232,10 @@ def erf_kernel():
 
 
 def erfc_kernel(dtype):
-    """erfc(x) with NumPy alone for a dtype array, called by the generated package's _special.erfc: 1 - erf's series
-    near 0, and exp(-x^2) times derive.special's polynomial in the tail, relatively accurate however small erfc is."""
+    """erfc(x) with NumPy alone for a dtype array, called by the generated package's _special.erfc: exp(-x^2) times
+    derive.special's polynomial, relatively accurate however small erfc is, in the steps derived there."""
     return Kernel(f"erfc_{dtype}", f"erfc(x), element-wise: to a few ulp in {dtype}, as math.erfc.", "erfc(x)",
-                  (("y", erfc_numpy(X, dtype)),), arrays=("x",))
+                  (("y", erfc_numpy(X, dtype)),), arrays=("x",), steps=tuple(erfc_steps(X, dtype)))
 
 
 def kernel_assignments(kernel):
@@ -232,10 +249,14 @@ def kernel_assignments(kernel):
 
 def _assignments(kernel):
     exprs = [expr for _, expr in kernel.outputs] + ([kernel.at_label] if kernel.at_label is not None else [])
-    temporaries, reduced = shared(exprs)
     names = [name for name, _ in kernel.outputs]
-    assignments = temporaries + [(sp.Symbol(name), expr) for name, expr in zip(names, reduced)]
-    return exprs, assignments, [sp.Symbol(name) for name in names] + reduced[len(names):], names
+    if kernel.steps:  # the output's name is the last step's
+        return exprs, list(kernel.steps), [sp.Symbol(name) for name in names], names
+    temporaries, reduced = shared(exprs)
+    # the value at the label first: it may read a saved array that the output is then written into
+    label = [(AT_LABEL, reduced[len(names)])] if kernel.at_label is not None else []
+    assignments = temporaries + label + [(sp.Symbol(name), expr) for name, expr in zip(names, reduced)]
+    return exprs, assignments, [sp.Symbol(name) for name in names] + [lhs for lhs, _ in label], names
 
 
 def shared(exprs):
@@ -274,6 +295,7 @@ def kernel_code(kernel):
                      + [(name, f"{full}.dtype.type({name})") for name in kernel.params
                         if full and read_by_function(exprs, name, kernel.params)],
             "at_label": None if kernel.at_label is None else print_code(returned[-1]),
+            "label_value": kernel.label_value,
             "returns": names, "overflows": any(e.has(ExpToInf) for e in exprs)}
 
 

@@ -7,6 +7,7 @@ codegen.tensor_lower's.) The results are still SymPy expressions, so cse can sha
 between everything a kernel computes."""
 import sympy as sp
 
+from derive.stability import ClassArgmax
 from derive.symbols import ClassMax, c, pw, w
 
 # Arrays of one entry per class (shape (K,)): at the label they are indexed, not gathered by row.
@@ -18,7 +19,24 @@ class RowSum(sp.Function):
 
 
 class RowMax(sp.Function):
-    """Max over the class axis, keeping it."""
+    """Max over the class axis, keeping it (the fused kernels' form of a max read at the argmax)."""
+
+
+class RowArgmax(sp.Function):
+    """Each row's index of its max (the first of ties), as a column of flat positions (C order) in its
+    argument's shape: what AtIndex reads and RowSumBut skips."""
+
+
+class AtIndex(sp.Function):
+    """Each row's entry of the first argument at the second (a RowArgmax), as a column: a row's max is read at
+    its argmax, where np.argmax and a take cost one pass, cheaper than np.maximum.reduce's."""
+
+
+class RowSumBut(sp.Function):
+    """Sum over the class axis of the first argument but its entry at the second (a RowArgmax), keeping the
+    axis: derive.stability's shifted sum 1 + T, T summed without the max's 1. That entry is exp(0) = 1 wherever
+    the max is finite: NumPy's _special.row_sum_but sums it less one (0 exactly), the fused kernels by ties
+    (fused.sum_but_by_ties), and either keeps a NaN there (an infinite max) in the sum."""
 
 
 class AtLabel(sp.Function):
@@ -48,13 +66,16 @@ class Shifted(sp.Function):
 
 
 def grouped_shifts(add):
-    """An Add whose terms hold a and -RowMax(a) with a - RowMax(a) as one Shifted term."""
+    """An Add whose terms hold a (or its entry at the label) and -max(a) (its row max, read at the argmax) with
+    a - max(a) as one Shifted term."""
     for term in add.args:
-        if isinstance(term, sp.Mul) and term.args[0] == -1 and isinstance(term.args[1], RowMax) and len(term.args) == 2:
+        if (isinstance(term, sp.Mul) and term.args[0] == -1 and isinstance(term.args[1], AtIndex)
+                and len(term.args) == 2):
             array = term.args[1].args[0]
-            if array in add.args:
-                rest = [t for t in add.args if t is not term and t != array]
-                return sp.Add(Shifted(array, term.args[1]), *rest)
+            for entry in (array, AtLabel(array)):   # the row, or its entry at the label: x_c - max, exact at c = a
+                if entry in add.args:
+                    rest = [t for t in add.args if t is not term and t != entry]
+                    return sp.Add(Shifted(entry, term.args[1]), *rest)
     return add
 
 
@@ -84,6 +105,24 @@ def shaped_like(expr, like, names):
     return expr
 
 
+def argmax_of(base):
+    """The column of each row's argmax of the array base (an IndexedBase)."""
+    return RowArgmax(sp.Symbol(base.name))
+
+
+def but_at(summand, index):
+    """(rest, array) of a summand rest (1 - delta(index, ClassArgmax(array))): a row sum's term but at the row's
+    argmax; else None."""
+    for factor in sp.Mul.make_args(summand):
+        deltas = factor.atoms(sp.KroneckerDelta)
+        if len(deltas) == 1 and factor == 1 - next(iter(deltas)):
+            (delta,) = deltas
+            at = [a for a in delta.args if isinstance(a, ClassArgmax)]
+            if at and index in delta.args:
+                return summand / factor, at[0].args[0]
+    return None
+
+
 class LoweringError(ValueError):
     """An index expression with no whole-array form."""
 
@@ -103,10 +142,16 @@ def lower(expr, index, *, column=False):
         inner = sp.Sum(expr.function, *expr.limits[:-1]) if len(expr.limits) > 1 else expr.function
         if lower_limit != 0:
             raise LoweringError(f"cannot lower {expr}: only sums over a whole row or batch lower")
+        skipped = but_at(inner, bound)
+        if skipped is not None:
+            rest, array = skipped
+            return RowSumBut(lower(rest, bound), argmax_of(array))
         reduce = BatchSum if str(upper) == "N - 1" else RowSum
         return reduce(lower(inner, bound))
     if isinstance(expr, ClassMax):
-        return RowMax(sp.Symbol(expr.args[0].name))
+        return AtIndex(sp.Symbol(expr.args[0].name), argmax_of(expr.args[0]))
+    if isinstance(expr, ClassArgmax):
+        return argmax_of(expr.args[0])
     if isinstance(expr, sp.KroneckerDelta):
         raise LoweringError(f"cannot lower {expr}: split it off with split_at_label first")
     if not expr.args:

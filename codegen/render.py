@@ -209,7 +209,7 @@ def special_functions(context):
             for item in value:
                 yield from lines(item, printed)
     code = "\n".join(lines(context))
-    return [name for name in ("erf", "erfc") if re.search(rf"\b{name}\(", code)]
+    return [name for name in ("erf", "erfc", "argmax_positions", "row_sum_but") if re.search(rf"\b{name}\(", code)]
 
 
 def fast_context(op, context=None):

@@ -14,7 +14,8 @@ np.einsum_path at the check sizes), any other summand is broadcast over its indi
 (np.add.reduce). A shifted index is a slice (x[n, h + H]) or, two indices in one (x[n, c, m + j]),
 a sliding window, the array zero-padded where the derivation narrowed the range to keep the read
 inside it (the transposed convolution's l - m): no read is ever out of range. A window contracted with
-one array is one matrix product over the window copied to a matrix (im2col, window_product); a window's
+one array is one matrix product over the window copied to a matrix (im2col, window_product), forward's copy
+saved for backward where it reads the same window (SavedWindows); a window's
 strided positions are read at the stride in the view, and a Sum over taps of reads at p - t of a strided
 position is the adjoint's scatter (windows_added, col2im). A label x[n, c[n]] is
 np.take_along_axis; a Kronecker delta at a label on the gradient side is a scatter
@@ -38,7 +39,8 @@ from codegen.printer import KernelPrinter, positive_first, range_arguments
 from derive.special import ExpToInf
 from derive.stability import INDEX_REWRITES, REWRITES, rewritten_by
 from derive.tensor import (Assignment, FirstMax, Sum, bound_of, check_sizes, derivation, eval_mode, flag_values, folded,
-                           in_base_sizes, in_units, linear, reads_of, scale_degrees, size_of, unit_rows, with_flags)
+                           in_base_sizes, in_units, isolated_bound, isolated_entry, linear, linear_in, reads_of,
+                           scale_degrees, size_of, unit_rows, with_flags)
 
 
 class LoweringError(ValueError):
@@ -83,6 +85,7 @@ class Program(NamedTuple):
     returns: tuple                 # d<name> of every input and param, in order
     rewrites: tuple = ()           # the names of the rewrites that changed it, for the reader
     guards: tuple = ()             # (Guard, ...) of the forward program (rescaled_scores)
+    backward_guards: tuple = ()    # (Guard, ...) of the backward program (rescaled_adjoints)
 
 
 def program_of(op):
@@ -432,14 +435,29 @@ class LargestExponent(sp.Function):
     _numpycode = _sympystr = _pythoncode
 
 
-class Guard(NamedTuple):
-    """Assignments computed again where a forward step's entries are not all finite (a softmax's max shift): the
-    scores step, their new values in units of a power of two, and the names of the arrays they read."""
+class FiniteOrZero(sp.Function):
+    """Its argument where that is finite, else 0: a guard's bound on what it rescales reads the finite entries
+    alone, as a NaN or inf input makes its own dependents NaN or inf whatever the scale, and read into one scale
+    for the whole call it would make every other value NaN too (tests/test_errors.py's NaN policy)."""
 
-    scores: str
-    shift: str
+    def _numpycode(self, printer):
+        entries = printer._print(self.args[0])
+        return f"np.where(np.isfinite({entries}), {entries}, 0)"
+
+    _pythoncode = _numpycode
+
+
+class Guard(NamedTuple):
+    """Assignments computed again where some entry of the checked arrays is not finite: after the statement of
+    the last checked array (forward: a softmax's max shift) their new values in units of a power of two, then
+    the statements from first to the last checked array run again (the scores step to the shift; backward:
+    none), with the names of the arrays they read and the reason, for the reader."""
+
+    checks: tuple
+    first: str
     assignments: tuple
     reads: tuple
+    why: str
 
 
 def rescaled_scores(program, op, taken):
@@ -483,9 +501,63 @@ def rescaled_scores(program, op, taken):
                        Assignment(names[3], row, shift.expr.replace(
                            lambda e: isinstance(e, sp.Indexed) and e.base.name == name, lambda e: scaled[e.indices])),
                        Assignment(name, scores.indices, (scaled[scores.indices] - scaled_max[row]) / c[row]))
-        guards.append(Guard(name, shift.name, assignments, tuple(sorted({r.base.name for r in reads}))))
+        guards.append(Guard((shift.name,), name, assignments, tuple(sorted({r.base.name for r in reads})),
+                            "a score past the largest number: the scores again in units of a power of two"))
         rewrites.append(f"{name} in units of a power of two where {shift.name} is not finite")
     return program._replace(guards=tuple(guards), rewrites=tuple(rewrites))
+
+
+def rescaled_adjoints(program, op, taken):
+    """program with a backward Guard for each rescaled scores step A (rescaled_scores): the adjoint of its
+    softmax P, g_P = Sum(a b, e) with a an adjoint (g, or g_o = Wo^T g), overflows where |a| |b| passes the
+    largest number though the gradients may be finite (a near one-hot P), and so may a product after it (dK =
+    g_A^T Q / sqrt(D) within sqrt(D) of the largest number). Each step from g_P on that reads it is linear in
+    g_P and the steps between (derive.tensor.linear_in, SymPy's proof), so where a gradient they give is not
+    finite they run again from c a, c = 2^-k one power of two (one number: dK and dWq sum over rows and batch)
+    with c (terms) max|a| max|b| <= 2^(E-2), and each such gradient is c times its value, then divided by c.
+    c bounds g_P alone: a bound through every later product (max|Q| of one sample times max|V| of another)
+    would make c so small that c g loses a small gradient's digits (tests/test_tensor_stability.py). The other
+    gradients (dV) are left as they are."""
+    guards, rewrites = [], list(program.rewrites)
+    for name in op.rescaled or {}:
+        softmax = [a for a in program.forward if name in reads_of(a.expr)][-1]
+        adjoint = next((a for a in program.backward if a.name == f"g_{softmax.name}"), None)
+        factors = sp.Mul.make_args(adjoint.expr.function) if isinstance(getattr(adjoint, "expr", None), Sum) else ()
+        upstream = [f for f in factors if isinstance(f, sp.Indexed) and f.base.name in {
+            "g", *(a.name for a in program.backward)}]
+        if len(factors) != 2 or len(upstream) != 1 or not all(isinstance(f, sp.Indexed) for f in factors):
+            raise LoweringError(f"{op.name}: rescaled {name}: its softmax's adjoint must be Sum(an adjoint times one "
+                                f"other array)")
+        (read,) = upstream
+        again, proven = [adjoint], {adjoint.name}
+        for a in program.backward[program.backward.index(adjoint) + 1:]:
+            if reads_of(a.expr) & proven:
+                if not linear_in(a.expr, *proven):
+                    raise LoweringError(f"{op.name}: rescaled {name}: {a.name} is not linear in {sorted(proven)}")
+                again.append(a)
+                proven.add(a.name)
+        results = [a for a in again if a.name in program.returns]
+        names = [fresh(n, taken) for n in ("g_scale", f"{read.base.name}_scaled",
+                                           *(f"{a.name}_scaled" for a in results))]
+        taken |= set(names)
+        c, scaled = sp.Symbol(names[0], real=True), sp.IndexedBase(names[1], real=True)
+        units = dict(zip((a.name for a in results), names[2:]))
+        (other,) = [f for f in factors if f is not read]
+        terms = sp.Mul(*(hi - lo + 1 for _, lo, hi in adjoint.expr.limits))
+        # + 4: the 2 of 2^(E-2), and one for each ceil(log2) of a max, which may come out 1 low (rescaled_scores)
+        exponent = sp.ceiling(sp.log(terms, 2)) + sum(sp.ceiling(log2(Maximum(FiniteOrZero(sp.Abs(f)), *(
+            (i, 0, extent(i) - 1) for i in f.indices)))) for f in factors) + 4
+        assignments = (Assignment(names[0], (), 2 ** -sp.Max(0, exponent - LargestExponent(Str(other.base.name)))),
+                       Assignment(names[1], read.indices, c * read),
+                       adjoint._replace(expr=adjoint.expr.xreplace({read: scaled[read.indices]})),
+                       *(a._replace(name=units.get(a.name, a.name)) for a in again[1:]),
+                       *(a._replace(expr=sp.IndexedBase(units[a.name], real=True)[a.indices] / c) for a in results))
+        made = {a.name for a in assignments}
+        reads = sorted(set().union(*(reads_of(a.expr) for a in assignments)) - made)
+        guards.append(Guard(tuple(a.name for a in results), None, assignments, tuple(reads),
+                            f"a gradient past the largest number: g_{softmax.name} again in units of a power of two"))
+        rewrites.append(f"g_{softmax.name} in units of a power of two where a gradient it gives is not finite")
+    return program._replace(backward_guards=tuple(guards), rewrites=tuple(rewrites))
 
 
 # the rewrites of each assignment's scalar expression: the element-wise ones that are identities (1 - sigmoid gives
@@ -629,8 +701,9 @@ class Statement(NamedTuple):
             return f"{self.target}[{self.region}] += {value}"
         if self.form == "guard":
             inner = "".join(f"\n    {line}" for s in self.region for line in s.source(printer).split("\n"))
-            return (f"if not np.isfinite({printer.doprint(self.value[0])}).all():  # a score past the largest number: "
-                    f"the scores again in units of a power of two{inner}")
+            checks, _, why = self.value.args
+            test = " and ".join(f"np.isfinite({printer.doprint(c)}).all()" for c in checks.args)
+            return f"if not {test if len(checks.args) == 1 else f'({test})'}:  # {why.name}{inner}"
         if self.form == "accumulate":
             at = ", ".join(["slice(None)"] * self.region[1] + [printer.doprint(self.region[0])])
             return f"np.add.at({self.target}, ({at}{',' if self.region[1] == 0 else ''}), {value})"
@@ -691,11 +764,43 @@ def extent(index):
     return size_of(sp.Symbol(str(index).rstrip("'"), integer=True))
 
 
-class ArrayLowering:
-    """Lowers the assignments of one function of an op into statements, given every array's axes."""
+class SavedWindows:
+    """The window matrices (im2col copies) forward makes, each named so that forward returns it and backward
+    reads it, or its transpose, where it contracts the same window read along the same rows and columns
+    (Conv2d's dweight reads forward's x[n, c, i + u, j + v] as (c u v, n i j)): one copy of the window (29 MB at
+    (64, 16, 28, 28), 3x3) where there were two, as a tape saves a product's operand."""
 
-    def __init__(self, op, axes, check_sizes):
+    def __init__(self, taken):
+        self.taken, self.names, self.shapes, self.read = set(taken), {}, {}, []
+
+    @staticmethod
+    def key(read, groups):
+        return str(read).replace("'", ""), tuple(tuple(str(i).rstrip("'") for i in group) for group in groups)
+
+    def found(self, read, groups, note=True):
+        """(the saved name, transposed) of the matrix of read over groups (rows, columns), else None; note: as
+        read (an argument of backward, a return of forward)."""
+        for key, transposed in ((self.key(read, groups), False), (self.key(read, groups[::-1]), True)):
+            if key in self.names:
+                self.read += [self.names[key]] * (note and self.names[key] not in self.read)
+                return self.names[key], transposed
+        return None
+
+    def named(self, read, groups, shape):
+        """A fresh name for the matrix of read over groups, which forward computes and may return."""
+        name = fresh(f"{read.base.name}_windows", self.taken)
+        self.taken.add(name)
+        self.names[self.key(read, groups)], self.shapes[name] = name, shape
+        return name
+
+
+class ArrayLowering:
+    """Lowers the assignments of one function of an op into statements, given every array's axes; windows: the
+    SavedWindows forward names (saving: this is forward) or backward reads."""
+
+    def __init__(self, op, axes, check_sizes, windows=None, saving=False):
         self.op, self.axes, self.check_sizes = op, axes, check_sizes
+        self.windows, self.saving = windows, saving
         self.statements, self.sizes, self.imports, self.dtype = [], set(), set(), False
         self.size_symbols = ({extent(i) for axes in axes.values() for i in axes} | set(op.sizes)
                              | {sp.Symbol(s, integer=True, positive=True) for s in op.given_sizes})
@@ -1027,7 +1132,7 @@ class ArrayLowering:
         ranges = {**{i: scope.ranges[i] for i in kept}, **{i: (sp.S.Zero, extent(i) - 1) for i in taps + positions}}
         windows = self.value(Sum(function, *rest) if rest else function, Scope(tuple(order), ranges))
         target = [pairs[i][1] if i in pairs else i for i in scope.indices] + taps
-        windows = Aligned(windows, Str(f"transpose({', '.join(str(order.index(i)) for i in target)})"))
+        windows = transposed(windows, [order.index(i) for i in target])
         return WindowsAdded(windows, *(Str(tuple_text(entries)) for entries in (
             [self.integer(extent(i)) for i in scope.indices], [scope.indices.index(p) for p in pairs],
             [self.integer(extent(t)) for t in taps], [self.integer(step) for _, _, step in pairs.values()])))
@@ -1067,27 +1172,35 @@ class ArrayLowering:
             return None
         summed.sort(key=lambda i: (source[i], i not in taps))
         owner = {**{i: x for i in x_axes}, **{i: a for i in a_axes}}
-        for lead in range(len(out)):
-            if any(owner[i] != x for i in out[:lead]):
-                break
-            rest = out[lead:]
-            cut = next((n for n in range(1, len(rest)) if owner[rest[n]] != owner[rest[0]]), None)
-            if cut is None or any(owner[i] != owner[rest[cut]] for i in rest[cut:]):
+        for lead, groups in layouts(out, owner, x):
+            first = owner[groups[0][0]]
+            arranged = {first: [groups[0], summed], 1 - first: [summed, groups[1]]}
+            saved = not lead and windowed and self.windows is not None and (
+                self.saving or self.windows.found(reads[x], arranged[x], note=False))
+            if windowed and arranged[x][-1][-1] != run[0] and not (saved and not self.saving):
                 continue
-            for groups in ([rest[:cut], rest[cut:]], [rest[cut:], rest[:cut]]):
-                first = owner[groups[0][0]]
-                arranged = {first: [groups[0], summed], 1 - first: [summed, groups[1]]}
-                if windowed and arranged[x][-1][-1] != run[0]:
-                    continue
-                batch = [[i] for i in out[:lead]]
-                product = MatMul(*(self.matrix(*operands[k], ([] if k == a else batch) + arranged[k])
-                                   for k in (first, 1 - first)))
-                order = [*out[:lead], *groups[0], *groups[1]]
-                product = Reshaped(product, Str(self.shape_text([[i] for i in order])))
-                if order != list(out):
-                    product = Aligned(product, Str(f"transpose({', '.join(str(order.index(i)) for i in out)})"))
-                return product
+            batch = [[i] for i in out[:lead]]
+            product = MatMul(*(self.window_matrix(reads[k], *operands[k], arranged[k]) if saved and k == x
+                               else self.matrix(*operands[k], ([] if k == a else batch) + arranged[k])
+                               for k in (first, 1 - first)))
+            order = [*out[:lead], *groups[0], *groups[1]]
+            product = Reshaped(product, Str(self.shape_text([[i] for i in order])))
+            if order != list(out):
+                product = Aligned(product, Str(f"transpose({', '.join(str(order.index(i)) for i in out)})"))
+            return product
         return None
+
+    def window_matrix(self, read, expr, axes, groups):
+        """The matrix of a window read over groups (rows, columns): in forward copied (im2col) under a name
+        of its own, which it returns where backward reads it; in backward that name (or its transpose)."""
+        if not self.saving:
+            name, transposed = self.windows.found(read, groups)
+            return Aligned(View(name), Str("T")) if transposed else View(name)
+        shape = tuple(int(in_base_sizes(sp.Mul(*map(extent, group)), self.op.sizes).subs(self.check_sizes))
+                      for group in groups)
+        name = self.windows.named(read, groups, shape)
+        self.statements.append(Statement(name, self.matrix(expr, axes, groups)))
+        return View(name)
 
     def matrix(self, expr, axes, groups):
         """expr (its axes in its own order) transposed to the order of groups and reshaped, each group one axis."""
@@ -1265,6 +1378,36 @@ def matmul(operands, out):
     return viewed(product, batch + [row, column], list(out))
 
 
+def layouts(out, owner, x):
+    """The layouts of a product of two operands into the axes out, owner giving each axis's operand, as (lead,
+    (rows, columns)): first one matrix product, the rows one operand's axes of out and the columns the other's
+    (the product transposed to out where they interleave: one BLAS call, where a batch of small ones ran 15 ms
+    each on a busy 2-core host, OpenBLAS's threads waiting on each other), then a batch of out's first lead axes
+    that x (the window) owns alone, the rest two runs of one operand's axes each."""
+    own = [[i for i in out if owner[i] == k] for k in (1 - x, x)]
+    if all(own):
+        yield 0, own
+        yield 0, own[::-1]
+    for lead in range(1, len(out)):
+        if any(owner[i] != x for i in out[:lead]):
+            return
+        rest = out[lead:]
+        cut = next((n for n in range(1, len(rest)) if owner[rest[n]] != owner[rest[0]]), None)
+        if cut is None or any(owner[i] != owner[rest[cut]] for i in rest[cut:]):
+            continue
+        yield lead, [rest[:cut], rest[cut:]]
+        yield lead, [rest[cut:], rest[:cut]]
+
+
+def transposed(expr, order):
+    """expr.transpose(*order), one transpose where expr is a transpose already (a product given back its axes)."""
+    inner = re.fullmatch(r"transpose\((.*)\)", expr.args[1].name) if isinstance(expr, Aligned) else None
+    if inner:
+        first = [int(k) for k in inner.group(1).split(", ")]
+        expr, order = expr.args[0], [first[k] for k in order]
+    return expr if order == sorted(order) else Aligned(expr, Str(f"transpose({', '.join(map(str, order))})"))
+
+
 def viewed(expr, axes, order):
     """expr, whose axes are axes, as a view with its axes in order: itself, its last two swapped, or a transpose."""
     axes = list(axes)
@@ -1379,7 +1522,7 @@ def lowered(op, factor=True):
     op = factor_saved(op) if factor else op
     taken = names_of(op)
     original = program_of(op)
-    program = rescaled_scores(rewritten(original, taken), op, taken)
+    program = rescaled_adjoints(rescaled_scores(rewritten(original, taken), op, taken), op, taken)
     axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets,
             **{z: a for z, (a, _, _) in (op.noise or {}).items()}, **(op.given or {}), "g": op.steps[-1].indices,
             **{a.name: a.indices for a in (*program.forward, *program.backward)}}
@@ -1392,13 +1535,16 @@ def lowered(op, factor=True):
     saved = [name for name in steps if (name in read or name in (op.running or {})) and name != output]
     options = [sp.Symbol(o, real=True) for o in op.options]
     notes = [f"rewritten: {', '.join(program.rewrites)} (codegen.tensor_lower)"] if program.rewrites else []
+    windows = SavedWindows(taken)
     forward = function(op, "forward", f"{output} and what backward reads, by the forward steps.", program.forward,
                        given, (output, *saved), axes, sizes, options, taken,
-                       [str(a) for a in original.forward] + notes, program.guards)
+                       [str(a) for a in original.forward] + notes, program.guards, windows, saving=True)
     backward = function(op, "backward", "The gradient of each input and param: g times the Jacobian (a "
                         "vector-Jacobian product) by the adjoint steps.", program.backward,
                         [name for name in given + saved if name in read] + ["g"], program.returns, axes, sizes,
-                        options, taken, [str(a) for a in original.backward] + notes)
+                        options, taken, [str(a) for a in original.backward] + notes, program.backward_guards,
+                        windows)
+    forward = replace(forward, returns=(*forward.returns, *windows.read))
     if op.penalty is None:
         return forward, backward
     gradients = derivation(op).penalty
@@ -1447,10 +1593,12 @@ def running_update(op):
                     check_sizes(op), options, names_of(op), list(map(str, updates)))
 
 
-def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, taken, derivation, guards=()):
+def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, taken, derivation, guards=(),
+             windows=None, saving=False):
     """The ArrayFunction computing assignments from the arrays and the options they read, and after each guard's
-    shift step the statement computing its assignments again where that step is not finite (guarded)."""
-    lowering = ArrayLowering(op, axes, sizes)
+    shift step the statement computing its assignments again where that step is not finite (guarded); windows
+    and saving as ArrayLowering's (the saved window matrices it reads are arguments before g)."""
+    lowering = ArrayLowering(op, axes, sizes, windows, saving)
     for assignment in assignments:
         lowering.assign(assignment)
     statements = shared(lowering.statements, taken)
@@ -1458,6 +1606,8 @@ def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, 
         statements = guarded(statements, guard, lowering, taken)
     used = set().union(*(sp.sympify(s.value).free_symbols for s in statements if s.form != "zeros"))
     lines, arrays, passed = size_lines(op, lowering.sizes, arrays, axes)
+    read = windows.read if windows is not None and not saving else []
+    arrays = [a for a in arrays if a != "g"] + read + ["g"] * ("g" in arrays)
     lines = strided_sizes(lines, op, lowering)
     passed += ("stride",) * lowering.stride_used
     args = tuple(arrays) + passed + tuple(o.name for o in options if o in used)
@@ -1465,14 +1615,15 @@ def function(op, name, doc, assignments, arrays, returns, axes, sizes, options, 
         lines.append(("dtype", f"{'g' if 'g' in arrays else next(iter(op.inputs))}.dtype"))
     shapes = tuple((a, tuple(int(in_base_sizes(extent(i), op.sizes).subs(sizes)) for i in axes[a]))
                    for a in dict.fromkeys([*arrays, *(x.name for x in assignments)]) if a in axes)
+    shapes += tuple((a, windows.shapes[a]) for a in read)
     return ArrayFunction(name, doc, args, tuple(lines), tuple(statements), tuple(returns),
                          tuple(derivation), tuple(sorted(lowering.imports)), shapes)
 
 
 def guarded(statements, guard, lowering, taken):
-    """statements with, after the guard's shift step, a guard statement: where the shift is not all finite, its
-    assignments (a fresh lowering's, their subexpressions shared among themselves alone, so that the usual path
-    computes none of them) and again the statements from the scores step to the shift."""
+    """statements with, after the last checked step, a guard statement: where a checked array is not all finite,
+    its assignments (a fresh lowering's, their subexpressions shared among themselves alone, so that the usual
+    path computes none of them) and again the statements from its first step to that checked step."""
     axes = {**lowering.axes, **{a.name: a.indices for a in guard.assignments}}
     inner = ArrayLowering(lowering.op, axes, lowering.check_sizes)
     for assignment in guard.assignments:
@@ -1480,15 +1631,16 @@ def guarded(statements, guard, lowering, taken):
     lowering.sizes |= inner.sizes
     lowering.imports |= inner.imports
     targets = [s.target for s in statements]
-    start, stop = targets.index(guard.scores), len(targets) - targets[::-1].index(guard.shift)
+    stop = max(len(targets) - targets[::-1].index(c) for c in guard.checks)
+    start = targets.index(guard.first) + 1 if guard.first else stop
     # the scale's own statement left out of the sharing: its sizes' arithmetic stays Python numbers (a NumPy
     # float64 scalar would make a float32 kernel's scale float64)
     scale, *rest = inner.statements
-    rescaled = [scale, *shared(rest, taken | set(targets)), *statements[start + 1:stop]]
-    check = sp.Tuple(View(guard.shift), *(View(r) for r in guard.reads))
-    # its target the shift it checks: the in-place pass takes a statement's target as read, and the scores' buffer,
-    # written anew here, is free for the mask that follows them (a causal softmax's)
-    return [*statements[:stop], Statement(guard.shift, check, "guard", tuple(rescaled)), *statements[stop:]]
+    rescaled = [scale, *shared(rest, taken | set(targets)), *statements[start:stop]]
+    check = sp.Tuple(sp.Tuple(*map(View, guard.checks)), sp.Tuple(*map(View, guard.reads)), Str(guard.why))
+    # its target the first array it checks: the in-place pass takes a statement's target as read, and the scores'
+    # buffer, written anew here, is free for the mask that follows them (a causal softmax's)
+    return [*statements[:stop], Statement(guard.checks[0], check, "guard", tuple(rescaled)), *statements[stop:]]
 
 
 def strided_sizes(lines, op, lowering):
@@ -1641,6 +1793,7 @@ def module_context(op, factor=True):
                               | ({"flag"} if op.switches or flagged.flags else set())
                               | ({"or_machine_eps"} if op.dtype_eps else set())
                               | ({"overflowed", "rows_joined", "units_of"} if units else set())
+                              | ({"isolated", "entry_written"} if units and units["isolated"] else set())
                               | ({"flag", "generator", *(f"{kind}_mask" for _, kind, _ in op.noise.values())}
                                  if op.noise else set())
                               | ({"flag", "running_factor"} | ({"nonzero_size"} if running["denominators"] else set())
@@ -1763,7 +1916,8 @@ def units_context(op, forward, backward, forward_call, backward_options, printer
     written back times c^-k, k its degree (scale_degrees: y as it is, a variance / c^2); backward computes dx
     again there by backward_units, times c, and the others' by backward (every gradient joined: a param's summed
     over rows is the sum of both parts). The check is O(rows); the NumPy kernels of forward_units and
-    backward_units (the fused module imports them) save a param's factor whatever the module's kernels do."""
+    backward_units (the fused module imports them) save a param's factor whatever the module's kernels do.
+    Then dx at an entry alone far from its row's others, again where the derived form cancels (isolated_context)."""
     factored = factor_saved(op)   # its saved factor (y_gamma) too, whatever the module's kernels save
     degrees, (row,) = scale_degrees(factored), unit_rows(op)
     units_forward, units_backward = (replace(f, name=f"{f.name}_units") for f in lowered(in_units(op))[:2])
@@ -1799,14 +1953,56 @@ def units_context(op, forward, backward, forward_call, backward_options, printer
         f"rows_joined({r}_1, good, {times_c(r, -degrees[r], f'{r}_c')}, rows, {axes[r].index(row)})"
         if row in axes[r] else printer.scalar.doprint(sp.Symbol(f"{r}_1") + sp.Symbol(f"{r}_c")))
         for r in backward.returns]
-    return {"functions": [units_forward, units_backward], "statistics": statistics, "input": next(iter(op.inputs)),
-            "axis": axes[next(iter(op.inputs))].index(row), "prepared": prepared,
+    exact = isolated_function(op)
+    options = dict(zip(backward.args[backward.args.index("g") + 1:], backward_options))
+    isolated = exact and isolated_context(op, exact, factored, kept, options, at_rows, times_c, printer)
+    return {"functions": [units_forward, units_backward, *[exact] * bool(isolated)], "statistics": statistics,
+            "input": next(iter(op.inputs)), "axis": axes[next(iter(op.inputs))].index(row), "prepared": prepared,
+            "isolated": isolated,
             "forward": f"{', '.join(f'{r}_c' for r in units_forward.returns)} = forward_units({', '.join(arguments)})",
             "written": written, "saved": saved, "unpacked": f"{', '.join(kept)}{',' * (len(kept) == 1)} = self._saved",
             "others": f"{', '.join(f'{r}_1' for r in backward.returns)} = {backward.name}({', '.join(others)})",
             "backward": f"{', '.join(f'{r}_c' for r in units_backward.returns)} = "
                         f"backward_units(*saved, {', '.join([at_rows('g'), *units_backward.args[gone + 1:]])})",
             "joined": joined}
+
+
+def isolated_context(op, exact, factored, kept, options, at_rows, times_c, printer):
+    """How the class's backward calls backward_isolated: the rows whose x_hat^2 (the saved factor) passes
+    isolated_bound at an entry, that entry again from the row in units of c (dx(x) = c dx(c x; c^2 eps)),
+    the bound printed from SymPy over the factor's shape; None where backward reads no saved factor (the fused
+    kernels compute it again)."""
+    x = next(iter(op.inputs))
+    factor = factored.steps[-2]
+    if factor.name not in kept:
+        return None
+    shape = {size_of(i): sp.Symbol(f"{factor.name}.shape[{p}]") for p, i in enumerate(factor.indices)}
+    source = {x: x if x in kept else "self._input", "others": "others", "g": at_rows("g")}
+    source |= {p: at_rows(p, f"self.{p}") for p in op.params}
+    arguments = [f"{a}_c" if a in op.scaling else source[a] for a in exact.args]
+    prepared = [f"{v}_c = {times_c(v, d, at_rows(v, source[x]) if v in op.inputs else options[v])}"
+                for v, d in op.scaling.items()]
+    return {"factor": factor.name, "bound": printer.scalar.doprint(isolated_bound(op).xreplace(shape)),
+            "source": source[x], "kept": x not in kept, "prepared": prepared,
+            "call": f"{exact.name}({', '.join(arguments)})",
+            "dx": f"d{x}", "value": printer.scalar.doprint(sp.Symbol("c") ** -scale_degrees(op)[f"d{x}"]
+                                                           * sp.Symbol("dx_o"))}
+
+
+def isolated_function(op):
+    """backward_isolated: dx at the entry of each row that is alone far from the others (derive.tensor.
+    isolated_entry, proven equal to the derived dx there), from x, g, the mask of the others and eps per row,
+    lowered as any steps; None for an op without that form."""
+    exact = isolated_entry(op)
+    if exact is None:
+        return None
+    axes = {**exact.inputs, **{p: a for p, (a, _) in exact.params.items()}, **exact.given,
+            **{s.name: s.indices for s in exact.steps}}
+    arrays = [*exact.inputs, *(p for p in exact.params if any(p in reads_of(s.expr) for s in exact.steps)),
+              *(a for a in exact.given if a != "g"), "g"]
+    return function(exact, "backward_isolated", "dx at the entry of each row alone far from the others, by the "
+                    "form without the derived dx's cancellation.", exact.steps, arrays, ("y",), axes,
+                    check_sizes(exact), [], names_of(exact), [str(s) for s in exact.steps])
 
 
 def penalty_context(op, functions, source):

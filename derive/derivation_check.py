@@ -175,8 +175,8 @@ def _numerically_equal(before, after, condition, equations, ranges, rng):
     sizes = sorted({ranges[index] for index in indices} | (free & set(ranges.values())), key=str)
     scalars = sorted(free - set(indices) - set(sizes), key=str)
     # mpmath at DIGITS digits; SymPy itself for what mpmath lacks (Heaviside)
-    numeric = {"ClassMax": max, "Clip": lambda u, lo, hi: max(lo, min(u, hi)), "ExpToInf": mpmath.exp,
-               "Expm1": mpmath.expm1, "Erfc": mpmath.erfc}
+    numeric = {"ClassMax": max, "ClassArgmax": first_argmax, "Clip": lambda u, lo, hi: max(lo, min(u, hi)),
+               "ExpToInf": mpmath.exp, "Expm1": mpmath.expm1, "Erfc": mpmath.erfc}
     compiled = [sp.lambdify([*labels, *sizes, *indices, *scalars], e, modules=[numeric, "mpmath", "sympy"])
                 for e in exprs]
     compared = 0
@@ -204,6 +204,12 @@ def _numerically_equal(before, after, condition, equations, ranges, rng):
     method = f"numeric at {compared} points" + (", sizes " + " and ".join(f"{s} = 2, 3, 4" for s in sizes)
                                                 if sizes else "")
     return (True, method, "") if compared else (False, method, "no point where both sides are defined")
+
+
+def first_argmax(row):
+    """ClassArgmax of a row: the index of its max, the first where several entries are it."""
+    values = list(row)
+    return values.index(max(values))
 
 
 class _Entries:

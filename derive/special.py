@@ -1,6 +1,6 @@
 """erf and erfc with NumPy alone: NumPy has neither, so the kernels evaluate series, a continued fraction
-and a polynomial that SymPy and mpmath write out (accurate to a few ulp in float64; the tests measure them
-against math.erf and math.erfc)."""
+and a polynomial that SymPy and mpmath write out (accurate to a few ulp; the tests measure them against
+math.erf and math.erfc)."""
 import functools
 
 import mpmath
@@ -12,10 +12,10 @@ SERIES_TERMS = 34         # enough that the first term left out is below 1e-17 a
 FRACTION_DEPTH = 60       # enough for 1e-16 relative accuracy of erfc at |u| = 2
 
 
-def erf_series(u, terms=SERIES_TERMS):
+def erf_series(u):
     """2/sqrt(pi) sum_n (-1)^n u^(2n+1) / (n! (2n+1)), in Horner form in u^2."""
     v = sp.Dummy("v")
-    coefficients = [sp.erf.taylor_term(2 * n + 1, v) / v ** (2 * n + 1) for n in range(terms)]
+    coefficients = [sp.erf.taylor_term(2 * n + 1, v) / v ** (2 * n + 1) for n in range(SERIES_TERMS)]
     square = u ** 2
     result = sp.Integer(0)
     for coefficient in reversed(coefficients):
@@ -91,14 +91,14 @@ def erf_numpy(u):
                         (sp.sign(u) * (1 - erfc_continued_fraction(outer)), True))
 
 
-ERFC_SERIES_BELOW = sp.Rational(1, 2)   # |z| below this: 1 - erf's series, which loses no digit there
-# per dtype, the terms and the degree that bring each truncation below 2^-(p + 3), an eighth of an ulp (tested): a
-# float32 array is summed in float32, where float64's 13 terms and degree 22 add nothing but passes (a third of them)
-ERFC_SERIES_TERMS = {"float32": 7, "float64": 13}   # the first term left out, relative to erfc(1/2)
-ERFC_SHIFT = 3                          # t = (z - K)/(z + K) maps [1/2, oo) into (-1, 1]
-ERFC_DEGREE = {"float32": 10, "float64": 22}        # the polynomial's relative error
-ERFC_UNDERFLOWS = 28                    # exp(-28^2) is 0 in both dtypes, so z clipped there gives erfc = 0 exactly
-                                        # (at 27 it was 5e-319, a subnormal GELU's x = -1.8e308 made -4.7e-11)
+# erfc(z) = exp(-a^2) F(v)/(a + K), a = |z|, v = a/(a + K) - 1/2 in [-1/2, 1/2), and 2 minus it where z < 0:
+# one polynomial over the whole line, where 1 - erf's series near 0 and a polynomial in the tail were two branches,
+# both computed everywhere (a float32 array's erfc was 40% of a transformer step, most of it those passes and
+# the arrays both kept at once: a new array costs a page fault per 4 KiB, at 1e6 entries thirty passes' time)
+ERFC_SHIFT = {"float32": 3, "float64": 4}      # K, per dtype one for which few terms fit F to its precision:
+ERFC_DEGREE = {"float32": 10, "float64": 23}   # relative error below 2^-(p + 3) (tested; float32's the fewest)
+ERFC_UNDERFLOWS = {"float32": 11, "float64": 28}   # exp(-a^2) is 0 from here: |z| is clipped here (z^2 stays
+                                                   # finite), F fitted up to here, and erfc(inf) = 0 exactly
 
 
 class Erfc(sp.erfc):
@@ -119,55 +119,48 @@ class Erfc(sp.erfc):
 
 @functools.lru_cache(maxsize=None)
 def erfc_tail_polynomial(dtype="float64"):
-    """The coefficients, constant first, and the relative error of the polynomial P of degree ERFC_DEGREE[dtype]
-    in t = (z - K)/(z + K) with (z + K) exp(z^2) erfc(z) = P(t) for z >= ERFC_SERIES_BELOW (K = ERFC_SHIFT):
-    mpmath's Chebyshev fit at 40 digits. The left side is smooth in t up to t = 1 (z = oo, where it is
-    1/sqrt(pi)), so one polynomial covers the whole tail, and no power of t grows: every coefficient is
-    below 2 in magnitude, so Horner's rule loses nothing to cancellation."""
+    """The coefficients, constant first, and the relative error of the polynomial F of degree ERFC_DEGREE[dtype]
+    in v = a/(a + K) - 1/2 with (a + K) exp(a^2) erfc(a) = F(v) for 0 <= a <= ERFC_UNDERFLOWS[dtype]
+    (K = ERFC_SHIFT[dtype]): mpmath's Chebyshev fit at 40 digits. F is smooth in v up to v = 1/2 (a = oo, where
+    it is 1/sqrt(pi)) and decreases from K at v = -1/2, so one polynomial covers the whole half line. Its terms
+    over |v| <= 1/2 add up to about K (tested), so Horner's rule loses little to cancellation: none at v = -1/2,
+    at most K sqrt(pi) times the value's rounding at v = 1/2. The error is relative to F's least value."""
     with mpmath.workdps(40):
-        shift = mpmath.mpf(ERFC_SHIFT)
+        shift, end = mpmath.mpf(ERFC_SHIFT[dtype]), ERFC_UNDERFLOWS[dtype]
 
-        def scaled(t):
-            if t == 1:
-                return 1 / mpmath.sqrt(mpmath.pi)
-            z = shift * (1 + t) / (1 - t)
-            return (z + shift) * mpmath.erfc(z) * mpmath.exp(z * z)
-        low = (mpmath.mpf(ERFC_SERIES_BELOW.p) / ERFC_SERIES_BELOW.q - shift) / (
-            mpmath.mpf(ERFC_SERIES_BELOW.p) / ERFC_SERIES_BELOW.q + shift)
-        poly, error = mpmath.chebyfit(scaled, [low, 1], ERFC_DEGREE[dtype] + 1, error=True)
-        return tuple(sp.Float(mpmath.nstr(c, 20), 20) for c in reversed(poly)), float(error * mpmath.sqrt(mpmath.pi))
+        def scaled(v):
+            a = shift * (1 + 2 * v) / (1 - 2 * v)
+            return (a + shift) * mpmath.exp(a * a) * mpmath.erfc(a)
+        last = end / (end + shift) - mpmath.mpf(1) / 2
+        poly, error = mpmath.chebyfit(scaled, [-mpmath.mpf(1) / 2, last], ERFC_DEGREE[dtype] + 1, error=True)
+        return tuple(sp.Float(mpmath.nstr(c, 20), 20) for c in reversed(poly)), float(error / scaled(last))
 
 
-def erfc_tail(z, dtype="float64"):
-    """erfc(z) for z >= ERFC_SERIES_BELOW: exp(-z^2) P(t)/(z + K), t = (z - K)/(z + K), relatively accurate
-    however small erfc(z) is (1 - erf(z) is 0 from z = 6 in float64)."""
+def erfc_steps(z, dtype="float64"):
+    """erfc(z) in dtype as assignments [(symbol, expr)], the last one y, in an order that keeps three arrays of
+    z's size at once. With a = |z| clipped at ERFC_UNDERFLOWS (NaN passes the clip):
+    - exp(-a^2) = exp(-h^2) exp((h - a)(a + h)), h = a rounded down to 1/256: h^2 has at most 24 bits in float32
+      (a < 11) and is exact, the second exponent is in (-1/4, 0], so rounding a^2 costs no digit (exp(-a^2) as
+      written is off by a^2 times the rounding of a^2: 500 ulps at a = 26), and each exponential is at most 1,
+      where float32's np.exp is off by two units of 2^-24 (above 1, of 2^-23). d = h - a is exact, so h - d is a
+      again, remade in an array an exponent used.
+    - erfc(a) = exp(-a^2)/(a + K) F(v), v = a/(a + K) - 1/2 (erfc_tail_polynomial): v is a/(a + K) less an exact
+      1/2, off by an ulp of 1/2 at most, as a = 0 needs (1 - 2K/(a + K) was off by an ulp of K, K ulps of erfc).
+    - erfc(z) = (1 - sign z) + sign(z) erfc(a): each term exact, the sum rounded once, 1 at z = 0."""
     coefficients, _ = erfc_tail_polynomial(dtype)
-    return gaussian(z) * horner(coefficients, (z - ERFC_SHIFT) / (z + ERFC_SHIFT)) / (z + ERFC_SHIFT)
-
-
-def gaussian(z):
-    """exp(-z^2) = exp(-h^2) exp(-(z - h)(z + h)) with h = z rounded to 1/256 (|z| < 32): h^2 has at most 26
-    bits and is exact, and the second exponent is below 1/8, so rounding z^2 costs no digit; exp(-z^2) as
-    written is off by z^2 times the rounding of z^2, 500 ulps at z = 26."""
-    h = sp.floor(256 * z + sp.Rational(1, 2)) / 256
-    return sp.exp(-h ** 2) * sp.exp(-(z - h) * (z + h))
+    a, h, s, d, q, b, e, r, f, v, g, tail, sign, m, y = sp.symbols("a h s d q b e r f v g tail sign m y")
+    return [(a, sp.Min(sp.Abs(z), ERFC_UNDERFLOWS[dtype])), (h, sp.floor(256 * a) / 256), (s, a + h), (d, h - a),
+            (q, sp.exp(d * s)), (b, h - d), (e, sp.exp(-h ** 2) * q), (r, b + ERFC_SHIFT[dtype]), (f, e / r),
+            (v, b / r - sp.Rational(1, 2)), (g, horner(coefficients, v)), (tail, f * g),
+            (sign, sp.sign(z)), (m, 1 - sign), (y, m + sign * tail)]
 
 
 def erfc_numpy(z, dtype="float64"):
-    """erfc(z) for the kernels, to dtype's precision: 1 - erf(z) by erf's series where |z| < 1/2, erfc_tail(z)
-    above and 2 - erfc_tail(-z) below; each branch's argument clamped to its range, so that the branch np.where
-    does not pick stays finite."""
-    inner, outer = Clip(z, -ERFC_SERIES_BELOW, ERFC_SERIES_BELOW), Clip(sp.Abs(z), ERFC_SERIES_BELOW, ERFC_UNDERFLOWS)
-    tail = erfc_tail(outer, dtype)
-    return chosen(sp.Heaviside(ERFC_SERIES_BELOW - sp.Abs(z), 0), 1 - erf_series(inner, ERFC_SERIES_TERMS[dtype]),
-                  chosen(sp.Heaviside(z, 0), tail, 2 - tail))
-
-
-def chosen(step, value, other):
-    """value where the step is 1, other where it is 0, as step value + (1 - step) other: exact where both are
-    finite, as the clamps make erfc's branches (each product is the value or 0), and NaN where the step is.
-    np.where's loop branches on each entry, about 30 multiplications' time on a mask of random signs."""
-    return step * value + (1 - step) * other
+    """erfc(z) to dtype's precision as one expression: erfc_steps, each step's value put where it is read."""
+    value = sp.Symbol("y")
+    for lhs, expr in reversed(erfc_steps(z, dtype)):
+        value = value.xreplace({lhs: expr})
+    return value
 
 
 # exp and log1p without libm, for the fused kernels: numba leaves math.exp and math.log1p scalar calls,

@@ -217,6 +217,57 @@ def shift_by_max(expr):
     return expr.replace(lambda e: isinstance(e, sp.Sum) and isinstance(e.function, sp.exp), shifted)
 
 
+class ClassArgmax(sp.Function):
+    """The class index a of a row's max (the first, where several entries are the max): x_a - ClassMax(x) is 0
+    exactly, so exp of it is 1 to the last bit, and a sum of shifted exponentials is 1 plus the others' share."""
+
+    nargs = 1
+    is_integer = True
+
+
+def shifted_sum_as_one_plus_the_rest(expr):
+    """sum_m exp(x_m - M) = 1 + T, T = sum_m (1 - delta(m, a)) exp(x_m - M), a the row's argmax (x_a = M, so its
+    term is exp(0) = 1 exactly): summed whole, 1 + T rounds T to few digits, and away below an ulp of 1 (a margin
+    of 17 in float32, 37 in float64), where log S = log1p(T) (log-softmax's largest entry, cross-entropy at it)
+    and p_a - 1 = -T/S need it. One sum, T, then serves the log and the denominator S."""
+    def split(total):
+        (index, low, high), = total.limits
+        shifts = total.function.atoms(ClassMax)
+        (shift,) = shifts if len(shifts) == 1 else (None,)
+        if shift is None or total.function.args[0] != shift.args[0][index] - shift:
+            return total
+        return 1 + sp.Sum((1 - sp.KroneckerDelta(index, ClassArgmax(shift.args[0]))) * total.function, total.limits[0])
+    return expr.replace(lambda e: isinstance(e, sp.Sum) and len(e.limits) == 1 and isinstance(e.function, sp.exp)
+                        and e.function.has(ClassMax), split)
+
+
+def softmax_entry_less_one(expr):
+    """k e/(1 + T) - k = k (e - 1)/(1 + T) - k T/(1 + T), with 0 <= e <= 1 (a saved softmax numerator exp(x_c - M))
+    and T >= 0: p_c - 1 at a label, which as written rounds e/(1 + T) first and so is 0 where T is below an ulp of
+    1 (the label the row's largest, e = 1) and keeps few digits of T before; e - 1 and -T have one sign, and e - 1
+    is exact near e = 1 (Sterbenz)."""
+    def parts(term):
+        """(k, e, 1 + T) of a term k e/(1 + T), e an array's entry, else None."""
+        factors = sp.Mul.make_args(term)
+        powers = [f for f in factors if f.is_Pow and f.exp == -1 and f.base.is_Add and len(f.base.args) == 2
+                  and 1 in f.base.args]
+        entries = [f for f in factors if isinstance(f, sp.Indexed)]
+        if len(powers) != 1 or len(entries) != 1:
+            return None
+        return term / (powers[0] * entries[0]), entries[0], powers[0].base
+
+    def combined(add):
+        for term in add.args:
+            found = parts(term)
+            if found and -found[0] in add.args:
+                scale, entry, denominator = found
+                others = [t for t in add.args if t not in (term, -scale)]
+                # two terms, not k (e - 1 - T)/(1 + T): an Add of three is summed in any order, and (e - T) - 1 rounds
+                return sp.Add(*others, scale * (entry - 1) / denominator, -scale * (denominator - 1) / denominator)
+        return add
+    return expr.replace(lambda e: isinstance(e, sp.Add), combined)
+
+
 def _indexed_base(exponent, index):
     """The base of the one array the exponent indexes with index (the row to take the max of)."""
     bases = {e.base for e in exponent.atoms(sp.Indexed) if index in e.indices}
@@ -940,6 +991,7 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("tanh quotients", tanh_quotients, True), ("1 + tanh", one_plus_tanh, True),
             ("hinge as a step", hinge_as_step, True),
             ("1 - softmax", one_minus_softmax, True), ("shift by the row max", shift_by_max, True),
+            ("shifted sum as 1 + the rest", shifted_sum_as_one_plus_the_rest, True),
             ("split logs", split_logs, True), ("combine exponentials", sp.powsimp, True),
             ("exponential quotients shifted", exp_quotients_shifted, True),
             ("exponentials over a sigmoid", exponentials_over_a_sigmoid, True), ("sigmoid pairs", sigmoid_pairs, True),
@@ -957,7 +1009,8 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("clip branches", clip_branches, True),
             ("products beyond underflow", products_beyond_underflow, False),
             ("scaled sigmoid by branches", scaled_sigmoid_branches, True),
-            ("margin outside the max", margin_outside_the_max, True), ("logistic", logistic, True))
+            ("margin outside the max", margin_outside_the_max, True),
+            ("a softmax entry less one", softmax_entry_less_one, True), ("logistic", logistic, True))
 
 
 # the rewrites of an index-notation operation's steps and adjoints (codegen.tensor_lower, after its max shift)

@@ -707,12 +707,13 @@ def penalty_gradients(op):
     return tuple(found)
 
 
-def linear_in(expr, array):
-    """Whether expr reads array and is c times itself where each read of array is c times it, for every c (SymPy's
-    proof): attention's scores Sum(Q[n, t, d] K[n, s, d], d)/sqrt(D) in Q."""
+def linear_in(expr, *arrays):
+    """Whether expr reads one of arrays and is c times itself where each read of them is c times it, for every c
+    (SymPy's proof): attention's scores Sum(Q[n, t, d] K[n, s, d], d)/sqrt(D) in Q; its softmax's adjoint
+    (Z g_Z + g_P) P in g_Z and g_P together."""
     c = sp.Symbol("c", positive=True)
-    scaled = expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name == array, lambda e: c * e)
-    return array in reads_of(expr) and sp.simplify(sp.factor_terms(scaled - c * expr)) == 0
+    scaled = expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name in arrays, lambda e: c * e)
+    return bool(reads_of(expr) & set(arrays)) and sp.simplify(sp.factor_terms(scaled - c * expr)) == 0
 
 
 def reads_of(expr):
@@ -1148,3 +1149,114 @@ def in_units(op):
                                ranges={o: r for o, r in op.ranges.items() if o not in arrays},
                                dtype_eps=tuple(o for o in op.dtype_eps if o not in arrays),
                                given={**(op.given or {}), **{o: rows for o in arrays}}, scaling={})
+
+
+def isolated_entry(op):
+    """op's dx at one entry of a row (unit_rows) alone far from the others, without the cancellation of its
+    derived dx there, as steps over the arrays x, g, the mask others (0 at that entry, 1 elsewhere) and eps
+    per row (in units, as in_units'), or None for an op that is no normalisation of its input over a row.
+    With m' and d_j = x_j - m' the others' mean and deviations (m' two-pass, so that sum d_j is 0 to the
+    rounding of the d_j), E = m' - x_o, n = M - 1 and h = g p (gamma g, output_param):
+        centred (a mean step, LayerNorm, BatchNorm):
+            dx_o M sigma^3 = (sum d_j^2/M + eps)(M h_o - sum h_j) + (n/M) E sum d_j h_j
+        uncentred (a mean of squares, RMSNorm):
+            dx_o M r^3 = h_o (sum_{j != o} x_j^2 + M eps) - x_o sum_{j != o} h_j x_j
+    its terms far smaller than the derived form's where x_o^2 is near its bound (M - 1 or M times the
+    variance): the derived form is their difference, rounded to an ulp of h_o. isolated_entry_difference
+    proves it equal to the derived dx_o."""
+    if not op.scaling or len(op.inputs) != 1:
+        return None
+    (x_name, entries), = op.inputs.items()
+    rows = unit_rows(op)
+    summed = tuple(i for i in entries if i not in rows)
+    M = sp.Mul(*map(size_of, summed))
+    limits = [(i, 0, size_of(i) - 1) for i in summed]
+    param = output_param(op)
+    if param is None:
+        return None
+    x, g, w = (sp.IndexedBase(a, real=True)[entries] for a in (x_name, "g", "others"))
+    eps_name, = (o for o, d in op.scaling.items() if o in op.options and d == 2)
+    eps = sp.IndexedBase(eps_name, real=True)[rows]
+    statistics = [s.expr for s in op.steps[:-1]]
+    centred = Sum(x, *limits) / M in statistics
+    if not centred and Sum(x ** 2, *limits) / M not in statistics:
+        return None
+    step = {}
+
+    def define(name, expr, indices=rows):
+        step[name] = Assignment(name, indices, expr)
+        return sp.IndexedBase(name, real=True)[indices]
+
+    h = define("gh", g * param, entries)
+    x_o = define("x_o", Sum((1 - w) * x, *limits))   # the one entry w leaves out, exactly: the others add zeros
+    h_o = define("gh_o", Sum((1 - w) * h, *limits))
+    if centred:
+        m0 = define("mean_0", Sum(w * x, *limits) / (M - 1))
+        m = define("mean", m0 + Sum(w * (x - m0), *limits) / (M - 1))
+        d = define("dev", w * (x - m), entries)
+        S, D, H = (define(n, Sum(e, *limits)) for n, e in (("dev_sq", d ** 2), ("dev_gh", d * h), ("gh_sum", h)))
+        E = define("gap", m - x_o)
+        n = M - 1
+        value = ((S / M + eps) * (M * h_o - H) + n / M * E * D) / (
+            M * (S / M + n * E ** 2 / M ** 2 + eps) ** sp.Rational(3, 2))
+    else:
+        S, D = (define(n, Sum(e, *limits)) for n, e in (("others_sq", w * x ** 2), ("others_gh", w * h * x)))
+        value = (h_o * (S + M * eps) - x_o * D) / (M * ((S + x_o ** 2) / M + eps) ** sp.Rational(3, 2))
+    given = {"others": entries, "g": entries, eps_name: rows}
+    return dataclasses.replace(op, steps=(*step.values(), Assignment("y", rows, value)), inputs={x_name: entries},
+                               options={o: v for o, v in op.options.items() if o != eps_name},
+                               ranges={}, dtype_eps=(), given=given, scaling={}, running={}, switches={},
+                               noise={}, flags={}, penalty=None, name=f"{op.name}_isolated")
+
+
+def output_param(op):
+    """The param p of op's output y = f p + (terms without f) (LayerNorm's gamma[k]: y's derivative in f), or None."""
+    def params_of(term):
+        return [f for f in sp.Mul.make_args(term) if isinstance(f, sp.Indexed) and f.base.name in op.params]
+    scaled = [term for term in sp.Add.make_args(op.steps[-1].expr) if params_of(term) and reads_of(term) - set(op.params)]
+    return params_of(scaled[0])[0] if len(scaled) == 1 and len(params_of(scaled[0])) == 1 else None
+
+
+def isolated_bound(op):
+    """The square x_hat_o^2 of an entry beyond which the derived dx_o loses more than a few ulps to its
+    cancellation (about (bound of x_hat^2) / (bound - x_hat_o^2) of them): half its bound, M - 1 for a centred
+    row (Samuelson's inequality), M for an uncentred one."""
+    exact = isolated_entry(op)
+    M = sp.Mul(*(size_of(i) for i in op.steps[-1].indices if i not in unit_rows(op)))
+    return (M - int("mean" in {s.name for s in exact.steps})) / 2   # the others' mean: centred
+
+
+def isolated_entry_difference(op, sizes, entry):
+    """isolated_entry(op)'s dx_o minus the derived dx at entry o (a tuple over the summed indices, in row 0), at
+    concrete sizes {size Symbol: int}, every Sum written out and every step by its value: 0 where SymPy proves
+    them equal (eps > 0)."""
+    exact, rows = isolated_entry(op), unit_rows(op)
+    entries = op.steps[-1].indices
+    summed = [i for i in entries if i not in rows]
+    eps = sp.Symbol(next(o for o in op.scaling if o in op.options), positive=True)
+    x_name = next(iter(op.inputs))
+    steps = {s.name: s for s in (*op.steps[:-1], *derivation(op).gradients[x_name], *exact.steps)}
+
+    def read(access):
+        """An access at integer indices: a step's value there, the mask, eps, or a symbol of its own."""
+        name = access.base.name
+        if name == "others":
+            return sp.Integer(tuple(int(i) for i, a in zip(access.indices, entries) if a in summed) != entry)
+        if name == eps.name:
+            return eps
+        if name in steps:
+            return written_out(steps[name].expr.xreplace(dict(zip(steps[name].indices, access.indices))))
+        return sp.Symbol(f"{name}_{'_'.join(map(str, access.indices))}", real=True)
+
+    def written_out(expr):
+        expr = expr.xreplace(sizes).xreplace({sp.Symbol(eps.name, real=True): eps})
+        expr = expr.replace(lambda e: isinstance(e, sp.Sum), lambda e: sp.Sum(e.function, *e.limits).doit())
+        return expr.replace(lambda e: isinstance(e, sp.Indexed) and all(i.is_Integer for i in e.indices), read)
+
+    point = tuple(entry[summed.index(i)] if i in summed else 0 for i in entries)
+    first = {i: 0 for i in rows}
+    difference = (written_out(exact.steps[-1].expr.xreplace(first))
+                  - written_out(steps[f"d{x_name}"].expr.xreplace(dict(zip(entries, point)))))
+    # each root's radicand in one canonical form (the variance is written two ways), then the rational rest
+    return sp.simplify(difference.replace(lambda e: e.is_Pow and e.exp.is_Rational and e.exp.q == 2,
+                                          lambda e: sp.Pow(sp.factor(sp.expand(e.base)), e.exp)))

@@ -1,6 +1,8 @@
 """The same quantities with explicit symbols x_0..x_{K-1}, to check general-K results against."""
 import sympy as sp
 
+from derive.derivation_check import first_argmax
+from derive.stability import ClassArgmax
 from derive.symbols import ClassMax, K
 
 
@@ -34,10 +36,17 @@ def max_of(values):
     return lambda expr: expr.replace(lambda e: isinstance(e, ClassMax), lambda e: sp.Max(*values))
 
 
+def argmax_of(values):
+    """ClassArgmax of a row whose numbers are values (the index of its first max), for substituting into stable
+    forms before their sums are written out at explicit symbols."""
+    return lambda expr: expr.replace(lambda e: isinstance(e, ClassArgmax), lambda e: first_argmax(values))
+
+
 def at_point(expr, size, arrays, scalars=None):
     """expr at K = size with every array entry and scalar replaced by the given numbers, to 50 digits;
     ClassMax becomes the max of its row, sigmoid its definition."""
     from derive.functions import sigmoid
+    expr = expr.replace(lambda e: isinstance(e, ClassArgmax), lambda e: first_argmax(arrays[e.args[0].name]))
     expr = at_explicit_size(expr, size, arrays, scalars)
     expr = expr.replace(lambda e: isinstance(e, ClassMax), lambda e: sp.Max(*arrays[e.args[0].name]))
     expr = expr.replace(sigmoid, lambda u: 1 / (1 + sp.exp(-u)))

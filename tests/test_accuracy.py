@@ -14,19 +14,19 @@ import accuracy  # noqa: E402
 from codegen.accuracy import BOUND  # noqa: E402
 
 # the sum of the shifted exponentials S = sum_m exp(x_m - max) is 1 + T, T the other entries' share: rounded, S
-# loses T below an ulp of 1, where the truth needs it and is well conditioned (docs/stability.md, "Row operations")
-LOSES_T = ("log S, 1 - p and g_k - sum_j g_j p_j at the row's largest entry cancel to 0 where the other entries' "
-           "exponentials T are below an ulp of 1 (from a margin of 17 in float32, 37 in float64), and to few digits "
-           "before; the exact forms log1p(T), -T/S and sum_j p_j (g_k - g_j) need T summed without the largest "
-           "entry, a row sum but one entry (its argmax) that the row lowering has no form for yet")
+# loses T below an ulp of 1, where the truth needs it and is well conditioned (docs/stability.md, "Row operations");
+# the kernels sum T alone (derive.stability's shifted sum as 1 + the rest), and Softmax's backward still reads S
+LOSES_T = ("g_k - sum_j g_j p_j at the row's largest entry cancels to 0 where the other entries' exponentials T are "
+           "below an ulp of 1 (from a margin of 17 in float32, 37 in float64), and to few digits before; the exact "
+           "form p_a sum_j p_j (g_a - g_j) needs a row's value at its argmax written whole, which a layer's lowering "
+           "has no form for yet")
 KNOWN_FAILURES = {   # {subject name: why it does not meet the contract yet}
     "catalog:Softmax": "backward: " + LOSES_T,
-    "catalog:LogSoftmax": "forward, the row's largest entry -log S: " + LOSES_T,
-    "catalog:SoftmaxCrossEntropy": "forward and backward at a label that is the row's largest: " + LOSES_T + "; and "
-                                   "the dense target's t (x - max) overflows where x - max does, at |x| near the "
-                                   "largest number, though t times it is finite",
-    "catalog:SoftmaxFocalLoss": "forward and backward at a label that is the row's largest, through 1 - p_c = "
-                                "-expm1(-log S): " + LOSES_T,
+    "catalog:SoftmaxCrossEntropy": "forward: the dense target's t (x - max) overflows where x - max does, at |x| "
+                                   "near the largest number, though t times it is finite",
+    "catalog:SoftmaxFocalLoss": "backward at the label where log p_c = x_c - max - log1p(T) overflows to -inf (|x| "
+                                "near the largest number): gamma log p_c p_c is -inf * 0, NaN, where its limit 0 "
+                                "gives the truth -g",
 }
 
 

@@ -54,6 +54,8 @@ IDENTITIES = {
     # a margin m = c > 0 or -c < 0, the difference v of two entries on either side of -m and 0
     "margin_outside_the_max": [(sp.Max(0, v + m), sp.Max(-m, v) + m) for m in (c, -c)
                                for v in (2 * c, c / 2, -c / 2, -2 * c, c + positive, -c - positive, sp.Integer(0))],
+    # k e/(1 + T) - k: a softmax entry e/S at its label, less one, S = 1 + T > 0 (T = p, or T = 0)
+    "softmax_entry_less_one": [(k * u / (1 + T) - k, k * (u - 1) / (1 + T) - k * T / (1 + T)) for T in (positive, 0)],
 }
 
 
@@ -344,3 +346,105 @@ def test_the_accuracy_checker_catches_the_unguarded_scores(tmp_path):
     assert accuracy.Survey([subject], unguarded, quick=True, dtypes=(np.float64,)).run()[key].bad > 0
     generated = imported(ROOT / "generated", fused=False)
     assert not accuracy.Survey([subject], generated, quick=True, dtypes=(np.float64,)).run()[key].failures
+
+
+# ---- a row's shifted sum as 1 + T, T without its largest entry (issue 23's row operations) -------------------------
+
+X = sp.IndexedBase("x", real=True)
+M_ = sp.Symbol("m", integer=True)
+ClassMax = stability.ClassMax
+
+
+def shifted_sums(row, top=None):
+    """(sum_m exp(x_m - max) as written, shifted_sum_as_one_plus_the_rest's 1 + T) over the row of three entries,
+    the max and argmax substituted by their values (top's, or the first of ties), summed out."""
+    plain = sp.Sum(sp.exp(X[M_] - ClassMax(X)), (M_, 0, 2))
+    rewritten = stability.shifted_sum_as_one_plus_the_rest(plain)
+    top = max(range(3), key=lambda v: (row[v], -v)) if top is None else top
+    at = {ClassMax(X): X[top], stability.ClassArgmax(X): top}
+    return tuple(e.xreplace(at).doit().xreplace({X[v]: value for v, value in enumerate(row)})
+                 for e in (plain, rewritten))
+
+
+def test_sympy_proves_the_shifted_sum_is_one_plus_the_rest_given_x_a_is_the_max():
+    for top in range(3):   # x_top the max: its term exp(x_top - x_top) is 1
+        plain, rewritten = shifted_sums([X[0], X[1], X[2]], top)
+        assert sp.simplify(plain - rewritten) == 0
+    written = sp.Sum(sp.exp(X[M_] - ClassMax(X)), (M_, 0, 2))
+    assert stability.shifted_sum_as_one_plus_the_rest(written).has(stability.ClassArgmax)
+
+
+def test_the_shifted_sum_keeps_t_to_45_digits_and_its_log1p_keeps_it_in_floats():
+    for row in ((sp.Rational(444, 10), 0, sp.Rational(-222, 10)), (1, 1, -2), (-3, sp.Rational(1, 4), 7), (0, 0, 0)):
+        plain, rewritten = shifted_sums(row)
+        assert abs(sp.N(plain, 50) - sp.N(rewritten, 50)) < sp.Float(10) ** -45 * sp.N(plain, 50)
+    # the issue's row (44.4, 0, -22.2) in float64: log S rounds to 0, log1p(T) is T = 5.2e-20 to the last bits
+    x = np.array([44.4, 0, -22.2])
+    e = np.exp(x - x.max())
+    rest = np.sum(np.where(np.arange(3) == np.argmax(x), 0, e))
+    truth = float(sp.N(sp.log(shifted_sums([sp.Rational(v) for v in x])[0]), 30))   # of the floats' exact values
+    assert np.log(np.sum(e)) == 0 and abs(np.log1p(rest) - truth) <= 2 * np.spacing(truth)
+
+
+@pytest.mark.parametrize("expr", [
+    sp.Sum(sp.exp(X[M_]), (M_, 0, 2)),                                          # no max shift: no term is 1
+    sp.Sum(sp.exp(2 * X[M_] - ClassMax(X)), (M_, 0, 2)),                        # 2 x_a - max is not 0
+    sp.Sum(sp.exp(X[M_] - ClassMax(sp.IndexedBase("y"))), (M_, 0, 2)),   # another row's max
+])
+def test_the_shifted_sum_leaves_a_sum_it_does_not_prove(expr):
+    assert stability.shifted_sum_as_one_plus_the_rest(expr) == expr
+
+
+def test_a_softmax_entry_less_one_keeps_t_where_the_quotient_rounds_it_away():
+    e, rest = sp.IndexedBase("e", real=True)[0], sp.Symbol("rest", nonnegative=True)
+    expr = g * e / (1 + rest) - g + t
+    rewritten = stability.softmax_entry_less_one(expr)
+    assert rewritten != expr and sp.simplify(expr - rewritten) == 0
+    f = sp.lambdify([e, rest, g, t], rewritten - t, "numpy")
+    plain = sp.lambdify([e, rest, g, t], expr - t, "numpy")
+    for dtype in (np.float32, np.float64):   # the label the row's largest (e = 1), T below an ulp of 1
+        one, tail = dtype(1), dtype(5.2e-20)
+        assert plain(one, tail, one, 0) == 0 and f(one, tail, one, 0) == -tail
+    # not a softmax entry: a number or an exponential over 1 + T (a sigmoid's form), or k e/(1 + T) - 2k
+    for other in (g / (1 + rest) - g, g * sp.exp(u) / (1 + rest) - g, g * e / (1 + rest) - 2 * g):
+        assert stability.softmax_entry_less_one(other) == other
+
+
+def test_the_row_rules_are_in_the_driver_and_documented():
+    from pathlib import Path
+    names = {rewrite.__name__: name for name, rewrite, _ in stability.REWRITES}
+    headings = (Path(__file__).resolve().parent.parent / "docs" / "stability.md").read_text()
+    for rule in ("shifted_sum_as_one_plus_the_rest", "softmax_entry_less_one"):
+        assert rule in names and f"### {names[rule]}\n" in headings, rule
+
+
+def test_the_generated_row_sum_but_its_argmax_keeps_t_excludes_one_entry_of_a_tie_and_a_wrong_index_is_caught():
+    from generated._special import argmax_positions, row_sum_but
+    x = np.array([[3.0, 1.0, 3.0], [2.0, 62.0, 2.0]])
+    at = argmax_positions(x)
+    assert at.tolist() == [[0], [4]] and x.take(at).tolist() == [[3.0], [62.0]]
+    e = np.exp(x - x.take(at))
+    before = e.copy()
+    assert row_sum_but(e, at).tolist() == [[1 + np.exp(-2.0)], [2 * np.exp(-60.0)]] and (e == before).all()
+    # the entry less one at another index: 1 + (e_k - 1) rounds T away where it is below an ulp of 1
+    assert row_sum_but(e, at + 1)[1, 0] == 0
+    # an infinite max: exp(inf - inf) is NaN at the argmax, and the sum NaN as the whole row's
+    with np.errstate(invalid="ignore"):
+        infinite = np.exp(np.array([[np.inf, 1.0]]) - np.inf)
+    assert np.isnan(row_sum_but(infinite, argmax_positions(np.array([[np.inf, 1.0]])))).all()
+
+
+def test_the_generated_kernels_keep_t_at_the_rows_largest_entry():
+    # the issue's row: log-softmax's largest entry -log1p(T), cross-entropy's loss log1p(T) and dx_c = -T/(1 + T)
+    # at a label that is the row's largest, where 1 + T rounds to 1; NumPy and fused alike
+    import generated
+    pytest.importorskip("numba")
+    import generated.fast
+    for package in (generated, generated.fast):
+        for dtype in (np.float32, np.float64):
+            x = np.array([[44.4, 0, -22.2]], dtype)
+            tail = np.exp(np.float64(x[0, 1]) - x[0, 0]) + np.exp(np.float64(x[0, 2]) - x[0, 0])
+            assert np.isclose(package.LogSoftmax().forward(x)[0, 0], -tail, rtol=1e-5)
+            loss = package.SoftmaxCrossEntropy(reduction="sum")
+            assert np.isclose(loss.forward(x, np.array([0])), tail, rtol=1e-5)
+            assert np.isclose(loss.backward()[0, 0], -tail, rtol=1e-5)

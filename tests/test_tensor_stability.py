@@ -16,7 +16,9 @@ from codegen.tensor_verify import sample
 from derive.catalog import CATALOG
 from derive.special import ExpToInf
 from derive.stability import INDEX_REWRITES, REWRITES, rewritten_by
-from derive.tensor import TensorOp, check_sizes, scale_degrees, size_of, unit_rows, with_flags
+import derive.tensor
+from derive.tensor import (TensorOp, check_sizes, isolated_entry, isolated_entry_difference, scale_degrees, size_of,
+                           unit_rows, with_flags)
 from tests.references import evaluated_shifted
 
 ELEMENT_WISE = tuple(r for r in ASSIGNMENT_REWRITES if r not in INDEX_REWRITES)
@@ -177,3 +179,136 @@ def test_a_row_whose_variance_overflows_is_computed_in_units_of_c(op, fused):
     np.testing.assert_allclose(layer.dgamma, (g * expected).sum(axis=summed), rtol=1e-5, atol=1e-6)
     if op.running:   # momentum 0.1 from 0
         assert np.isclose(layer.running_mean[1], 0.1 * large[row].astype(np.float64).mean(), rtol=1e-5)
+
+
+# ---- dx at an entry alone far from its row's others (derive.tensor.isolated_entry) ----
+
+def isolated_sizes(op):
+    """Concrete sizes for isolated_entry_difference: 3 entries in a row (the first summed axis 3, any other 1)."""
+    summed = [i for i in op.steps[-1].indices if i not in unit_rows(op)]
+    return {size_of(i): 3 if i == summed[0] else 1 for i in op.steps[-1].indices}, (1,) + (0,) * (len(summed) - 1)
+
+
+@pytest.mark.parametrize("op", SCALED, ids=lambda op: op.name)
+def test_the_isolated_entrys_form_is_proven_equal_to_the_derived_dx(op):
+    assert isolated_entry_difference(op, *isolated_sizes(op)) == 0
+
+
+def test_the_isolated_entry_proof_catches_a_form_without_eps(monkeypatch):
+    """The check can fail: the same form with eps left out (eps[n] -> 0) is not the derived dx."""
+    op = CATALOG["LayerNorm"]
+    exact = isolated_entry(op)
+    eps = sp.IndexedBase("eps", real=True)[unit_rows(op)]
+    wrong = dataclasses.replace(exact, steps=(*exact.steps[:-1], exact.steps[-1]._replace(
+        expr=exact.steps[-1].expr.subs(eps, 0))))
+    monkeypatch.setattr(derive.tensor, "isolated_entry", lambda op: wrong)
+    assert isolated_entry_difference(op, *isolated_sizes(op)) != 0
+
+
+def normalised_gradient(x, g, eps, centred):
+    """dx of (x - mean x)/sqrt(var x + eps) (centred) or x/sqrt(mean x^2 + eps) of one row, g its upstream
+    gradient, at 50 digits."""
+    with mpmath.workdps(50):
+        x, g = [mpmath.mpf(float(v)) for v in x], [mpmath.mpf(float(v)) for v in g]
+        K = len(x)
+        mean = mpmath.fsum(x) / K if centred else 0
+        sigma = mpmath.sqrt(mpmath.fsum((v - mean) ** 2 for v in x) / K + eps)
+        hat = [(v - mean) / sigma for v in x]
+        along = mpmath.fsum(a * b for a, b in zip(g, hat)) / K
+        return [float((a - (mpmath.fsum(g) / K if centred else 0) - b * along) / sigma) for a, b in zip(g, hat)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op", SCALED, ids=lambda op: op.name)
+def test_dx_at_an_isolated_entry_is_within_four_ulps_where_the_derived_form_cancels(package, op, dtype):
+    """The row (1e4, 1, 1.5, -3) (a BatchNorm's channel of 4 entries), g = (0.3, -0.7, 0.2, 0.9): the class's dx
+    within 4 ulps of mpmath at every entry; the derived kernel alone (backward) more than 50 ulps off at 1e4."""
+    row, along = np.array([1e4, 1, 1.5, -3], dtype), np.array([0.3, -0.7, 0.2, 0.9], dtype)
+    shape = (1, 4) if op.name in ("LayerNorm", "RMSNorm") else (4,) + (1,) * (len(op.inputs["x"]) - 1)
+    layer = getattr(package, op.name)(shape[1] if len(shape) == 2 and op.name != "BatchNorm1d" else 1, dtype=dtype)
+    x, g = row.reshape(shape), along.reshape(shape)
+    layer.forward(x)
+    eps = layer.eps if layer.eps is not None else np.finfo(dtype).eps
+    truth = np.array(normalised_gradient(row, along, eps, centred=op.name != "RMSNorm"))
+    ulps = np.abs(layer.backward(g).reshape(-1) - truth) / np.spacing(np.abs(truth).astype(dtype))
+    assert ulps.max() <= 4, ulps
+    derived = getattr(package, op.module).backward(*layer._saved, g, eps)[0].reshape(-1)
+    assert abs(derived[0] - truth[0]) / np.spacing(np.abs(truth[0]).astype(dtype)) > 50
+
+
+# ---- attention's backward: dK scaled after its product, g_P in units of c (codegen.tensor_lower.rescaled_adjoints) ----
+
+def attention_gradients(Q, K, V, g):
+    """(dQ, dK, dV) of softmax(Q K^T / sqrt(D)) V for one sample (T x D, S x D, S x E, T x E) at 50 digits."""
+    with mpmath.workdps(50):
+        Q, K, V, g = (mpmath.matrix(np.asarray(a, np.float64).tolist()) for a in (Q, K, V, g))
+        root = mpmath.sqrt(Q.cols)
+        A = Q * K.T / root
+        P = mpmath.matrix(A.rows, A.cols)
+        for t in range(A.rows):
+            top = max(A[t, s] for s in range(A.cols))
+            row = [mpmath.exp(A[t, s] - top) for s in range(A.cols)]
+            for s in range(A.cols):
+                P[t, s] = row[s] / mpmath.fsum(row)
+        g_P = g * V.T
+        g_A = mpmath.matrix(A.rows, A.cols)
+        for t in range(A.rows):
+            mean = mpmath.fsum(P[t, s] * g_P[t, s] for s in range(A.cols))
+            for s in range(A.cols):
+                g_A[t, s] = P[t, s] * (g_P[t, s] - mean)
+        return [np.array(m.tolist(), dtype=float) for m in (g_A * K / root, g_A.T * Q / root, P.T * g)]
+
+
+def test_linear_in_proves_the_softmax_adjoint_linear_in_its_adjoints_together_and_refuses_a_square():
+    from derive.tensor import linear_in
+    P, Z, g_Z, g_P = (sp.IndexedBase(n, real=True) for n in ("P", "Z", "g_Z", "g_P"))
+    n, t, s = sp.symbols("n t s", integer=True)
+    g_A = (Z[n, t] * g_Z[n, t] + g_P[n, t, s]) * P[n, t, s]
+    assert linear_in(g_A, "g_Z", "g_P") and not linear_in(g_A, "g_P")     # g_Z alone left unscaled: not c g_A
+    assert not linear_in(g_P[n, t, s] ** 2 * P[n, t, s], "g_P") and not linear_in(P[n, t, s], "g_P")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dk_at_a_subnormal_query_is_scaled_after_its_product(dtype):
+    # Q's entry the smallest subnormal, g_A = +-2^60 (2e171 in float64) through V: 1/sqrt(2) times Q first rounds
+    # it to itself (sqrt(2) times the truth in dK, a normal number); after the product each entry rounds once
+    package = imported(ROOT / "generated", fused=False)
+    tiny, big = np.finfo(dtype).smallest_subnormal, dtype(2.0 ** (60 if dtype == np.float32 else 570))
+    Q, K = np.array([[[-tiny, 0]]], dtype), np.zeros((1, 2, 2), dtype)
+    V, g = np.array([[[4 * big, 0], [-4 * big, 0]]], dtype), np.array([[[1, 0]]], dtype)
+    layer = package.ScaledDotProductAttention()
+    layer.forward(Q, K, V)
+    dQ, dK, dV = layer.backward(g)
+    truth = attention_gradients(Q[0], K[0], V[0], g[0])[1]
+    assert np.abs(truth[:, 0]).min() >= np.finfo(dtype).tiny       # a normal number, from a subnormal Q
+    np.testing.assert_allclose(dK[0], truth.astype(dtype), rtol=4 * np.finfo(dtype).eps)
+    g_A = np.array([[2 * big, -2 * big]], dtype)                  # the product's other operand, as the kernel has it
+    first = g_A.T @ np.multiply(Q[0], dtype(1 / np.sqrt(2)))     # the scale moved onto Q: the bug this test catches
+    assert not np.allclose(first, truth, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention_backward_is_in_units_of_c_where_g_p_overflows(dtype):
+    # g_P = g V^T at 1.2 and 1.0 times the largest number (inf), P = (1/2, 1/2): g_A = +-0.05 max is finite, and so
+    # are dQ, dK; the plain steps give inf - inf = NaN there
+    package = imported(ROOT / "generated", fused=False)
+    top = np.finfo(dtype).max
+    Q, K = np.array([[[1, 1]]], dtype), np.array([[[2.0 ** -60, 0], [0, 0]]], dtype)
+    V, g = np.array([[[0.6 * top, 0], [0.5 * top, 0]]], dtype), np.array([[[2, 0]]], dtype)
+    layer = package.ScaledDotProductAttention()
+    layer.forward(Q, K, V)
+    with np.errstate(all="ignore"):
+        dQ, dK, dV = layer.backward(g)
+        g_P = g @ V.swapaxes(1, 2)
+        plain = (g_P - (layer._saved[-1] * g_P).sum(-1, keepdims=True)) * layer._saved[-1]
+    assert not np.isfinite(plain).all()          # what the guard is for
+    for got, truth in zip((dQ, dK, dV), attention_gradients(Q[0], K[0], V[0], g[0])):
+        np.testing.assert_allclose(got[0], truth.astype(dtype), rtol=8 * np.finfo(dtype).eps)
+
+
+def test_the_attention_guards_leave_the_usual_path_one_check_of_the_gradients():
+    # dK's scale after its product (no Q / sqrt(D) in the backward); the guard reads its maxima only where it runs
+    source = (ROOT / "generated" / "scaled_dot_product_attention.py").read_text()
+    backward = source[source.index("def backward("):source.index("def forward_is_causal(")]
+    usual, guarded = backward.split("    if not (np.isfinite(dQ).all() and np.isfinite(dK).all()):")
+    assert "np.multiply(Q," not in usual and "maximum.reduce" not in usual and "g_scale" in guarded

@@ -67,18 +67,22 @@ def printed(name):
 
 
 def test_a_convolution_is_one_matrix_product_over_strided_windows():
-    """Conv2d: forward and dweight copy the window with the positions (j) last, the runs the copy reads, and
-    take one product; the windows read at the stride; dx adds the product's windows back at the stride,
-    g never dilated nor a window read backwards."""
+    """Conv2d: forward copies the window with the positions (j) last, the runs the copy reads, as one matrix
+    (no batch of small products) and saves it; dweight reads that copy again (transposed) rather than a second
+    one; the windows read at the stride; dx adds the product's windows back at the stride, g never dilated nor a
+    window read backwards; dx and dweight share g's matrix."""
     forward, backward = printed("Conv2d")
-    assert ("(weight.reshape(O, C*U*V) @ sliding_window_view(sliding_window_view(x, U, axis=2)[:, :, ::stride[0]], V, "
-            "axis=3)[:, :, :, ::stride[1]].transpose(0, 1, 4, 5, 2, 3).reshape(N, C*U*V, I*J)).reshape(N, O, I, J)"
-            ) in forward
+    assert ("x_windows = sliding_window_view(sliding_window_view(x, U, axis=2)[:, :, ::stride[0]], V, axis=3)"
+            "[:, :, :, ::stride[1]].transpose(1, 4, 5, 0, 2, 3).reshape(C*U*V, N*I*J)") in forward
+    assert "(weight.reshape(O, C*U*V) @ x_windows).reshape(O, N, I, J).transpose(1, 0, 2, 3)" in forward
+    assert "return y, x_windows" in forward and "def backward(x, weight, x_windows, g, stride)" in backward
     assert "I = (H - U) // stride[0] + 1" in forward
-    assert ("dx = windows_added((weight.transpose(1, 2, 3, 0).reshape(C*U*V, O) @ g.reshape(N, O, I*J))"
-            ".reshape(N, C, U, V, I, J).transpose(0, 1, 4, 5, 2, 3), (N, C, H, W), (2, 3), (U, V), "
+    assert "t0 = g.transpose(1, 0, 2, 3).reshape(O, N*I*J)" in backward
+    assert ("dx = windows_added((weight.transpose(1, 2, 3, 0).reshape(C*U*V, O) @ t0)"
+            ".reshape(C, U, V, N, I, J).transpose(3, 0, 4, 5, 1, 2), (N, C, H, W), (2, 3), (U, V), "
             "(stride[0], stride[1]))") in backward
-    assert ".transpose(1, 2, 3, 0, 4, 5).reshape(C*U*V, N*I*J) @ g.transpose(0, 2, 3, 1).reshape(N*I*J, O)" in backward
+    assert "dweight = (t0 @ x_windows.T).reshape(O, C, U, V)" in backward
+    assert "sliding_window_view" not in backward
     assert "np.einsum" not in forward + backward and "::-1" not in forward + backward
 
 
