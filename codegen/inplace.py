@@ -121,6 +121,9 @@ class Flattener:
             if pair and all(is_float_full(f, self.full) for f in pair):
                 left = self.operand(pair[0])
                 return Dot(left, left if pair[1] == pair[0] else self.operand(pair[1]))
+        if isinstance(expr, RowSumBut) and isinstance(expr.args[0], sp.Mul) and len(expr.args[0].args) == 2 and all(
+                is_float_full(f, self.full) for f in expr.args[0].args):  # a row dot product but one entry, as RowDot
+            return RowSumBut(sp.Mul(*[self.operand(f) for f in expr.args[0].args]), self.small(expr.args[1]))
         if isinstance(expr, NARROWING):
             return expr.func(*[self.operand(a) if is_float_full(a, self.full) else self.small(a) for a in expr.args])
         if not expr.args or isinstance(expr, sp.Symbol):
@@ -295,10 +298,10 @@ class Flattener:
             value = self.emit("divide", value, self.operand(d))
         if scale == -1:
             return self.emit("negative", value)
-        if isinstance(scale, sp.Pow) and scale.exp == -1 and scale.base.has(*NARROWING):
-            # divided by a column it computes (softmax's row sums), as hand-written code does: multiplying
-            # by the column's reciprocal is one more call, 7% of a small batch's step, and no faster at
-            # (8192, 1000)
+        if isinstance(scale, sp.Pow) and scale.exp == -1 and scale.base.xreplace(self.definitions).has(*NARROWING):
+            # divided by a column it computes (softmax's row sums, or a name for one), as hand-written code does:
+            # multiplying by the column's reciprocal is one more call, 7% of a small batch's step, and no faster
+            # at (8192, 1000)
             return self.emit("divide", value, self.small(scale.base))
         return value if scale == 1 else self.emit("multiply", value, self.small(scale))
 

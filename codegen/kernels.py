@@ -1,17 +1,18 @@
 """From a catalog entry to the kernels of its generated module: which derivation each output
 comes from, lowered to arrays, with common subexpressions shared and printed as NumPy."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
-from codegen.lower import AtLabel, BatchSum, LabelEntry, Squeeze, lower, shaped_like, split_at_label
+from codegen.lower import AtLabel, BatchSum, LabelEntry, RowSumBut, Squeeze, lower, shaped_like, split_at_label
 from codegen.inplace import assignments_in_place
 from codegen.printer import print_code
 from derive import optim
 from derive.gradients import layer_backward, loss_forward, loss_gradient, mean_weight, variants
 from derive.reduction import REDUCTIONS, row_weight
 from derive.special import ExpToInf, erf_numpy, erfc_numpy, erfc_steps
-from derive.stability import stable
+from derive.softmax import others_share, sums_split_at, vjp_at_argmax
+from derive.stability import ClassArgmax, shift_in_halves, stable
 from derive.algebra import contract
 from derive.symbols import K, L, N, c, i, j, n, over_batch, r, total
 
@@ -35,6 +36,8 @@ NUMERATOR, DENOMINATOR, REST = "e", "den", "rest"
 WITH_DX, MEAN = ("mean", "sum"), sp.Symbol("mean")
 # the name of a kernel's value at each row's label (Kernel.at_label)
 AT_LABEL = sp.Symbol("at_label")
+# the class index of the fused loops over a row (codegen.fused.Rows)
+LOOP_INDEX = sp.Symbol("k", integer=True)
 
 
 @dataclass(frozen=True)
@@ -63,17 +66,53 @@ class Kernel:
                                    # into it (an optimizer's state, updated in place as torch.optim's)
     steps: tuple = ()              # ((symbol, expr), ...) computing the one output, in the order derived and
                                    # printed as given, no cse (derive.special.erfc_steps: three arrays at once)
+    fused: "Kernel" = None         # the kernel the fused backend prints instead, if another (a softmax layer's
+                                   # loops find the argmax themselves, and keep no columns)
+    redo: "Kernel" = None          # L again on the rows where it is not finite, from a form that overflows only
+                                   # where the value does (a dense target's shift in halves), at a cost paid there
 
 
 def layer_kernels(op):
-    """forward(x) -> y and backward(saved, g) -> dx of a layer."""
+    """forward(x) -> y (and the columns backward's value at the argmax reads) and backward(saved, g) -> dx of a
+    layer."""
     backward = layer_backward(op)
-    return (Kernel("forward", f"y = {op.summary}.", f"y_i = {sp.sstr(op.forward)}",
-                   (("y", shaped_like(lower(stable(op.forward), i), X, FULL_SIZE)),), params=param_names(op)),
-            Kernel("backward", "dx = g times the Jacobian of y (a vector-Jacobian product), in out if that is given.",
-                   f"dx_j = {sp.sstr(backward)}", (("dx", shaped_like(lower(stable(backward), j), X, FULL_SIZE + ("g",))),),
-                   params=param_names(op),
-                   full=FULL_SIZE + ("g",), out=True, takes=("x",)))  # x: its class checks g against it
+    y = shaped_like(lower(stable(op.forward), i), X, FULL_SIZE)
+    columns, dense, at_argmax, fused_dx = at_the_argmax(op, backward, y)
+    forward = Kernel("forward", f"y = {op.summary}.", f"y_i = {sp.sstr(op.forward)}", (("y", y),),
+                     params=param_names(op))
+    backward = Kernel("backward", "dx = g times the Jacobian of y (a vector-Jacobian product), in out if that is "
+                      "given.", f"dx_j = {sp.sstr(backward)}", (("dx", shaped_like(dense, X, FULL_SIZE + ("g",))),),
+                      at_argmax, at_argmax is not None, params=param_names(op),
+                      full=FULL_SIZE + ("g",), out=True, takes=("x",))  # x: its class checks g against it
+    if not columns:
+        return forward, backward
+    # the fused loops find the argmax in a pass of their own, and keep no columns
+    return (replace(forward, outputs=forward.outputs + columns, fused=forward),
+            replace(backward, fused=replace(backward, outputs=(("dx", fused_dx),), at_label=None, label_value=False)))
+
+
+def at_the_argmax(op, vjp, y):
+    """(columns forward returns for backward, dx lowered, dx's whole value at each row's argmax lowered, or None,
+    and the fused loops' dx: that value where k is the argmax, read from y alone).
+
+    A layer saving a shifted softmax e/(1 + T) (derive.stability) loses its vjp y_a (g_a - sum_i g_i y_i) at the
+    row's argmax a, where y_a is near 1, to cancellation: there it is written whole (derive.softmax.vjp_at_argmax),
+    from forward's argmax positions (at, which the loss kernels' value at a label reads too) and T, and the
+    others' sum it reads is shared with dx's row sum, written as that plus the term at the argmax."""
+    _, denominator = sp.fraction(stable(op.saved[0][1])) if op.saved else (None, sp.S.One)
+    if not (denominator.is_Add and 1 in denominator.args and denominator.has(ClassArgmax)):
+        return (), lower(stable(vjp), j), None, None
+    (argmax,), (rest_sum,) = denominator.atoms(ClassArgmax), y.atoms(RowSumBut)
+    at, rest = sp.Symbol("at"), sp.Symbol(REST, nonnegative=True)
+    positions = {lower(argmax, j): at}
+    dense = lower(sums_split_at(stable(vjp), c, argmax), j).xreplace(positions)
+    value = lower(vjp_at_argmax(stable(vjp), op.saved[0][0], rest / (1 + rest), c, argmax), j).xreplace(positions)
+    # y's argmax is x's (softmax is increasing; where y ties and x does not, y_a is at most 1/2: no cancellation)
+    saved = op.saved[0][0]
+    own = ClassArgmax(saved)
+    value_here = vjp_at_argmax(stable(vjp), saved, others_share(saved, own), c, own).xreplace({c: j})
+    fused = sp.Piecewise((lower(value_here, j), sp.Eq(LOOP_INDEX, lower(own, j))), (lower(stable(vjp), j), True))
+    return ((at.name, lower(argmax, j)), (rest.name, rest_sum)), dense, value, fused
 
 
 def param_names(op):
@@ -100,7 +139,9 @@ def loss_kernels(op, target, variant):
                      sizes=SIZES[op.granularity], params=param_names(op), recompute=True))
     forward = Kernel(f"forward_{suffix}", doc, f"L = {sp.sstr(loss)}",
                      outputs(Squeeze(per_entry) if op.granularity == "row" else per_entry),
-                     sizes=SIZES[op.granularity], params=param_names(op), summed=summed)
+                     sizes=SIZES[op.granularity], params=param_names(op), summed=summed,
+                     redo=in_halves(loss, index, suffix, param_names(op)) if op.granularity == "row" and target == "dense"
+                     else None)   # labels: x - max overflows only at the label's own term, where L does
     gradient = loss_gradient(op, target, values)
     stable_gradient = in_saved(stable(gradient))
     dense, at_label = (split_at_label(stable_gradient, j) if target == "labels"
@@ -116,6 +157,29 @@ def loss_kernels(op, target, variant):
                       None if at_label is None else lower(at_label, j), whole, sizes=SIZES[op.granularity],
                       params=param_names(op), out=True, takes=("g",))
     return forward, backward
+
+
+def in_halves(loss, index, suffix, params):
+    """The kernel of a row loss's L alone, its max shift in halves (derive.stability.shift_in_halves), which its
+    forward runs on the rows whose L is not finite; None where the loss has no such shift."""
+    halves = shift_in_halves(stable(loss))
+    if halves == stable(loss):
+        return None
+    return Kernel(f"forward_{suffix}_in_halves", f"L on rows where forward_{suffix}'s x - max overflows: in halves, "
+                  "finite where L is.", f"L = {sp.sstr(loss)}", (("L", Squeeze(lower(halves, index))),),
+                  sizes=SIZES["row"], params=params)
+
+
+def redo_lines(kernel, args, module=""):
+    """The lines that compute L again with kernel.redo on the rows where it is not finite (inf or NaN: an x - max
+    that overflowed, and also a NaN or inf in x, which the redo gives again), after L is computed: one check of N
+    numbers on the usual path. args: the arrays a row of which it reads, module: where the redo kernel is."""
+    if kernel.redo is None:
+        return []
+    called = [f"{a}[redo]" if a in args else a for a in kernel_code(kernel.redo)["args"]]
+    return ["redo = ~np.isfinite(L)",
+            "if redo.any():  # an x - max overflowed: again in halves (derive.stability.shift_in_halves)",
+            f"    L[redo] = {module}{kernel.redo.name}({', '.join(called)})"]
 
 
 def with_gradient(forward, backward):
@@ -139,7 +203,7 @@ def with_gradient(forward, backward):
                   f"{forward.derivation}; {backward.derivation}",
                   (("L", outputs["L"]), ("dx", in_forward(dx)), ("total", outputs["total"])),
                   None if backward.at_label is None else in_forward(backward.at_label), backward.label_value,
-                  sizes=forward.sizes, params=forward.params, weight=weight)
+                  sizes=forward.sizes, params=forward.params, weight=weight, redo=forward.redo)
 
 
 def term_totals(per_entry, params):
@@ -296,7 +360,8 @@ def kernel_code(kernel):
                         if full and read_by_function(exprs, name, kernel.params)],
             "at_label": None if kernel.at_label is None else print_code(returned[-1]),
             "label_value": kernel.label_value,
-            "returns": names, "overflows": any(e.has(ExpToInf) for e in exprs)}
+            "returns": names, "overflows": any(e.has(ExpToInf) for e in exprs),
+            "redo": kernel_code(kernel.redo) if kernel.redo else None, "redo_lines": redo_lines(kernel, FULL_SIZE)}
 
 
 def read_by_function(exprs, name, params):
@@ -320,7 +385,7 @@ def label_arguments(kernel, exprs):
 def arguments(exprs, labels=(), params=()):
     """The free arrays of exprs in ARG_ORDER, the label arguments labels, then params."""
     free = {s.name for e in exprs for s in e.free_symbols} | set(labels)
-    free -= {"N", "K", total.name}
+    free -= {"N", "K", total.name, LOOP_INDEX.name}   # sizes, and the fused loops' index
     unknown = free - set(ARG_ORDER) - set(params)
     if unknown:
         raise ValueError(f"kernel uses names outside the naming contract: {sorted(unknown)}")

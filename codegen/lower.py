@@ -67,15 +67,16 @@ class Shifted(sp.Function):
 
 def grouped_shifts(add):
     """An Add whose terms hold a (or its entry at the label) and -max(a) (its row max, read at the argmax) with
-    a - max(a) as one Shifted term."""
+    a - max(a) as one Shifted term; likewise r a and -r max(a) for a positive rational r (the halves of
+    derive.stability.shift_in_halves), as Shifted(r a, r max(a))."""
     for term in add.args:
-        if (isinstance(term, sp.Mul) and term.args[0] == -1 and isinstance(term.args[1], AtIndex)
-                and len(term.args) == 2):
-            array = term.args[1].args[0]
+        if (isinstance(term, sp.Mul) and term.args[0].is_Rational and term.args[0] < 0
+                and isinstance(term.args[1], AtIndex) and len(term.args) == 2):
+            array, scale = term.args[1].args[0], -term.args[0]
             for entry in (array, AtLabel(array)):   # the row, or its entry at the label: x_c - max, exact at c = a
-                if entry in add.args:
-                    rest = [t for t in add.args if t is not term and t != entry]
-                    return sp.Add(Shifted(entry, term.args[1]), *rest)
+                if scale * entry in add.args:
+                    rest = [t for t in add.args if t is not term and t != scale * entry]
+                    return sp.Add(Shifted(scale * entry, -term), *rest)
     return add
 
 

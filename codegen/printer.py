@@ -1,5 +1,5 @@
 """The one printer: SymPy's NumPyPrinter with the array operations of codegen.lower added."""
-from sympy import Expr, Heaviside, Max, Min, default_sort_key as sp_key, oo
+from sympy import Expr, Heaviside, Max, Min, Mul, Symbol, default_sort_key as sp_key, oo
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 
@@ -158,7 +158,14 @@ class KernelPrinter(NumPyPrinter):
     def _print_RowSumBut(self, expr):
         # _special's row_sum_but: the entry (1) less one for einsum's sum and put back, as fast as the plain sum
         # (a mask by np.where or add.reduce's where= took 1.3 to 1.7 times as long)
-        return f"row_sum_but({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+        summand, at = expr.args
+        factors = Mul.make_args(summand)
+        if len(factors) == 2 and all(isinstance(f, Symbol) for f in factors):
+            # a row dot product but one entry (a softmax layer's, derive.softmax.vjp_at_argmax): no product array;
+            # the entry is set aside in the saved array, the caller's g is read as it is
+            by, e = sorted(factors, key=lambda f: f.name != "g")
+            return f"row_sum_but({self._print(e)}, {self._print(at)}, {self._print(by)})"
+        return f"row_sum_but({self._print(summand)}, {self._print(at)})"
 
     def _print_AtLabel(self, expr):
         # at: each row's flat position of its label, which take reads in any memory layout, and

@@ -237,7 +237,7 @@ def fast_context(op, context=None):
         code.update(printed[code["name"]])
         if code["fused"]:  # the fused kernel's own arguments (the labels c, where NumPy's take positions)
             code.update({key: value for key, value in with_calls({"args": code["fused"]["signature"]}, op).items()
-                         if key in ("call", "saved", "names", "before", "after")})
+                         if key in ("call", "saved", "names", "before", "after")}, returns=code["fused"]["returns"])
         if code["summed"]:
             code["call"] = code["call"] + ['self.reduction != "none"']
     for path in context.get("paths", []):

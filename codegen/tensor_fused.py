@@ -17,7 +17,7 @@ import numpy as np
 import sympy as sp
 
 from codegen.fused import FusedPrinter, FusionError
-from codegen.tensor_lower import fresh, module_context, names_of, program_of, rewritten
+from codegen.tensor_lower import Maximum, fresh, module_context, names_of, program_of, rewritten
 from codegen.tensor_verify import sample
 from codegen.verify import AGREEMENT, GradientCheck
 from derive.tensor import Sum, reads_of, size_of, with_flags
@@ -94,6 +94,7 @@ class Kernel:
         self.merged = sp.Symbol(self.fresh("".join(map(str, self.run)))) if self.run else None
         self.level, self.rows, self.used = {}, [], set()
         self.reductions, self.writes, self.partials, self.totals, self.stores = [], [], [], [], []
+        self.maxima = set()  # the accumulators of a Maximum over I (the others a Sum's)
         self.local = {name: self.fresh(f"{name}_{self.r}") for name, axes in self.axes.items() if axes == (self.r,)}
         self.defined = {}  # {full assignment: its value}, substituted where a later one reads it
         for name in args:
@@ -200,20 +201,24 @@ class Kernel:
         return known or self.row(sp.Symbol(self.fresh(f"r{len(self.rows)}")), expr)
 
     def row_sums(self, expr):
-        """expr with each sum over I an accumulator of the loop of its level."""
+        """expr with each sum (or Maximum, of a value that is never below 0) over I an accumulator of the loop
+        of its level."""
         def accumulated(total):
             if total.function.has(Sum) or {v for v, _, _ in total.limits} != set(self.inner):
                 summed = ", ".join(str(v) for v, _, _ in total.limits)
                 raise FusionError(f"a sum over {summed} (rows are over {self.r})")
             summand = self.hoisted(total.function)
-            known = next((a for a, e in self.reductions if e == summand), None)  # two steps summing one summand
-            if known is not None:
+            largest = isinstance(total, Maximum)
+            known = next((a for a, e in self.reductions if e == summand and (a in self.maxima) == largest), None)
+            if known is not None:  # two steps reducing one summand
                 return known
             accumulator = sp.Symbol(self.fresh(f"a{len(self.reductions)}"))
             self.level[accumulator] = self.level_of(summand) + 1
             self.reductions.append((accumulator, summand))
+            self.maxima |= {accumulator} if largest else set()
             return accumulator
-        return expr.replace(lambda e: isinstance(e, Sum) and {v for v, _, _ in e.limits} != {self.r}, accumulated)
+        return expr.replace(lambda e: isinstance(e, (Sum, Maximum)) and {v for v, _, _ in e.limits} != {self.r},
+                            accumulated)
 
     def assign(self, a):
         """Take assignment a into the loops: a row local, a full output (or a value later ones read), a param's."""
@@ -353,7 +358,9 @@ class Kernel:
     def loop(self, level):
         """One pass over the row: the reductions of this level, the outputs and partial sums written in it."""
         here = [(a, e) for a, e in self.reductions if self.level[a] == level]
-        body = [f"{a} = {a} + {self.code(e)}" for a, e in here]
+        body = [f"{a} = maximum({a}, {self.code(e)})" if a in self.maxima else f"{a} = {a} + {self.code(e)}"
+                for a, e in here]
+        self.used |= {"maximum"} if self.maxima & {a for a, _ in here} else set()
         body += [f"{a.name}[{', '.join(map(str, self.looped(a.indices)))}] = {self.code(e)}"
                  for a, e, at in self.writes if at == level]
         body += [f"{parts}[chunk, {', '.join(map(str, self.looped(axes)))}] += {self.code(e)}"
@@ -389,7 +396,7 @@ def fast_context(op):
     op = with_flags(op, {})
     scheme = row_scheme(op)
     steps, assignments = programs(op)
-    context = module_context(op, factor=False)
+    context = with_largest(module_context(op, factor=False), assignments)
     functions, errors = [], []
     for function in context["functions"]:
         try:
@@ -404,6 +411,24 @@ def fast_context(op):
     return dict(context, functions=functions, imports=[], package="..", error_model=ERROR_MODEL,
                 fallback=any(f["jitted"] is None for f in functions),
                 fused_runtime=sorted({name for f in functions for name in f.get("runtime", ())}))
+
+
+def with_largest(context, assignments):
+    """context with forward returning the largest factor^2 of each row where the class checks it (codegen.
+    tensor_lower.isolated_context's step: the NumPy kernels' check reads the factor they save, which the fused
+    ones do not), a Maximum the loop writing y reduces, and inf at the rows forward computes again in units
+    (their statistics overflowed, and so did the loops' factor): those are checked too, the exact form holding
+    at any entry. assignments: given that step."""
+    units = context["units"]
+    step = ((units or {}).get("isolated") or {}).get("step")
+    if step is None:
+        return context
+    assignments["forward"] = (*assignments["forward"], step)
+    functions = [dict(f, returns=(*f["returns"], step.name), derivation=(*f["derivation"], str(step)))
+                 if f["name"] == "forward" else f for f in context["functions"]]
+    flagged = f"{step.name}[rows] = np.inf  # checked in backward: the factor overflowed in the loops"
+    return dict(context, functions=functions, forward_returns=[*context["forward_returns"], step.name],
+                units=dict(units, written=[*units["written"], flagged]))
 
 
 def fusion_error(op):

@@ -1955,11 +1955,11 @@ def units_context(op, forward, backward, forward_call, backward_options, printer
         for r in backward.returns]
     exact = isolated_function(op)
     options = dict(zip(backward.args[backward.args.index("g") + 1:], backward_options))
-    isolated = exact and isolated_context(op, exact, factored, kept, options, at_rows, times_c, printer)
+    call = f"{', '.join(f'{r}_c' for r in units_forward.returns)} = forward_units({', '.join(arguments)})"
+    isolated = exact and isolated_context(op, exact, factored, kept, options, at_rows, times_c, printer, call)
     return {"functions": [units_forward, units_backward, *[exact] * bool(isolated)], "statistics": statistics,
             "input": next(iter(op.inputs)), "axis": axes[next(iter(op.inputs))].index(row), "prepared": prepared,
-            "isolated": isolated,
-            "forward": f"{', '.join(f'{r}_c' for r in units_forward.returns)} = forward_units({', '.join(arguments)})",
+            "isolated": isolated, "forward": call,
             "written": written, "saved": saved, "unpacked": f"{', '.join(kept)}{',' * (len(kept) == 1)} = self._saved",
             "others": f"{', '.join(f'{r}_1' for r in backward.returns)} = {backward.name}({', '.join(others)})",
             "backward": f"{', '.join(f'{r}_c' for r in units_backward.returns)} = "
@@ -1967,26 +1967,49 @@ def units_context(op, forward, backward, forward_call, backward_options, printer
             "joined": joined}
 
 
-def isolated_context(op, exact, factored, kept, options, at_rows, times_c, printer):
+def isolated_context(op, exact, factored, kept, options, at_rows, times_c, printer, units_call):
     """How the class's backward calls backward_isolated: the rows whose x_hat^2 (the saved factor) passes
     isolated_bound at an entry, that entry again from the row in units of c (dx(x) = c dx(c x; c^2 eps)),
-    the bound printed from SymPy over the factor's shape; None where backward reads no saved factor (the fused
-    kernels compute it again)."""
+    the bound printed from SymPy over the factor's shape. Where backward reads no saved factor (the fused
+    kernels compute it again), forward returns the largest factor^2 of each row (largest_step, found in the
+    pass that writes y), and the flagged rows' factors are computed again by forward_units (units_call) for
+    the mask of their entry."""
     x = next(iter(op.inputs))
     factor = factored.steps[-2]
-    if factor.name not in kept:
-        return None
-    shape = {size_of(i): sp.Symbol(f"{factor.name}.shape[{p}]") for p, i in enumerate(factor.indices)}
+    fused = factor.name not in kept
+    axis = op.inputs[x].index(unit_rows(op)[0])
+    shape = {size_of(i): sp.Symbol(f"{x if fused else factor.name}.shape[{p}]")
+             for p, i in enumerate(op.inputs[x] if fused else factor.indices)}
+    bound = printer.scalar.doprint(isolated_bound(op).xreplace(shape))
     source = {x: x if x in kept else "self._input", "others": "others", "g": at_rows("g")}
     source |= {p: at_rows(p, f"self.{p}") for p in op.params}
     arguments = [f"{a}_c" if a in op.scaling else source[a] for a in exact.args]
     prepared = [f"{v}_c = {times_c(v, d, at_rows(v, source[x]) if v in op.inputs else options[v])}"
                 for v, d in op.scaling.items()]
-    return {"factor": factor.name, "bound": printer.scalar.doprint(isolated_bound(op).xreplace(shape)),
-            "source": source[x], "kept": x not in kept, "prepared": prepared,
+    largest = fresh("largest", names_of(op))
+    if fused:
+        rows = (f"rows = np.flatnonzero(self._{largest} > {bound})  # rows whose dx cancels at one entry: "
+                f"forward's largest {factor.name}^2 of each row")
+        kept_line = f"self._{largest} = {largest}  # the largest {factor.name}^2 of each row, which backward checks"
+        prepared += [units_call, f"_, others = isolated({factor.name}_c, 0, {axis})  # each row's mask, 0 at its "
+                                 f"entry of largest {factor.name} (bound 0: the rows are flagged already)"]
+    else:
+        rows = (f"rows, others = isolated({factor.name}, {bound}, {axis})  # rows whose dx cancels at one entry: "
+                f"a max and a min per row")
+        kept_line = (f"self._input = {x}  # what backward's form at an isolated entry reads, by reference"
+                     if x not in kept else "")
+    return {"rows": rows, "step": largest_step(largest, factor, unit_rows(op)) if fused else None,
+            "source": source[x], "kept": kept_line, "prepared": prepared,
             "call": f"{exact.name}({', '.join(arguments)})",
             "dx": f"d{x}", "value": printer.scalar.doprint(sp.Symbol("c") ** -scale_degrees(op)[f"d{x}"]
                                                            * sp.Symbol("dx_o"))}
+
+
+def largest_step(name, factor, rows):
+    """The step name[r] = the largest factor^2 over the rest of a row (the fused forward's, which saves no
+    factor)."""
+    return Assignment(name, tuple(rows), Maximum(factor.expr ** 2, *(
+        (i, 0, size_of(i) - 1) for i in factor.indices if i not in rows)))
 
 
 def isolated_function(op):

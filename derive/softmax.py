@@ -41,3 +41,32 @@ def cross_entropy_gradient(target=t[k]):
 def target_sum_is_one(expr):
     """Substitute sum_k t_k = 1, which holds for one-hot and probability rows."""
     return expr.subs(over_classes(t[k], k), 1)
+
+
+def sums_split_at(expr, at, argmax):
+    """expr with each row sum sum_i f_i written f_at + sum_i (1 - delta(i, argmax)) f_i, at the index that stands for
+    the row's argmax (a kernel reads it at the argmax's positions): the term at the argmax apart, so that a value at
+    the argmax can read the others' share alone, and the whole sum is that share plus one term."""
+    def split(total):
+        (index, low, high), = total.limits
+        rest = sp.Sum((1 - sp.KroneckerDelta(index, argmax)) * total.function, (index, low, high))
+        return total.function.xreplace({index: at}) + rest
+    return expr.replace(lambda e: isinstance(e, sp.Sum), split)
+
+
+def vjp_at_argmax(vjp, saved, one_less, at, argmax):
+    """A softmax layer's vector-Jacobian product y_j (g_j - sum_i g_i y_i) at j = the row's argmax a, without the
+    cancellation of g_a - sum_i g_i y_i where y_a is near 1: with sum_i y_i = 1 it is
+    y_a (g_a (1 - y_a) - sum_{i != a} g_i y_i), 1 - y_a then written one_less: T/(1 + T), y_a = e_a/(1 + T) with
+    e_a = exp(0) = 1 and T the others' share that forward's shifted sum 1 + T keeps (derive.stability), or
+    sum_{i != a} y_i (sum_i y_i = 1 again), where T is not kept. saved is the layer's saved output (y), at the index
+    read at the argmax, argmax the ClassArgmax the others' sums skip."""
+    entry = sums_split_at(vjp, at, argmax).xreplace({j: at})
+    inner = entry / saved[at]   # g_a - g_a y_a - sum_{i != a} g_i y_i
+    upstream = [e for e in inner.atoms(sp.Indexed) if e.indices == (at,) and e.base != saved]
+    return saved[at] * sp.collect(inner, upstream).xreplace({1 - saved[at]: one_less})
+
+
+def others_share(saved, argmax):
+    """sum_{i != a} y_i, a the row's argmax: 1 - y_a, as sum_i y_i = 1, without rounding y_a near 1 away."""
+    return sp.Sum((1 - sp.KroneckerDelta(i, argmax)) * saved[i], (i, 0, K - 1))

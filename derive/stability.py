@@ -241,6 +241,27 @@ def shifted_sum_as_one_plus_the_rest(expr):
                         and e.function.has(ClassMax), split)
 
 
+def shift_in_halves(expr):
+    """sum_k c_k (x_k - M - l) = sum_k (2 c_k) (x_k/2 - M/2 - l/2), M = max_k x_k: a dense target's t_k (x_k - M) in
+    cross-entropy, whose x_k - M overflows where x_k and M are of opposite signs and |x| near the largest number
+    (-inf, and L inf or NaN) though the product is finite for t_k < 1. Halves never overflow (|x_k/2 - M/2| is at most
+    the largest number), and are exact: x/2 is, and fl(x/2 - M/2) = fl(x - M)/2, 2 c_k too, so (2 c_k) h_k is
+    c_k (x_k - M) rounded once, and overflows only where that does (to a rounding where x/2 is subnormal). Not in
+    REWRITES: it costs two passes of the row, which the kernels pay only on rows whose loss is not finite
+    (codegen.kernels' Kernel.redo)."""
+    def halved(total):
+        factors = sp.Mul.make_args(total.function)
+        shifts = [f for f in factors if f.is_Add and f.has(ClassMax) and any(
+            isinstance(t, sp.Indexed) and t.indices == (total.limits[0][0],) for t in f.args)]
+        if len(shifts) != 1:
+            return total
+        rest = sp.Mul(*(f for f in factors if f is not shifts[0]))
+        # 2 c_k one factor: SymPy would distribute 2 over the halves, which then round as x - M
+        return sp.Sum(sp.Mul(2 * rest, sp.Add(*(t / 2 for t in shifts[0].args)), evaluate=False), *total.limits)
+    return expr.replace(lambda e: isinstance(e, sp.Sum) and len(e.limits) == 1 and not isinstance(e.function, sp.exp)
+                        and e.function.has(ClassMax), halved)
+
+
 def softmax_entry_less_one(expr):
     """k e/(1 + T) - k = k (e - 1)/(1 + T) - k T/(1 + T), with 0 <= e <= 1 (a saved softmax numerator exp(x_c - M))
     and T >= 0: p_c - 1 at a label, which as written rounds e/(1 + T) first and so is 0 where T is below an ulp of
@@ -741,6 +762,24 @@ def x_log_x(expr):
     return expr.replace(lambda e: isinstance(e, sp.Mul), extended)
 
 
+def x_exp_x(expr):
+    """u e^u = 0 where e^u rounds to 0 (ExpToInf(u) = 0): never over the reals, so an identity; in floats the
+    product as written is 0 there for a finite u, and NaN, -inf * 0, at u = -inf, whose limit u e^u -> 0 this
+    gives. The focal loss's gamma log p_c p_c at its label, p_c = e^(log p_c), where log p_c = x_c - max - log1p(T)
+    overflows to -inf at |x| near the largest number (over expm1's branch does the same for the other entries)."""
+    def extended(product):
+        factors = sp.Mul.make_args(product)
+        powers = [f for f in factors if isinstance(f, sp.exp) and not f.args[0].is_number and f.args[0] in factors]
+        if not powers:
+            return product
+        u = powers[0].args[0]
+        # a delta (for split_at_label) and what does not read u outside the branch, as over expm1 does
+        outside = [f for f in factors if isinstance(f, sp.KroneckerDelta) or not f.has(u)]
+        inside = [f for f in factors if f not in outside]
+        return sp.Mul(*outside, sp.Piecewise((0, sp.Eq(ExpToInf(u), 0)), (sp.Mul(*inside), True)))
+    return expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sp.exp), extended) if expr.has(sp.exp) else expr
+
+
 def log_one_plus(expr):
     """log(1 + u) = log1p(u): exact near u = 0, where 1 + u rounds u away (log(1 + x^2) at x = 1e-10 was 0,
     not 1e-20). A log of 1 plus an exponential is softplus's, rewritten before this."""
@@ -1004,7 +1043,7 @@ REWRITES = (("steps as branches", steps_as_branches, True), ("logistic quotients
             ("root of squares", root_of_squares, True), ("root less its constant", root_less_constant, True),
             ("quotients of squares", quotients_of_squares, True),
             ("x log x", x_log_x, True), ("x log y", x_log_y, True), ("branches guarded", guarded_branches, True),
-            ("over expm1", over_expm1, True),
+            ("over expm1", over_expm1, True), ("u e^u where e^u is 0", x_exp_x, True),
             ("log1p", log_one_plus, True), ("log1p of a square", log_one_plus_square, True),
             ("clip branches", clip_branches, True),
             ("products beyond underflow", products_beyond_underflow, False),

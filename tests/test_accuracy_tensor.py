@@ -1,7 +1,8 @@
 """Issue 23's accuracy contract for every index-notation catalog operation (codegen/accuracy.py, TensorSubject):
 at small sizes, each sample's rows spanning the whole grid of magnitudes of float32 and float64, the output and
-every gradient against the op's steps and derivation by mpmath, each entry within BOUND ulps of its scale.
-KNOWN is exactly what does not meet it yet, each (dtype, quantity) with its reason."""
+every gradient against the op's steps and derivation by mpmath, each entry within BOUND ulps of its scale, of the
+NumPy classes and the fused ones (generated/fast, run interpreted with math as numba compiles it) where they exist.
+KNOWN is exactly what does not meet it yet, each (backend, dtype, quantity) with its reason."""
 import math
 import types
 
@@ -17,24 +18,29 @@ from derive.tensor import TensorOp
 
 TENSOR_OPS = [name for name, op in CATALOG.items() if isinstance(op, TensorOp)]
 BOTH = {(dtype, quantity) for dtype in ("float32", "float64") for quantity in accuracy.QUANTITIES}
-KNOWN = {}   # {name: ({(dtype, quantity), ...}, reason)}: none left
+KNOWN = {   # {name: ({(backend, dtype, quantity), ...}, reason)}
+    "LayerNorm": ({("fused", "float32", "backward"), ("fused", "float64", "backward")},
+                  "the fused backward's g_var = -Sum((x - mu) g gamma)/(2 (eps + var)^(3/2)) is 0 where (eps + "
+                  "var)^(3/2) overflows (a row's spread past the largest number^(1/3): 7e12 in float32), though "
+                  "var and dx are finite; the NumPy kernels read the saved factor x hat instead"),
+}
 
 
 @pytest.fixture(scope="module")
 def package():
-    return imported(ROOT / "generated", fused=False)
+    return imported(ROOT / "generated", fused=True)
 
 
 def failing_cells(tallies):
-    """{(dtype, quantity): an example} of the tallies that break the contract."""
-    return {(dtype, quantity): f"{backend}: {tally.example}"
-            for (_, backend, dtype, quantity), tally in tallies.items() if tally.failures}
+    """{(backend, dtype, quantity): an example} of the tallies that break the contract."""
+    return {key[1:]: tally.example for key, tally in tallies.items() if tally.failures}
 
 
 @pytest.mark.parametrize("name", TENSOR_OPS)
 def test_the_contract_holds_but_where_known(name, package):
     tallies = accuracy.Survey([accuracy.subject(CATALOG[name])], package, quick=True).run()
     assert {key[2:] for key in tallies} == BOTH and all(t.cases for t in tallies.values()), tallies
+    assert {key[1] for key in tallies} == {"numpy", *["fused"] * hasattr(package.fast, name)}
     found = failing_cells(tallies)
     known = KNOWN.get(name, (set(), ""))[0]
     assert not set(found) - known, {cell: found[cell] for cell in set(found) - known}

@@ -128,7 +128,7 @@ def test_the_kernel_source_is_what_codegen_writes(written, explained, name):
 def test_the_command_explains_a_catalog_and_a_declared_operation(declared, capsys):
     assert main(["explain", "Softmax"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("== 1. declaration: derive.ops.Op ==\nname: Softmax\n") and "def backward(x, y, g):" in out
+    assert out.startswith("== 1. declaration: derive.ops.Op ==\nname: Softmax\n") and "def backward(x, at, y, rest, g):" in out
     assert main(["explain", "GLU"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("== 1. declaration: derive.tensor.TensorOp ==\nname: GLU\n")

@@ -87,6 +87,8 @@ EXAMPLES = {
     "one_minus_softmax": 3 - 3 * sp.exp(u) / sp.Sum(sp.exp(k_ * u), (k_, 0, 2)) + t,
     # away from u = t, where the left side is 0 * 0^(t - 1) and the right one its limit
     "over_expm1": g * (u - t) * (-expm1(u - t)) ** (t - 1) + (u - t) / expm1(u - t),
+    # never holds over the reals (e^u > 0): the value everywhere, and u e^u's limit 0 at u = -inf in floats
+    "x_exp_x": 3 * g * u * sp.exp(u) + t * (u - t) * sp.exp(u - t) + u * sp.exp(t) + sp.exp(2 * u) * u,
     "one_plus_tanh": (1 + sp.tanh(u - t)) * u / 2 + 3 - 3 * sp.tanh(2 * u) + sp.tanh(u) ** 2,
     # Serf's derivative over one denominator: e^u erf(t) sigma(-u) is erf(t) sigma(u)
     "exponentials_over_a_sigmoid": (sp.exp(u) * sp.erf(t) + sp.erf(t) + g * u * sp.exp(u - u ** 2)) * sigmoid(-u) + sp.exp(
@@ -231,6 +233,7 @@ def test_a_wrong_identity_is_caught():
     ("gaussian_tails", u * sp.exp(u ** 2)),                       # grows: no tail
     ("gaussian_tails", u ** 2 * sp.exp(-u ** 2)),                 # not linear in u
     ("over_expm1", u * (-expm1(u)) ** t),                         # a power that may be positive
+    ("x_exp_x", u * sp.exp(2 * u) + t * sp.exp(u)),               # no factor that is the exponent itself
     ("one_plus_tanh", 2 + sp.tanh(u) + t * sp.tanh(u)),            # no c + c tanh
     ("exponentials_over_a_sigmoid", sp.exp(t + 2 * u) * sigmoid(u)),  # the exponent holds no -u
     ("sigmoid_pairs", sigmoid(u) + 2 * sigmoid(-u)),
@@ -426,8 +429,8 @@ def test_the_generated_row_sum_but_its_argmax_keeps_t_excludes_one_entry_of_a_ti
     e = np.exp(x - x.take(at))
     before = e.copy()
     assert row_sum_but(e, at).tolist() == [[1 + np.exp(-2.0)], [2 * np.exp(-60.0)]] and (e == before).all()
-    # the entry less one at another index: 1 + (e_k - 1) rounds T away where it is below an ulp of 1
-    assert row_sum_but(e, at + 1)[1, 0] == 0
+    # another index: the max's 1 is summed, and rounds T away where it is below an ulp of 1
+    assert row_sum_but(e, at + 1)[1, 0] == 1
     # an infinite max: exp(inf - inf) is NaN at the argmax, and the sum NaN as the whole row's
     with np.errstate(invalid="ignore"):
         infinite = np.exp(np.array([[np.inf, 1.0]]) - np.inf)
@@ -448,3 +451,161 @@ def test_the_generated_kernels_keep_t_at_the_rows_largest_entry():
             loss = package.SoftmaxCrossEntropy(reduction="sum")
             assert np.isclose(loss.forward(x, np.array([0])), tail, rtol=1e-5)
             assert np.isclose(loss.backward()[0, 0], -tail, rtol=1e-5)
+
+
+def test_x_exp_x_gives_the_focal_losss_gamma_lp_p_at_its_label_its_limit_where_lp_is_minus_infinity():
+    # the branch never holds over the reals, so the rule is an identity; in floats e^u rounds to 0 from u = -746
+    # (float64), where u e^u as written is 0 for a finite u (the branch's value) and NaN at u = -inf
+    assert sp.exp(u).is_positive
+    from derive.special import ExpToInf
+    lp = sp.IndexedBase("lp", real=True)
+    expr = g * (-expm1(lp[1])) ** t * (t * lp[1] * sp.exp(lp[1]) + expm1(lp[1]))
+    rewritten = stability.x_exp_x(expr)
+    assert rewritten.has(ExpToInf) and rewritten != expr
+    f = sp.lambdify([lp[1], t, g], rewritten, [{"ExpToInf": np.exp}, "numpy"])
+    plain = sp.lambdify([lp[1], t, g], expr, "numpy")
+    with np.errstate(all="ignore"):
+        assert np.isnan(plain(-np.inf, 2.0, 1.0)) and f(-np.inf, 2.0, 1.0) == -1.0
+        for point in (-800.0, -746.0, -30.0, -1.0, 0.0):
+            assert f(point, 2.0, 1.0) == plain(point, 2.0, 1.0)
+
+
+def test_the_generated_focal_loss_gives_minus_g_at_a_label_whose_log_probability_overflows():
+    # x = (M, 0, -M/2), label 2: x_c - max overflows to -inf, p_c = 0, dx_c = -g (it was NaN: gamma lp_c p_c = -inf * 0)
+    import generated
+    packages = [generated]
+    try:
+        import generated.fast
+        packages.append(generated.fast)
+    except ImportError:   # no numba: the NumPy kernels alone
+        pass
+    for package in packages:
+        for dtype in (np.float32, np.float64):
+            largest = np.finfo(dtype).max
+            loss = package.SoftmaxFocalLoss(reduction="sum")
+            with np.errstate(all="ignore"):
+                loss.forward(np.array([[largest, 0, -largest / 2]], dtype), np.array([2]))
+                assert loss.backward().tolist() == [[1.0, 0.0, -1.0]], (package.__name__, dtype)
+
+
+# ---- a softmax layer's backward at the row's argmax (derive.softmax.vjp_at_argmax) ----------------------------------
+
+def softmax_vjps(row, upstream, top, one_less):
+    """(the derived vjp y_j (g_j - sum_i g_i y_i) at j = top, vjp_at_argmax's form there, and the derived vjp with its
+    sum split at top by sums_split_at) over a row of three entries, y = softmax(row) written e_i/(1 + T) with T the
+    others' share, the argmax taken as top, summed out. one_less: "rest" (T/(1 + T)) or "share" (sum_{i != a} y_i)."""
+    from derive.catalog import CATALOG
+    from derive.gradients import layer_backward
+    from derive.softmax import others_share, sums_split_at, vjp_at_argmax
+    from derive.symbols import K, c, j
+    op = CATALOG["Softmax"]
+    vjp, y = layer_backward(op), op.saved[0][0]
+    argmax, rest = stability.ClassArgmax(X), sp.Symbol("rest", nonnegative=True)
+    share = rest / (1 + rest) if one_less == "rest" else others_share(y, argmax)
+    written = vjp_at_argmax(vjp, y, share, c, argmax)
+    split = sums_split_at(vjp, c, argmax)
+    exps = [sp.exp(v - row[top]) for v in row]
+    others = sum(e for v, e in enumerate(exps) if v != top)
+    values = {y[v]: e / (1 + others) for v, e in enumerate(exps)} | {
+        sp.IndexedBase("g", real=True)[v]: value for v, value in enumerate(upstream)}
+    def out(e):  # noqa: E306
+        e = e.xreplace({K: 3, argmax: top, c: top, j: top, rest: others}).doit()
+        return e.xreplace(values)
+    return out(vjp), out(written), out(split)
+
+
+def test_sympy_proves_the_softmax_vjp_at_its_argmax_and_the_split_sum():
+    x, gs = [X[0], X[1], X[2]], [sp.Symbol(f"g{v}", real=True) for v in range(3)]
+    for top in range(3):
+        for one_less in ("rest", "share"):
+            derived, written, split = softmax_vjps(x, gs, top, one_less)
+            assert written != derived and sp.simplify(derived - written) == 0, (top, one_less)
+            assert sp.simplify(derived - split) == 0
+    # the form is the vjp only at the argmax: 1 - y_a = T/(1 + T) holds there alone
+    derived, written, _ = softmax_vjps(x, gs, 0, "rest")
+    assert sp.simplify(derived.xreplace({X[0]: X[1], X[1]: X[0]}) - written) != 0
+
+
+def test_the_softmax_vjp_at_its_argmax_keeps_its_value_to_45_digits():
+    for row, upstream in (((sp.Rational(444, 10), 0, sp.Rational(-222, 10)), (1, 2, -3)),
+                          ((1, 1, -2), (sp.Rational(1, 3), -1, 5)), ((-3, sp.Rational(1, 4), 7), (2, 2, 1))):
+        top = max(range(3), key=lambda v: (row[v], -v))
+        for one_less in ("rest", "share"):
+            derived, written, _ = (sp.N(e, 60) for e in softmax_vjps(row, upstream, top, one_less))
+            assert abs(derived - written) <= sp.Float(10) ** -45 * abs(derived)
+
+
+def test_the_generated_softmax_backward_keeps_the_others_share_at_the_rows_largest_entry():
+    # the issue's row: dx_a = y_a (g_a T/(1 + T) - sum_{i != a} g_i y_i), where g_a - sum_i g_i y_i rounds to 0
+    import generated
+    pytest.importorskip("numba")
+    import generated.fast
+    for dtype in (np.float32, np.float64):
+        x, g = np.array([[44.4, 0, -22.2]], dtype), np.array([[1, 2, -3]], dtype)
+        with mpmath.workdps(50):
+            e = [mpmath.exp(mpmath.mpf(float(v)) - float(x[0, 0])) for v in x[0]]
+            p = [v / mpmath.fsum(e) for v in e]
+            truth = float(p[0] * (float(g[0, 0]) - mpmath.fsum(float(a) * b for a, b in zip(g[0], p))))
+        y = generated.Softmax().forward(x)
+        assert g[0, 0] - np.sum(g * y) == 0   # the plain form's cancellation, which the checks below would catch
+        for package in (generated, generated.fast):
+            layer = package.Softmax()
+            layer.forward(x)
+            assert abs(layer.backward(g)[0, 0] - truth) <= 4 * np.spacing(abs(dtype(truth))), (package, dtype)
+
+
+def test_the_generated_row_sum_but_of_a_product_skips_the_argmax_and_restores_it():
+    from generated._special import argmax_positions, row_sum_but
+    y, g = np.array([[0.25, 0.5, 0.25], [1.0, 0.0, np.nan]]), np.array([[1.0, 2.0, 4.0], [3.0, 5.0, 7.0]])
+    at, before = argmax_positions(y[:1]), y.copy()
+    assert row_sum_but(y[:1], at, g[:1]).tolist() == [[1.25]] and at.tolist() == [[1]]
+    assert np.isnan(row_sum_but(y, argmax_positions(y), g)[1, 0])   # a NaN row's argmax is the NaN: kept
+    assert np.array_equal(y, before, equal_nan=True)
+
+
+# ---- a dense target's shift in halves (derive.stability.shift_in_halves, codegen.kernels' Kernel.redo) ----------
+
+def test_sympy_proves_the_shift_in_halves_and_it_keeps_a_finite_loss_at_45_digits():
+    from derive.symbols import ClassMax
+    x, t_ = sp.IndexedBase("x", real=True), sp.IndexedBase("t", real=True)
+    loss = -sp.Sum(t_[k_] * (x[k_] - ClassMax(x) - log1p(u)), (k_, 0, 2))
+    halves = stability.shift_in_halves(loss)
+    assert halves != loss and halves.has(ClassMax)
+    assert sp.simplify((halves - loss).doit()) == 0
+    # the row x = (M, 0, -M/2), M the largest float64, t = (1/4, 1/2, 1/4): finite, 7/8 M + log1p's term
+    largest = sp.Rational(*float(np.finfo(np.float64).max).as_integer_ratio())
+    at = {x[0]: largest, x[1]: 0, x[2]: -largest / 2, t_[0]: sp.Rational(1, 4), t_[1]: sp.Rational(1, 2),
+          t_[2]: sp.Rational(1, 4), ClassMax(x): largest, u: sp.Rational(1, 10 ** 300)}
+    exact = sp.N(loss.doit().xreplace(at), 50)
+    assert sp.N(halves.doit().xreplace(at), 50) == exact and exact < largest
+    # in floats the halves are finite where x - max overflows, and t (x - M) was inf
+    with np.errstate(over="ignore"):
+        row, weights = np.array([np.finfo(np.float64).max, 0, -np.finfo(np.float64).max / 2]), np.array([.25, .5, .25])
+        assert np.isinf(-(weights * (row - row.max())).sum())
+        assert float(-(2 * weights * (row / 2 - row.max() / 2)).sum()) == float(exact)
+
+
+def test_shift_in_halves_leaves_a_sum_with_no_shift_and_an_exponential_alone():
+    from derive.symbols import ClassMax
+    x = sp.IndexedBase("x", real=True)
+    for expr in (sp.Sum(x[k_] * t, (k_, 0, 2)), sp.Sum(sp.exp(x[k_] - ClassMax(x)), (k_, 0, 2))):
+        assert stability.shift_in_halves(expr) == expr
+
+
+def test_the_halves_equal_the_plain_kernel_bit_for_bit_where_it_is_finite_and_the_guard_is_needed():
+    # fl(x/2 - M/2) = fl(x - M)/2 and (2 t) h = t (x - M) rounded once: the same numbers summed, where x is normal
+    import generated.softmax_cross_entropy as kernels
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64):
+        x = (rng.standard_normal((64, 7)) * 10.0 ** rng.integers(-3, 30, (64, 1))).astype(dtype)
+        t_ = rng.random((64, 7)).astype(dtype)
+        plain = kernels.forward_dense_plain(x, t_)[0]
+        assert np.isfinite(plain).all()
+        assert (kernels.forward_dense_plain_in_halves(x, t_) == plain).all(), dtype
+        # where x - max overflows: the plain steps alone give inf; the kernel, which redoes that row, the truth
+        largest = np.finfo(dtype).max
+        row, weights = np.array([[largest, 0, -largest / 2]], dtype), np.array([[.25, .5, .25]], dtype)
+        with np.errstate(over="ignore"):
+            plain_steps = -(weights * ((row - row.max()) - np.log1p(np.float64(0)))).sum()
+            assert np.isinf(plain_steps)
+            assert kernels.forward_dense_plain(row, weights)[0][0] == np.float32(0.875) * largest

@@ -190,3 +190,20 @@ def test_batch_norm2d_agrees_on_strided_arrays(dtype):
     for got, want in zip(*results):
         assert got.dtype == dtype
         np.testing.assert_allclose(got, want, rtol=AGREE[dtype]["rtol"], atol=AGREE[dtype]["atol"])
+
+
+def test_the_fused_norms_guard_the_entry_alone_far_from_its_row():
+    # dx at 1e4 in (1e4, 1, 1.5, -3) cancels in the derived form (175 ulps in float32 unguarded): forward's largest
+    # x hat^2 of each row flags the row, and backward_isolated (derive.tensor.isolated_entry) writes that entry
+    x = np.array([[1e4, 1, 1.5, -3]], np.float32)
+    g = np.array([[0.3, -0.7, 0.2, 0.9]], np.float32)
+    for name in ("LayerNorm", "RMSNorm"):
+        truth = getattr(generated, name)(4, dtype=np.float64)
+        truth.forward(x.astype(np.float64))
+        expected = truth.backward(g.astype(np.float64))
+        for guarded in (True, False):
+            layer = getattr(fast, name)(4, dtype=np.float32)
+            layer.forward(x)
+            layer._largest[...] = layer._largest if guarded else 0   # 0: no row flagged, the derived form alone
+            ulps = np.abs(layer.backward(g) - expected) / np.spacing(np.abs(expected).astype(np.float32))
+            assert (ulps[0, 0] <= 4) == guarded and ulps[0, 1:].max() <= 4, (name, guarded, ulps)
