@@ -227,8 +227,33 @@ def grid(subject, dtype, quick):
         for kink in kinks(sum(subject.forward + subject.backward), t):
             at = dtype(kink)
             near.append(np.array([at, *np.nextafter(at, [-np.inf, np.inf], dtype=dtype)], dtype))
+        for zero in zeros(subject, t):
+            at = dtype(zero)
+            near.append(np.array([at, *np.nextafter(at, [-np.inf, np.inf], dtype=dtype),
+                                  *(zero + np.array(AROUND_ZEROS)).astype(dtype)], dtype))
         points[t] = np.unique(np.concatenate(xs + near))[:, None]
     return points
+
+
+# distances from a zero of a quantity at which the grid also looks: where a sum that vanishes there loses most
+# (its terms' rounding in ulps of the value grows as 1/distance), out to where such a form is accurate again
+AROUND_ZEROS = tuple(sign * float(d) for d in (2.0 ** -30, 1e-6, *np.geomspace(1e-4, 0.7, 24)) for sign in (-1, 1))
+
+
+def zeros(subject, t):
+    """The real zeros in [-64, 64] where an element-wise subject's forward or derivative changes sign, at target t
+    (derive.zeros' scan and bisection, 60 digits)."""
+    from derive.zeros import mpmath_function, real_zeros
+    found = []
+    if subject.row:
+        return found
+    for expr in subject.forward + subject.backward:
+        expr = _no_delta(expr.subs(T, exact(t or 0)))
+        if expr.free_symbols != {X}:
+            continue
+        terms = [mpmath_function(term, X) for term in sp.Add.make_args(sp.expand(expr))]
+        found += [float(zero) for zero in real_zeros(expr, X, mpmath_function(expr, X), terms)]
+    return sorted(set(found))
 
 
 # ---- the truth ------------------------------------------------------------------------------------
@@ -408,11 +433,14 @@ def judge(tally, got, truth, scale, dtype, ulps_bound, where):
     ulps = error / ulp
     if normal:  # below the smallest normal number a result may be flushed (fastmath, FTZ)
         tally.worst_ulps = max(tally.worst_ulps, ulps)
-    if got == 0 and normal:
+    allowed = ulps_bound * ulp + (0.0 if normal else float(info.tiny))
+    # a false 0 where the truth is normal is every bit wrong (an underflow: 1 - tanh(20)^2), unless the truth is
+    # within what rounding the inputs changes it by (at a zero of the function: sigmoid(x) - 1/4 at x = -log 3
+    # rounded to float32, whose sigmoid rounds to 1/4 exactly), where 0 is as good an answer as any
+    if got == 0 and normal and (scale is None or error > allowed + EPS[dtype] * scale()):
         tally.bad, tally.worst_excess = tally.bad + 1, math.inf
         tally.example = f"{where}: {got!r}, truth {mpmath.nstr(truth, 8)}"
         return
-    allowed = ulps_bound * ulp + (0.0 if normal else float(info.tiny))
     if scale is None:  # the figures alone
         return
     if error <= allowed:
@@ -616,8 +644,9 @@ def tensor_samples(subject, dtype, quick, package):
     entries = sum(math.prod(shape(axes)) for axes in op.inputs.values())
     count = math.ceil(len(grid_values) / entries) if entries else 1   # Embedding's input is labels alone
     samples = []
-    for j in range(count):
-        values = np.resize(grid_values[j::count], entries) * rng.choice([-1, 1], entries)
+    for j in range(count + 1):
+        magnitudes_j = grid_values[j::count] if j < count else past_cube_root(grid_values, entries)
+        values = np.resize(magnitudes_j, entries) * rng.choice([-1, 1], entries)
         values[rng.integers(entries) if entries else slice(0)] = 0
         values = rng.permutation(values).astype(dtype)
         arrays, start = {}, 0
@@ -632,6 +661,18 @@ def tensor_samples(subject, dtype, quick, package):
                    for z, (axes, kind, option) in (op.noise or {}).items()}
         samples.append(arrays | {"g": rng.uniform(-1, 1, shape(op.steps[-1].indices)).astype(dtype)})
     return samples
+
+
+def past_cube_root(grid_values, entries):
+    """Magnitudes for one more sample, every other one 4 to 64 times the cube root of the largest number (below
+    the root of the largest over entries: no sum of entries squares overflows), the others the grid's below it: a
+    row's spread cubed overflows where the spread and its square do not (RMSNorm's (eps + ms)^(3/2)), which the
+    grid's samples, each row holding a larger or only smaller magnitudes, never reach; a row's large entries
+    within a factor 16, so that each weighs in the others' gradient."""
+    root = float(grid_values[-1]) ** (1 / 3)
+    past = np.minimum(root * np.geomspace(4, 64, 4), (float(grid_values[-1]) / max(entries, 1)) ** 0.5)
+    below = grid_values[grid_values < root][::-3]
+    return np.ravel(np.column_stack((np.resize(past, len(below)), below)))
 
 
 def tensor_options(subject, dtype):
@@ -656,6 +697,20 @@ def program_values(subject, arrays, options, digits):
                 else:
                     values[a.name] = entries(subject.functions[a], values, a, subject, option_values)
     return {key: values[program[-1].name] for key, program in subject.programs.items()}
+
+
+def step_values(subject, arrays, options, digits, names):
+    """{name: object array of mpf} of the forward steps names at arrays, by mpmath at digits."""
+    if not names:
+        return {}
+    with mpmath.workdps(digits):
+        values = {name: a if a.dtype.kind in "iu" else np.vectorize(mpf_of, otypes=[object])(a)
+                  for name, a in arrays.items()}
+        option_values = [mpmath.mpf(v) for v in options.values()]
+        for a in subject.op.steps:
+            if a.name in names:
+                values[a.name] = entries(subject.functions[a], values, a, subject, option_values)
+    return {name: values[name] for name in names}
 
 
 def mpf_of(value):
@@ -697,18 +752,23 @@ class TensorTruth:
 
     @functools.cached_property
     def scales(self):
-        """{(quantity, output name): array of float, sum_v |v dq/dv| per entry (inf beyond the largest float)}."""
+        """{(quantity, output name): array of float, sum_v |v dq/dv| per entry (inf beyond the largest float)}, v
+        every real input entry and every entry of a step the op declares rounded (its projections): a float kernel
+        holds those rounded to the dtype, |dv| <= eps |v| as an input's, whatever it does after them."""
         total = {key: np.zeros(values.shape) for key, values in self.values.items()}
         largest = mpmath.mpf(np.finfo(float).max)
         with mpmath.workdps(DIGITS), np.errstate(over="ignore"):
             delta = mpmath.mpf(10) ** -SCALE_DIGITS
-            for name in self.subject.real_inputs:
-                for at in np.ndindex(self.arrays[name].shape):
-                    if not self.arrays[name][at]:
+            exact = step_values(self.subject, self.arrays, self.options, DIGITS, self.subject.op.rounded)
+            for name, array in [*((n, self.arrays[n]) for n in self.subject.real_inputs), *exact.items()]:
+                for at in np.ndindex(array.shape):
+                    if not array[at]:
                         continue
-                    moved = self.arrays[name].astype(object)
+                    moved = array.astype(object)
                     moved[at] = mpf_of(moved[at]) * (1 + delta)
-                    shifted = program_values(self.subject, {**self.arrays, name: moved}, self.options, DIGITS)
+                    # a rounded step moved: the programs read it as given (program_values computes no step given)
+                    given = {**self.arrays, **(exact if name in exact else {}), name: moved}
+                    shifted = program_values(self.subject, given, self.options, DIGITS)
                     for key, values in self.values.items():
                         for k, (v, w) in enumerate(zip(values.flat, shifted[key].flat)):
                             if v is not None and w is not None:

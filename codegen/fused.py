@@ -321,13 +321,33 @@ def fused_code(kernel, rows, loss, summed=False):
             "derivation": kernel.derivation, "args": args + (["out"] if into else []),
             "signature": args + (["out=None"] if kernel.out else []),
             "returns": names, "body": body, "runtime": sorted(loops.used),
-            "call": with_redo(call_lines(name, args, full, names, kinds, rows, columns, into, summed), kernel, full)}
+            "call": with_redo(call_lines(name, args, full, names, kinds, rows, columns, into, summed), kernel, full),
+            "near": [near_code(near) for near in kernel.near]}
 
 
 def with_redo(lines, kernel, full):
     """The plain function's lines with the NumPy kernel's L again on the rows where it is not finite
-    (codegen.kernels.redo_lines) before it returns, as the NumPy one does."""
-    return lines[:-1] + redo_lines(kernel, full, "numpy_kernels.") + lines[-1:]
+    (codegen.kernels.redo_lines) before it returns, as the NumPy one does, and the loops of kernel.near over the
+    flat output (near_code)."""
+    output = kernel.outputs[0][0]
+    near = [f"_{n.kernel.name}({', '.join(f'{a}.reshape(-1)' for a in arguments_of(n.kernel))}, {output})"
+            for n in kernel.near]
+    return lines[:-1] + redo_lines(kernel, full, "numpy_kernels.", near=False) + near + lines[-1:]
+
+
+def arguments_of(kernel):
+    return arguments([expr for _, expr in kernel.outputs], params=kernel.params)
+
+
+def near_code(near):
+    """A codegen.kernels.Near as a loop of its own after the fused kernel's: where x is within the radius, the
+    output again, in float64 (T is float64 there), from the Taylor polynomial derive.zeros gives; one read of x
+    elsewhere. The NumPy kernels' take and put of those entries cost as much as the whole fused kernel."""
+    args = arguments_of(near.kernel)
+    (_, value), = near.kernel.outputs
+    return {"name": near.kernel.name, "args": args, "doc": near.kernel.doc, "derivation": near.kernel.derivation,
+            "low": repr(near.center - near.radius), "high": repr(near.center + near.radius),
+            "value": scalar_code(value, {a: f"T({a}[i])" for a in args})}
 
 
 def entries_at_label(assignments, kinds):

@@ -469,9 +469,17 @@ class Ufunc(sp.Function):
         return True
 
     def _numpycode(self, printer):
-        ufunc, into, *operands = self.args
+        ufunc, into = self.args[:2]
         out = f", out={into.name}" if into.name else ""
-        return f"np.{ufunc.name}({', '.join(_print(o) if o.is_Integer else printer.doprint(o) for o in operands)}{out})"
+        return f"np.{ufunc.name}({self.printed_operands(printer)}{out})"
+
+    def printed_operands(self, printer):
+        return ", ".join(_print(o) if o.is_Integer else printer.doprint(o) for o in self.args[2:])
+
+    def kept_call(self, printer, site):
+        """The call writing into a new array as the runtime's kept: one an earlier call made at this line (site, in
+        the module calling) once nothing holds it, so that a large result costs no fresh pages each call."""
+        return f'kept((__name__, "{site}"), np.{self.args[0].name}, {self.printed_operands(printer)})'
 
 
 class Filled(Ufunc):
@@ -784,6 +792,8 @@ def tensor_in_place(function, printer, view, fresh):
                 line.value = line.value.func(line.value.args[0], Str(into), *line.value.args[2:])
         printed += ([line.statement.source(printer)] if line.statement is not None
                     else line.value.lines(printer, line.target) if isinstance(line.value, Filled)
+                    else [f"{line.target} = {line.value.kept_call(printer, f'{function.name}.{line.target}')}"]
+                    if type(line.value) is Ufunc and not line.value.args[1].name
                     else [f"{line.target} = {printer.doprint(line.value)}"])
         free += [name for name in reads(line) if name in owned and last_use.get(name) == position
                  and name not in kept and name not in free]

@@ -11,10 +11,11 @@ from derive import optim
 from derive.gradients import layer_backward, loss_forward, loss_gradient, mean_weight, variants
 from derive.reduction import REDUCTIONS, row_weight
 from derive.special import ExpToInf, erf_numpy, erfc_numpy, erfc_steps
-from derive.softmax import others_share, sums_split_at, vjp_at_argmax
+from derive.softmax import above_half, sums_split_at, vjp_above_half, vjp_at_argmax
 from derive.stability import ClassArgmax, shift_in_halves, stable
 from derive.algebra import contract
 from derive.symbols import K, L, N, c, i, j, n, over_batch, r, total
+from derive.zeros import of_quantity
 
 # Kernel arguments in the order a reader expects them; names are those of derive.symbols.
 ARG_ORDER = ("x", "c", "at", "t", "mask", "w", "pw", "y", "p", "lp", "e", "den", "rest", "W", "b", "g", "eps", "l2",
@@ -70,6 +71,18 @@ class Kernel:
                                    # loops find the argmax themselves, and keep no columns)
     redo: "Kernel" = None          # L again on the rows where it is not finite, from a form that overflows only
                                    # where the value does (a dense target's shift in halves), at a cost paid there
+    near: tuple = ()               # (Near, ...): the output again where x is near a zero at which its form's terms
+                                   # cancel, by the Taylor polynomial there (derive.zeros), at a cost paid there
+    wide: tuple = ()               # arguments taken in float64 (a Near's kernel: float32's x - centre is not exact)
+
+
+@dataclass(frozen=True)
+class Near:
+    """Where |x - center| < radius, kernel gives the output in place of the usual form's (derive.zeros.NearZero)."""
+
+    center: float
+    radius: float
+    kernel: Kernel
 
 
 def layer_kernels(op):
@@ -84,6 +97,8 @@ def layer_kernels(op):
                       "given.", f"dx_j = {sp.sstr(backward)}", (("dx", shaped_like(dense, X, FULL_SIZE + ("g",))),),
                       at_argmax, at_argmax is not None, params=param_names(op),
                       full=FULL_SIZE + ("g",), out=True, takes=("x",))  # x: its class checks g against it
+    forward, backward = (replace(forward, near=near_kernels(op, op.forward, "y", forward.name)),
+                         replace(backward, near=near_kernels(op, layer_backward(op), "dx", backward.name)))
     if not columns:
         return forward, backward
     # the fused loops find the argmax in a pass of their own, and keep no columns
@@ -91,9 +106,24 @@ def layer_kernels(op):
             replace(backward, fused=replace(backward, outputs=(("dx", fused_dx),), at_label=None, label_value=False)))
 
 
+def near_kernels(op, quantity, output, name):
+    """(Near, ...) of an element-wise layer's forward or vjp quantity with no option: where it is 0 as a sum whose
+    terms are not (GELU's derivative at -0.75), its Taylor polynomial there, computed in float64 (derive.zeros);
+    () for any other op."""
+    if op.params:
+        return ()
+    per_unit = sp.Symbol("g") if any(e.base.name == "g" for e in quantity.atoms(sp.Indexed)) else sp.S.One
+    return tuple(Near(near.center, near.radius, Kernel(
+        f"{name}_near_zero{'' if k == 0 else k}", f"{output} where |x - {near.center!r}| < {near.radius!r}, in "
+        f"float64: the Taylor polynomial about that zero, where the usual form's terms cancel (derive.zeros).",
+        f"{output} = the first {near.terms} terms of the Taylor series about {near.center!r}",
+        ((output, per_unit * near.at(X)),), wide=("x", "g")))
+        for k, near in enumerate(of_quantity(quantity, stable(quantity))))
+
+
 def at_the_argmax(op, vjp, y):
     """(columns forward returns for backward, dx lowered, dx's whole value at each row's argmax lowered, or None,
-    and the fused loops' dx: that value where k is the argmax, read from y alone).
+    and the fused loops' dx: that value at an entry above 1/2, read from y alone).
 
     A layer saving a shifted softmax e/(1 + T) (derive.stability) loses its vjp y_a (g_a - sum_i g_i y_i) at the
     row's argmax a, where y_a is near 1, to cancellation: there it is written whole (derive.softmax.vjp_at_argmax),
@@ -107,11 +137,11 @@ def at_the_argmax(op, vjp, y):
     positions = {lower(argmax, j): at}
     dense = lower(sums_split_at(stable(vjp), c, argmax), j).xreplace(positions)
     value = lower(vjp_at_argmax(stable(vjp), op.saved[0][0], rest / (1 + rest), c, argmax), j).xreplace(positions)
-    # y's argmax is x's (softmax is increasing; where y ties and x does not, y_a is at most 1/2: no cancellation)
+    # the fused loops need no argmax: an entry above 1/2 is the row's argmax, the others' sums skip it by a select in
+    # the pass that sums g y (derive.softmax.vjp_above_half), and an argmax at most 1/2 does not cancel: two passes
     saved = op.saved[0][0]
-    own = ClassArgmax(saved)
-    value_here = vjp_at_argmax(stable(vjp), saved, others_share(saved, own), c, own).xreplace({c: j})
-    fused = sp.Piecewise((lower(value_here, j), sp.Eq(LOOP_INDEX, lower(own, j))), (lower(stable(vjp), j), True))
+    fused = sp.Piecewise((lower(vjp_above_half(stable(vjp), saved), j), lower(above_half(saved, j), j)),
+                         (lower(stable(vjp), j), True))
     return ((at.name, lower(argmax, j)), (rest.name, rest_sum)), dense, value, fused
 
 
@@ -170,16 +200,35 @@ def in_halves(loss, index, suffix, params):
                   sizes=SIZES["row"], params=params)
 
 
-def redo_lines(kernel, args, module=""):
+def near_lines(kernel, module=""):
+    """The lines that write the output again, from kernel.near's kernels, where x is within a radius of a zero at
+    which the usual form's terms cancel, after it is computed: one comparison of x on the usual path. Flat
+    positions, taken and put (a boolean mask's gather and scatter took 5 times as long, at 13% of 2M entries);
+    a fused kernel's output is flat, and put numbers it as x, in C order."""
+    output = kernel.outputs[0][0]
+    lines = []
+    for near in kernel.near:
+        called = ", ".join(f"{a}.take(near)" for a in kernel_code(near.kernel)["args"])
+        lines += [f"near = np.greater(x, {near.center - near.radius!r})",
+                  f"near &= np.less(x, {near.center + near.radius!r})",   # two passes making no float array
+                  "near = np.flatnonzero(near)",
+                  "if near.size:  # terms cancelling near their zero: its Taylor polynomial (derive.zeros)",
+                  f"    {output}.put(near, {module}{near.kernel.name}({called}))"]
+    return lines
+
+
+def redo_lines(kernel, args, module="", near=True):
     """The lines that compute L again with kernel.redo on the rows where it is not finite (inf or NaN: an x - max
     that overflowed, and also a NaN or inf in x, which the redo gives again), after L is computed: one check of N
-    numbers on the usual path. args: the arrays a row of which it reads, module: where the redo kernel is."""
+    numbers on the usual path. args: the arrays a row of which it reads, module: where the redo kernel is.
+    Then near_lines, if near (the fused kernels have a loop of their own for them)."""
+    after = near_lines(kernel, module) if near else []
     if kernel.redo is None:
-        return []
+        return after
     called = [f"{a}[redo]" if a in args else a for a in kernel_code(kernel.redo)["args"]]
     return ["redo = ~np.isfinite(L)",
             "if redo.any():  # an x - max overflowed: again in halves (derive.stability.shift_in_halves)",
-            f"    L[redo] = {module}{kernel.redo.name}({', '.join(called)})"]
+            f"    L[redo] = {module}{kernel.redo.name}({', '.join(called)})"] + after
 
 
 def with_gradient(forward, backward):
@@ -356,12 +405,15 @@ def kernel_code(kernel):
             "derivation": kernel.derivation, "args": args, "lines": lines, "summed_lines": summed,
             "sizes": [(name, how.format(a=full)) for name, how in (kernel.sizes or {}).items() if name in used],
             "casts": [(name, f"np.atleast_1d({name})") for name in kernel.arrays]
+                     + [(name, f"{name}.astype(np.float64)") for name in kernel.wide if name in args]
                      + [(name, f"{full}.dtype.type({name})") for name in kernel.params
                         if full and read_by_function(exprs, name, kernel.params)],
             "at_label": None if kernel.at_label is None else print_code(returned[-1]),
             "label_value": kernel.label_value,
             "returns": names, "overflows": any(e.has(ExpToInf) for e in exprs),
-            "redo": kernel_code(kernel.redo) if kernel.redo else None, "redo_lines": redo_lines(kernel, FULL_SIZE)}
+            "redo": kernel_code(kernel.redo) if kernel.redo else None,
+            "near": [kernel_code(near.kernel) for near in kernel.near],
+            "redo_lines": redo_lines(kernel, FULL_SIZE)}
 
 
 def read_by_function(exprs, name, params):

@@ -162,7 +162,7 @@ class KernelPrinter(NumPyPrinter):
         factors = Mul.make_args(summand)
         if len(factors) == 2 and all(isinstance(f, Symbol) for f in factors):
             # a row dot product but one entry (a softmax layer's, derive.softmax.vjp_at_argmax): no product array;
-            # the entry is set aside in the saved array, the caller's g is read as it is
+            # the saved array is read through a copy with 0 at the entry, the caller's g as it is: neither is written
             by, e = sorted(factors, key=lambda f: f.name != "g")
             return f"row_sum_but({self._print(e)}, {self._print(at)}, {self._print(by)})"
         return f"row_sum_but({self._print(summand)}, {self._print(at)})"

@@ -244,7 +244,9 @@ def fast_context(op, context=None):
         prepare = [line for line in path["prepare"] if line != POSITIONS]
         path["prepare"] = prepare + positions(prepare, path["forward"], path["backward"])
         path["with_dx"] = with_dx_code(op, path, {kernel.name: kernel for kernel in kernels}, printed)
-    fallback = op.module if any(p["fused"] is None for p in printed.values()) else None
+    # the NumPy module, where a kernel is not fused or a fused one's lines call one of its own (a redo, a Near)
+    fallback = op.module if any(p["fused"] is None or any("numpy_kernels." in line for line in p["fused"]["call"])
+                                for p in printed.values()) else None
     runtime = {name for p in printed.values() for code in (p["fused"], p["summed"]) if code for name in code["runtime"]}
     # _runtime's dense_target tests the range in one compiled pass (NumPy's makes boolean arrays)
     called = checks_called(target_lines(op, context["prepare"]), context["paths"]) if "paths" in context else []

@@ -17,7 +17,7 @@ import numpy as np
 import sympy as sp
 
 from codegen.fused import FusedPrinter, FusionError
-from codegen.tensor_lower import Maximum, fresh, module_context, names_of, program_of, rewritten
+from codegen.tensor_lower import Maximum, factor_saved, fresh, module_context, names_of, program_of, rewritten
 from codegen.tensor_verify import sample
 from codegen.verify import AGREEMENT, GradientCheck
 from derive.tensor import Sum, reads_of, size_of, with_flags
@@ -61,12 +61,25 @@ def row_scheme(op):
 
 def programs(op):
     """(forward steps, {function name: its assignments}) of the kernels the scheme prints: forward, backward,
-    backward_params, from the program codegen.tensor_lower.lowered(op, factor=False) lowers (rewritten alike)."""
-    program = rewritten(program_of(op), names_of(op))
-    params = [f"d{p}" for p in op.params]
-    return program.forward, {"forward": program.forward, "backward": program.backward,
-                             "backward_params": needed(program.backward,
-                                                       [a.name for a in program.backward if a.name in params])}
+    backward_params, from the program codegen.tensor_lower.lowered(op) lowers (rewritten alike, with the param's
+    factor a step: LayerNorm's x hat, which steps_read_back finds in the backward). The fused forward saves no
+    factor (the loops compute it again for nothing, where saving it is a pass more), so the backward's loops
+    compute each one they read again from its definition: the same values the NumPy backward reads, where
+    reading x - mu instead formed (eps + var)^(3/2), which overflows first."""
+    program = rewritten(program_of(factor_saved(op)), names_of(op))
+    again = recomputed(op, program)
+    params = [a.name for a in program.backward if a.name in {f"d{p}" for p in op.params}]
+    backward = (*again, *program.backward)
+    return program.forward, {"forward": program.forward, "backward": needed(backward, program.returns),
+                             "backward_params": needed(backward, params)}
+
+
+def recomputed(op, program):
+    """The forward steps the backward program reads that op declares not (factor_saved's): the fused forward
+    does not return them."""
+    declared = {s.name for s in op.steps}
+    read = set().union(*(reads_of(a.expr) for a in program.backward))
+    return tuple(s for s in program.forward if s.name in read and s.name not in declared)
 
 
 def needed(assignments, names):
@@ -89,7 +102,7 @@ class Kernel:
                      **{a.name: a.indices for a in (*steps, *assignments)}}
         self.full = set(self.inner) | {self.r}
         self.indices = {str(i): i for i in self.full}
-        self.taken = names_of(op) | set(OWN_NAMES)
+        self.taken = names_of(op) | set(self.axes) | set(OWN_NAMES)
         self.run = self.merged_run(op.steps[-1].indices)
         self.merged = sp.Symbol(self.fresh("".join(map(str, self.run)))) if self.run else None
         self.level, self.rows, self.used = {}, [], set()
@@ -333,11 +346,16 @@ class Kernel:
         return lines
 
     def allocations(self, first):
-        """The outputs, empty, in the first full argument's dtype."""
+        """The outputs, empty, in the first full argument's dtype; a full one an array an earlier call returned
+        where nothing holds it any more (_runtime.kept_empty: a new one of LayerNorm's size is a fresh mmap)."""
         def shape(axes):
             return f"({', '.join(str(size_of(i)) for i in axes)}{',' if len(axes) == 1 else ''})"
-        written = [a for a, _, _ in self.writes] + [a for a, _ in self.totals]
-        return ([f"{a.name} = np.empty({shape(a.indices)}, {first}.dtype)" for a in written]
+        full = [a for a, _, _ in self.writes if self.kind(a.indices) == "full"]
+        self.used |= {"kept_empty"} if full else set()
+        return ([f'{a.name} = kept_empty("{self.op.module}.{self.name}.{a.name}", {shape(a.indices)}, {first}.dtype)'
+                 for a in full]
+                + [f"{a.name} = np.empty({shape(a.indices)}, {first}.dtype)"
+                   for a in [a for a, _, _ in self.writes if a not in full] + [a for a, _ in self.totals]]
                 + [f"{name} = np.empty({size_of(self.r)}, {first}.dtype)" for name, _ in self.stores])
 
     def row_lines(self, level):
@@ -386,7 +404,9 @@ def fused_function(op, scheme, function, assignments, steps):
     """function (a context entry of codegen.tensor_lower.module_context) with its jitted body, or FusionError."""
     kernel = Kernel(op, scheme, function["name"], assignments, function["args"], function["returns"], steps)
     lines, arguments, jitted = kernel.lines()
-    return dict(function, lines=lines, kernel_args=arguments, jitted=jitted, runtime=sorted(kernel.used))
+    # the assignments the loops print (rewritten, the factor computed again), not the NumPy kernel's derivation
+    return dict(function, lines=lines, kernel_args=arguments, jitted=jitted, runtime=sorted(kernel.used),
+                derivation=[str(a) for a in assignments])
 
 
 def fast_context(op):

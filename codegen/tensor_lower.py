@@ -38,7 +38,7 @@ from codegen.inplace import base_name, tensor_in_place
 from codegen.printer import KernelPrinter, positive_first, range_arguments
 from derive.special import ExpToInf
 from derive.stability import INDEX_REWRITES, REWRITES, rewritten_by
-from derive.tensor import (Assignment, FirstMax, Sum, bound_of, check_sizes, derivation, eval_mode, flag_values, folded,
+from derive.tensor import (ArgFirstMax, Assignment, FirstMax, Sum, bound_of, check_sizes, derivation, eval_mode, flag_values, folded,
                            in_base_sizes, in_units, isolated_bound, isolated_entry, linear, linear_in, reads_of,
                            scale_degrees, size_of, unit_rows, with_flags)
 
@@ -252,16 +252,23 @@ def guard_of(expr):
 
 def read_back_rules(program):
     """{name: (costly factor f, the other factors r, condition c or None)} of each forward step but the output
-    s = f r (or Piecewise((f r, c), (0, True))): f reads every index of s and is no array read and no Sum
-    (in_terms_of_steps names those), r read fewer indices, so cost less (a softmax's P = exp(A - m) / Z: f the
-    exponential, r 1/Z; a normalised x's (x - mu) / sqrt(var + eps): f x - mu, r the reciprocal root)."""
+    s = f r (or Piecewise((f r, c), (0, True))): f reads every index of s and is no Sum (in_terms_of_steps
+    names those), r read fewer indices, so cost less (a softmax's P = exp(A - m) / Z: f the exponential, r 1/Z;
+    a normalised x's (x - mu) / sqrt(var + eps): f x - mu, r the reciprocal root). f an array read only where
+    r is a reciprocal (RMSNorm's x / sqrt(eps + ms)): read back as s times a power, never divided by what may
+    be 0 (a gamma), and the powers of the statistic in the backward combine (g_ms's (eps + ms)^(3/2), which
+    overflows where the spread is past the cube root of the largest number, is then eps + ms)."""
     found = {}
     for step in program.forward[:-1]:
         body, condition = guard_of(step.expr)
         factors = sp.Mul.make_args(body)
-        costly = [f for f in factors if not f.is_number and not isinstance(f, (sp.Indexed, Sum))
+        costly = [f for f in factors if not f.is_number and not isinstance(f, Sum)
                   and set(step.indices) <= f.free_symbols]
         rest = [f for f in factors if f not in costly]
+        reciprocals = [f for f in rest if f.is_Pow and f.exp.is_negative]
+        if costly and isinstance(costly[0], sp.Indexed) and not (
+                reciprocals and all(f.is_number or f in reciprocals for f in rest)):
+            continue
         if len(costly) == 1 and not any(set(step.indices) <= f.free_symbols or f.has(Sum) for f in rest):
             found[step.name] = (costly[0], sp.Mul(*rest), condition)
     return found
@@ -447,6 +454,17 @@ class FiniteOrZero(sp.Function):
     _pythoncode = _numpycode
 
 
+class FiniteOr(sp.Function):
+    """FiniteOr(a, b): a where it is finite, else b (a product computed again in units of a power of two where it
+    overflowed, and nowhere else)."""
+
+    def _numpycode(self, printer):
+        first = printer._print(self.args[0])
+        return f"np.where(np.isfinite({first}), {first}, {printer._print(self.args[1])})"
+
+    _pythoncode = _numpycode
+
+
 class Guard(NamedTuple):
     """Assignments computed again where some entry of the checked arrays is not finite: after the statement of
     the last checked array (forward: a softmax's max shift) their new values in units of a power of two, then
@@ -547,17 +565,189 @@ def rescaled_adjoints(program, op, taken):
         # + 4: the 2 of 2^(E-2), and one for each ceil(log2) of a max, which may come out 1 low (rescaled_scores)
         exponent = sp.ceiling(sp.log(terms, 2)) + sum(sp.ceiling(log2(Maximum(FiniteOrZero(sp.Abs(f)), *(
             (i, 0, extent(i) - 1) for i in f.indices)))) for f in factors) + 4
+        products = [a if a not in results else product_in_units(a, proven, taken) for a in again[1:]]
+        finer, finer_names = finer_run(again, proven, c, read, results, taken)
         assignments = (Assignment(names[0], (), 2 ** -sp.Max(0, exponent - LargestExponent(Str(other.base.name)))),
                        Assignment(names[1], read.indices, c * read),
                        adjoint._replace(expr=adjoint.expr.xreplace({read: scaled[read.indices]})),
-                       *(a._replace(name=units.get(a.name, a.name)) for a in again[1:]),
-                       *(a._replace(expr=sp.IndexedBase(units[a.name], real=True)[a.indices] / c) for a in results))
+                       *(b._replace(name=units.get(b.name, b.name)) for a in products for b in (
+                           a if isinstance(a, tuple) and not isinstance(a, Assignment) else (a,))),
+                       *finer, *(a._replace(expr=units_divided(a, units[a.name], c, finer_names)) for a in results))
         made = {a.name for a in assignments}
         reads = sorted(set().union(*(reads_of(a.expr) for a in assignments)) - made)
         guards.append(Guard(tuple(a.name for a in results), None, assignments, tuple(reads),
                             f"a gradient past the largest number: g_{softmax.name} again in units of a power of two"))
         rewrites.append(f"g_{softmax.name} in units of a power of two where a gradient it gives is not finite")
     return program._replace(backward_guards=tuple(guards), rewrites=tuple(rewrites))
+
+
+def units_divided(result, units, c, finer):
+    """result's value from its run in units of c (named units), where that is finite, else from finer_run's in
+    units of its c_f (finer: finer_run's names, empty where there is no such run)."""
+    value = sp.IndexedBase(units, real=True)[result.indices] / c
+    if not finer:
+        return value
+    return FiniteOr(value, sp.IndexedBase(finer[result.name], real=True)[result.indices]
+                    / sp.Symbol(finer[c.name], real=True))
+
+
+def finer_run(again, proven, c, read, results, taken):
+    """(assignments, {name: its name in them}) running the guard's steps again (again[0] reads read, the upstream adjoint) from
+    c_f = c 2^-k, k >= 0 the least with c_f/c (terms) (1 + |f|) max|x| max|y| <= 2^(E-2)
+    for each intermediate product f Sum(x y, V) of them (x an adjoint the guard computes, y an array it does not,
+    read at c's run): MultiheadAttention's per-head g_k = Sum(g_A q, t)/sqrt(D), which overflows where g_A (finite at
+    c) meets a large q, though dW_k = Sum(g_k key) is finite. Each step's value is then c_f/c times its value at c,
+    each such product finite; c_f's value is divided out by the caller where the run at c is not finite, and only there (a smaller c loses a small gradient's
+    digits, rescaled_adjoints)."""
+    exponents = []
+    for a in again[1:]:
+        coefficient, total = a.expr.as_independent(Sum, as_Add=False)
+        factors = sp.Mul.make_args(total.function) if a not in results and isinstance(total, Sum) else ()
+        xs = [f for f in factors if isinstance(f, sp.Indexed) and f.base.name in proven]
+        ys = [f for f in factors if isinstance(f, sp.Indexed) and f.base.name not in proven]
+        if len(factors) != 2 or len(xs) != 1 or len(ys) != 1 or coefficient.has(sp.Indexed):
+            continue
+        terms = sp.Mul(*(hi - lo + 1 for _, lo, hi in total.limits)) * (1 + sp.Abs(coefficient))
+        # + 5: the 2 of 2^(E-2), and one for each ceil(log2), which may come out 1 low (rescaled_scores)
+        exponents.append(sp.ceiling(sp.log(terms, 2)) + 5 - LargestExponent(Str(ys[0].base.name)) + sum(
+            sp.ceiling(log2(Maximum(FiniteOrZero(sp.Abs(f)), *((i, 0, extent(i) - 1) for i in f.indices))))
+            for f in (xs[0], ys[0])))
+    if not exponents:
+        return (), {}
+    names = {}
+    for name in (c.name, read.base.name, *(a.name for a in again)):
+        names[name] = fresh(f"{name}_finer", taken)
+        taken.add(names[name])
+    finer = sp.IndexedBase(names[read.base.name], real=True)
+
+    def renamed(expr):
+        return expr.replace(lambda e: isinstance(e, sp.Indexed) and e.base.name in names,
+                            lambda e: sp.IndexedBase(names[e.base.name], real=True)[e.indices])
+    return (Assignment(names[c.name], (), c * 2 ** -sp.Max(0, *exponents)),
+            Assignment(finer.name, read.indices, sp.Symbol(names[c.name], real=True) * read),
+            *(a._replace(name=names[a.name], expr=renamed(a.expr.xreplace({read: finer[read.indices]})))
+              for a in again)), names
+
+
+def product_in_units(result, proven, taken):
+    """(assignments) computing a gradient f Sum(x y, V), x an adjoint the guard computes again from c g and y an
+    array it does not (dK = Sum(g_A Q, t)/sqrt(D)), where it is not finite in units of a power of two of y: c2[F] =
+    2^-k per entry F of y's axes outside V, with c2 (terms) (1 + |f|) max|x| max|y| <= 2^(E-2) (each max over the
+    axes outside F), and the gradient f Sum(x (c2 y), V)/c2. Each partial sum is then finite, so the sign of a sum whose truth overflows is
+    its own, and the division makes it the infinity of that sign: x y summed as it is overflows before the terms
+    cancel (inf - inf, or the infinity of the other sign). Only there: c2 y rounds y's small entries away, which
+    a finite entry may need (g_A = 0 at y's large entry, and the truth from a subnormal one). (result,) where result
+    is no such product."""
+    coefficient, total = result.expr.as_independent(Sum, as_Add=False)
+    factors = sp.Mul.make_args(total.function) if isinstance(total, Sum) else ()
+    adjoints = [f for f in factors if isinstance(f, sp.Indexed) and f.base.name in proven]
+    others = [f for f in factors if isinstance(f, sp.Indexed) and f.base.name not in proven]
+    if len(factors) != 2 or len(adjoints) != 1 or len(others) != 1:
+        return (result,)
+    (x,), (y,) = adjoints, others
+    limits = {v: (v, lo, hi) for v, lo, hi in total.limits}
+    own = tuple(i for i in y.indices if i not in limits)
+
+    def largest(read):   # max |read| over its axes outside F, an input's inf left out (its own NaN policy)
+        return Maximum(FiniteOrZero(sp.Abs(read)), *(limits.get(i, (i, 0, extent(i) - 1)) for i in read.indices
+                                                     if i not in own))
+    names = [fresh(n, taken) for n in (f"{result.name}_scale", f"{y.base.name}_units", f"{result.name}_plain")]
+    taken |= set(names)
+    c2, units, plain = (sp.IndexedBase(n, real=True) for n in names)
+    terms = sp.Mul(*(hi - lo + 1 for _, lo, hi in total.limits)) * (1 + sp.Abs(coefficient))  # before f and after
+    # + 5: the 2 of 2^(E-2), and one for each ceil(log2), which may come out 1 low (rescaled_scores)
+    exponent = sp.ceiling(sp.log(terms, 2)) + sp.ceiling(log2(largest(x))) + sp.ceiling(log2(largest(y))) + 5
+    return (result._replace(name=names[2]),
+            Assignment(names[0], own, 2 ** -sp.Max(0, exponent - LargestExponent(Str(y.base.name)))),
+            Assignment(names[1], y.indices, c2[own] * y),
+            result._replace(expr=FiniteOr(plain[result.indices], coefficient * Sum(x * units[y.indices], *total.limits)
+                                          / c2[own])))
+
+
+def sums_to_one(program, step):
+    """(the summed index, its limits) where SymPy proves sum over it of forward step's value 1 (a softmax P = e/Z[F],
+    Z = Sum(e, s) a forward step: Sum(P, s) = Sum(e, s)/Z = 1), else None."""
+    forward = {a.name: a for a in program.forward}
+    factors = sp.Mul.make_args(step.expr)
+    denominators = [f.base for f in factors if f.is_Pow and f.exp == -1 and isinstance(f.base, sp.Indexed)
+                    and isinstance(getattr(forward.get(f.base.base.name), "expr", None), Sum)]
+    for total in denominators:
+        z = forward[total.base.name]
+        if len(z.expr.limits) != 1 or tuple(z.indices) != tuple(total.indices):
+            continue
+        (v, lo, hi), = z.expr.limits
+        if v not in step.indices or v in total.indices:
+            continue
+        summed = sums_factored(Sum(step.expr, (v, lo, hi))).xreplace({total: z.expr})
+        if sp.simplify(summed - 1) == 0:
+            return v, (v, lo, hi)
+    return None
+
+
+def split_sums(expr):
+    """expr with each Sum of a sum written as the sum of Sums, their factors free of the summed index outside."""
+    def split(total):
+        return sp.Add(*(sums_factored(Sum(t, *total.limits)) for t in sp.Add.make_args(sp.expand(total.function))))
+    return expr.replace(lambda e: isinstance(e, Sum), split)
+
+
+def unchanged_by_a_shift(reader, inner, g_P, step, row, total):
+    """Whether SymPy proves reader's value (the inner readers' values in place of their reads) the same with every
+    g_P[.., s, ..] read as g_P - c[row], given total = Sum(step, s) = 1 (sums_to_one)."""
+    c = sp.IndexedBase("c", real=True)
+
+    def shifted(e):
+        return e.xreplace({r: r - c[tuple(r.indices[step.indices.index(i)] for i in row)]
+                           for r in e.atoms(sp.Indexed) if r.base == g_P})
+
+    def composed(by):
+        a = by(reader.expr)
+        for b in inner:
+            a = a.xreplace({r: by(b.expr) for r in a.atoms(sp.Indexed) if r.base.name == b.name})
+        return a
+    return sp.simplify(split_sums(composed(shifted) - composed(lambda e: e)).xreplace({total: 1})) == 0
+
+
+def argmax_shifted(program, taken):
+    """program with the adjoint g_P of each forward step P whose sum over an index s is 1 (sums_to_one: a softmax)
+    shifted by its value at P's first largest entry a over s: g_P - g_P[.., a[F]], where the steps reading g_P give
+    the same gradients (SymPy's proof: P (h - Sum(P h)) is unchanged by h - c, as Sum(P) = 1). It keeps the softmax's
+    adjoint P (g_P - Sum(P g_P)) whole at a near one-hot row's largest entry, where P_a is near 1 and g_P,a -
+    Sum(P g_P) cancels: shifted, that entry of g_P is 0 exactly, so g_A,a is -P_a Sum_{s != a} P_s (g_P,s - g_P,a),
+    the others' terms alone (derive.softmax's vjp_at_argmax, the row operations' form, in index notation). Its cost
+    is a pass for the argmax and one for the shift."""
+    backward, rewrites = list(program.backward), list(program.rewrites)
+    for step in program.forward:
+        adjoint = next((a for a in backward if a.name == f"g_{step.name}"), None)
+        found = sums_to_one(program, step) if adjoint is not None else None
+        if found is None:
+            continue
+        v, limit = found
+        readers = [a for a in backward if adjoint.name in reads_of(a.expr)]
+        within = {a.name for a in readers}
+        inner = [a for a in readers if any(a.name in reads_of(b.expr) for b in readers)]
+        if any(a.name in program.returns or any(a.name in reads_of(b.expr) and b.name not in within
+                                                for b in backward) for a in inner):
+            continue
+        row = tuple(i for i in step.indices if i != v)
+        names = [fresh(n, taken) for n in (f"{step.name}_argmax", f"{adjoint.name}_top", f"{adjoint.name}_shifted")]
+        taken |= set(names)
+        at, top, shifted = (sp.IndexedBase(n, real=True) for n in names)
+        g_P = sp.IndexedBase(adjoint.name, real=True)
+        added = (Assignment(names[0], row, ArgFirstMax(sp.IndexedBase(step.name, real=True)[step.indices], limit)),
+                 Assignment(names[1], row, g_P[tuple(at[row] if i == v else i for i in step.indices)]),
+                 Assignment(names[2], adjoint.indices, g_P[adjoint.indices] - top[row]))
+
+        def read_shifted(expr, g_P=g_P, shifted=shifted):
+            return expr.xreplace({r: shifted[r.indices] for r in expr.atoms(sp.Indexed) if r.base == g_P})
+        total = Sum(sp.IndexedBase(step.name, real=True)[step.indices], limit)
+        if not all(unchanged_by_a_shift(a, inner, g_P, step, row, total) for a in readers if a not in inner):
+            continue
+        at_reader = backward.index(readers[0])
+        backward[at_reader:at_reader] = added
+        backward = [a._replace(expr=read_shifted(a.expr)) if a.name in within else a for a in backward]
+        rewrites.append(f"g_{step.name} shifted by its value at the argmax of {step.name}")
+    return program._replace(backward=tuple(backward), rewrites=tuple(rewrites))
 
 
 # the rewrites of each assignment's scalar expression: the element-wise ones that are identities (1 - sigmoid gives
@@ -634,8 +824,16 @@ class Reduce(ArrayOperation):
     """np.<ufunc>.reduce(operand, axis=axes): add for a Sum, maximum for a Maximum."""
 
 
+class ArgMax(ArrayOperation):
+    """np.argmax(array, axis): the position of the first largest entry along one axis (derive.tensor.ArgFirstMax)."""
+
+
 class Gather(ArrayOperation):
     """np.take_along_axis(array, index, axis) with the gathered axis dropped: x[n, c[n]]."""
+
+
+class GatherAtArgmax(Gather):
+    """A Gather at an argmax's positions (first_argmax): where the axis is empty, zeros (gathered_or_0)."""
 
 
 class Take(ArrayOperation):
@@ -700,10 +898,12 @@ class Statement(NamedTuple):
         if self.form == "add":
             return f"{self.target}[{self.region}] += {value}"
         if self.form == "guard":
-            inner = "".join(f"\n    {line}" for s in self.region for line in s.source(printer).split("\n"))
+            inner = "".join(f"\n        {line}" for s in self.region for line in s.source(printer).split("\n"))
             checks, _, why = self.value.args
             test = " and ".join(f"np.isfinite({printer.doprint(c)}).all()" for c in checks.args)
-            return f"if not {test if len(checks.args) == 1 else f'({test})'}:  # {why.name}{inner}"
+            # a bound of entries all 0 or not finite (a NaN input) is 0: its log2 -inf gives the scale 1, no warning
+            return (f"if not {test if len(checks.args) == 1 else f'({test})'}:  # {why.name}\n"
+                    f"    with np.errstate(divide=\"ignore\"):  # log2(0): a bound of no finite entry, the scale 1{inner}")
         if self.form == "accumulate":
             at = ", ".join(["slice(None)"] * self.region[1] + [printer.doprint(self.region[0])])
             return f"np.add.at({self.target}, ({at}{',' if self.region[1] == 0 else ''}), {value})"
@@ -965,7 +1165,10 @@ class ArrayLowering:
         slot = sp.Dummy("slot")
         order = [slot if a is None and n == at else a for n, a in enumerate(axes)]
         index = self.align(index, index_axes, order, full=True)
-        expr = Gather(expr, index, Str(str(at)))
+        at_argmax = isinstance(label, sp.Indexed) and label.base.name in getattr(self, "argmaxes", set())
+        if at_argmax:
+            self.imports.add("gathered_or_0")
+        expr = (GatherAtArgmax if at_argmax else Gather)(expr, index, Str(str(at)))
         return expr, [a for n, a in enumerate(axes) if n != at]
 
     def align(self, expr, axes, order, full=False):
@@ -995,6 +1198,12 @@ class ArrayLowering:
             return self.summed(expr, scope)
         if isinstance(expr, Maximum):
             return self.reduced(expr, scope, "maximum")
+        if isinstance(expr, ArgFirstMax):
+            inner, free = self.inner(expr, scope)
+            (position,) = [inner.indices.index(v) for v, *_ in expr.limits]
+            result = ArgMax(self.value(expr.function, inner), Str(str(position)))
+            self.imports.add("first_argmax")
+            return self.align(result, [i for i in inner.indices if i in free], list(scope.indices))
         if isinstance(expr, FirstMax):   # over the scope, its indices an axis each (a step's own)
             if not set(expr.args[1:]) <= set(scope.indices):
                 self.fail(f"{expr} must take the largest over indices of its step")
@@ -1228,6 +1437,8 @@ class ArrayLowering:
         """The statements computing assignment: its plain terms, then each guarded term into its slice and
         each term at a label scattered."""
         target, indices = assignment.name, assignment.indices
+        if isinstance(assignment.expr, ArgFirstMax):
+            self.argmaxes = getattr(self, "argmaxes", set()) | {target}
         scope = full_scope(indices)
         plain, regions, scatters, accumulated = [], [], {}, []
         for term in sp.Add.make_args(assignment.expr):
@@ -1522,7 +1733,8 @@ def lowered(op, factor=True):
     op = factor_saved(op) if factor else op
     taken = names_of(op)
     original = program_of(op)
-    program = rescaled_adjoints(rescaled_scores(rewritten(original, taken), op, taken), op, taken)
+    program = rescaled_adjoints(argmax_shifted(rescaled_scores(rewritten(original, taken), op, taken), taken), op,
+                                taken)
     axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets,
             **{z: a for z, (a, _, _) in (op.noise or {}).items()}, **(op.given or {}), "g": op.steps[-1].indices,
             **{a.name: a.indices for a in (*program.forward, *program.backward)}}
@@ -1636,11 +1848,28 @@ def guarded(statements, guard, lowering, taken):
     # the scale's own statement left out of the sharing: its sizes' arithmetic stays Python numbers (a NumPy
     # float64 scalar would make a float32 kernel's scale float64)
     scale, *rest = inner.statements
-    rescaled = [scale, *shared(rest, taken | set(targets)), *statements[start:stop]]
+    rescaled = [scale, *shared_but_scales(rest, taken | set(targets)), *statements[start:stop]]
     check = sp.Tuple(sp.Tuple(*map(View, guard.checks)), sp.Tuple(*map(View, guard.reads)), Str(guard.why))
     # its target the first array it checks: the in-place pass takes a statement's target as read, and the scores'
     # buffer, written anew here, is free for the mask that follows them (a causal softmax's)
     return [*statements[:stop], Statement(guard.checks[0], check, "guard", tuple(rescaled)), *statements[stop:]]
+
+
+def shared_but_scales(statements, taken):
+    """shared(statements) with each statement of a power of two's scale (it reads LargestExponent) left out of the
+    sharing in its place, as guarded's first: its sizes' arithmetic stays Python numbers."""
+    scales = [s for s in statements if s.form != "zeros" and sp.sympify(s.value).has(LargestExponent)]
+    others = iter(shared([s for s in statements if s not in scales], taken))
+    out = []
+    for statement in statements:
+        if statement in scales:
+            out.append(statement)
+            continue
+        while (emitted := next(others)) is not None:
+            out.append(emitted)
+            if emitted is statement or emitted.target == statement.target and emitted.form == statement.form:
+                break
+    return out + list(others)
 
 
 def strided_sizes(lines, op, lowering):
@@ -1784,7 +2013,7 @@ def module_context(op, factor=True):
     signature += f", setting {', '.join('d' + p for p in op.params)}" if op.params else ""
     return {"op": op, "kind": op.kind, "functions": functions, "imports": sorted(imports), "batched": batched,
             "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set())
-                              | ({"first_max", "windows_added"} & imports)
+                              | ({"first_max", "first_argmax", "gathered_or_0", "windows_added"} & imports)
                               | ({"flattened"} if batched else set())
                               | ({"derived_size"} if derived or computed else set())
                               | ({"integers"} if any(len(s["sizes"]) > 1 for s in sizes) else set())
@@ -2146,9 +2375,17 @@ class TensorPrinter(KernelPrinter):
         initial = ", initial=-np.inf" if ufunc.name == "maximum" else ""
         return f"np.{ufunc.name}.reduce({self._print(operand)}, axis={axes.name}{initial})"
 
+    def _print_ArgMax(self, expr):
+        array, axis = expr.args
+        return f"first_argmax({self._print(array)}, {axis.name})"
+
     def _print_Take(self, expr):
         array, index, axis = expr.args
         return f"np.take({self._print(array)}, {self._print(index)}, axis={axis.name})"
+
+    def _print_GatherAtArgmax(self, expr):
+        array, index, axis = expr.args
+        return f"gathered_or_0({self._print(array)}, {self._print(index)}, {axis.name})"
 
     def _print_Gather(self, expr):
         array, index, axis = expr.args

@@ -113,6 +113,7 @@ OPS = (
                       "Wo": ("e h d", "uniform"), "bo": ("e", "zeros")},
               sizes={"D": "E/H"}, names={"E": "embed_dim", "H": "num_heads"}, flags={"is_causal": False},
               rescaled={"A": "q"},   # its scores overflow as ScaledDotProductAttention's
+              rounded=("q", "k", "v"),   # its attention's inputs, which every float kernel holds rounded
               steps=["q[n, t, h, d] = Sum(query[n, t, e] * Wq[h, d, e], e) + bq[h, d]",
                      "k[n, s, h, d] = Sum(key[n, s, e] * Wk[h, d, e], e) + bk[h, d]",
                      "v[n, s, h, d] = Sum(value[n, s, e] * Wv[h, d, e], e) + bv[h, d]",

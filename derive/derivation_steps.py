@@ -12,9 +12,11 @@ import sympy as sp
 from derive.algebra import contract, tidy
 from derive.gradients import layer_backward, loss_forward, loss_gradient, saved_form, variants
 from derive.reduction import REDUCTIONS, row_weight
-from derive.stability import REWRITES
+from derive.softmax import vjp_at_argmax
+from derive.stability import REWRITES, ClassArgmax, stable
 from derive.symbols import L, N, c, dy, g, i, j, k, n, over_classes, r, t, total, x, y
 from derive.tensor import TensorOp
+from derive.zeros import of_quantity
 
 LOSS = sp.Symbol("L")
 MEAN = sp.Symbol("Lbar")           # printed as L with a bar
@@ -246,13 +248,50 @@ def rewrite_steps(lhs, expr):
 
 
 def stable_derivation(op):
-    """What the kernels evaluate, from the plain forms: every rewrite of derive.stability in turn."""
+    """What the kernels evaluate, from the plain forms: every rewrite of derive.stability in turn, then a layer's
+    backward at the row's argmax where its kernels write it whole (backward_at_argmax_steps)."""
     plain = ([(y[i], op.forward)] if op.kind == "layer" else
              [(LABEL_LOSS if target == "labels" else LOSS, loss_forward(op, target, variants(op, target)["plain"]))
               for target in op.targets])
     plain += [(base[i], value) for base, value in op.saved if (base[i], value) not in plain]
+    backward, near = backward_at_argmax_steps(op), near_zero_steps(op)
+    defined = [step.rhs for step in backward + near if step.lhs == dx[j] and step.rule == "definition"]
     return Derivation(f"{op.name}: the numerically stable forms its kernels evaluate",
-                      tuple(step for lhs, value in plain for step in rewrite_steps(lhs, value)), tuple(plain))
+                      tuple(step for lhs, value in plain for step in rewrite_steps(lhs, value)) + tuple(backward + near),
+                      tuple(plain) + ((dx[j], defined[0]),) if defined else tuple(plain))
+
+
+def near_zero_steps(op):
+    """[each quantity = its kernel's form, with the Taylor polynomial within a radius of each zero where that
+    form's terms cancel (derive.zeros)] of an element-wise layer with no option: the forward y_i, the backward dx_j
+    (the definition first); [] where there is no such zero."""
+    if op.kind != "layer" or op.params:
+        return []
+    steps = []
+    for lhs, quantity, at in ((y[i], op.forward, x[i]), (dx[j], layer_backward(op), x[j])):
+        found = of_quantity(quantity, stable(quantity))
+        if not found:
+            continue
+        per_unit = dy[j] if quantity.has(dy[j]) else sp.S.One
+        near = [(per_unit * zero.at(at), sp.Abs(at - sp.Float(zero.center, 17)) < zero.radius) for zero in found]
+        steps += [Step(lhs, quantity, "definition"),
+                  Step(lhs, sp.Piecewise(*near, (stable(quantity), True)), "near a zero where its terms cancel")]
+    return steps
+
+
+def backward_at_argmax_steps(op):
+    """[dx_j = the layer's backward, its value at the row's argmax a] where the layer saves a softmax e/(1 + T) (the
+    rule "shifted sum as 1 + the rest"): the NumPy kernel writes dx_a whole, derive.softmax.vjp_at_argmax's form with
+    1 - y_a as T/(1 + T), where y_a (g_a - sum_i g_i y_i) cancels; [] for any other op."""
+    if op.kind != "layer" or not op.saved:
+        return []
+    _, denominator = sp.fraction(stable(op.saved[0][1]))
+    argmaxes = denominator.atoms(ClassArgmax)
+    if not (denominator.is_Add and 1 in denominator.args and len(argmaxes) == 1):
+        return []
+    (argmax,), vjp, rest = argmaxes, layer_backward(op), denominator - 1
+    at_argmax = vjp_at_argmax(vjp, op.saved[0][0], rest / (1 + rest), argmax, argmax)
+    return [Step(dx[j], vjp, "definition"), Step(dx[argmax], at_argmax, "the backward at the row's argmax")]
 
 
 def gradient_derivation(op):

@@ -47,10 +47,15 @@ def sums_split_at(expr, at, argmax):
     """expr with each row sum sum_i f_i written f_at + sum_i (1 - delta(i, argmax)) f_i, at the index that stands for
     the row's argmax (a kernel reads it at the argmax's positions): the term at the argmax apart, so that a value at
     the argmax can read the others' share alone, and the whole sum is that share plus one term."""
+    return sums_split(expr, at, lambda index, f: (1 - sp.KroneckerDelta(index, argmax)) * f)
+
+
+def sums_split(expr, at, others):
+    """expr with each row sum sum_i f_i written f_at + sum_i others(i, f_i), others(i, f_i) f_i at every i but at (0
+    there): the term at at apart."""
     def split(total):
         (index, low, high), = total.limits
-        rest = sp.Sum((1 - sp.KroneckerDelta(index, argmax)) * total.function, (index, low, high))
-        return total.function.xreplace({index: at}) + rest
+        return total.function.xreplace({index: at}) + sp.Sum(others(index, total.function), (index, low, high))
     return expr.replace(lambda e: isinstance(e, sp.Sum), split)
 
 
@@ -61,7 +66,13 @@ def vjp_at_argmax(vjp, saved, one_less, at, argmax):
     e_a = exp(0) = 1 and T the others' share that forward's shifted sum 1 + T keeps (derive.stability), or
     sum_{i != a} y_i (sum_i y_i = 1 again), where T is not kept. saved is the layer's saved output (y), at the index
     read at the argmax, argmax the ClassArgmax the others' sums skip."""
-    entry = sums_split_at(vjp, at, argmax).xreplace({j: at})
+    return vjp_apart(vjp, saved, one_less, at, lambda index, f: (1 - sp.KroneckerDelta(index, argmax)) * f)
+
+
+def vjp_apart(vjp, saved, one_less, at, others):
+    """vjp_at_argmax's form at the entry at, the others summed by others (sums_split): y_at (g_at one_less -
+    sum_i others(i, g_i y_i)), one_less standing for 1 - y_at, the others' share."""
+    entry = sums_split(vjp, at, others).xreplace({j: at})
     inner = entry / saved[at]   # g_a - g_a y_a - sum_{i != a} g_i y_i
     upstream = [e for e in inner.atoms(sp.Indexed) if e.indices == (at,) and e.base != saved]
     return saved[at] * sp.collect(inner, upstream).xreplace({1 - saved[at]: one_less})
@@ -70,3 +81,23 @@ def vjp_at_argmax(vjp, saved, one_less, at, argmax):
 def others_share(saved, argmax):
     """sum_{i != a} y_i, a the row's argmax: 1 - y_a, as sum_i y_i = 1, without rounding y_a near 1 away."""
     return sp.Sum((1 - sp.KroneckerDelta(i, argmax)) * saved[i], (i, 0, K - 1))
+
+
+def above_half(saved, index):
+    """Whether saved's entry at index is above 1/2: at most one entry of a row is (they sum to 1, none negative), and
+    then it is the row's argmax; the others are at most 1/2, where y (g - sum_i g_i y_i) does not cancel."""
+    return saved[index] > sp.S.Half
+
+
+def below_half(saved):
+    """others for sums_split: f_i at the entries at most 1/2, 0 at the one above (above_half)."""
+    return lambda index, f: sp.Piecewise((0, above_half(saved, index)), (f, True))
+
+
+def vjp_above_half(vjp, saved):
+    """A softmax layer's vector-Jacobian product at an entry j above 1/2 (above_half: the row's argmax, the others at
+    most 1/2), with no argmax: vjp_at_argmax's form y_j (g_j S - sum_{y_i <= 1/2} g_i y_i), its others the entries at
+    most 1/2 and S = sum_{y_i <= 1/2} y_i their share, 1 - y_j (sum_i y_i = 1). Fused loops find both sums by a
+    select in the pass that sums g_i y_i, where an argmax takes a pass of its own and a max one more."""
+    others = below_half(saved)
+    return vjp_apart(vjp, saved, sp.Sum(others(i, saved[i]), (i, 0, K - 1)), j, others)

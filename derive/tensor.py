@@ -92,6 +92,7 @@ class TensorOp:
     means: dict = None             # {reduction: divisor Expr over the output's sizes}: a loss's further means (tensor_loss)
     scaling: dict = None           # {input or option: degree}: y unchanged by each v -> c^degree v (scale_degrees)
     rescaled: dict = None          # {scores step: array it is linear in}: a softmax's scores, their overflow guarded (see tensor_op)
+    rounded: tuple = ()            # steps of inputs and params alone that every float kernel holds rounded (see tensor_op)
 
     @property
     def batch_index(self):
@@ -167,7 +168,7 @@ def size_of(index):
 
 def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, penalty=None, names=None, switches=None,
               noise=None, running=None, flags=None, padding=None, stride=None, scaling=None, rescaled=None,
-              summary=None, domain=(-3.0, 3.0), tol=1e-6):
+              rounded=None, summary=None, domain=(-3.0, 3.0), tol=1e-6):
     """A layer y[...] computed by steps from inputs, trainable params {name: (indices, init)} and options
     {name: default or (default, range)}, a default None meaning the input dtype's machine epsilon (PyTorch's
     RMSNorm eps); penalty a scalar over params and options that the class's penalty() returns and backward
@@ -193,10 +194,15 @@ def tensor_op(name, *, inputs, steps, params=None, options=None, sizes=None, pen
     {input or option: degree} declares the output unchanged where each is multiplied by c^degree for any c > 0
     (a normalisation's x -> c x, eps -> c^2 eps), which scale_degrees proves. rescaled {step: array} names a
     softmax's scores (attention's A), linear in array (Q): where a row's max overflows, the kernels compute that
-    row's softmax again from c A = A(c Q), c a power of two (codegen.tensor_lower.rescaled_scores)."""
+    row's softmax again from c A = A(c Q), c a power of two (codegen.tensor_lower.rescaled_scores). rounded
+    (step, ...) names steps that read inputs and params alone and that the op hands on as the inputs of another
+    (MultiheadAttention's projections q, k, v, the inputs of its attention): every float kernel holds them rounded
+    to the dtype, so the accuracy survey's conditioning allowance counts their rounding as an input's
+    (codegen.accuracy.TensorTruth.scales)."""
     return declared(name, "layer", inputs, params or {}, options or {}, {}, sizes or {}, steps, summary, domain, tol,
                     penalty, names or {}, switches=switches or {}, noise=noise or {}, running=running or {},
-                    flags=flags or {}, window=(padding, stride), scaling=scaling or {}, rescaled=rescaled or {})
+                    flags=flags or {}, window=(padding, stride), scaling=scaling or {}, rescaled=rescaled or {},
+                    rounded=rounded or ())
 
 
 def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None, options=None, sizes=None,
@@ -211,7 +217,7 @@ def tensor_loss(name, *, inputs, steps, targets=None, weights=None, params=None,
 
 def declared(name, kind, inputs, params, options, targets, sizes, steps, summary, domain, tol, penalty=None,
              size_names=None, weights=None, switches=None, noise=None, running=None, flags=None, means=None,
-             window=(None, None), scaling=None, rescaled=None):
+             window=(None, None), scaling=None, rescaled=None, rounded=()):
     """The TensorOp of a declaration, refusing anything ill-formed with a DeclarationError naming it."""
     from derive.declare import DeclarationError, check_name, declared_param  # derive.declare re-exports this module
     check_name(name)
@@ -334,6 +340,10 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
         if scores is None or array not in {*inputs, *(a.name for a in assignments)} or not linear_in(scores.expr, array):
             refuse(f"rescaled: {step!r} -> {array!r} must map a step (not the output) to an input or step it is "
                    f"linear in")
+    for step in rounded:
+        found = next((a for a in assignments[:-1] if a.name == step), None)
+        if found is None or not reads_of(found.expr) <= {*inputs, *params}:
+            refuse(f"rounded: {step!r} must name a step (not the output) that reads inputs and params alone")
     param_sizes = {str(size_of(i)) for p in params for i in axes[p]}
     for size, argument in (size_names or {}).items():
         if size not in {*param_sizes, *given_sizes} or not isinstance(argument, str) or not argument.isidentifier() or keyword.iskeyword(
@@ -354,6 +364,7 @@ def declared(name, kind, inputs, params, options, targets, sizes, steps, summary
                     noise={z: (axes[z], kind, option) for z, (_, kind, option) in noise.items()}, running=running,
                     optional_axis=optional_axis, flags={f: bool(v) for f, v in flags.items()}, window=window,
                     given_sizes=given_sizes, scaling=dict(scaling or {}), rescaled=dict(rescaled or {}),
+                    rounded=tuple(rounded),
                     means=loss_means(refuse, means or {}, assignments[-1].indices))
 
 
@@ -569,6 +580,34 @@ class FirstMax(sp.Function):
 
     def fdiff(self, argindex=1):
         return sp.S.Zero
+
+
+class ArgFirstMax(sp.Expr):
+    """ArgFirstMax(e, (v, lo, hi)): the v of the first largest e over the range (a NaN counting as largest, as
+    np.argmax takes it), an integer array a kernel reads another array at (x[n, t, a[n, t]]). Constant wherever
+    it is defined, as FirstMax: no step of the derivation reads it."""
+    is_integer = True
+
+    def __new__(cls, function, limit):
+        return sp.Expr.__new__(cls, sp.sympify(function), sp.Tuple(*limit))
+
+    @property
+    def function(self):
+        return self.args[0]
+
+    @property
+    def limits(self):
+        return self.args[1:]
+
+    @property
+    def free_symbols(self):
+        return self.function.free_symbols - {self.args[1][0]}
+
+    def _eval_derivative(self, s):
+        return sp.S.Zero
+
+    def _sympystr(self, printer):
+        return f"ArgFirstMax({printer.doprint(self.function)}, {printer.doprint(self.args[1])})"
 
 
 class Summed(sp.Function):
@@ -958,6 +997,8 @@ def compiled(expr):
         return sum_of(expr)
     if isinstance(expr, FirstMax):
         return first_max_of(expr)
+    if isinstance(expr, ArgFirstMax):
+        return arg_first_max_of(expr)
     if isinstance(expr, sp.Piecewise):
         branches = [(compiled(value), compiled(condition)) for value, condition in expr.args]
         return lambda arrays, scope: next(value(arrays, scope) for value, holds in branches if holds(arrays, scope))
@@ -983,6 +1024,19 @@ def first_max_of(mask):
         values = [value(arrays, {**scope, **dict(zip(over, point))}) for point in points]
         return float(points[int(np.argmax(values))] == tuple(scope[v] for v in over))
     return first_max
+
+
+def arg_first_max_of(position):
+    """The evaluator of ArgFirstMax(e, (v, lo, hi)): the first v of the range where e is largest (a NaN the
+    largest, as np.argmax takes it)."""
+    v, lo, hi = position.args[1]
+    value, low, high = compiled(position.function), compiled(lo), compiled(hi)
+
+    def arg_first_max(arrays, scope):
+        start = int(low(arrays, scope))
+        values = [value(arrays, {**scope, v: at}) for at in range(start, int(high(arrays, scope)) + 1)]
+        return start + int(np.argmax(values))
+    return arg_first_max
 
 
 def read_of(access):

@@ -197,3 +197,22 @@ def test_batch_norms_textbook_form_is_checked_against_the_chain_and_a_wrong_one_
     wrong = dataclasses.replace(good.steps[number], rhs=good.steps[number].rhs * sp.Rational(11, 10))
     checks = check_derivation(dataclasses.replace(good, steps=(*good.steps[:number], wrong, *good.steps[number + 1:])))
     assert not checks[number].ok and "differs from the step before" in checks[number].detail
+
+
+def test_the_softmax_layers_stable_forms_end_at_its_backward_at_the_argmax_and_a_wrong_one_is_caught():
+    # the step the NumPy kernel prints (codegen.kernels.at_the_argmax): y_a (g_a T/(1 + T) - sum_{i != a} g_i y_i)
+    from derive.stability import ClassArgmax
+    found = derivation("softmax_stable")
+    *_, definition, at_argmax = found.steps
+    argmax = ClassArgmax(x)
+    assert definition.rhs == layer_backward(CATALOG["Softmax"]) and at_argmax.rule == "the backward at the row's argmax"
+    assert at_argmax.lhs.indices == (argmax,) and at_argmax.rhs.has(sp.KroneckerDelta(i, argmax))
+    assert all(check.ok for check in check_derivation(found))
+    # the others' sum with the argmax's own term left in: dx_a counts g_a y_a twice, which the checker finds
+    wrong = at_argmax.rhs.replace(lambda e: isinstance(e, sp.Sum) and e.function.has(y[i]),
+                                  lambda e: sp.Sum(e.function.subs(sp.KroneckerDelta(i, argmax), 0), *e.limits))
+    assert wrong != at_argmax.rhs
+    steps = found.steps[:-1] + (Step(at_argmax.lhs, wrong, at_argmax.rule),)
+    assert not check_derivation(Derivation(found.title, steps, found.definitions))[-1].ok
+    # an op whose saved form has no shifted sum gets no such step
+    assert not any(step.rule == at_argmax.rule for step in derivation("log_softmax_stable").steps)

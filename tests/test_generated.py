@@ -216,5 +216,6 @@ def test_generated_code_imports_numpy_alone(path):
                for alias in node.names}
     imports |= {node.module.split(".")[0] for node in ast.walk(tree)
                 if isinstance(node, ast.ImportFrom) and node.level == 0}
-    # math and itertools: Python's own, for sizes and options as Python floats and a window's few taps
-    assert imports <= {"numpy", "math", "itertools"}
+    # Python's own: math and itertools for sizes and options as Python floats and a window's few taps; sys and
+    # threading for _tensor's pool of kept outputs (a reference count, a lock)
+    assert imports <= {"numpy", "math", "itertools", "sys", "threading"}

@@ -46,7 +46,9 @@ def careless_tensor_lines(function, printer, view, new_array):
     operand when that is an array's name (a temporary, or one forward saved: LayerNorm's y_gamma), needed later
     or not."""
     overwrite = re.compile(r"^(\w+) = np\.(\w+)\(([a-z_]\w*)((?:, [^=]*)?)\)$")
-    return [overwrite.sub(r"\1 = np.\2(\3\4, out=\3)", line) for line in REAL_TENSOR(function, printer, view, new_array)]
+    kept = re.compile(r'^(\w+) = kept\(\(__name__, "[\w.]+"\), np\.(\w+), ([a-z_]\w*)((?:, [^=]*)?)\)$')
+    return [kept.sub(r"\1 = np.\2(\3\4, out=\3)", overwrite.sub(r"\1 = np.\2(\3\4, out=\3)", line))
+            for line in REAL_TENSOR(function, printer, view, new_array)]
 
 
 def package(lowering, folder, monkeypatch, tensor_lowering=REAL_TENSOR):

@@ -535,6 +535,48 @@ def test_the_softmax_vjp_at_its_argmax_keeps_its_value_to_45_digits():
             assert abs(derived - written) <= sp.Float(10) ** -45 * abs(derived)
 
 
+def softmax_vjps_above_half(row, upstream, at, big):
+    """(the derived vjp y_j (g_j - sum_i g_i y_i) at j = at, and the fused kernels' form there: vjp_above_half's if at
+    is big, else the vjp) over a row of three entries y = softmax(row), big the entry taken as above 1/2 (None: no
+    entry is), summed out."""
+    from derive.catalog import CATALOG
+    from derive.gradients import layer_backward
+    from derive.softmax import vjp_above_half
+    from derive.symbols import K, j
+    op = CATALOG["Softmax"]
+    vjp, y = layer_backward(op), op.saved[0][0]
+    written = vjp_above_half(vjp, y) if at == big else vjp
+    exps = [sp.exp(v) for v in row]
+    values = {y[v]: e / sum(exps) for v, e in enumerate(exps)} | {
+        sp.IndexedBase("g", real=True)[v]: value for v, value in enumerate(upstream)}
+    def out(e):  # noqa: E306
+        e = e.xreplace({K: 3, j: at}).doit()
+        e = e.xreplace({y[v] > sp.S.Half: sp.true if v == big else sp.false for v in range(3)})
+        assert not e.has(sp.Piecewise), e
+        return e.xreplace(values)
+    return out(vjp), out(written)
+
+
+def test_sympy_proves_the_softmax_vjp_at_an_entry_above_half_for_each_argmax():
+    x, gs = [X[0], X[1], X[2]], [sp.Symbol(f"g{v}", real=True) for v in range(3)]
+    for big in range(3):
+        derived, written = softmax_vjps_above_half(x, gs, big, big)
+        assert written != derived and sp.simplify(derived - written) == 0, big
+    # the form holds at the entry above 1/2, the others' sums skipping it: not where another entry is skipped
+    derived, written = softmax_vjps_above_half(x, gs, 0, 0)
+    assert sp.simplify(derived.xreplace({X[0]: X[1], X[1]: X[0]}) - written) != 0
+
+
+def test_the_softmax_vjp_above_half_keeps_its_value_to_45_digits():
+    half = sp.Rational(1, 2)
+    for row, upstream in (((sp.Rational(444, 10), 0, sp.Rational(-222, 10)), (1, 2, -3)),
+                          ((1, sp.Rational(1, 10 ** 20), -2), (sp.Rational(1, 3), -1, 5)),
+                          ((-3, sp.Rational(1, 4), 7), (2, 2, 1)), ((90, -half, -half), (1, 1 + sp.Rational(1, 10 ** 30), 7))):
+        big = max(range(3), key=lambda v: row[v])
+        derived, written = (sp.N(e, 60) for e in softmax_vjps_above_half(row, upstream, big, big))
+        assert abs(derived - written) <= sp.Float(10) ** -45 * abs(derived), row
+
+
 def test_the_generated_softmax_backward_keeps_the_others_share_at_the_rows_largest_entry():
     # the issue's row: dx_a = y_a (g_a T/(1 + T) - sum_{i != a} g_i y_i), where g_a - sum_i g_i y_i rounds to 0
     import generated

@@ -21,7 +21,7 @@ from derive.stability import INDEX_REWRITES
 from codegen.write import import_package
 from derive.ops import build_catalog
 from derive.catalog import CATALOG
-from derive.tensor import TensorOp, evaluated, size_of
+from derive.tensor import Sum, TensorOp, evaluated, size_of
 from tests.references import evaluated_shifted
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tensor_ops.py"

@@ -1,12 +1,17 @@
 """generated.fast's index-notation classes (codegen.tensor_fused): the fused kernels run compiled against the NumPy
 classes in float32 and float64, against finite differences, keeping the dtype and the NumPy classes' errors; the
 ops the printer does not fuse say why; codegen refuses a wrong fused kernel."""
+import functools
+import shutil
+
 import numpy as np
 import pytest
+import sympy as sp
 
 import generated
-from codegen import tensor_fused
-from codegen.pipeline import codegen
+from codegen import accuracy, tensor_fused, tensor_lower
+from codegen.pipeline import codegen, imported
+from codegen.render import FAST, ROOT, operation_files
 from codegen.tensor_fused import FusionError, fusion_error, row_scheme
 from codegen.tensor_verify import sample
 from codegen.verify import check_op
@@ -207,3 +212,91 @@ def test_the_fused_norms_guard_the_entry_alone_far_from_its_row():
             layer._largest[...] = layer._largest if guarded else 0   # 0: no row flagged, the derived form alone
             ulps = np.abs(layer.backward(g) - expected) / np.spacing(np.abs(expected).astype(np.float32))
             assert (ulps[0, 0] <= 4) == guarded and ulps[0, 1:].max() <= 4, (name, guarded, ulps)
+
+
+def fused_layer_norm(folder, monkeypatch, factored):
+    """generated's package copied into folder, its fast/layer_norm.py printed now, with the backward reading the
+    factor x hat (factored) or, as it was printed before, x - mu; run interpreted, with math as numba compiles it."""
+    shutil.copytree(ROOT / "generated", folder, ignore=shutil.ignore_patterns("__pycache__"))
+    with monkeypatch.context() as patched:
+        if not factored:
+            patched.setattr(tensor_fused, "factor_saved", lambda op: op)
+        text = operation_files(CATALOG["LayerNorm"])[f"{FAST}/layer_norm.py"]
+    (folder / FAST / "layer_norm.py").write_text(text)
+    return imported(folder, fused=True).fast.LayerNorm
+
+
+def test_the_fused_layer_norm_backward_reads_x_hat_where_var_to_the_3_2_overflows(tmp_path, monkeypatch):
+    # a float32 row of spread 3e13: var = 1.5e26 is finite, (eps + var)^(3/2) = 1.8e39 is not; the old g_var,
+    # Sum((x - mu) g gamma) over that power, was 0 there, and dx lost a term
+    subject = accuracy.tensor_subject(CATALOG["LayerNorm"])
+    rng = np.random.default_rng(5)
+    arrays = {"x": np.array([[2e13, -1e13, 5e12], [0.3, -1.2, 2.0]], np.float32),
+              "gamma": rng.uniform(0.5, 2, 3).astype(np.float32), "beta": rng.uniform(-1, 1, 3).astype(np.float32),
+              "g": rng.uniform(-1, 1, (2, 3)).astype(np.float32)}
+    truth = accuracy.TensorTruth(subject, arrays, accuracy.tensor_options(subject, np.float32))
+    for factored in (False, True):
+        cls = fused_layer_norm(tmp_path / str(factored), monkeypatch, factored)
+        got = accuracy.run_tensor_class(cls, subject, arrays)
+        tally = accuracy.Tally()
+        for key, values in truth.values.items():
+            for at in np.ndindex(values.shape):
+                accuracy.judge_scaled(tally, np.asarray(got[key])[at], values[at],
+                                      functools.partial(truth.scale, key, at), np.float32,
+                                      accuracy.bound("LayerNorm", np.float32), f"{key[1]}{list(at)}")
+        assert bool(tally.failures) != factored, (factored, tally.example)
+
+
+def test_the_fused_backward_computes_what_the_derivation_does():
+    # SymPy, every Sum written out at N = 1, K = 3: the fused program's dx, g_var and dgamma (x hat computed again
+    # from its definition, read back by codegen.tensor_lower.steps_read_back) are the derived ones
+    op = CATALOG["LayerNorm"]
+    steps, assignments = tensor_fused.programs(op)
+    derived = tensor_lower.program_of(op)
+    eps = sp.Symbol("eps", positive=True)
+
+    def value(program, name, at):
+        """Assignment name of program at integer indices at, every step by its value."""
+        step = {a.name: a for a in program}[name]
+        sizes = {sp.Symbol("K", integer=True, positive=True): 3, sp.Symbol("N", integer=True, positive=True): 1}
+        expr = step.expr.xreplace(sizes).xreplace(dict(zip(step.indices, at)))
+        expr = expr.xreplace({s: eps for s in expr.free_symbols if s.name == "eps"})
+        expr = expr.replace(lambda e: isinstance(e, sp.Sum), lambda e: sp.Sum(e.function, *e.limits).doit())
+        return expr.replace(lambda e: isinstance(e, sp.Indexed) and all(i.is_Integer for i in e.indices),
+                            lambda e: value(program, e.base.name, e.indices) if e.base.name in {a.name for a in program}
+                            else sp.Symbol(f"{e.base.name}_{'_'.join(map(str, e.indices))}", real=True))
+
+    def canonical(expr):
+        return sp.simplify(expr.replace(lambda e: e.is_Pow and e.exp.is_Rational and e.exp.q == 2,
+                                        lambda e: sp.Pow(sp.factor(sp.expand(e.base)), e.exp)))
+    fused, plain = (*steps, *assignments["backward"]), (*derived.forward, *derived.backward)
+    for name, at in (("g_var", (0,)), ("dx", (0, 0)), ("dx", (0, 2)), ("dgamma", (1,))):
+        assert canonical(value(fused, name, at) - value(plain, name, at)) == 0, (name, at)
+
+
+def test_an_output_is_written_again_only_once_nothing_else_holds_it(monkeypatch):
+    # _runtime.kept_empty spares a fresh mmap per large output (LayerNorm's y and dx): an array it returned comes
+    # back only once nothing holds it but the pool, a view holding its base; a pool that ignored the references
+    # would write a y still held
+    kept_empty = fast._runtime.kept_empty
+    a = kept_empty("test.a", (3, 4), np.float64)
+    b = kept_empty("test.a", (3, 4), np.float64)
+    assert b is not a
+    view, kept = b[1:], id(a)
+    del a, b
+    c = kept_empty("test.a", (3, 4), np.float64)
+    assert id(c) == kept and c is not view.base
+    assert kept_empty("test.a", (3, 5), np.float64).shape == (3, 5)   # held: none free, one more array
+    rng = np.random.default_rng(6)
+    xs = rng.standard_normal((4, 29, 8))
+    for ignoring in (False, True):
+        if ignoring:
+            monkeypatch.setattr(fast._runtime, "_ALONE", 1 << 30)
+        layer = fast.LayerNorm(8, dtype=np.float64)
+        y = layer.forward(xs[0])
+        first, dx = y.copy(), layer.backward(xs[1])
+        grad = dx.copy()
+        for x in xs[2:]:
+            layer.forward(x)
+            layer.backward(x)
+        assert (np.array_equal(y, first) and np.array_equal(dx, grad)) != ignoring

@@ -312,3 +312,231 @@ def test_the_attention_guards_leave_the_usual_path_one_check_of_the_gradients():
     backward = source[source.index("def backward("):source.index("def forward_is_causal(")]
     usual, guarded = backward.split("    if not (np.isfinite(dQ).all() and np.isfinite(dK).all()):")
     assert "np.multiply(Q," not in usual and "maximum.reduce" not in usual and "g_scale" in guarded
+
+
+# ---- the softmax's adjoint at the argmax (codegen.tensor_lower.argmax_shifted), products in units (product_in_units) --
+
+def test_the_softmax_adjoint_shift_keeps_every_attention_gradient_and_is_refused_where_unproven():
+    """argmax_shifted's program against the plain one, by derive.tensor's loops at the check sizes, causal or not; a
+    g_A that is not invariant under g_P - c (no Sum(P) = 1 behind it) keeps its g_P."""
+    from codegen.tensor_lower import argmax_shifted, rewritten
+    rng = np.random.default_rng(5)
+    for op in (with_flags(CATALOG["ScaledDotProductAttention"], {"is_causal": causal}) for causal in (False, True)):
+        _, arrays, _ = sample(op, rng)
+        scope = check_sizes(op)
+        arrays["g"] = rng.standard_normal(tuple(scope[size_of(i)] for i in op.steps[-1].indices))
+        taken = set(names_of(op))
+        plain = rewritten(program_of(op), taken)
+        shifted_program = argmax_shifted(plain, taken)
+        assert [a.name for a in shifted_program.backward][1:4] == ["P_argmax", "g_P_top", "g_P_shifted"]
+        forward = evaluated_shifted(plain.forward, arrays, scope)
+        before, after = (evaluated_shifted(p.backward, forward, scope) for p in (plain, shifted_program))
+        for name in plain.returns:
+            np.testing.assert_allclose(after[name], before[name], rtol=1e-12, atol=1e-14, err_msg=name)
+        g_A = next(a for a in plain.backward if a.name == "g_A")
+        P, g_P = (sp.IndexedBase(n, real=True) for n in ("P", "g_P"))
+        wrong = plain._replace(backward=tuple(a._replace(expr=P[a.indices] * g_P[a.indices]) if a is g_A else a
+                                              for a in plain.backward))
+        assert argmax_shifted(wrong, set(taken)).backward == wrong.backward
+
+
+@pytest.mark.parametrize("dtype, margin", [(np.float32, 16.0), (np.float64, 36.0)])
+def test_attention_g_a_at_a_near_one_hot_rows_argmax_is_whole(dtype, margin):
+    # scores (margin, 0): P_b = e^-margin is about an ulp of 1, and P_a (g_P,a - sum P g_P) rounds P_a g_P,a to an
+    # ulp of g_P,a where the truth P_a P_b (g_P,a - g_P,b) is of P_b's size; shifted by g_P,a it is the others' term
+    package = imported(ROOT / "generated", fused=False)
+    Q, K = np.array([[[1.0]]], dtype), np.array([[[margin], [0.0]]], dtype)
+    V, g = np.array([[[1.0], [0.5]]], dtype), np.array([[[1.0]]], dtype)
+    layer = package.ScaledDotProductAttention()
+    layer.forward(Q, K, V)
+    dQ, dK, dV = layer.backward(g)
+    truth = attention_gradients(Q[0], K[0], V[0], g[0])
+    for got, exact in zip((dQ, dK), truth):
+        np.testing.assert_allclose(got[0], exact.astype(dtype), rtol=4 * np.finfo(dtype).eps, atol=0)
+    P = layer._saved[-1]
+    g_P = g @ V.swapaxes(1, 2)
+    plain = P * (g_P - (P * g_P).sum(-1, keepdims=True))          # the form before the shift
+    assert abs(plain[0, 0, 0] * margin - truth[0][0, 0]) > 100 * np.spacing(dtype(truth[0][0, 0]))
+
+
+def test_attention_dk_whose_truth_overflows_is_the_infinity_of_its_sign():
+    # P = (1/2, 1/2), g_A finite, dK[s] = g_A[0, s] 1e107 + g_A[1, s] (-1e132): 8e408 - 2e435, past the largest
+    # number: each product overflows before the sum cancels (inf - inf); in units of Q's column it is -inf
+    package = imported(ROOT / "generated", fused=False)
+    Q, K = np.array([[[1e107], [-1e132]]]), np.array([[[1e-256], [0.0]]])
+    V, g = np.array([[[-1e304], [1e179]]]), np.array([[[-0.03], [-0.83]]])
+    layer = package.ScaledDotProductAttention()
+    layer.forward(Q, K, V)
+    with np.errstate(all="ignore"):
+        dQ, dK, dV = layer.backward(g)
+        truth = attention_gradients(Q[0], K[0], V[0], g[0])
+        np.testing.assert_array_equal(dK[0], truth[1])                 # -inf and inf, as mpmath's overflow to float
+        assert np.isinf(truth[1]).all() and np.isfinite(dQ).all()
+        np.testing.assert_allclose(dQ[0], truth[0], rtol=4e-16)
+        P = layer._saved[-1][0]
+        g_A = P * (g[0] @ V[0].T - (P * (g[0] @ V[0].T)).sum(-1, keepdims=True))
+        assert not (np.sign(g_A.T @ Q[0]) == np.sign(truth[1])).all()  # the product as it is: NaN
+
+
+def test_a_finite_gradient_beside_an_overflowing_one_keeps_its_small_terms():
+    # the full grid's sample: dQ[0, 0] overflows, so the guard runs; dK[0, 0] = g_A[0, 0] Q[0, 0]/sqrt(2) is 2.8e-138
+    # from Q[0, 0] = -1e-298, as g_A[1, 0] = 0 at Q's 1e237 beside it; Q's column in units (c2 ~ 2^-1300) rounds
+    # -1e-298 to 0, so only the entries that were not finite are taken from the product in units
+    package = imported(ROOT / "generated", fused=False)
+    Q, K = np.array([[[-1e-298, 1e-248], [1e237, 1e-173]]]), np.array([[[-1e-198, -1e-223], [1e262, -1e-98]]])
+    V = np.array([[[-1e90, 1e-20, 1e162], [-1e65, -1e-48, -1e-73]]])
+    g = np.array([[[-0.987, -0.634, -0.158], [-0.243, -0.762, -0.146]]])
+    layer = package.ScaledDotProductAttention()
+    layer.forward(Q, K, V)
+    with np.errstate(all="ignore"):
+        dQ, dK, dV = layer.backward(g)
+        truth = attention_gradients(Q[0], K[0], V[0], g[0])
+    assert np.isinf(truth[0][0, 0]) and dQ[0, 0, 0] == truth[0][0, 0]     # the guard ran
+    assert truth[1][0, 0] != 0
+    np.testing.assert_allclose(dK[0], truth[1], rtol=4e-16)
+
+
+# ---- an intermediate product of the backward guard in units of a finer power of two (finer_run) ----------------
+
+def multihead_gradients(query, key, value):
+    """{gradient: mpf or [mpf]} of MultiheadAttention at E = H = D = T = 1, S = len(key), every weight 1 and bias 0,
+    g = 1, by mpmath from the float inputs: the projections are the inputs themselves, so no rounding of them."""
+    with mpmath.workdps(60):
+        q, ks, vs = mpmath.mpf(float(query)), [mpmath.mpf(float(x)) for x in key], [mpmath.mpf(float(x)) for x in value]
+        scores = [q * k for k in ks]
+        e = [mpmath.exp(a - max(scores)) for a in scores]
+        P = [x / sum(e) for x in e]
+        mean = sum(p * v for p, v in zip(P, vs))
+        g_A = [p * (v - mean) for p, v in zip(P, vs)]
+        g_k, g_q = [a * q for a in g_A], sum(a * k for a, k in zip(g_A, ks))
+        return {"dquery": g_q, "dkey": g_k, "dWq": g_q * q, "dWk": sum(x * k for x, k in zip(g_k, ks)), "dbk": sum(g_k)}
+
+
+@pytest.mark.parametrize("dtype, magnitude", [(np.float32, 20), (np.float64, 150)])
+def test_multihead_dwk_whose_per_head_g_k_overflows_is_finite(dtype, magnitude):
+    # query 10^m, key (10^-m, -10^-m/2): scores (1, -1/2), P not one-hot; value +-10^(m + 5 (50)) gives g_A of that
+    # size, so g_k = g_A q overflows (dkey's truth too) while dWk = sum_s g_k key and dWq are finite. g_P is finite,
+    # so the guard's c is 1: the run at c gave dWk inf (float32) or NaN; the run at c_f = 2^-k bounds g_A q too
+    package = imported(ROOT / "generated", fused=False)
+    a, c = 10.0 ** magnitude, 10.0 ** (magnitude + (5 if dtype == np.float32 else 50))
+    layer = package.MultiheadAttention(embed_dim=1, num_heads=1)
+    for p in ("Wq", "Wk", "Wv", "Wo", "bq", "bk", "bv", "bo"):
+        setattr(layer, p, np.full(getattr(layer, p).shape, p.startswith("W"), dtype))
+    query, key = np.array([[[a]]], dtype), np.array([[[1 / a], [-0.5 / a]]], dtype)
+    value = np.array([[[c], [-c]]], dtype)
+    layer.forward(query, key, value)
+    with np.errstate(all="ignore"):
+        dquery, dkey, _ = layer.backward(np.ones((1, 1, 1), dtype))
+    truth = multihead_gradients(query.ravel()[0], key.ravel(), value.ravel())
+    rtol = 8 * np.finfo(dtype).eps
+    for got, exact in ((dquery, truth["dquery"]), (layer.dWq, truth["dWq"]), (layer.dWk, truth["dWk"])):
+        assert np.isfinite(float(exact)) and abs(float(exact)) < np.finfo(dtype).max
+        np.testing.assert_allclose(got.ravel()[0], float(exact), rtol=rtol)
+    np.testing.assert_array_equal(np.sign(dkey.ravel()), [1, -1])         # inf and -inf, as the truth overflows
+    assert np.isinf(dkey).all() and all(abs(x) > np.finfo(dtype).max for x in truth["dkey"])
+    P = layer._saved[11]                                                     # the run at c, as the guard had it
+    with np.errstate(all="ignore"):
+        g_P = value.ravel()
+        g_A = P.ravel() * (g_P - (P.ravel() * g_P).sum())
+        old = (g_A * query.ravel()[0] * key.ravel()).sum()      # g_k first, then dWk: the old guard's order
+    assert not np.isfinite(old)
+
+
+def test_the_finer_run_is_only_where_an_intermediate_product_is_guarded():
+    # MultiheadAttention's g_k and g_q are such products, read by the returned gradients; ScaledDotProductAttention
+    # has none (its dQ, dK are returned): its guard is as it was
+    mha = (ROOT / "generated" / "multihead_attention.py").read_text()
+    sdpa = (ROOT / "generated" / "scaled_dot_product_attention.py").read_text()
+    backward = mha[mha.index("def backward("):mha.index("def backward_params(")]
+    usual, guarded = backward.split("    if not (np.isfinite(dquery).all()")
+    assert "finer" not in usual and "g_k_finer" in guarded and "dWk_finer" in guarded
+    assert "finer" not in sdpa
+
+
+def rms_norm_classes(folder, read_back):
+    """generated copied into folder with RMSNorm's NumPy and fused modules printed now, the backward reading the
+    saved x hat (read_back, codegen.tensor_lower.read_back_rules' array read) or, as before, x: {backend: class}
+    (the fused one interpreted, math as numba compiles it)."""
+    import shutil
+    from codegen import tensor_lower
+    from codegen.render import operation_files
+    shutil.copytree(ROOT / "generated", folder, ignore=shutil.ignore_patterns("__pycache__"))
+    with pytest.MonkeyPatch.context() as patched:
+        if not read_back:
+            patched.setattr(tensor_lower, "steps_read_back", lambda program: program)
+        for path, text in operation_files(CATALOG["RMSNorm"]).items():
+            (folder / path).write_text(text)
+    package = imported(folder, fused=True)
+    return {"numpy": package.RMSNorm, "fused": package.fast.RMSNorm}
+
+
+def test_rms_norm_backward_reads_x_hat_where_ms_to_the_3_2_overflows(tmp_path):
+    # a float32 row of spread 2e13: ms = 1.75e26 is finite, (eps + ms)^(3/2) = 2.3e39 is not; the old g_ms,
+    # Sum(x g gamma) over that power, was 0 there and dx lost a term, in both backends; read back from x hat,
+    # g_ms = -Sum(x hat g gamma) / (2 (eps + ms)) is finite
+    from codegen import accuracy
+    pytest.importorskip("numba")
+    import functools
+    subject = accuracy.tensor_subject(CATALOG["RMSNorm"])
+    rng = np.random.default_rng(5)
+    arrays = {"x": np.array([[2e13, -1e13, 5e12], [0.3, -1.2, 2.0]], np.float32),
+              "gamma": rng.uniform(0.5, 2, 3).astype(np.float32), "g": rng.uniform(-1, 1, (2, 3)).astype(np.float32)}
+    truth = accuracy.TensorTruth(subject, arrays, accuracy.tensor_options(subject, np.float32))
+    for read_back in (False, True):
+        for backend, cls in rms_norm_classes(tmp_path / str(read_back), read_back).items():
+            got = accuracy.run_tensor_class(cls, subject, arrays)
+            tally = accuracy.Tally()
+            for key, values in truth.values.items():
+                for at in np.ndindex(values.shape):
+                    accuracy.judge_scaled(tally, np.asarray(got[key])[at], values[at],
+                                          functools.partial(truth.scale, key, at), np.float32,
+                                          accuracy.bound("RMSNorm", np.float32), f"{key[1]}{list(at)}")
+            assert bool(tally.failures) != read_back, (backend, read_back, tally.example)
+
+
+def test_rms_norms_read_back_backward_is_proven_equal_to_the_derived_one():
+    # SymPy, every Sum written out at N = 1, K = 3: g_ms and dx of the program the NumPy and fused kernels lower
+    # (x read back as x hat sqrt(eps + ms)) equal the derived ones; the read back is there (no (eps + ms)^(3/2))
+    from codegen.tensor_lower import factor_saved, rewritten
+    op = CATALOG["RMSNorm"]
+    program = rewritten(program_of(factor_saved(op)), names_of(op))
+    derived = program_of(op)
+    assert "steps read back" in program.rewrites
+    g_ms = next(a for a in program.backward if a.name == "g_ms")
+    assert not any(p.exp == sp.Rational(-3, 2) for p in g_ms.expr.atoms(sp.Pow)), g_ms.expr
+    eps = sp.Symbol("eps", positive=True)
+    sizes = {sp.Symbol("K", integer=True, positive=True): 3, sp.Symbol("N", integer=True, positive=True): 1}
+
+    def value(assignments, name, at):
+        """Assignment name at integer indices at, every step by its value, each input entry a real symbol."""
+        step = {a.name: a for a in assignments}[name]
+        expr = step.expr.xreplace(sizes).xreplace(dict(zip(step.indices, at)))
+        expr = expr.xreplace({s: eps for s in expr.free_symbols if s.name == "eps"})
+        expr = expr.replace(lambda e: isinstance(e, sp.Sum), lambda e: sp.Sum(e.function, *e.limits).doit())
+        names = {a.name for a in assignments}
+        return expr.replace(lambda e: isinstance(e, sp.Indexed) and all(i.is_Integer for i in e.indices),
+                            lambda e: value(assignments, e.base.name, e.indices) if e.base.name in names
+                            else sp.Symbol(f"{e.base.name}_{'_'.join(map(str, e.indices))}", real=True))
+    new, old = (*program.forward, *program.backward), (*derived.forward, *derived.backward)
+    for name, at in (("g_ms", (0,)), ("dx", (0, 0)), ("dx", (0, 2))):
+        difference = value(new, name, at) - value(old, name, at)
+        assert sp.simplify(sp.powsimp(sp.together(difference), force=True)) == 0, (name, at)
+        values = {s: sp.Rational(v) for s, v in zip(sorted(difference.free_symbols, key=str),
+                                                      ("1e-7", "0.7", "1.3", "1.9", "-0.4", "0.2", "0.9", "2e13",
+                                                       "-1e13", "5e12"))}
+        with mpmath.workdps(60):
+            assert abs(sp.N(difference.xreplace(values), 50)) < sp.Float("1e-40"), (name, at)
+
+
+def test_rounded_names_only_a_step_of_inputs_and_params():
+    from derive.declare import DeclarationError
+    from derive.tensor import tensor_op
+    steps = ["q[n, t, d] = Sum(x[n, t, e] * W[d, e], e)", "A[n, t, s] = Sum(q[n, t, d] * q[n, s, d], d)",
+             "y[n, t, d] = Sum(A[n, t, s] * q[n, s, d], s)"]
+    op = tensor_op("Projected", inputs={"x": "n t e"}, params={"W": ("d e", "uniform")}, steps=steps, sizes={"S": "T"},
+                   rounded=("q",))
+    assert op.rounded == ("q",)
+    for wrong in ("A", "y", "z"):       # A reads a step, y is the output, z no step
+        with pytest.raises(DeclarationError, match="rounded"):
+            tensor_op("Projected", inputs={"x": "n t e"}, params={"W": ("d e", "uniform")}, steps=steps, sizes={"S": "T"},
+                      rounded=(wrong,))
