@@ -230,24 +230,30 @@ def grid(subject, dtype, quick):
         for zero in zeros(subject, t):
             at = dtype(zero)
             near.append(np.array([at, *np.nextafter(at, [-np.inf, np.inf], dtype=dtype),
-                                  *(zero + np.array(AROUND_ZEROS)).astype(dtype)], dtype))
+                                  *(zero + np.array(around_zeros(quick))).astype(dtype)], dtype))
         points[t] = np.unique(np.concatenate(xs + near))[:, None]
     return points
 
 
 # distances from a zero of a quantity at which the grid also looks: where a sum that vanishes there loses most
 # (its terms' rounding in ulps of the value grows as 1/distance), out to where such a form is accurate again
-AROUND_ZEROS = tuple(sign * float(d) for d in (2.0 ** -30, 1e-6, *np.geomspace(1e-4, 0.7, 24)) for sign in (-1, 1))
+def around_zeros(quick):
+    """Distances from a zero, either side: 12 from 1e-4 to 0.7 on the quick grid, 24 on the full one."""
+    return tuple(sign * float(d) for d in (2.0 ** -30, 1e-6, *np.geomspace(1e-4, 0.7, 12 if quick else 24))
+                 for sign in (-1, 1))
 
 
 def zeros(subject, t):
     """The real zeros in [-64, 64] where an element-wise subject's forward or derivative changes sign, at target t
     (derive.zeros' scan and bisection, 60 digits)."""
+    return [] if subject.row else zeros_of(subject.forward + subject.backward, t)
+
+
+@functools.lru_cache(maxsize=512)   # each dtype's grid asks again
+def zeros_of(exprs, t):
     from derive.zeros import mpmath_function, real_zeros
     found = []
-    if subject.row:
-        return found
-    for expr in subject.forward + subject.backward:
+    for expr in exprs:
         expr = _no_delta(expr.subs(T, exact(t or 0)))
         if expr.free_symbols != {X}:
             continue

@@ -38,7 +38,7 @@ from codegen.inplace import base_name, tensor_in_place
 from codegen.printer import KernelPrinter, positive_first, range_arguments
 from derive.special import ExpToInf
 from derive.stability import INDEX_REWRITES, REWRITES, rewritten_by
-from derive.tensor import (ArgFirstMax, Assignment, FirstMax, Sum, bound_of, check_sizes, derivation, eval_mode, flag_values, folded,
+from derive.tensor import (ArgFirstMax, Assignment, FirstMax, OverRanges, Sum, bound_of, check_sizes, derivation, eval_mode, flag_values, folded,
                            in_base_sizes, in_units, isolated_bound, isolated_entry, linear, linear_in, reads_of,
                            scale_degrees, size_of, unit_rows, with_flags)
 
@@ -50,23 +50,8 @@ class LoweringError(ValueError):
 # Stage 3: the rewrites before lowering, each a named identity with the domain where it holds
 
 
-class Maximum(sp.Expr):
+class Maximum(OverRanges):
     """Maximum(e, (v, lo, hi), ...): the largest e over the ranges, as Sum is their total."""
-
-    def __new__(cls, function, *limits):
-        return sp.Expr.__new__(cls, sp.sympify(function), *(sp.Tuple(*limit) for limit in limits))
-
-    @property
-    def function(self):
-        return self.args[0]
-
-    @property
-    def limits(self):
-        return self.args[1:]
-
-    @property
-    def free_symbols(self):
-        return self.function.free_symbols - {v for v, *_ in self.limits}
 
     def _sympystr(self, printer):
         return f"Max({printer.doprint(self.function)}, {', '.join(map(printer.doprint, self.limits))})"

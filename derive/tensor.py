@@ -582,14 +582,12 @@ class FirstMax(sp.Function):
         return sp.S.Zero
 
 
-class ArgFirstMax(sp.Expr):
-    """ArgFirstMax(e, (v, lo, hi)): the v of the first largest e over the range (a NaN counting as largest, as
-    np.argmax takes it), an integer array a kernel reads another array at (x[n, t, a[n, t]]). Constant wherever
-    it is defined, as FirstMax: no step of the derivation reads it."""
-    is_integer = True
+class OverRanges(sp.Expr):
+    """An expression of e over ranges (v, lo, hi), ..., as Sum is their total: a reduction codegen lowers
+    (ArgFirstMax here, codegen.tensor_lower.Maximum)."""
 
-    def __new__(cls, function, limit):
-        return sp.Expr.__new__(cls, sp.sympify(function), sp.Tuple(*limit))
+    def __new__(cls, function, *limits):
+        return sp.Expr.__new__(cls, sp.sympify(function), *(sp.Tuple(*limit) for limit in limits))
 
     @property
     def function(self):
@@ -601,7 +599,14 @@ class ArgFirstMax(sp.Expr):
 
     @property
     def free_symbols(self):
-        return self.function.free_symbols - {self.args[1][0]}
+        return self.function.free_symbols - {v for v, *_ in self.limits}
+
+
+class ArgFirstMax(OverRanges):
+    """ArgFirstMax(e, (v, lo, hi)): the v of the first largest e over the range (a NaN counting as largest, as
+    np.argmax takes it), an integer array a kernel reads another array at (x[n, t, a[n, t]]). Constant wherever
+    it is defined, as FirstMax: no step of the derivation reads it."""
+    is_integer = True
 
     def _eval_derivative(self, s):
         return sp.S.Zero
