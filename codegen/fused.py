@@ -29,7 +29,7 @@ FUNCTIONS = {sp.exp: "exp", ExpToInf: "exp", sp.log: "math.log", log1p: "math.lo
 # _runtime's functions: name, argument, docstring, its steps per dtype (derive/special.py)
 RUNTIME = (("exp", "u", "e^u without libm: a clamp, a floor, a polynomial and two powers of two made of bits",
             exp_steps),
-           ("log1p", "z", "log(1 + z) for z in [0, 1] without libm: a division and a polynomial", log1p_steps),
+           ("log1p", "z", "log(1 + z) for z in [0, 1] without libm: a polynomial", log1p_steps),
            # numba's math.erf is a scalar libm call, which keeps the loop from vectorizing
            ("erf", "u", "erf(u) without libm: a series for |u| < 2, erfc's continued fraction beyond",
             lambda u, dtype: shared_steps(erf_numpy(u))),
@@ -100,6 +100,21 @@ class FusedPrinter(KernelPrinter):
         offset = int(np.array(magic, self.dtype).view(integer[3:])) - emax
         bits = f"{floating}({self._print(expr.args[0])} + T({magic!r})).view({integer}) - {offset}"
         return f"{integer}(({bits}) << {precision - 1}).view({floating})"
+
+    def _print_TimesPowerOfTwo(self, expr):
+        """p 2^m, m integral, the product normal: m (m + 1.5 2^(p-1)'s low bits) added to p's exponent field."""
+        precision, _ = FORMATS[self.dtype]
+        floating, integer = f"np.{self.dtype}", f"np.int{np.dtype(self.dtype).itemsize * 8}"
+        magic = 1.5 * 2.0 ** (precision - 1)
+        offset = int(np.array(magic, self.dtype).view(integer[3:]))
+        p, m = (self._print(arg) for arg in expr.args)
+        exponent = f"(({floating}({m} + T({magic!r})).view({integer}) - {offset}) << {precision - 1})"
+        bits = f"{floating}({p}).view({integer}) + {exponent}"
+        return f"{integer}({bits}).view({floating})"
+
+    def _print_ZeroOrNaN(self, expr):
+        value = self.parenthesize(expr.args[0], PRECEDENCE["Add"], strict=True)
+        return f"({value} - {value})"
 
     def _print_Pow(self, expr, rational=False):
         # each form that prints as a product or a quotient is parenthesized: the printers around it

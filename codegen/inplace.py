@@ -9,6 +9,7 @@ arithmetic is the one the SymPy result says, operation for operation.
 
 Values smaller than the input (columns, scalars) and boolean masks are printed whole: they cost
 little, and a mask or a column is never a full-size float buffer to write into."""
+import functools
 import re
 from dataclasses import dataclass
 
@@ -65,8 +66,11 @@ class Step:
     where: sp.Expr = None          # a ufunc applied only where this holds: the rest keeps operands[0]
 
     def reads(self):
+        """The symbols read, in the operands' order (buffers freed here are reused in that order, whatever the
+        hash seed)."""
         exprs = (self.operands + ((self.where,) if self.where is not None else ())) if self.ufunc else (self.expr,)
-        return {s for e in exprs if isinstance(e, sp.Basic) for s in e.free_symbols}
+        return tuple(dict.fromkeys(s for e in exprs if isinstance(e, sp.Basic)
+                                   for s in sorted(e.free_symbols, key=sp.default_sort_key)))
 
 
 class Flattener:
@@ -732,12 +736,42 @@ def evaluation_namespace(function):
     import math
     rng = np.random.default_rng(0)
     shapes = dict(function.shapes)
-    namespace = {"np": np, "math": math}
+    from numpy.lib.stride_tricks import sliding_window_view
+    runtime = {"sliding_window_view": sliding_window_view, **vars(tensor_runtime())} if function.imports else {}
+    namespace = {"np": np, "math": math, **{name: runtime[name] for name in function.imports}}
     for name in function.args:
         namespace[name] = rng.uniform(0.5, 1.5, shapes[name]) if name in shapes else (1,) * 3 if name == "stride" else 0.5
     for names, how in function.sizes:
         exec(f"{names} = {how}", namespace)  # noqa: S102 - the kernel's own source
     return namespace
+
+
+@functools.cache
+def tensor_runtime():
+    """The index-notation runtime (generated/_tensor.py) as the templates render it now, imported from a
+    temporary package: the helpers a statement calls (first_argmax, windows_added), for evaluation_namespace.
+    Rendered, not read from generated/: this stage runs before anything is written."""
+    import importlib.util
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from codegen.render import environment, generator_digest, render
+    env, generator = environment(), generator_digest()
+    folder = Path(tempfile.mkdtemp(prefix="symgrad-runtime-")) / "symgrad_runtime"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "_checks.py").write_text(render(env, "checks.py.jinja", "templates/checks.py.jinja", generator, {}))
+    (folder / "_tensor.py").write_text(render(env, "tensor_runtime.py.jinja", "templates/tensor_runtime.py.jinja",
+                                              generator, {}))
+    for name in ("symgrad_runtime", "symgrad_runtime._checks", "symgrad_runtime._tensor"):
+        spec = importlib.util.spec_from_file_location(
+            name, folder / ("__init__.py" if name == "symgrad_runtime" else f"{name.split('.')[1]}.py"),
+            submodule_search_locations=[str(folder)] if name == "symgrad_runtime" else None)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["symgrad_runtime._tensor"]
 
 
 def base_name(text):
@@ -795,8 +829,8 @@ def tensor_in_place(function, printer, view, fresh):
                     else [f"{line.target} = {line.value.kept_call(printer, f'{function.name}.{line.target}')}"]
                     if type(line.value) is Ufunc and not line.value.args[1].name
                     else [f"{line.target} = {printer.doprint(line.value)}"])
-        free += [name for name in reads(line) if name in owned and last_use.get(name) == position
-                 and name not in kept and name not in free]
+        free += [name for name in sorted(reads(line)) if name in owned and last_use.get(name) == position
+                 and name not in kept and name not in free]   # sorted: a set of names' order is the hash seed's
         if line.shape is not None and line.target not in kept:
             owned[line.target] = line.shape
     return printed

@@ -461,6 +461,7 @@ class Guard(NamedTuple):
     assignments: tuple
     reads: tuple
     why: str
+    test: object = None            # a condition to run on (printed as it is), else: a checked array not all finite
 
 
 def rescaled_scores(program, op, taken):
@@ -563,6 +564,77 @@ def rescaled_adjoints(program, op, taken):
         guards.append(Guard(tuple(a.name for a in results), None, assignments, tuple(reads),
                             f"a gradient past the largest number: g_{softmax.name} again in units of a power of two"))
         rewrites.append(f"g_{softmax.name} in units of a power of two where a gradient it gives is not finite")
+    return program._replace(backward_guards=tuple(guards), rewrites=tuple(rewrites))
+
+
+class CountNonzero(sp.Function):
+    """The number of nonzero entries of an array (a guard's test)."""
+
+    def _numpycode(self, printer):
+        return f"np.count_nonzero({printer._print(self.args[0])})"
+
+    _pythoncode = _numpycode
+
+
+def product_of_logs(e, r, h):
+    """exp(e) r h as one exponential, sign(h) exp(e + log r + log|h|) (r > 0): finite and normal where exp(e) r
+    underflows but the product does not (tests/test_tensor_stability.py proves the two equal)."""
+    return sp.sign(h) * ExpToInf(e + sp.log(r) + sp.log(sp.Abs(h)))   # one exponential: exp would split it again
+
+
+def underflow_recovered(program, op, taken):
+    """program with a backward Guard for each softmax P = exp(E) R (sums_to_one; E reads the scores) whose adjoint
+    of the scores is g_A = P H: where an entry of P underflowed to 0 though its exponent is finite (E below the
+    log of the smallest float, a near one-hot row), P H may still be a normal number (H = g_P - Sum(P g_P) of
+    10^281 beside P = 10^-529, MultiheadAttention's full grid), which g_A's 0 loses, and every gradient read from
+    it with it. Test: fewer nonzero entries in P than P has unmasked ones (P_live, a count over the mask's
+    indices alone; the masked entries are 0 by the mask). Then the steps E reads are computed again from what
+    backward holds, and g_A at each 0 of P is product_of_logs, 0 where that is not finite (scores past the
+    largest number: the forward's guard, not repeated here)."""
+    guards, rewrites = list(program.backward_guards), list(program.rewrites)
+    forward = {a.name: a for a in program.forward}
+    available = set(program.returns) | {"g"} | set().union(*(reads_of(a.expr) for a in program.backward))
+    for step in program.forward:
+        if sums_to_one(program, step) is None:
+            continue
+        exps = [f for f in sp.Mul.make_args(step.expr) if isinstance(f, sp.exp)]
+        here = sp.IndexedBase(step.name, real=True)[step.indices]
+        adjoint = next((a for a in program.backward if here in sp.Mul.make_args(a.expr)
+                        and not a.expr.as_independent(here, as_Add=False)[0].has(here)), None)
+        if len(exps) != 1 or adjoint is None:
+            continue
+        e, r = exps[0].args[0], sp.Mul(*(f for f in sp.Mul.make_args(step.expr) if f is not exps[0]))
+        h = sp.Mul(*(f for f in sp.Mul.make_args(adjoint.expr) if f != here))
+        needed = reads_of(e) - available
+        for a in program.forward:   # the steps E reads, and the steps they read, that backward lacks
+            if a.name in needed:
+                needed |= reads_of(a.expr) - available
+        order = [forward[a.name] for a in program.forward if a.name in needed]
+        if not all(reads_of(a.expr) <= available | needed for a in order) or reads_of(r) - available:
+            continue
+        conditions = {c for p in e.atoms(sp.Piecewise) for _, c in p.args if c is not sp.true}
+        masked = set().union(*(c.free_symbols for c in conditions)) if conditions else set()
+        limits = [(i, 0, extent(i) - 1) for i in step.indices]
+        live = sp.Mul(*(extent(i) for i in step.indices if i not in masked))
+        if conditions:
+            live *= Sum(sp.Piecewise((1, sp.And(*conditions)), (0, True)), *(l for l in limits if l[0] in masked))
+        names = [fresh(n, taken) for n in (f"{step.name}_live", f"{adjoint.name}_recovered")]
+        taken |= set(names)
+        count = Assignment(names[0], (), live)
+        recovered = Assignment(adjoint.name, adjoint.indices, sp.Piecewise(
+            (FiniteOrZero(product_of_logs(e, r, h)), sp.Eq(here, 0)),
+            (sp.IndexedBase(adjoint.name, real=True)[adjoint.indices], True)))
+        backward = list(program.backward)
+        backward.insert(backward.index(adjoint), count)
+        program = program._replace(backward=tuple(backward))
+        assignments = (*order, recovered)
+        made = {a.name for a in order}
+        reads = sorted(set().union(*(reads_of(a.expr) for a in assignments)) - made | {step.name})
+        test = sp.StrictLessThan(CountNonzero(View(step.name)), View(names[0]))
+        guards.insert(0, Guard((adjoint.name,), None, assignments, tuple(reads),
+                               f"an entry of {step.name} underflowed: {adjoint.name} there from the scores, in logs",
+                               test))
+        rewrites.append(f"{adjoint.name} in logs where {step.name} underflowed")
     return program._replace(backward_guards=tuple(guards), rewrites=tuple(rewrites))
 
 
@@ -884,7 +956,10 @@ class Statement(NamedTuple):
             return f"{self.target}[{self.region}] += {value}"
         if self.form == "guard":
             inner = "".join(f"\n        {line}" for s in self.region for line in s.source(printer).split("\n"))
-            checks, _, why = self.value.args
+            checks, _, why, *condition = self.value.args
+            if condition:   # its own test; log(0) of an entry is -inf, whose exponential is the right 0
+                return (f"if {printer.doprint(condition[0])}:  # {why.name}\n"
+                        f"    with np.errstate(divide=\"ignore\", invalid=\"ignore\"):{inner}")
             test = " and ".join(f"np.isfinite({printer.doprint(c)}).all()" for c in checks.args)
             # a bound of entries all 0 or not finite (a NaN input) is 0: its log2 -inf gives the scale 1, no warning
             return (f"if not {test if len(checks.args) == 1 else f'({test})'}:  # {why.name}\n"
@@ -1366,7 +1441,13 @@ class ArrayLowering:
             return None
         summed.sort(key=lambda i: (source[i], i not in taps))
         owner = {**{i: x for i in x_axes}, **{i: a for i in a_axes}}
-        for lead, groups in layouts(out, owner, x):
+        candidates = list(layouts(out, owner, x))
+        if windowed and self.windows is not None and not self.saving:
+            # forward's window read again: first the layout that reads it as saved, not transposed (Conv2d's
+            # dweight (C U V, N I J) x (N I J, O) took 7.4 ms, (O, N I J) x (N I J, C U V) 9.5, one thread)
+            candidates.sort(key=lambda layout: self.saved_transposed(reads[x], summed, owner[layout[1][0][0]] == x,
+                                                                     *layout))
+        for lead, groups in candidates:
             first = owner[groups[0][0]]
             arranged = {first: [groups[0], summed], 1 - first: [summed, groups[1]]}
             saved = not lead and windowed and self.windows is not None and (
@@ -1395,6 +1476,13 @@ class ArrayLowering:
         name = self.windows.named(read, groups, shape)
         self.statements.append(Statement(name, self.matrix(expr, axes, groups)))
         return View(name)
+
+    def saved_transposed(self, read, summed, window_first, lead, groups):
+        """Whether a layout (lead, groups) of a product reads forward's saved matrix of the window read
+        transposed, or not at all (window_first: the window's matrix is the left one, its rows groups[0])."""
+        found = None if lead else self.windows.found(
+            read, [groups[0], summed] if window_first else [summed, groups[1]], note=False)
+        return found is None or found[1]
 
     def matrix(self, expr, axes, groups):
         """expr (its axes in its own order) transposed to the order of groups and reshaped, each group one axis."""
@@ -1718,8 +1806,8 @@ def lowered(op, factor=True):
     op = factor_saved(op) if factor else op
     taken = names_of(op)
     original = program_of(op)
-    program = rescaled_adjoints(argmax_shifted(rescaled_scores(rewritten(original, taken), op, taken), taken), op,
-                                taken)
+    program = underflow_recovered(rescaled_adjoints(argmax_shifted(rescaled_scores(rewritten(original, taken), op,
+                                                                                 taken), taken), op, taken), op, taken)
     axes = {**op.inputs, **{p: a for p, (a, _) in op.params.items()}, **op.targets,
             **{z: a for z, (a, _, _) in (op.noise or {}).items()}, **(op.given or {}), "g": op.steps[-1].indices,
             **{a.name: a.indices for a in (*program.forward, *program.backward)}}
@@ -1832,9 +1920,9 @@ def guarded(statements, guard, lowering, taken):
     start = targets.index(guard.first) + 1 if guard.first else stop
     # the scale's own statement left out of the sharing: its sizes' arithmetic stays Python numbers (a NumPy
     # float64 scalar would make a float32 kernel's scale float64)
-    scale, *rest = inner.statements
-    rescaled = [scale, *shared_but_scales(rest, taken | set(targets)), *statements[start:stop]]
-    check = sp.Tuple(sp.Tuple(*map(View, guard.checks)), sp.Tuple(*map(View, guard.reads)), Str(guard.why))
+    rescaled = [*shared_but_scales(inner.statements, taken | set(targets)), *statements[start:stop]]
+    check = sp.Tuple(sp.Tuple(*map(View, guard.checks)), sp.Tuple(*map(View, guard.reads)), Str(guard.why),
+                     *([guard.test] if guard.test is not None else []))
     # its target the first array it checks: the in-place pass takes a statement's target as read, and the scores'
     # buffer, written anew here, is free for the mask that follows them (a causal softmax's)
     return [*statements[:stop], Statement(guard.checks[0], check, "guard", tuple(rescaled)), *statements[stop:]]
@@ -1934,7 +2022,8 @@ def module_context(op, factor=True):
     lowered's."""
     flagged, op = op, with_flags(op, {})   # the kernels of the flags' defaults, then one pair per other setting
     forward, backward, *penalty = lowered(op, factor)
-    only = [f for f in [params_only(op, backward)] if f is not None]   # backward(g, input_grad=False)'s kernel
+    # backward(g, input_grad=False)'s kernel; none where flags choose among variants (the class calls those whole)
+    only = [f for f in [params_only(flagged, backward)] if f is not None]
     printer = TensorPrinter()
     running = running_context(op, printer) if op.running else None
     variants = variants_context(flagged)
@@ -2264,11 +2353,19 @@ def params_only(op, backward):
         return None
     needed, kept = set(returns), []
     for statement in reversed(backward.statements):
-        if statement.target in needed:
+        # a guard writes again what its statements define (an input's gradient among them: computed for nothing
+        # on that rare path, where the params' are computed with it)
+        inner = statement.region if statement.form == "guard" else ()
+        if statement.target in needed or any(s.target in needed for s in inner):
+            if inner:   # checked on the params' gradients alone: an input's is not computed to be checked
+                checks, reads, why, *test = statement.value.args
+                checks = [c for c in checks.args if c.name in needed] or list(checks.args)
+                statement = statement._replace(target=checks[0].name,
+                                               value=sp.Tuple(sp.Tuple(*checks), reads, why, *test))
             kept.insert(0, statement)
-            region = statement.region if statement.form in ("scatter", "accumulate") else ()
-            needed |= {base_name(v.name) for e in (statement.value, *region[:1])
-                       for v in sp.sympify(e).atoms(View)}
+            region = statement.region[:1] if statement.form in ("scatter", "accumulate") else ()
+            needed |= {base_name(v.name) for e in (statement.value, *region, *(s.value for s in inner))
+                       for v in sp.sympify(e).atoms(View)} - {s.target for s in inner}
     derivation = [line for line in backward.derivation if base_name(line) in needed]
     text = "\n".join(statement.source(TensorPrinter()) for statement in kept)
     sizes = [(names, how) for names, how in backward.sizes

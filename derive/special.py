@@ -182,6 +182,35 @@ class PowerOfTwo(sp.Function):
         return None
 
 
+class TimesPowerOfTwo(sp.Function):
+    """p 2^m for an integer-valued m with p 2^m a normal number: the kernels add m to the exponent field
+    of p's bits, an integer addition where p PowerOfTwo(m) is a multiplication (the fused BCE's loop is
+    bound by its multiplier ports). Numbers evaluate."""
+
+    nargs = 2
+
+    @classmethod
+    def eval(cls, p, m):
+        if p.is_number and m.is_Integer:
+            return p * sp.Integer(2) ** m
+        return None
+
+
+class ZeroOrNaN(sp.Function):
+    """u - u: 0 for a finite u, NaN for NaN (or an infinity), as the kernels compute it (their fastmath flags
+    have no nnan, so LLVM keeps it) and SymPy would fold it. Added to exp's result, it keeps a NaN argument
+    NaN where TimesPowerOfTwo alone may not: adding to the exponent field turns a NaN whose payload has low
+    bits set into a number. Numbers evaluate."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, u):
+        if u.is_number:
+            return sp.Integer(0) if u.is_finite else sp.nan
+        return None
+
+
 def taylor_degree(radius, tolerance, coefficient):
     """The least d whose Taylor remainder bound coefficient(d + 1) radius^(d + 1) is below tolerance."""
     degree = 0
@@ -201,8 +230,12 @@ def horner(coefficients, v):
 def exp_steps(u, dtype):
     """exp(u) in dtype as assignments [(symbol, expr)], the last one the value: u = n ln2 + r with
     n = round(u/ln2), exp(r) by its Taylor series (|r| <= ln2/2: the degree that brings the
-    truncation below half an ulp), times 2^n as two powers of two, p 2^h 2^(n - h), so that both
-    factors are normal numbers down to the subnormal results and up to the overflow.
+    truncation below half an ulp), times 2^n as p 2^(n - h) 2^h, h = floor(n/2), so that both factors are
+    normal numbers down to the subnormal results and up to the overflow: p 2^(n - h) as p's exponent field
+    plus n - h (TimesPowerOfTwo: exact, no product), times 2^h the one product, which rounds the subnormal
+    results and overflows to inf once; plus n - n, 0, or NaN for a NaN u (ZeroOrNaN), which the kernels add
+    in the product's fused multiply-add. (n clipped to the normal range for the exponent field and the rest
+    as the product's factor, the same values, made a LogSoftmax backward 10% slower: two more operations.)
 
     u is first clamped to [lo, hi], where exp(lo) rounds to 0 and exp(hi) to inf: then u = -inf
     gives 0 and u = inf gives inf (NaN passes the clamp and the polynomial, and gives NaN).
@@ -219,18 +252,37 @@ def exp_steps(u, dtype):
     return [(v, Clip(u, lo, hi)), (n, sp.floor(v / ln2 + sp.Rational(1, 2))),
             (r, v - n * ln2_hi), (r, r - n * (ln2 - ln2_hi)),
             (p, horner([1 / sp.factorial(k) for k in range(degree + 1)], r)),
-            (h, sp.floor(n / 2)), (p, p * PowerOfTwo(h)), (p, p * PowerOfTwo(n - h))]
+            (h, sp.floor(n / 2)), (p, TimesPowerOfTwo(p, n - h)), (p, p * PowerOfTwo(h) + ZeroOrNaN(n))]
+
+
+@functools.lru_cache(maxsize=None)
+def log1p_polynomial(dtype):
+    """The coefficients, constant first, of the polynomial P of least degree with log(1 + z) = z P(z) on
+    [0, 1] to a relative error below 2^-(precision + 1), and that error: mpmath's Chebyshev fit of
+    log(1 + z)/z at 40 digits, whose error over [0, 1] divided by ln2 (P's least value) bounds the relative one.
+    log(1 + z)/z is analytic but at z = -1, so each degree gains a factor 3 + 2 sqrt(2): degree 9 in
+    float32, 20 in float64. The terms add up to at most 3.4 (tested), five times P's least value."""
+    precision, _ = FORMATS[dtype]
+    with mpmath.workdps(40):
+        def scaled(z):
+            return mpmath.log1p(z) / z if z else mpmath.mpf(1)
+        tolerance = mpmath.mpf(2) ** -(precision + 1)
+        degree = 0
+        while True:
+            poly, error = mpmath.chebyfit(scaled, [0, 1], degree + 1, error=True)
+            if error / mpmath.log(2) < tolerance:
+                break
+            degree += 1
+        # exact decimal rationals: the printer rounds each to the dtype once
+        return tuple(sp.Rational(mpmath.nstr(c, 25)) for c in reversed(poly)), float(error / mpmath.log(2))
 
 
 def log1p_steps(z, dtype):
-    """log1p(z) for z in [0, 1] in dtype as assignments [(symbol, expr)], the last one the value:
-    log(1 + z) = 2 atanh(z/(2 + z)), z/(2 + z) in [0, 1/3], by atanh's odd series: with
-    s = 2z/(2 + z) and w = s^2/4, 2 atanh(s/2) = s + s w (1/3 + w/5 + w^2/7 + ...), as many terms as
-    bring the truncation below half an ulp at w = 1/9."""
-    precision, _ = FORMATS[dtype]
-    # the series' tail past w^m is below w^m/(2m + 1)/(1 - w), relative to its first term
-    w_max = sp.Rational(1, 9)
-    terms = taylor_degree(w_max, sp.Integer(2) ** -(precision + 1), lambda m: 1 / ((2 * m + 1) * (1 - w_max)))
-    s, w, y = sp.symbols("s w y")
-    return [(s, 2 * z / (z + 2)), (w, s ** 2 / 4),
-            (y, s + s * w * horner([sp.Rational(1, 2 * m + 3) for m in range(terms)], w))]
+    """log1p(z) for z in [0, 1] in dtype as assignments [(symbol, expr)], the last one the value: z P(z) with
+    log1p_polynomial's P by Horner's rule, no division (the former 2 atanh(z/(2 + z)) series spent one, the
+    costliest operation of the fused BCE's loop). P(0) rounds to 1 in both dtypes, so log1p(z) = z for the
+    tiny and the subnormal z. (z + z^2 R(z), R one degree more, rounds no better here, 1.5 ulps, and its
+    extra constant made LLVM spill registers in the BCE loop: 25% slower.)"""
+    coefficients, _ = log1p_polynomial(dtype)
+    y = sp.Symbol("y")
+    return [(y, z * horner(coefficients, z))]

@@ -7,7 +7,8 @@ sum helps, since any form of it is that difference. Near x0 the function is its 
 whose terms do not cancel: sum_k c_k h^k with c_m h^m the first, each next one smaller (h within the radius).
 
 A zero of a function of x alone is a place where a sum vanishes (a factor that is an Add) while its terms do
-not; a product's zero (x Phi(x) at 0) loses nothing and is left alone. For each such zero the rule gives the
+not; a product's zero (x Phi(x) at 0) loses nothing and is left alone. A zero is where the function changes
+sign, or touches 0 without changing sign (cosh(x) - 1 at 0: even_zeros). For each such zero the rule gives the
 centre x0 (the float64 nearest it: h = x - x0 is then exact for float64 x near x0, Sterbenz, and the rounding
 of x0 moves the value by half an ulp of x0 times the slope, within the contract's allowance for the input),
 the radius within which the sum is not accurate enough, and the polynomial, computed in float64 for both
@@ -26,8 +27,9 @@ from derive.functions import sigmoid
 from derive.special import horner
 
 SPAN = 64               # zeros are looked for in [-SPAN, SPAN]: beyond it an activation's terms no longer cancel
-SCAN = 8192             # the scan's sign changes find the zeros (a double zero, with no sign change, is missed)
+SCAN = 8192             # the scan's sign changes find the zeros (a double zero's, even_zeros: its derivative's)
 DIGITS = 60
+ROUGHLY = 2.0 ** -30    # a value this small beside its terms, in doubles, may be a zero: bisected at DIGITS
 TERMS_ERROR = 2         # a form's sum is off by this many ulps of its terms' magnitude (each term to an ulp or so)
 TRUNCATED = 2.0 ** -56  # the first term of the series left out, relative to the first kept, at the radius
 MOST_TERMS = 48
@@ -75,10 +77,11 @@ def cancelling_terms(form, x, x0):
     return None
 
 
-def real_zeros(expr, x, f, terms, span=SPAN, count=SCAN):
+def real_zeros(expr, x, f, terms, span=SPAN, count=SCAN, where=None):
     """The zeros of f (expr by mpmath, a sum of terms) in [-span, span] where it changes sign, each to DIGITS
     digits (vanishes). A jump across 0 (a step, a sign) is no zero, nor a sign that the scan's rounding made up
-    (erf(x) + 1 in the far left tail, where it is 0 in doubles)."""
+    (erf(x) + 1 in the far left tail, where it is 0 in doubles). where(a, b): whether to bisect a sign change
+    between the scan's points a and b (None: each)."""
     found = []
     quick = sp.lambdify(x, _plain(expr), [MPMATH[0], "math"])
     points = [-span + 2 * span * k / count for k in range(count + 1)]
@@ -86,12 +89,36 @@ def real_zeros(expr, x, f, terms, span=SPAN, count=SCAN):
     with mpmath.workdps(DIGITS):
         nonzero = [(p, s) for p, s in zip(points, signs) if s]
         for (a, sa), (b, sb) in zip(nonzero, nonzero[1:]):
-            if sa == sb:
+            if sa == sb or where is not None and not where(a, b):
                 continue
             root = _bisected(f, mpmath.mpf(a), mpmath.mpf(b), sa)
             if vanishes(f, terms, root):
                 found.append(root)
     return found
+
+
+def even_zeros(expr, x, f, terms, span=SPAN, count=SCAN):
+    """The zeros of f (expr by mpmath, a sum of terms) in [-span, span] where it touches 0 without changing sign
+    ((x - t)^2 at t, cosh(x) - 1 at 0), which no scan of its signs finds: the points where its derivative changes
+    sign (real_zeros of it) at which f vanishes to DIGITS digits (vanishes). The derivative of a step or a sign
+    is taken as 0: a kink is no zero of this kind."""
+    slope = sp.diff(expr, x).replace(sp.DiracDelta, lambda *args: sp.S.Zero)
+    if not slope.has(x):
+        return []
+    quick = sp.lambdify(x, _plain(slope), [MPMATH[0], "math"])
+
+    def touching(a, b):
+        """Whether f is about 0 beside its terms, in doubles, where the slope changes sign in (a, b) (bisected in
+        doubles): the scan's rounding makes up sign changes of a slope in the tails (sigmoid's), where f is not
+        near 0, and each costs a bisection at DIGITS."""
+        point = _bisected(quick, a, b, _sign(quick, a))
+        with mpmath.workprec(53):
+            value, parts = _at(f, point), [_at(term, point) for term in terms]
+            return value is not None and None not in parts and abs(value) <= ROUGHLY * sum(abs(p) for p in parts)
+    slope_terms = [mpmath_function(term, x) for term in sp.Add.make_args(sp.expand(slope))]
+    with mpmath.workdps(DIGITS):
+        return [z for z in real_zeros(slope, x, mpmath_function(slope, x), slope_terms, span, count, touching)
+                if vanishes(f, terms, z)]
 
 
 def vanishes(f, terms, point):
@@ -115,8 +142,8 @@ def _sign(f, point):
         value = f(point)
     except (ZeroDivisionError, ValueError, OverflowError, TypeError):
         return 0
-    if isinstance(value, complex) or mpmath.im(value) != 0 or value != value:
-        return 0
+    if not isinstance(value, float) and (isinstance(value, complex) or mpmath.im(value) != 0) or value != value:
+        return 0   # a float first: the scan's 8193 doubles, where mpmath.im costs more than the function
     return (value > 0) - (value < 0)
 
 
@@ -197,8 +224,8 @@ def near_zeros(expr, form, x):
     """[NearZero] of expr, a function of x alone, where form, the form its kernel evaluates (derive.stability's),
     is a sum that vanishes while its terms do not."""
     f = mpmath_function(expr, x)
-    found = []
-    for x0 in real_zeros(expr, x, f, [mpmath_function(t, x) for t in sp.Add.make_args(sp.expand(expr))]):
+    found, parts = [], [mpmath_function(t, x) for t in sp.Add.make_args(sp.expand(expr))]
+    for x0 in real_zeros(expr, x, f, parts) + even_zeros(expr, x, f, parts):
         terms = cancelling_terms(form, x, x0)
         if terms is None or not loses(form, x, f, x0):
             continue

@@ -3,8 +3,9 @@
     .venv/bin/python tests/tails_count.py --before /tmp/symgrad-before --count 210
     (the old engine first: git -C /work/main archive 1b46686^ | tar -x -C /tmp/symgrad-before; "after" is the engine
     this file sits in: to measure a commit while others edit the work tree, run its copy from git archive, with
-    PYTHONPATH set to that copy, as the figures of issue 23's note were: about 3 minutes. Set PYTHONHASHSEED=0: the
-    engine's form of one of seed 1's 210 declarations depends on Python's hash seed, 233 failures or 238)
+    PYTHONPATH set to that copy, as the figures of issue 23's note were: about 3 minutes. Commits before the
+    determinism fix (docs/stability.md, "The same source under every hash seed") need PYTHONHASHSEED=0: one of
+    seed 1's 210 declarations took its form from the hash seed there, 233 failures or 238)
 
 The issue opened with such a count over 210 declarations that are not on record; this one is reproducible. Its
 declarations: tests/fuzz.py's random ones of --seed (fuzz.sample), the first --count that this engine declares and

@@ -4,6 +4,7 @@ every gradient against the op's steps and derivation by mpmath, each entry withi
 NumPy classes and the fused ones (generated/fast, run interpreted with math as numba compiles it) where they exist.
 KNOWN is exactly what does not meet it yet, each (backend, dtype, quantity) with its reason."""
 import dataclasses
+import functools
 import math
 import types
 
@@ -116,3 +117,58 @@ def test_the_allowance_counts_the_rounding_of_the_projections_and_still_fails_a_
             tally = accuracy.Tally()
             accuracy.judge_scaled(tally, value, exact, lambda scale=scale: scale, np.float64, accuracy.BOUND, "dquery")
             assert (not tally.failures) == ok, (judged.op.rounded, value, tally.example)
+
+
+def full_grid_sample(package, name, k, dtype=np.float64):
+    """(subject, arrays, options) of the full grid's sample k of catalog op name."""
+    subject = accuracy.subject(CATALOG[name])
+    return subject, accuracy.tensor_samples(subject, dtype, False, package)[k], accuracy.tensor_options(subject, dtype)
+
+
+def test_a_truth_that_400_digits_leave_to_noise_is_settled_at_more(package):
+    # the full grid's float64 sample 12: dWq sums terms of 10^700 that cancel; at 400 digits one entry reads
+    # -4.7e309 (past the largest float64: a kernel's 0 would fail as an overflow), at 560 another noise
+    subject, arrays, options = full_grid_sample(package, "MultiheadAttention", 12)
+    key = ("backward", "dWq")
+    noise = accuracy.program_values(subject, arrays, options, accuracy.MORE_DIGITS)[key][1, 0, 1]
+    assert abs(noise) > np.finfo(np.float64).max
+    settled = accuracy.settled_values(subject, arrays, options)[key][1, 0, 1]
+    assert settled is accuracy.UNSETTLED or abs(settled) < np.finfo(np.float64).smallest_subnormal
+    tally = accuracy.Tally()
+    accuracy.judge_entry(tally, np.float64(0.0), accuracy.TensorTruth(subject, arrays, options), key, (1, 0, 1),
+                         np.float64, accuracy.BOUND, "dWq")
+    assert not tally.failures and tally.cases + tally.unsettled == 1
+
+
+def test_an_infinity_passes_where_the_rounded_projections_tie_and_a_wrong_finite_value_still_fails(package):
+    # the full grid's float64 sample 5: keys 0 and 1 are 0.496 - 8e-65 and 0.496 - 4e-175 exactly, one tie once
+    # rounded: the truth's softmax row is one-hot (dkey 4e201), a float kernel's two halves, whose per-head g_k
+    # is 3e336: the kernel's -inf, which eps times the scale (past the largest number) allows
+    subject, arrays, options = full_grid_sample(package, "MultiheadAttention", 5)
+    truth = accuracy.TensorTruth(subject, arrays, options)
+    outputs = accuracy.run_tensor_class(package.MultiheadAttention, subject, arrays)
+    key, at = ("backward", "dkey"), (0, 0, 0)
+    assert outputs[key][at] == -np.inf and abs(truth.values[key][at]) < 1e202
+    assert accuracy.beyond_largest(functools.partial(truth.scale, key, at), np.float64)
+    for value, ok in ((outputs[key][at], True), (np.float64(np.nan), False)):
+        tally = accuracy.Tally()
+        accuracy.judge_entry(tally, value, truth, key, at, np.float64, accuracy.BOUND, "dkey")
+        assert (not tally.failures) == ok, (value, tally.example)
+    # dbo's entry (the sum of g) has a small allowance: 1% off fails, and so does an infinity
+    key, at = ("backward", "dbo"), (0,)
+    exact = float(truth.values[key][at])
+    for value, ok in ((outputs[key][at], True), (exact * 1.01, False), (np.inf, False)):
+        tally = accuracy.Tally()
+        accuracy.judge_entry(tally, np.float64(value), truth, key, at, np.float64, accuracy.BOUND, "dbo")
+        assert (not tally.failures) == ok, (value, tally.example)
+
+
+def test_an_infinity_passes_only_where_the_allowance_itself_passes_the_largest_number():
+    for scale, ok in ((mpmath.mpf("1e330"), True), (mpmath.mpf("1e320"), False), (1e300, False)):
+        for got in (np.float64(np.inf), np.float64(-np.inf)):
+            tally = accuracy.Tally()
+            accuracy.judge_scaled(tally, got, mpmath.mpf(1), lambda scale=scale: scale, np.float64, 8, "x")
+            assert (not tally.failures) == ok and tally.cases == 1
+    tally = accuracy.Tally()
+    accuracy.judge_scaled(tally, np.float64(np.nan), mpmath.mpf(1), lambda: mpmath.mpf("1e400"), np.float64, 8, "x")
+    assert tally.bad == 1

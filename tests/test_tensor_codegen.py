@@ -394,7 +394,8 @@ def test_the_array_program_reads_as_the_rules_say():
     assert "(w.reshape(O, C*J) @ x_windows).reshape(O, N, M).transpose(1, 0, 2)" in str(conv_forward)
     assert ("(w[:, :, ::-1].transpose(1, 0, 2).reshape(C, O*J) @ sliding_window_view(np.pad(g, ((0, 0), (0, 0), "
             "(J - 1, L - M))), J, axis=2).transpose(1, 3, 0, 2).reshape(O*J, N*L))") in str(conv_backward)
-    assert "dw = (g.transpose(1, 0, 2).reshape(O, N*M) @ x_windows.T)" in str(conv_backward)  # forward's copy
+    assert ("dw = (x_windows @ g.transpose(0, 2, 1).reshape(N*M, O)).reshape(C, J, O).transpose(2, 0, 1)"
+            in str(conv_backward))  # forward's copy, read as saved
     nll_forward, nll_backward = lowered(OPS["NLL"])
     assert "L = -np.take_along_axis(x, c[:, None], axis=1)[:, 0]" in str(nll_forward)
     assert "np.put_along_axis(dx, c[:, None], -g[:, None], axis=1)" in str(nll_backward)

@@ -300,3 +300,20 @@ def test_an_output_is_written_again_only_once_nothing_else_holds_it(monkeypatch)
             layer.forward(x)
             layer.backward(x)
         assert (np.array_equal(y, first) and np.array_equal(dx, grad)) != ignoring
+
+
+@pytest.mark.parametrize("op", FUSED, ids=ids(FUSED))
+def test_the_params_gradients_are_each_calls_own(op):
+    # the chunks' partial sums are kept across calls (_runtime.kept_empty) and zeroed by each chunk's thread: a
+    # second call adds nothing of the first's (a kernel that did not zero them would double dgamma), and an empty
+    # batch, one chunk of no rows, gives the NumPy class's gradients too
+    rng = np.random.default_rng(7)
+    mine, theirs, (x,) = instances(op, np.float64, rng, rows=29)
+    g = rng.standard_normal(x.shape)
+    for value, upstream in ((x, g), (x, g), (x[:0], g[:0])):
+        with np.errstate(all="ignore"):
+            for instance in (mine, theirs):
+                instance.forward(value)
+                instance.backward(upstream)
+        for p in op.params:
+            np.testing.assert_allclose(getattr(mine, f"d{p}"), getattr(theirs, f"d{p}"), rtol=1e-11, atol=1e-12)

@@ -2,6 +2,8 @@
 each keeps every value of every catalog op, GLU's gate derivative no longer cancels, and the rules left out are
 left out for the reason their comment gives."""
 import dataclasses
+import itertools
+import math
 
 import mpmath
 import numpy as np
@@ -311,7 +313,9 @@ def test_the_attention_guards_leave_the_usual_path_one_check_of_the_gradients():
     source = (ROOT / "generated" / "scaled_dot_product_attention.py").read_text()
     backward = source[source.index("def backward("):source.index("def forward_is_causal(")]
     usual, guarded = backward.split("    if not (np.isfinite(dQ).all() and np.isfinite(dK).all()):")
+    usual = "\n".join(line for line in usual.split("\n") if not line.startswith(" " * 8))  # no guard's own lines
     assert "np.multiply(Q," not in usual and "maximum.reduce" not in usual and "g_scale" in guarded
+    assert "if np.count_nonzero(P) < P_live:" in usual     # the underflow guard's one pass over P
 
 
 # ---- the softmax's adjoint at the argmax (codegen.tensor_lower.argmax_shifted), products in units (product_in_units) --
@@ -447,7 +451,7 @@ def test_the_finer_run_is_only_where_an_intermediate_product_is_guarded():
     # has none (its dQ, dK are returned): its guard is as it was
     mha = (ROOT / "generated" / "multihead_attention.py").read_text()
     sdpa = (ROOT / "generated" / "scaled_dot_product_attention.py").read_text()
-    backward = mha[mha.index("def backward("):mha.index("def backward_params(")]
+    backward = mha[mha.index("def backward("):mha.index("def forward_is_causal(")]
     usual, guarded = backward.split("    if not (np.isfinite(dquery).all()")
     assert "finer" not in usual and "g_k_finer" in guarded and "dWk_finer" in guarded
     assert "finer" not in sdpa
@@ -540,3 +544,65 @@ def test_rounded_names_only_a_step_of_inputs_and_params():
         with pytest.raises(DeclarationError, match="rounded"):
             tensor_op("Projected", inputs={"x": "n t e"}, params={"W": ("d e", "uniform")}, steps=steps, sizes={"S": "T"},
                       rounded=(wrong,))
+
+
+# ---- a softmax entry that underflowed (codegen.tensor_lower.underflow_recovered) -------------------------------------
+
+def test_the_product_in_logs_is_the_product_and_normal_where_the_plain_one_underflows():
+    from codegen.tensor_lower import product_of_logs
+    from derive.special import ExpToInf
+    e, h, r = sp.Symbol("e", real=True), sp.Symbol("h", real=True), sp.Symbol("r", positive=True)
+    assert sp.simplify(product_of_logs(e, r, h).replace(ExpToInf, sp.exp) - sp.exp(e) * r * h) == 0
+    # on its domain, as the kernel prints it in float64 (log(0) = -inf, whose exponential is 0): within its
+    # exponent's rounding of the truth, where exp(e) r h is 0 wherever exp(e) underflows
+    lost = 0
+    with np.errstate(divide="ignore"):
+        for e_, r_, h_ in itertools.product((-1300.0, -745.5, -50.0, 0.0), (1.0, 7.5, 1e3),
+                                            (-1e282, -3.0, -1e-300, 0.0, 2.5e-310, 4.0, 1e300)):
+            got = np.sign(h_) * np.exp(e_ + np.log(r_) + np.log(np.abs(h_)))
+            with mpmath.workdps(50):
+                truth = mpmath.exp(e_) * r_ * h_
+            exponent = abs(e_) + abs(math.log(r_)) + (abs(math.log(abs(h_))) if h_ else 0)   # its rounding, relative
+            assert abs(got - truth) <= (exponent + 8) * np.finfo(float).eps * abs(truth) + 5e-324, (e_, r_, h_)
+            lost += np.exp(e_) * r_ * h_ == 0 and abs(truth) >= np.finfo(float).tiny
+    assert lost > 0                       # what the guard is for
+
+
+def test_attention_recovers_a_gradient_from_an_underflowed_softmax_entry():
+    # A = (1200, 0): P = (1, e^-1200), 0 in float64; V's 1e282 at the argmax makes g_A's second entry
+    # -1e282 e^-1200 = -1.4e-239, a normal number, and dK's second row with it (MultiheadAttention's full grid)
+    package = imported(ROOT / "generated", fused=False)
+    Q, K = np.array([[[1.0]]]), np.array([[[1200.0], [0.0]]])
+    V, g = np.array([[[1e282], [0.0]]]), np.array([[[1.0]]])
+    layer = package.ScaledDotProductAttention()
+    layer.forward(Q, K, V)
+    P = layer._saved[-1]
+    assert P[0, 0, 1] == 0 and (P * (g @ V.swapaxes(1, 2)))[0, 0, 1] == 0     # the plain form loses it
+    dQ, dK, dV = layer.backward(g)
+    truth = attention_gradients(Q[0], K[0], V[0], g[0])[1]
+    assert abs(truth[1, 0]) > 1e-240
+    np.testing.assert_allclose(dK[0], truth, rtol=1300 * np.finfo(float).eps)
+
+
+def test_the_underflow_check_counts_a_causal_mask_as_no_underflow():
+    # masked entries are 0 by the mask: P_live counts the unmasked ones, so a causal P at usual scores passes it
+    package = imported(ROOT / "generated", fused=False)
+    rng = np.random.default_rng(0)
+    Q, K, V = (rng.standard_normal((2, 5, 4)) for _ in range(3))
+    layer = package.ScaledDotProductAttention(is_causal=True)
+    layer.forward(Q, K, V)
+    P = layer._saved[-1]
+    unmasked = 2 * np.count_nonzero(np.arange(5) <= np.arange(5)[:, None])
+    assert np.count_nonzero(P) == unmasked < P.size
+    source = (ROOT / "generated" / "scaled_dot_product_attention.py").read_text()
+    assert "P_live = N*np.add.reduce(np.where(np.arange(S) <= np.arange(T)[:, None], 1, 0)" in source
+
+
+def test_every_params_only_kernel_is_called_by_its_class():
+    # a layer with flags calls its variants' backward whole: a backward_params there is code no path runs
+    for path in sorted((ROOT / "generated").glob("*.py")):
+        source = path.read_text()
+        if "def backward_params(" in source:
+            assert "= backward_params(*self._saved" in source and "params_alone = True" in source, path.name
+        else:
+            assert "params_alone = True" not in source, path.name

@@ -39,6 +39,11 @@ def test_windows_added_adds_each_window_where_it_was_read(taps, stride, size):
     one = windows[..., :1, :]
     np.testing.assert_allclose(generated._tensor.windows_added(one, shape, (2, 3), taps, stride),
                                windows_added_by_loops(one, shape, (2, 3), taps, stride), atol=1e-6)
+    # windows in a product's order (c, t, r, n, p, q), as Conv2d's dx gets them: the sum laid out as (c, n, h, w)
+    product = np.ascontiguousarray(windows.transpose(1, 4, 5, 0, 2, 3)).transpose(3, 0, 4, 5, 1, 2)
+    added = generated._tensor.windows_added(product, shape, (2, 3), taps, stride)
+    np.testing.assert_allclose(added, windows_added_by_loops(windows, shape, (2, 3), taps, stride), atol=1e-6)
+    assert added.transpose(1, 0, 2, 3).flags.c_contiguous
 
 
 def test_first_max_marks_the_first_largest_of_each_window_a_nan_largest():
@@ -68,20 +73,20 @@ def printed(name):
 
 def test_a_convolution_is_one_matrix_product_over_strided_windows():
     """Conv2d: forward copies the window with the positions (j) last, the runs the copy reads, as one matrix
-    (no batch of small products) and saves it; dweight reads that copy again (transposed) rather than a second
+    (no batch of small products) and saves it; dweight reads that copy again rather than a second
     one; the windows read at the stride; dx adds the product's windows back at the stride, g never dilated nor a
-    window read backwards; dx and dweight share g's matrix."""
+    window read backwards; dweight reads the saved copy as it is, not transposed (the faster product)."""
     forward, backward = printed("Conv2d")
     assert ("x_windows = sliding_window_view(sliding_window_view(x, U, axis=2)[:, :, ::stride[0]], V, axis=3)"
             "[:, :, :, ::stride[1]].transpose(1, 4, 5, 0, 2, 3).reshape(C*U*V, N*I*J)") in forward
     assert "(weight.reshape(O, C*U*V) @ x_windows).reshape(O, N, I, J).transpose(1, 0, 2, 3)" in forward
     assert "return y, x_windows" in forward and "def backward(x, weight, x_windows, g, stride)" in backward
     assert "I = (H - U) // stride[0] + 1" in forward
-    assert "t0 = g.transpose(1, 0, 2, 3).reshape(O, N*I*J)" in backward
-    assert ("dx = windows_added((weight.transpose(1, 2, 3, 0).reshape(C*U*V, O) @ t0)"
-            ".reshape(C, U, V, N, I, J).transpose(3, 0, 4, 5, 1, 2), (N, C, H, W), (2, 3), (U, V), "
-            "(stride[0], stride[1]))") in backward
-    assert "dweight = (t0 @ x_windows.T).reshape(O, C, U, V)" in backward
+    assert ("dx = windows_added((weight.transpose(1, 2, 3, 0).reshape(C*U*V, O) @ g.transpose(1, 0, 2, 3)"
+            ".reshape(O, N*I*J)).reshape(C, U, V, N, I, J).transpose(3, 0, 4, 5, 1, 2), (N, C, H, W), (2, 3), "
+            "(U, V), (stride[0], stride[1]))") in backward
+    assert ("dweight = (x_windows @ g.transpose(0, 2, 3, 1).reshape(N*I*J, O)).reshape(C, U, V, O)"
+            ".transpose(3, 0, 1, 2)") in backward
     assert "sliding_window_view" not in backward
     assert "np.einsum" not in forward + backward and "::-1" not in forward + backward
 

@@ -15,7 +15,7 @@ from codegen.render import render_package
 from codegen.write import stage
 from derive.catalog import CATALOG
 from derive.ops import build_catalog
-from derive.zeros import mpmath_function, near_zeros
+from derive.zeros import even_zeros, mpmath_function, near_zeros, real_zeros
 
 x = sp.Symbol("x", real=True)
 WITH_NEAR = [name for name, op in CATALOG.items() if type(op).__name__ == "Op" and op.kind == "layer"
@@ -59,6 +59,59 @@ def test_a_zero_of_a_product_is_left_alone_and_a_cancelling_sum_is_not():
     assert near_zeros(sp.exp(x) - 2, sp.exp(x) - 2, x) == ()            # cancelling, within the allowance
     (found,) = near_zeros(x - sp.tanh(x), x - sp.tanh(x), x)          # a triple zero at 0: x^3/3, the sum
     assert found.center == 0 and found.radius > 0.1                     # cancelling all around it
+
+
+def test_an_even_zero_is_found_where_the_slope_changes_sign_and_the_function_vanishes():
+    touching = (x - sp.Rational(1, 2)) ** 2 * sp.exp(x)       # 0 at 1/2 without changing sign
+    f, terms = mpmath_function(touching, x), [mpmath_function(t, x) for t in sp.Add.make_args(sp.expand(touching))]
+    assert real_zeros(touching, x, f, terms) == []
+    assert [float(z) for z in even_zeros(touching, x, f, terms)] == [0.5]
+    slope = sp.diff(x * (1 + sp.exp(-x)) ** -1, x)            # SiLU's: its extremum at -2.4 is no zero of it
+    f, terms = mpmath_function(slope, x), [mpmath_function(t, x) for t in sp.Add.make_args(sp.expand(slope))]
+    assert even_zeros(slope, x, f, terms) == []
+
+
+def test_the_grid_holds_a_derivatives_even_zero_where_the_function_is_not_0():
+    # x^3 + 1 changes sign at -1; its derivative 3 x^2 touches 0 at 0, which only even_zeros finds
+    X = accuracy.X
+    assert accuracy.zeros_of((X ** 3 + 1, 3 * X ** 2), None) == [-1.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def sinh_less_x(tmp_path_factory):
+    """sinh(x - 1) - x declared, printed as usual and without its polynomials (no Near): its derivative
+    cosh(x - 1) - 1 vanishes at 1 without changing sign, its terms cancelling (0 in float64 at 1 + 1e-9, where
+    it is 5e-19), and the function is -1 there: a zero that only even_zeros finds."""
+    from derive.declare import activation
+    op = activation("SinhLessX", "sinh(x - 1) - x")
+    folder = tmp_path_factory.mktemp("sinh-less-x")
+    packages = {"with": imported(stage(render_package(build_catalog(op), True), folder), fused=True)}
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr("codegen.kernels.near_kernels", lambda *args: ())
+    try:
+        packages["without"] = imported(stage(render_package(build_catalog(op), True), folder), fused=True)
+    finally:
+        monkeypatch.undo()
+    return accuracy.Subject(op.name, op, (sp.sinh(accuracy.X - 1) - accuracy.X,), (None,), "declared"), packages
+
+
+def test_a_derivatives_even_zero_gets_its_polynomial_and_the_grid_catches_the_kernel_without(sinh_less_x):
+    subject, packages = sinh_less_x
+    slope = sp.cosh(x - 1) - 1
+    assert [near.center for near in near_zeros(slope, slope, x)] == [1.0]
+
+    def failing(package):
+        return {key[1:] for key, tally in accuracy.Survey([subject], package, quick=True).run().items()
+                if tally.failures}
+    assert failing(packages["with"]) == set()
+    assert ("numpy", "float64", "backward") in failing(packages["without"])
+    with pytest.MonkeyPatch.context() as monkeypatch:   # the grid as it was: sign changes alone
+        monkeypatch.setattr("derive.zeros.even_zeros", lambda *args: [])
+        accuracy.zeros_of.cache_clear()
+        try:
+            assert failing(packages["without"]) == set()
+        finally:
+            accuracy.zeros_of.cache_clear()
 
 
 def test_a_sign_made_up_by_the_scans_own_rounding_is_no_zero():
