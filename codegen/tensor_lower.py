@@ -618,9 +618,9 @@ def underflow_recovered(program, op, taken):
         live = sp.Mul(*(extent(i) for i in step.indices if i not in masked))
         if conditions:
             live *= Sum(sp.Piecewise((1, sp.And(*conditions)), (0, True)), *(l for l in limits if l[0] in masked))
-        names = [fresh(n, taken) for n in (f"{step.name}_live", f"{adjoint.name}_recovered")]
-        taken |= set(names)
-        count = Assignment(names[0], (), live)
+        live_name = fresh(f"{step.name}_live", taken)
+        taken.add(live_name)
+        count = Assignment(live_name, (), live)
         recovered = Assignment(adjoint.name, adjoint.indices, sp.Piecewise(
             (FiniteOrZero(product_of_logs(e, r, h)), sp.Eq(here, 0)),
             (sp.IndexedBase(adjoint.name, real=True)[adjoint.indices], True)))
@@ -630,7 +630,7 @@ def underflow_recovered(program, op, taken):
         assignments = (*order, recovered)
         made = {a.name for a in order}
         reads = sorted(set().union(*(reads_of(a.expr) for a in assignments)) - made | {step.name})
-        test = sp.StrictLessThan(CountNonzero(View(step.name)), View(names[0]))
+        test = sp.StrictLessThan(CountNonzero(View(step.name)), View(live_name))
         guards.insert(0, Guard((adjoint.name,), None, assignments, tuple(reads),
                                f"an entry of {step.name} underflowed: {adjoint.name} there from the scores, in logs",
                                test))
@@ -2096,7 +2096,7 @@ def module_context(op, factor=True):
                               | ({"flag"} if op.switches or flagged.flags else set())
                               | ({"or_machine_eps"} if op.dtype_eps else set())
                               | ({"overflowed", "rows_joined", "units_of"} if units else set())
-                              | ({"isolated", "entry_written"} if units and units["isolated"] else set())
+                              | ({"isolated", "rows_written"} if units and units["isolated"] else set())
                               | ({"flag", "generator", *(f"{kind}_mask" for _, kind, _ in op.noise.values())}
                                  if op.noise else set())
                               | ({"flag", "running_factor"} | ({"nonzero_size"} if running["denominators"] else set())
@@ -2272,7 +2272,8 @@ def units_context(op, forward, backward, forward_call, backward_options, printer
 
 def isolated_context(op, exact, factored, kept, options, at_rows, times_c, printer, units_call):
     """How the class's backward calls backward_isolated: the rows whose x_hat^2 (the saved factor) passes
-    isolated_bound at an entry, that entry again from the row in units of c (dx(x) = c dx(c x; c^2 eps)),
+    isolated_bound at an entry, those rows' dx again in units of c (dx(x) = c dx(c x; c^2 eps)), written at that
+    entry and at the others whose derived coefficient of its h cancels (rows_written),
     the bound printed from SymPy over the factor's shape. Where backward reads no saved factor (the fused
     kernels compute it again), forward returns the largest factor^2 of each row (largest_step, found in the
     pass that writes y), and the flagged rows' factors are computed again by forward_units (units_call) for
@@ -2304,8 +2305,8 @@ def isolated_context(op, exact, factored, kept, options, at_rows, times_c, print
     return {"rows": rows, "step": largest_step(largest, factor, unit_rows(op)) if fused else None,
             "source": source[x], "kept": kept_line, "prepared": prepared,
             "call": f"{exact.name}({', '.join(arguments)})",
-            "dx": f"d{x}", "value": printer.scalar.doprint(sp.Symbol("c") ** -scale_degrees(op)[f"d{x}"]
-                                                           * sp.Symbol("dx_o"))}
+            "dx": f"d{x}", "value": times_c(x, -scale_degrees(op)[f"d{x}"], "dx_rows"),   # dx on x's axes
+            "factor": f"{factor.name}_c" if fused else at_rows(factor.name)}
 
 
 def largest_step(name, factor, rows):

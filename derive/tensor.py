@@ -1221,8 +1221,12 @@ def isolated_entry(op):
         uncentred (a mean of squares, RMSNorm):
             dx_o M r^3 = h_o (sum_{j != o} x_j^2 + M eps) - x_o sum_{j != o} h_j x_j
     its terms far smaller than the derived form's where x_o^2 is near its bound (M - 1 or M times the
-    variance): the derived form is their difference, rounded to an ulp of h_o. isolated_entry_difference
-    proves it equal to the derived dx_o."""
+    variance): the derived form is their difference, rounded to an ulp of h_o. Its output y is the whole row:
+    the others' dx too, whose derived form takes h_o times -(1 + x_hat_i x_hat_o) (centred), 0 to the others'
+    spread against E, from two terms of |h_o|/M; here with H' = sum_{j != o} h_j
+            dx_i M sigma^3 = (S/M + eps)(M h_i - H' - h_o) - d_i D - (E/M)(d_i (H' - n h_o) + D) + (E^2/M)(n h_i - H')
+            dx_i M r^3 = h_i (sum_{j != o} x_j^2 + x_o^2 + M eps) - x_i (sum_{j != o} h_j x_j + h_o x_o)
+    isolated_entry_difference proves each entry equal to the derived dx."""
     if not op.scaling or len(op.inputs) != 1:
         return None
     (x_name, entries), = op.inputs.items()
@@ -1254,15 +1258,23 @@ def isolated_entry(op):
         m = define("mean", m0 + Sum(w * (x - m0), *limits) / (M - 1))
         d = define("dev", w * (x - m), entries)
         S, D, H = (define(n, Sum(e, *limits)) for n, e in (("dev_sq", d ** 2), ("dev_gh", d * h), ("gh_sum", h)))
+        H_others = define("gh_others", Sum(w * h, *limits))
         E = define("gap", m - x_o)
         n = M - 1
-        value = ((S / M + eps) * (M * h_o - H) + n / M * E * D) / (
-            M * (S / M + n * E ** 2 / M ** 2 + eps) ** sp.Rational(3, 2))
+        cubed = M * (S / M + n * E ** 2 / M ** 2 + eps) ** sp.Rational(3, 2)
+        value = ((S / M + eps) * (M * h_o - H) + n / M * E * D) / cubed
+        # every other entry i of the row: h_o's coefficient -(1 + x_hat_i x_hat_o), 0 to the rounding of the
+        # others' spread against E, is (S/M + eps - n E d_i/M)/sigma^2 here, without its two terms of |h_o|/M
+        rest = ((S / M + eps) * (M * h - H_others - h_o) - d * D - E / M * (d * (H_others - n * h_o) + D)
+                + E ** 2 / M * (n * h - H_others)) / cubed
     else:
         S, D = (define(n, Sum(e, *limits)) for n, e in (("others_sq", w * x ** 2), ("others_gh", w * h * x)))
-        value = (h_o * (S + M * eps) - x_o * D) / (M * ((S + x_o ** 2) / M + eps) ** sp.Rational(3, 2))
+        cubed = M * ((S + x_o ** 2) / M + eps) ** sp.Rational(3, 2)
+        value = (h_o * (S + M * eps) - x_o * D) / cubed
+        rest = (h * (S + x_o ** 2 + M * eps) - x * (D + h_o * x_o)) / cubed
     given = {"others": entries, "g": entries, eps_name: rows}
-    return dataclasses.replace(op, steps=(*step.values(), Assignment("y", rows, value)), inputs={x_name: entries},
+    row = Assignment("y", entries, (1 - w) * value + w * rest)   # the whole row: its entry o and the others
+    return dataclasses.replace(op, steps=(*step.values(), row), inputs={x_name: entries},
                                options={o: v for o, v in op.options.items() if o != eps_name},
                                ranges={}, dtype_eps=(), given=given, scaling={}, running={}, switches={},
                                noise={}, flags={}, penalty=None, name=f"{op.name}_isolated")
@@ -1285,10 +1297,10 @@ def isolated_bound(op):
     return (M - int("mean" in {s.name for s in exact.steps})) / 2   # the others' mean: centred
 
 
-def isolated_entry_difference(op, sizes, entry):
-    """isolated_entry(op)'s dx_o minus the derived dx at entry o (a tuple over the summed indices, in row 0), at
-    concrete sizes {size Symbol: int}, every Sum written out and every step by its value: 0 where SymPy proves
-    them equal (eps > 0)."""
+def isolated_entry_difference(op, sizes, entry, at=None):
+    """isolated_entry(op)'s dx minus the derived dx at entry at (default o; a tuple over the summed indices, in
+    row 0) of the row whose entry o is isolated, at concrete sizes {size Symbol: int}, every Sum written out and
+    every step by its value: 0 where SymPy proves them equal (eps > 0)."""
     exact, rows = isolated_entry(op), unit_rows(op)
     entries = op.steps[-1].indices
     summed = [i for i in entries if i not in rows]
@@ -1312,10 +1324,10 @@ def isolated_entry_difference(op, sizes, entry):
         expr = expr.replace(lambda e: isinstance(e, sp.Sum), lambda e: sp.Sum(e.function, *e.limits).doit())
         return expr.replace(lambda e: isinstance(e, sp.Indexed) and all(i.is_Integer for i in e.indices), read)
 
-    point = tuple(entry[summed.index(i)] if i in summed else 0 for i in entries)
-    first = {i: 0 for i in rows}
-    difference = (written_out(exact.steps[-1].expr.xreplace(first))
-                  - written_out(steps[f"d{x_name}"].expr.xreplace(dict(zip(entries, point)))))
+    at = entry if at is None else at
+    point = dict(zip(entries, (at[summed.index(i)] if i in summed else 0 for i in entries)))
+    difference = (written_out(exact.steps[-1].expr.xreplace(point))
+                  - written_out(steps[f"d{x_name}"].expr.xreplace(point)))
     # each root's radicand in one canonical form (the variance is written two ways), then the rational rest
     return sp.simplify(difference.replace(lambda e: e.is_Pow and e.exp.is_Rational and e.exp.q == 2,
                                           lambda e: sp.Pow(sp.factor(sp.expand(e.base)), e.exp)))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SEEDS = ("0", "1", "2", "3")
+SEEDS = ("0", "1")   # HEAD 574994c printed other source under 1 for every declaration here (docs/stability.md)
 # (kind, name, expression, params): tests/fuzz.py's seed 1 declarations 61, 86 and 78, whose source differed
 DECLARED = (("activation", "FuzzNested", "sqrt(sigmoid(1/sigmoid(x)))", {}),   # the rewrite's pairing
             ("activation", "FuzzLogCosh", "log(cosh(Piecewise(((exp(x))**(-1/2), x > -1), ((3) - (x), True))))", {}),

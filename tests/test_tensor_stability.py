@@ -193,7 +193,9 @@ def isolated_sizes(op):
 
 @pytest.mark.parametrize("op", SCALED, ids=lambda op: op.name)
 def test_the_isolated_entrys_form_is_proven_equal_to_the_derived_dx(op):
-    assert isolated_entry_difference(op, *isolated_sizes(op)) == 0
+    sizes, entry = isolated_sizes(op)
+    for at in ((1,), (0,), (2,)):      # the isolated entry, and the row's others
+        assert isolated_entry_difference(op, sizes, entry, at + entry[1:]) == 0, at
 
 
 def test_the_isolated_entry_proof_catches_a_form_without_eps(monkeypatch):
