@@ -585,14 +585,23 @@ class Survey:
             options = tensor_options(subject, dtype)
             for k, arrays in enumerate(tensor_samples(subject, dtype, self.quick, self.package)):
                 truth = TensorTruth(subject, arrays, options)
-                results = {backend: run(arrays) for backend, run in runners.items()}
-                for (quantity, name), values in truth.values.items():
-                    for at in np.ndindex(values.shape):
-                        for backend, outputs in results.items():
-                            tally = tallies.setdefault((subject.name, backend, dtype.__name__, quantity), Tally())
-                            judge_entry(tally, np.asarray(outputs[(quantity, name)])[at], truth, (quantity, name),
-                                        at, dtype, bound(subject.name, dtype), f"sample {k}, {name}{list(at)}")
+                for backend, run in runners.items():
+                    outputs = run(arrays)
+                    for quantity in QUANTITIES:
+                        judged(tallies.setdefault((subject.name, backend, dtype.__name__, quantity), Tally()),
+                               outputs, truth, dtype, bound(subject.name, dtype), f"sample {k}, ", quantity)
         return tallies
+
+
+def judged(tally, outputs, truth, dtype, ulps_bound, where="", quantity=None):
+    """tally with every entry of outputs (run_tensor_class's) judged against truth (judge_entry), those of one
+    quantity (forward, backward) where given; where prefixes each entry's name in the report."""
+    for (kind, name), values in truth.values.items():
+        if quantity in (None, kind):
+            for at in np.ndindex(values.shape):
+                judge_entry(tally, np.asarray(outputs[(kind, name)])[at], truth, (kind, name), at, dtype, ulps_bound,
+                            f"{where}{name}{list(at)}")
+    return tally
 
 
 def judge_entry(tally, got, truth, key, at, dtype, ulps_bound, where):

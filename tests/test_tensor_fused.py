@@ -2,7 +2,6 @@
 classes in float32 and float64, against finite differences, keeping the dtype and the NumPy classes' errors; the
 ops the printer does not fuse say why; codegen refuses a wrong fused kernel."""
 import dataclasses
-import functools
 import shutil
 
 import numpy as np
@@ -241,13 +240,8 @@ def test_the_fused_layer_norm_backward_reads_x_hat_where_var_to_the_3_2_overflow
     truth = accuracy.TensorTruth(subject, arrays, accuracy.tensor_options(subject, np.float32))
     for factored in (False, True):
         cls = fused_layer_norm(tmp_path / str(factored), monkeypatch, factored)
-        got = accuracy.run_tensor_class(cls, subject, arrays)
-        tally = accuracy.Tally()
-        for key, values in truth.values.items():
-            for at in np.ndindex(values.shape):
-                accuracy.judge_scaled(tally, np.asarray(got[key])[at], values[at],
-                                      functools.partial(truth.scale, key, at), np.float32,
-                                      accuracy.bound("LayerNorm", np.float32), f"{key[1]}{list(at)}")
+        tally = accuracy.judged(accuracy.Tally(), accuracy.run_tensor_class(cls, subject, arrays), truth, np.float32,
+                                accuracy.bound("LayerNorm", np.float32))
         assert bool(tally.failures) != factored, (factored, tally.example)
 
 

@@ -482,7 +482,6 @@ def test_rms_norm_backward_reads_x_hat_where_ms_to_the_3_2_overflows(tmp_path):
     # g_ms = -Sum(x hat g gamma) / (2 (eps + ms)) is finite
     from codegen import accuracy
     pytest.importorskip("numba")
-    import functools
     subject = accuracy.tensor_subject(CATALOG["RMSNorm"])
     rng = np.random.default_rng(5)
     arrays = {"x": np.array([[2e13, -1e13, 5e12], [0.3, -1.2, 2.0]], np.float32),
@@ -490,13 +489,8 @@ def test_rms_norm_backward_reads_x_hat_where_ms_to_the_3_2_overflows(tmp_path):
     truth = accuracy.TensorTruth(subject, arrays, accuracy.tensor_options(subject, np.float32))
     for read_back in (False, True):
         for backend, cls in rms_norm_classes(tmp_path / str(read_back), read_back).items():
-            got = accuracy.run_tensor_class(cls, subject, arrays)
-            tally = accuracy.Tally()
-            for key, values in truth.values.items():
-                for at in np.ndindex(values.shape):
-                    accuracy.judge_scaled(tally, np.asarray(got[key])[at], values[at],
-                                          functools.partial(truth.scale, key, at), np.float32,
-                                          accuracy.bound("RMSNorm", np.float32), f"{key[1]}{list(at)}")
+            tally = accuracy.judged(accuracy.Tally(), accuracy.run_tensor_class(cls, subject, arrays), truth,
+                                    np.float32, accuracy.bound("RMSNorm", np.float32))
             assert bool(tally.failures) != read_back, (backend, read_back, tally.example)
 
 
