@@ -162,9 +162,10 @@ def run_codegen(args):
     if args.ops and not args.out:
         print("symgrad codegen: --ops needs --out (the folder of the package to generate)", file=sys.stderr)
         return 2
-    out, budget = Path(args.out or ROOT / "generated"), budget_option(args.budget)
+    out, budget, jobs = Path(args.out or ROOT / "generated"), budget_option(args.budget), jobs_option(args.jobs)
     reports, changed, seconds = codegen(declared_catalog(args.ops) if args.ops else CATALOG, out,
-                                        cache=None if args.no_cache else CACHE, backend=args.backend, budget=budget)
+                                        cache=None if args.no_cache else CACHE, backend=args.backend, budget=budget,
+                                        jobs=jobs)
     print(summary(reports))
     if changed is None:
         print(f"FAILED: {out} left untouched", file=sys.stderr)
@@ -209,6 +210,15 @@ def budget_option(text):
     if not 0 < seconds < math.inf:
         raise ValueError(f"--budget {text!r}: expected a positive number of seconds, e.g. 60")
     return seconds
+
+
+def jobs_option(text):
+    """--jobs' count of processes: a positive integer, None (one per core) where none is given."""
+    if text is None:
+        return None
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"--jobs {text!r}: expected a positive whole number of processes, e.g. 2")
+    return int(text)
 
 
 def init_options(text):
@@ -297,6 +307,9 @@ def parser():
                                "loops in fast/), or all")
     generate.add_argument("--budget", metavar="SECONDS",
                           help="the seconds each stage of an operation may take before it is refused (default 30)")
+    generate.add_argument("--jobs", metavar="N",
+                          help="the processes that derive and verify the operations, each its own (default: one "
+                               "per core); the files written are the same whatever N")
     generate.add_argument("--no-cache", action="store_true",
                           help="derive and verify every operation anew, reading and writing no cache "
                                "(build/codegen-cache)")

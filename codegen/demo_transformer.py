@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+import generated
 from codegen.demo import Progress
-from generated import (GELU, Adam, Embedding, LayerNorm, Linear, MultiheadAttention, ScaledDotProductAttention,
-                       Sequential, SoftmaxCrossEntropy)
+from generated import Adam, ScaledDotProductAttention, Sequential, SoftmaxCrossEntropy
 
 DIGITS, LENGTH = 10, 8
 SEPARATOR = DIGITS
@@ -65,8 +65,13 @@ class Transformer:
     """Token and position embeddings, one pre-norm block (causal multi-head attention, a GELU MLP, each added to
     the residual stream), a final LayerNorm and a linear head to the logits of the next token."""
 
-    def __init__(self, config, dtype=np.float64):
+    def __init__(self, config, dtype=np.float64, package=generated):
+        """Each layer is package's class where it has one (generated.fast: the fused LayerNorm and GELU), else
+        generated's; the weights are the same whichever."""
         rng, E, kept = np.random.default_rng(config.seed), config.width, {"dtype": dtype}
+        Embedding, LayerNorm, MultiheadAttention, Linear, GELU = (
+            getattr(package, name, None) or getattr(generated, name)
+            for name in ("Embedding", "LayerNorm", "MultiheadAttention", "Linear", "GELU"))
         self.token = Embedding(VOCABULARY, E, rng=rng, **kept)
         self.position = Embedding(CONTEXT, E, rng=rng, **kept)
         self.norm1 = LayerNorm(E, **kept)

@@ -756,18 +756,16 @@ def tensor_runtime():
     import tempfile
     from pathlib import Path
 
-    from codegen.render import environment, generator_digest, render
-    env, generator = environment(), generator_digest()
+    from codegen.render import runtime_files
+    files = runtime_files()   # in the order they import each other
     folder = Path(tempfile.mkdtemp(prefix="symgrad-runtime-")) / "symgrad_runtime"
     folder.mkdir()
     (folder / "__init__.py").write_text("")
-    (folder / "_checks.py").write_text(render(env, "checks.py.jinja", "templates/checks.py.jinja", generator, {}))
-    (folder / "_tensor.py").write_text(render(env, "tensor_runtime.py.jinja", "templates/tensor_runtime.py.jinja",
-                                              generator, {}))
-    for name in ("symgrad_runtime", "symgrad_runtime._checks", "symgrad_runtime._tensor"):
+    for file, text in files.items():
+        (folder / file).write_text(text)
+    for name, file in (("symgrad_runtime", "__init__.py"), *((f"symgrad_runtime.{f[:-3]}", f) for f in files)):
         spec = importlib.util.spec_from_file_location(
-            name, folder / ("__init__.py" if name == "symgrad_runtime" else f"{name.split('.')[1]}.py"),
-            submodule_search_locations=[str(folder)] if name == "symgrad_runtime" else None)
+            name, folder / file, submodule_search_locations=[str(folder)] if file == "__init__.py" else None)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

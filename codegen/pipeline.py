@@ -7,6 +7,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import sys
@@ -14,6 +15,7 @@ import tempfile
 import time
 import types
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 
@@ -281,25 +283,26 @@ def imported(staged, fused):
     return package
 
 
-def codegen(catalog, out, cache=CACHE, backend="all", budget=None):
+def codegen(catalog, out, cache=CACHE, backend="all", budget=None, jobs=1):
     """Generate, verify and (only if every check passed) publish; returns (reports, changed, seconds).
 
     An operation found in cache (a folder of entries; None: no cache) is neither derived nor verified
     again: its modules and reports are those of the run that made them from the same inputs (cache_key).
-    Every stage of an operation runs within budget seconds (codegen.stages.BUDGET by default)."""
+    Every stage of an operation runs within budget seconds (codegen.stages.BUDGET by default). jobs processes
+    derive and verify the operations not found, each its own (symgrad codegen: one per core); what is written
+    and reported is the same whatever their number."""
     start = time.perf_counter()
     fused = fused_backend(backend)
     engine = engine_digest(fused) if cache else None
     keys = {name: cache_key(op, engine) for name, op in catalog.items()} if cache else {}
     found = {name: entry for name, key in keys.items() if (entry := load(cache, key)) is not None}
     missed = {name: op for name, op in catalog.items() if name not in found}
-    with budgeted(budget):
-        env, generator = environment(), generator_digest()
-        modules = {name: found[name]["files"] if name in found else operation_files(op, fused, env, generator)
-                   for name, op in catalog.items()}
+    with budgeted(budget), workers(missed, fused, jobs) as pool:
+        derived = operations_files(missed, fused, pool)
+        modules = {name: found[name]["files"] if name in found else derived[name] for name in catalog}
         package = served_package(catalog, modules, fused, cache, engine)
         own = {name: text for files in modules.values() for name, text in files.items()}
-        reports, changed = verified({**package, **own}, catalog, missed, found, out, fused)
+        reports, changed = verified({**package, **own}, catalog, missed, found, out, fused, pool)
     if cache:
         for name in missed:  # an operation is kept once all its checks passed
             checked = [report for report in reports if operation(report) == name]
@@ -307,6 +310,74 @@ def codegen(catalog, out, cache=CACHE, backend="all", budget=None):
                 save(cache, keys[name], {"files": modules[name], "reports": [asdict(report) for report in checked]})
         prune(cache)
     return reports, changed, time.perf_counter() - start
+
+
+# what a pool's processes work on, set before they fork: (the operations, whether fused), and per process the
+# staged package they verify, imported once
+_shared = None
+_imported = {}
+
+
+@contextmanager
+def workers(catalog, fused, jobs):
+    """A pool of jobs processes (forked: each has the catalog and the stage budget as they are here) for the
+    operations of catalog, or None where one process does (jobs 1, or one operation)."""
+    global _shared
+    jobs = min(jobs or os.cpu_count() or 1, len(catalog))
+    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        yield None
+        return
+    outer, _shared = _shared, (catalog, fused)
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            yield pool
+    finally:
+        _shared = outer
+
+
+def in_worker(task, name, *args):
+    """(task(name, *args), the stages it ran (stages.recording), the DeclarationError it raised or None), in a
+    pool's process."""
+    with stages.recording() as record:
+        try:
+            return task(name, *args), list(record), None
+        except DeclarationError as error:
+            return None, list(record), error
+
+
+def each(pool, task, names, *args):
+    """{name: task(name, *args)} of each of names, in this process or spread over pool's; the stages run in the
+    pool are recorded here as if run here, and the first operation's DeclarationError (in names' order) raised."""
+    if pool is None:
+        return {name: task(name, *args) for name in names}
+    done = list(pool.map(in_worker, [task] * len(names), names, *([arg] * len(names) for arg in args)))
+    stages.replay([stage for _, record, _ in done for stage in record])
+    for _, _, error in done:
+        if error is not None:
+            raise error
+    return {name: result for name, (result, _, _) in zip(names, done)}
+
+
+def files_of(name):
+    """operation_files of the operation name of the pool's catalog."""
+    catalog, fused = _shared
+    return operation_files(catalog[name], fused)
+
+
+def reports_of(name, staged):
+    """[OpReport] of the operation name of the pool's catalog, verified in the package staged."""
+    catalog, fused = _shared
+    if staged not in _imported:
+        _imported[staged] = imported(staged, fused)
+    return verify_package(_imported[staged], {name: catalog[name]})
+
+
+def operations_files(catalog, fused, pool=None):
+    """{name: operation_files} of every operation of catalog, in this process or pool's."""
+    if pool is None:
+        env, generator = environment(), generator_digest()
+        return {name: operation_files(op, fused, env, generator) for name, op in catalog.items()}
+    return each(pool, files_of, list(catalog))
 
 
 def served_package(catalog, modules, fused, cache, engine):
@@ -320,15 +391,17 @@ def served_package(catalog, modules, fused, cache, engine):
     return entry["files"]
 
 
-def verified(files, catalog, missed, found, out, fused):
-    """(reports, changed): files staged, the missed operations verified, the others' reports as found, and
-    files published only if every check passed (changed None otherwise)."""
+def verified(files, catalog, missed, found, out, fused, pool=None):
+    """(reports, changed): files staged, the missed operations verified (in this process or pool's), the
+    others' reports as found, and files published only if every check passed (changed None otherwise)."""
     reports = [OpReport.restored(report) for entry in found.values() for report in entry["reports"]]
     if not missed:  # all verified before: written only where out differs
         return in_order(reports, catalog), publish(stage(files, out.parent), out) if differences(files, out) else []
     staged = stage(files, out.parent)
     try:
-        reports = in_order(reports + verify_package(imported(staged, fused), missed), catalog)
+        checked = (verify_package(imported(staged, fused), missed) if pool is None else
+                   [report for found in each(pool, reports_of, list(missed), staged).values() for report in found])
+        reports = in_order(reports + checked, catalog)
     except BaseException:
         shutil.rmtree(staged)
         raise

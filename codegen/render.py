@@ -308,6 +308,15 @@ def operation_files(op, fused=True, env=None, generator=None):
     return files
 
 
+def runtime_files(env=None, generator=None):
+    """{file name: text} of the runtime every operation's module may import, the index-notation one's helpers
+    (_tensor.py) included: the input checks and the pool of kept outputs, which the fused runtime imports too."""
+    env, generator = env or environment(), generator or generator_digest()
+    return {name: render(env, template, f"templates/{template}", generator, {})
+            for name, template in (("_checks.py", "checks.py.jinja"), ("_kept.py", "kept.py.jinja"),
+                                   ("_tensor.py", "tensor_runtime.py.jinja"))}
+
+
 def package_files(catalog, modules, fused=True, env=None, generator=None):
     """{file name: text} of the package's other files, given each operation's own modules (modules,
     {name: operation_files}): they list the operations and hold what all of them share."""
@@ -315,7 +324,7 @@ def package_files(catalog, modules, fused=True, env=None, generator=None):
     ops = list(catalog.values())
     files = {"__init__.py": render(env, "package.py.jinja", CATALOG_SOURCE, generator,
                                    {"ops": [{"name": op.name, "module": op.module} for op in ops]}),
-             "_checks.py": render(env, "checks.py.jinja", "templates/checks.py.jinja", generator, {}),
+             **runtime_files(env, generator),
              "_base.py": render(env, "base.py.jinja", "derive/reduction.py", generator,
                                 {"reductions": {g: reductions(g) for g in ("row", "element")}}),
              "network.py": render(env, "network.py.jinja", "derive/optim.py", generator,
@@ -324,8 +333,8 @@ def package_files(catalog, modules, fused=True, env=None, generator=None):
              "_special.py": render(env, "special.py.jinja", "derive/special.py", generator,
                                    {"erf": kernel_code(erf_kernel()),
                                     "erfcs": [kernel_code(erfc_kernel(dtype)) for dtype in ("float32", "float64")]})}
-    if any(isinstance(op, TensorOp) for op in ops):
-        files["_tensor.py"] = render(env, "tensor_runtime.py.jinja", "templates/tensor_runtime.py.jinja", generator, {})
+    if not any(isinstance(op, TensorOp) for op in ops):
+        del files["_tensor.py"]
     if not fused:
         return files
     fast = [{"name": op.name, "module": op.module} for op in ops if f"{FAST}/{op.module}.py" in modules[op.name]]

@@ -38,6 +38,12 @@ def recording():
         _record = outer
 
 
+def replay(record):
+    """Add record, stages another process ran ([(operation, stage, seconds)]), to the active recording()."""
+    if _record is not None:
+        _record.extend(record)
+
+
 @contextmanager
 def budgeted(seconds):
     """While active, a stage's default budget is seconds (None: BUDGET as it is)."""

@@ -965,8 +965,7 @@ class Statement(NamedTuple):
             return (f"if not {test if len(checks.args) == 1 else f'({test})'}:  # {why.name}\n"
                     f"    with np.errstate(divide=\"ignore\"):  # log2(0): a bound of no finite entry, the scale 1{inner}")
         if self.form == "accumulate":
-            at = ", ".join(["slice(None)"] * self.region[1] + [printer.doprint(self.region[0])])
-            return f"np.add.at({self.target}, ({at}{',' if self.region[1] == 0 else ''}), {value})"
+            return f"{self.target} = added_at({self.target}, {printer.doprint(self.region[0])}, {self.region[1]}, {value})"
         index, axis, into_zeros = printer.doprint(self.region[0]), self.region[1], self.region[2]
         if not into_zeros:      # added to what is there
             taken = f"np.take_along_axis({self.target}, {index}, axis={axis})"
@@ -1591,12 +1590,14 @@ class ArrayLowering:
         return deltas[0], coefficient * total.function / deltas[0]
 
     def accumulate(self, target, indices, delta, rest):
-        """rest added into target at delta's labels by np.add.at, so that labels that repeat add up."""
+        """rest added into target at delta's labels by added_at (np.add.at's sums), so that labels that repeat
+        add up."""
         index, label = sorted(delta.args, key=lambda a: isinstance(a, sp.Indexed))
         at, label_axes = indices.index(index), tuple(label.indices)
         where = self.align(*self.native(label, full_scope(label_axes)), list(label_axes), full=True)
         # rest over the target's axes with the label's axes in place of the labelled one
         value = self.value(rest, full_scope((*indices[:at], *label_axes, *indices[at + 1:])))
+        self.imports.add("added_at")
         return Statement(target, value, "accumulate", (where, at))
 
     def scatter(self, target, indices, delta, rest, into_zeros):
@@ -2087,7 +2088,7 @@ def module_context(op, factor=True):
     signature += f", setting {', '.join('d' + p for p in op.params)}" if op.params else ""
     return {"op": op, "kind": op.kind, "functions": functions, "imports": sorted(imports), "batched": batched,
             "runtime": sorted({"float_input", "sizes"} | ({"generator"} if op.params else set())
-                              | ({"first_max", "first_argmax", "gathered_or_0", "windows_added"} & imports)
+                              | ({"first_max", "first_argmax", "gathered_or_0", "windows_added", "added_at"} & imports)
                               | ({"flattened"} if batched else set())
                               | ({"derived_size"} if derived or computed else set())
                               | ({"integers"} if any(len(s["sizes"]) > 1 for s in sizes) else set())

@@ -1,6 +1,7 @@
 """The engine's own cost (issue 25, target 4): a cache per operation that serves what a cold run writes, byte for
 byte, and is invalidated by a change to the operation's declaration or to any source of the engine; a budget per
 stage that refuses a runaway derivation in one line naming the operation and the stage."""
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -14,9 +15,9 @@ from codegen.bench.engine import SLOWEST, declarations_figures
 from codegen.cli import main
 from codegen.pipeline import ENGINE, cache_key, codegen, engine_digest, fingerprint
 from codegen.render import GENERATOR, NOT_GENERATOR, ROOT, render_package
-from codegen.stages import in_stage, recording
+from codegen.stages import budgeted, in_stage, recording
 from derive.catalog import CATALOG
-from derive.declare import DeclarationError
+from derive.declare import DeclarationError, activation
 from derive.ops import build_catalog
 
 # a layer and a loss with fused modules, and an index-notation layer (_tensor.py) without: the cheapest of each
@@ -99,6 +100,28 @@ def test_a_declaration_is_told_apart_by_every_field_and_its_symbols_assumptions(
     tanh = CATALOG["Tanh"]
     keys = {cache_key(op, "engine") for op in (tanh, replace(tanh, tol=1e-5), replace(tanh, domain=(-1.0, 1.0)))}
     assert len(keys) == 3 and cache_key(tanh, "engine") == cache_key(CATALOG["Tanh"], "engine")
+
+
+def test_processes_write_report_and_refuse_what_one_process_does(tmp_path, monkeypatch):
+    # codegen(jobs=2) derives and verifies each operation in one of two forked processes: the files, the reports,
+    # the stages recorded here and a refusal (the first in the catalog's order) are one process's
+    pids = tmp_path / "pids"
+    files = pipeline.operation_files
+    monkeypatch.setattr(pipeline, "operation_files", lambda op, *args: pids.open("a").write(f"{os.getpid()}\n")
+                        and files(op, *args))
+    runs = {}
+    for jobs in (1, 2):
+        pids.write_text("")
+        with recording() as stages:
+            reports, _, _ = codegen(SMALL, tmp_path / f"out{jobs}", None, jobs=jobs)
+        ran = set(pids.read_text().split())
+        runs[jobs] = (reports, tree(tmp_path / f"out{jobs}"), sorted((name, stage) for name, stage, _ in stages))
+        assert (str(os.getpid()) in ran) == (jobs == 1)
+    assert runs[1] == runs[2]
+    runaway = build_catalog(*SMALL.values(), activation("Runaway", RUNAWAY), activation("Later", "x + x"))
+    with budgeted(0.5), pytest.raises(DeclarationError, match="^Runaway: deriving and printing its NumPy kernels"):
+        codegen(runaway, tmp_path / "out3", None, jobs=2)
+    assert not (tmp_path / "out3").exists()
 
 
 def test_a_runaway_derivation_is_refused_within_its_budget_in_one_line(tmp_path, capsys):

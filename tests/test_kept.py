@@ -10,14 +10,14 @@ from derive.catalog import CATALOG
 from derive.ops import Op
 
 LAYERS = [op for op in CATALOG.values() if not isinstance(op, Op) and op.kind == "layer"]
-KEPT = generated._tensor
+KEPT, POOL = generated._tensor, generated._kept   # KEPT_FROM is _tensor's; the pool is _kept's
 
 
 @pytest.fixture
 def every_size(monkeypatch):
     """kept for arrays of any size: the check sizes' arrays are below KEPT_FROM."""
     monkeypatch.setattr(KEPT, "KEPT_FROM", 0)
-    monkeypatch.setattr(KEPT, "_kept", {})
+    monkeypatch.setattr(POOL, "_kept", {})
 
 
 def layer_of(op, seed, dtype=np.float64):
@@ -64,7 +64,7 @@ def test_a_pool_ignoring_the_references_would_write_them(every_size, monkeypatch
     # the check above catches the bug it guards against: a pool that took every kept array as free
     make = lambda seed: layer_of(CATALOG["LayerNorm"], seed)  # noqa: E731
     assert held_values_kept(make)
-    monkeypatch.setattr(KEPT, "_ALONE", 1 << 30)
+    monkeypatch.setattr(POOL, "_ALONE", 1 << 30)
     assert not held_values_kept(make)
 
 

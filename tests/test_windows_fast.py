@@ -108,3 +108,19 @@ def test_the_fast_forms_keep_float32(name, build):
     y = layer.forward(x)
     dx = layer.backward(np.ones_like(y))
     assert y.dtype == dx.dtype == np.float32 and dx.shape == x.shape
+
+
+@pytest.mark.parametrize("axis, index_shape, shape, into_zeros", [
+    (0, (50,), (7, 5), True), (1, (4, 6), (3, 9, 2), False), (2, (30,), (2, 3, 4), True), (0, (0,), (4, 3), False)])
+def test_labels_that_repeat_add_up_as_np_add_at_adds_them(axis, index_shape, shape, into_zeros):
+    # _tensor.added_at (an Embedding's backward) sums each label's entries by sorting, not np.add.at's step per
+    # entry: the same sums, a repeated label adding each, any axis, a value that broadcasts, no label at all
+    rng = np.random.default_rng(axis)
+    target = np.zeros(shape) if into_zeros else rng.standard_normal(shape)
+    index = rng.integers(0, shape[axis], index_shape)
+    value = rng.standard_normal(shape[:axis] + index_shape + (1,) * len(shape[axis + 1:]))
+    expected = target.copy()
+    np.add.at(expected, (slice(None),) * axis + (index,), value)
+    assert np.allclose(generated._tensor.added_at(target.copy(), index, axis, value), expected, rtol=1e-14, atol=1e-14)
+    if index.size:
+        assert len(set(index.ravel().tolist())) < index.size   # some label repeats

@@ -96,11 +96,12 @@ def transformer_batch(config):
 
 
 class GeneratedTransformer:
-    """The demo's Adam step from generated/ alone, as codegen/demo_transformer.py trains, in float32."""
+    """The demo's Adam step from generated/ alone, as codegen/demo_transformer.py trains, in float32; with
+    package generated.fast, its fused classes where it has them (demo_transformer.Transformer)."""
 
-    def __init__(self, config, batch):
-        self.model = demo_transformer.Transformer(config, dtype=np.float32)
-        self.loss = generated.SoftmaxCrossEntropy(ignore_index=demo_transformer.IGNORED)
+    def __init__(self, config, batch, package=generated):
+        self.model = demo_transformer.Transformer(config, dtype=np.float32, package=package)
+        self.loss = package.SoftmaxCrossEntropy(ignore_index=demo_transformer.IGNORED)
         self.optimizer = generated.Adam(self.model.parameters(), lr=config.lr)
         self.batch = batch
 
@@ -112,6 +113,21 @@ class GeneratedTransformer:
         return loss
 
 
+def fused_threads(threads):
+    """numba's threads and NumPy's BLAS both on threads (None: as they are)."""
+    if threads is None:
+        return
+    import numba
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    frameworks.blas_threads(threads)
+
+
+def warmed(step):
+    """step, called once: the fused kernels compiled (or loaded from numba's cache) before the timing."""
+    step()
+    return step
+
+
 def torch_transformer_step(config, batch):
     from codegen.bench.torch_transformer import TorchTransformerStep
     model = demo_transformer.Transformer(config, dtype=np.float32)
@@ -119,13 +135,21 @@ def torch_transformer_step(config, batch):
 
 
 def transformer_contenders(config, batch):
-    """The generated step on NumPy's BLAS threads (2, then 1), PyTorch on 1 and 2 threads, a copy of the tokens."""
+    """The generated step on NumPy's BLAS threads (2, then 1), the same with generated.fast's fused classes where
+    numba is installed (its threads and NumPy's BLAS both 2, then 1), PyTorch on 1 and 2 threads, a copy of the
+    tokens."""
     found = []
     threaded = frameworks.installed("threadpoolctl")
     for threads in BLAS_THREADS if threaded else (None,):
         name = "generated" if threads in (None, BLAS_THREADS[0]) else f"generated-{threads}t"
         found.append(Contender(name, lambda: GeneratedTransformer(config, batch).step,
                                setup=threaded and partial(frameworks.blas_threads, threads) or None))
+    if frameworks.installed("numba"):
+        import generated.fast as fast
+        for threads in BLAS_THREADS if threaded else (None,):
+            name = "numba" if threads in (None, BLAS_THREADS[0]) else f"numba-{threads}t"
+            found.append(Contender(name, lambda: warmed(GeneratedTransformer(config, batch, fast).step),
+                                   setup=partial(fused_threads, threads if threaded else None)))
     if frameworks.installed("torch"):
         for threads in frameworks.TORCH_THREADS:
             found.append(Contender(f"torch-{threads}t", partial(torch_transformer_step, config, batch),

@@ -16,6 +16,7 @@ class TorchTransformer(nn.Module):
         self.norm1, self.norm2, self.norm = (nn.LayerNorm(E) for _ in range(3))
         self.attention = nn.MultiheadAttention(E, H, batch_first=True)
         self.fc1, self.fc2, self.head = (nn.Linear(*linear.W.shape) for linear in linears)
+        self.gelu = nn.GELU()   # a module, not F.gelu, so that codegen/bench/profile_transformer's hooks time it
         pairs = [(self.token.weight, model.token.weight), (self.position.weight, model.position.weight),
                  # in_proj_weight's rows h D + d are Wq[h, d, :], then Wk's, then Wv's; out_proj's columns h D + d
                  (self.attention.in_proj_weight, np.concatenate([mine.Wq, mine.Wk, mine.Wv]).reshape(3 * E, E)),
@@ -36,7 +37,7 @@ class TorchTransformer(nn.Module):
         a = self.norm1(x)
         causal = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
         x = x + self.attention(a, a, a, attn_mask=causal, need_weights=False)[0]
-        x = x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+        x = x + self.fc2(self.gelu(self.fc1(self.norm2(x))))
         return self.head(self.norm(x))
 
 
