@@ -104,6 +104,7 @@ def check_extremes(op, kind, x, target, instance):
 
 
 # an index-notation layer's reference is derive.tensor's loops, a second per example at BatchNorm2d's sizes: fewer
+# (codegen.accuracy's survey holds each of them to the accuracy contract over the whole range besides)
 INDEXED = [(op, kind) for op, kind in CASES if not isinstance(op, Op)]
 PLAIN = [(op, kind) for op, kind in CASES if isinstance(op, Op)]
 
@@ -118,7 +119,7 @@ def test_extreme_values_give_finite_values_and_gradients_close_to_the_reference(
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("op, kind", INDEXED, ids=case_ids(INDEXED))
-@settings(max_examples=8, deadline=None, derandomize=True, database=None)
+@settings(max_examples=5, deadline=None, derandomize=True, database=None)
 @given(data=st.data())
 def test_extreme_values_of_an_index_notation_layer_give_finite_values_close_to_its_steps(op, kind, dtype, data):
     extreme_values_case(op, kind, dtype, data)
