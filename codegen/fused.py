@@ -335,7 +335,7 @@ def fused_code(kernel, rows, loss, summed=False):
     return {"name": name, "doc": kernel.doc + (" L summed over each row." if summed else ""),
             "derivation": kernel.derivation, "args": args + (["out"] if into else []),
             "signature": args + (["out=None"] if kernel.out else []),
-            "returns": names, "body": body, "runtime": sorted(loops.used),
+            "returns": names, "body": body, "runtime": sorted(loops.used | ({"PARALLEL_FROM"} if kernel.near else set())),
             "call": with_redo(call_lines(name, args, full, names, kinds, rows, columns, into, summed), kernel, full),
             "near": [near_code(near) for near in kernel.near]}
 
@@ -345,8 +345,8 @@ def with_redo(lines, kernel, full):
     (codegen.kernels.redo_lines) before it returns, as the NumPy one does, and the loops of kernel.near over the
     flat output (near_code)."""
     output = kernel.outputs[0][0]
-    near = [f"_{n.kernel.name}({', '.join(f'{a}.reshape(-1)' for a in arguments_of(n.kernel))}, {output})"
-            for n in kernel.near]
+    near = [f"(_{n.kernel.name}_parallel if {output}.size >= PARALLEL_FROM else _{n.kernel.name})"
+            f"({', '.join(f'{a}.reshape(-1)' for a in arguments_of(n.kernel))}, {output})" for n in kernel.near]
     return lines[:-1] + redo_lines(kernel, full, "numpy_kernels.", near=False) + near + lines[-1:]
 
 

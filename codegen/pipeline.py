@@ -400,7 +400,7 @@ def verified(files, catalog, missed, found, out, fused, pool=None):
     staged = stage(files, out.parent)
     try:
         checked = (verify_package(imported(staged, fused), missed) if pool is None else
-                   [report for found in each(pool, reports_of, list(missed), staged).values() for report in found])
+                   [report for op_reports in each(pool, reports_of, list(missed), staged).values() for report in op_reports])
         reports = in_order(reports + checked, catalog)
     except BaseException:
         shutil.rmtree(staged)

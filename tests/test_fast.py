@@ -267,3 +267,27 @@ def test_dense_targets_out_of_range_raise_what_numpy_raises(op):
         calls += [lambda where: getattr(where, op.name)().forward(np.zeros((2, 3), np.float32), target.astype(np.float16))]
         for call in calls:
             assert raised(lambda: call(fast)) == raised(lambda: call(generated)), (op.name, bad)
+
+
+NEAR_LOOPS = [(module, name.removesuffix("_parallel")) for module in sorted(
+    {getattr(fast, op.module) for op in CATALOG.values() if hasattr(fast, op.name)}, key=lambda m: m.__name__)
+    for name in vars(module) if name.startswith("_") and name.endswith("_parallel")]
+
+
+@pytest.mark.parametrize("module, loop", NEAR_LOOPS, ids=lambda v: getattr(v, "__name__", v))
+def test_a_near_zero_loop_runs_on_every_thread_from_parallel_from_entries_and_writes_the_same(module, loop, monkeypatch):
+    # the Taylor polynomial's loop after a fused kernel: on one thread below _runtime.PARALLEL_FROM entries (a
+    # parallel region costs more there), over every thread from it; each entry written alike either way
+    assert NEAR_LOOPS, "no fused kernel has a loop near a zero: GELU's backward had one"
+    serial, parallel = getattr(module, loop), getattr(module, loop + "_parallel")
+    x = np.linspace(-3, 3, fast._runtime.PARALLEL_FROM)
+    g = np.random.default_rng(0).standard_normal(x.size)
+    outs = [f(x, g, np.zeros_like(x)) for f in (serial, parallel)]
+    assert np.array_equal(*outs) and np.count_nonzero(outs[0]) > 0
+    called = []
+    for name in (loop, loop + "_parallel"):
+        monkeypatch.setattr(module, name, lambda x, g, out, name=name: called.append(name) or out)
+    public = loop.removeprefix("_").removesuffix("_near_zero")
+    for size in (fast._runtime.PARALLEL_FROM - 1, fast._runtime.PARALLEL_FROM):
+        getattr(module, public)(x[:size], g[:size])
+    assert called == [loop, loop + "_parallel"]
