@@ -68,7 +68,6 @@ def generated_phases(config, batch, calls, package=None):
 
 def torch_phases(config, batch, calls):
     """generated_phases' dict for the same step in PyTorch (codegen/bench/torch_transformer.py), from hooks."""
-    import torch
     from torch import nn
 
     from codegen.bench.torch_transformer import TorchTransformerStep
@@ -105,9 +104,8 @@ def torch_phases(config, batch, calls):
         step.optimizer.step()
         seconds[("Adam", "")] += time.perf_counter() - start
 
-    head_backward = defaultdict(float)
-    net.head.register_full_backward_pre_hook(   # the loss's backward ends where the head's begins
-        lambda m, g: head_backward.__setitem__("at", time.perf_counter()))
+    head_backward = {}   # the loss's backward ends where the head's begins
+    net.head.register_full_backward_pre_hook(lambda m, g: head_backward.update(at=time.perf_counter()))
     one_step()
     seconds.clear()
     loss_backward = 0.0
@@ -120,7 +118,6 @@ def torch_phases(config, batch, calls):
     for key, value in seconds.items():
         merged[(key[0], key[-1]) if len(key) == 3 else key] += value
     merged[("loss", "backward")] = loss_backward
-    del torch
     return {key: value / calls for key, value in merged.items()}
 
 
